@@ -1,0 +1,125 @@
+"""Building blocks shared by the BERT (DPR) encoders and the BART generator.
+
+Both networks are post-LayerNorm Transformers with learned absolute positions. What differs
+(where the LayerNorm sits around the embeddings, the attention scaling point, the names) lives in
+bert.py and bart.py; what is identical lives here: activations, masks, dense layers with the
+Hugging Face initialisation, and the multi-head dot-product attention core.
+
+Numerics: parameters are kept in `param_dtype` (fp32); matmuls run in `dtype` (bf16 on
+accelerators); attention logits and the softmax always run in fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = jnp.dtype | type
+
+# The additive mask value: finite, so rows with every key masked give a uniform softmax instead
+# of NaN (the behaviour of transformers' eager attention, which adds finfo(float32).min).
+MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+
+
+def _quick_gelu(x: Array) -> Array:
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # transformers: exact erf GELU
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
+    "quick_gelu": _quick_gelu,
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def get_activation(name: str) -> Callable[[Array], Array]:
+  """Maps a transformers `activation_function` / `hidden_act` name to a JAX function."""
+  try:
+    return ACTIVATIONS[name]
+  except KeyError:
+    raise ValueError(
+        f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}") from None
+
+
+def dense(features: int, init_std: float, dtype: Dtype, param_dtype: Dtype, name: str,
+          use_bias: bool = True) -> nn.Dense:
+  """A Dense layer initialised like transformers' Linear (normal(init_std) kernel, zero bias).
+
+  The kernel is [in, out], the transpose of a torch Linear weight [out, in].
+  """
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+      kernel_init=nn.initializers.normal(stddev=init_std), bias_init=nn.initializers.zeros)
+
+
+def padding_mask(attention_mask: Array | None) -> Array | None:
+  """[B, S] 1/0 key mask -> boolean [B, 1, 1, S] (broadcast over heads and queries)."""
+  if attention_mask is None:
+    return None
+  return attention_mask.astype(bool)[:, None, None, :]
+
+
+def causal_mask(query_length: int, key_length: int, offset: Array | int = 0) -> Array:
+  """Boolean [1, 1, T, S]: query i (absolute position offset + i) sees keys j <= offset + i."""
+  q_pos = offset + jnp.arange(query_length)[:, None]
+  k_pos = jnp.arange(key_length)[None, :]
+  return (k_pos <= q_pos)[None, None]
+
+
+def combine_masks(*masks: Array | None) -> Array | None:
+  """Logical AND of the boolean masks that are not None (None if all are)."""
+  masks = [m for m in masks if m is not None]
+  if not masks:
+    return None
+  out = masks[0]
+  for m in masks[1:]:
+    out = jnp.logical_and(out, m)
+  return out
+
+
+def split_heads(x: Array, num_heads: int) -> Array:
+  """[B, T, H*Dh] -> [B, T, H, Dh]."""
+  return x.reshape(x.shape[:-1] + (num_heads, x.shape[-1] // num_heads))
+
+
+def merge_heads(x: Array) -> Array:
+  """[B, T, H, Dh] -> [B, T, H*Dh]."""
+  return x.reshape(x.shape[:-2] + (x.shape[-2] * x.shape[-1],))
+
+
+class DotProductAttention(nn.Module):
+  """softmax(q k^T * scale + mask) v with fp32 logits and softmax, dropout on the probabilities.
+
+  Inputs: query [B, T, H, Dh], key/value [B, S, H, Dh], mask boolean broadcastable to
+  [B, H, T, S] (True = attend). Output [B, T, H, Dh] in `dtype`.
+  """
+
+  dropout_rate: float
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, query: Array, key: Array, value: Array, mask: Array | None,
+               scale: float, deterministic: bool) -> Array:
+    logits = jnp.einsum("bthd,bshd->bhts", query, key,
+                        preferred_element_type=jnp.float32).astype(jnp.float32)
+    logits = logits * scale
+    if mask is not None:
+      logits = jnp.where(mask, logits, MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = nn.Dropout(rate=self.dropout_rate)(probs, deterministic=deterministic)
+    return jnp.einsum("bhts,bshd->bthd", probs.astype(self.dtype), value.astype(self.dtype))
+
+
+def embed_init(std: float) -> Callable:
+  return nn.initializers.normal(stddev=std)
