@@ -1,0 +1,1 @@
+"""Datasets, task readers and synthetic data."""

@@ -1,0 +1,1 @@
+"""Optimisers, train states and training loops."""

@@ -1,0 +1,70 @@
+"""The reference fine-tuning recipe as an optax transformation.
+
+transformers' research example (finetune_rag.py / finetune_rag.sh) trains with AdamW, a linear
+warm-up then polynomial decay (power 1, to lr_end 1e-7), gradient clipping by global norm and
+weight decay on every parameter whose transformers name contains neither "bias" nor
+"LayerNorm.weight". Our parameter names mirror transformers' (see rag_jax/checkpoints.py), so the
+same rule reads: no decay for any path containing "bias" (biases and BART's final_logits_bias)
+or a `LayerNorm/scale` (BERT's LayerNorms). BART's `*_layer_norm` scales ARE decayed, exactly as
+in the reference. `final_logits_bias` is a buffer in transformers (never trained): it is frozen.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.traverse_util
+import jax
+import ml_collections
+import optax
+
+
+def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int,
+                           end_value: float = 1e-7, power: float = 1.0) -> optax.Schedule:
+  """transformers' get_polynomial_decay_schedule_with_warmup as an optax schedule."""
+  decay_steps = max(1, total_steps - warmup_steps)
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, peak, max(1, warmup_steps)),
+       optax.polynomial_schedule(peak, end_value, power, decay_steps)],
+      boundaries=[warmup_steps])
+
+
+def _path_name(path: tuple[str, ...]) -> str:
+  return "/".join(path)
+
+
+def weight_decay_mask(params: Any) -> Any:
+  """True where weight decay applies (the reference's name rule, see the module docstring)."""
+  flat = flax.traverse_util.flatten_dict(params)
+  return flax.traverse_util.unflatten_dict({
+      path: not ("bias" in _path_name(path) or _path_name(path).endswith("LayerNorm/scale"))
+      for path in flat})
+
+
+def is_frozen(path: tuple[str, ...]) -> bool:
+  """Parameters the reference never trains: BART's final_logits_bias buffer."""
+  return path[-1] == "final_logits_bias"
+
+
+def make_optimizer(config: ml_collections.ConfigDict, params: Any,
+                   frozen: Any = is_frozen) -> optax.GradientTransformation:
+  """AdamW + warm-up/polynomial decay + global-norm clipping, frozen leaves held at zero update.
+
+  Config fields: learning_rate, warmup_steps, num_train_steps, lr_end, lr_power, weight_decay,
+  max_grad_norm (0 disables clipping), adam_b1, adam_b2, adam_eps.
+  `frozen(path) -> bool` picks parameters that get no update at all.
+  """
+  schedule = learning_rate_schedule(config.learning_rate, config.warmup_steps,
+                                    config.num_train_steps, config.lr_end, config.lr_power)
+  steps = [optax.clip_by_global_norm(config.max_grad_norm)] if config.max_grad_norm else []
+  steps.append(optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
+                           weight_decay=config.weight_decay, mask=weight_decay_mask))
+  flat = flax.traverse_util.flatten_dict(params)
+  labels = flax.traverse_util.unflatten_dict(
+      {path: "frozen" if frozen(path) else "trained" for path in flat})
+  return optax.multi_transform(
+      {"trained": optax.chain(*steps), "frozen": optax.set_to_zero()}, labels)
+
+
+def count_params(params: Any) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))
