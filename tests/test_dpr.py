@@ -59,3 +59,23 @@ def test_bf16_pooler_output_close_to_fp32(tmp_path):
   assert rel.max() <= 0.03
   # Inner-product rankings (what retrieval uses) are preserved on these inputs.
   np.testing.assert_array_equal(np.argsort(a @ a.T, axis=1), np.argsort(b @ a.T, axis=1))
+
+
+def test_legacy_gamma_beta_names_and_pooler_are_handled(tmp_path):
+  """Old BERT checkpoints name LayerNorm parameters gamma/beta and may carry an unused pooler
+  (transformers renames the former and ignores the latter)."""
+  from safetensors.numpy import load_file, save_file
+
+  _, path = ref.dpr(tmp_path, "question")
+  model, params = load_pretrained(path)
+  file = path / "model.safetensors"
+  tensors = load_file(str(file))
+  legacy = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias",
+                                                                      "LayerNorm.beta"): v
+            for k, v in tensors.items()}
+  legacy["question_encoder.bert_model.pooler.dense.weight"] = np.zeros((32, 32), np.float32)
+  legacy["question_encoder.bert_model.embeddings.position_ids"] = np.arange(40)[None]
+  assert legacy.keys() != tensors.keys()
+  save_file(legacy, str(file), metadata={"format": "pt"})
+  _, legacy_params = load_pretrained(path)
+  jax.tree.map(np.testing.assert_array_equal, legacy_params, params)
