@@ -344,8 +344,10 @@ def _check_shape(array: np.ndarray, ours: Path_, spec: Any, file: Path, key: str
   return np.asarray(array, np.float32) if array.dtype != np.float32 else array
 
 
-def to_hf_state_dict(model: Model, params: dict[str, Any]) -> dict[str, np.ndarray]:
-  """Our params -> transformers state dict (float32 numpy, torch layouts)."""
+def to_hf_state_dict(model: Model, params: dict[str, Any],
+                     dtype: np.dtype | type = np.float32) -> dict[str, np.ndarray]:
+  """Our params (or any tree shaped like them, e.g. gradients) -> transformers state dict
+  (numpy arrays of `dtype`, torch layouts and names)."""
   abstract = traverse_util.flatten_dict(abstract_params(model))
   flat = traverse_util.flatten_dict(params)
   if missing := sorted(set(abstract) - set(flat)):
@@ -358,7 +360,7 @@ def to_hf_state_dict(model: Model, params: dict[str, Any]) -> dict[str, np.ndarr
     if tuple(value.shape) != tuple(abstract[ours].shape):
       raise CheckpointError(f"parameter {'/'.join(ours)} has shape {tuple(value.shape)}, the "
                             f"config implies {tuple(abstract[ours].shape)}")
-    array = np.asarray(jax.device_get(value), np.float32)
+    array = np.asarray(jax.device_get(value), dtype)
     out[to_hf(ours)] = np.ascontiguousarray(array.T if ours[-1] == "kernel" else array)
   return out
 

@@ -67,11 +67,15 @@ def dpr(tmp: Path, kind: str = "question", projection_dim: int = 0, seed: int = 
   return model, path
 
 
-def rag(tmp: Path, kind: str = "sequence", n_docs: int = 3, seed: int = 0, projection_dim=0):
-  """A RagSequenceForGeneration / RagTokenForGeneration (DPR + BART) saved to tmp."""
+def rag(tmp: Path, kind: str = "sequence", n_docs: int = 3, seed: int = 0, projection_dim=0,
+        init_std: float = 0.02):
+  """A RagSequenceForGeneration / RagTokenForGeneration (DPR + BART) saved to tmp.
+
+  A larger init_std gives logits that differ clearly between passages (gradient tests)."""
   torch.manual_seed(seed)
-  q = transformers.DPRConfig(**DPR_CONFIG, projection_dim=projection_dim)
-  g = transformers.BartConfig(**BART_CONFIGS["scaled_odd_heads"])
+  q = transformers.DPRConfig(**DPR_CONFIG, projection_dim=projection_dim,
+                             initializer_range=init_std)
+  g = transformers.BartConfig(**BART_CONFIGS["scaled_odd_heads"], init_std=init_std)
   config = transformers.RagConfig.from_question_encoder_generator_configs(q, g, n_docs=n_docs)
   cls = {"sequence": transformers.RagSequenceForGeneration,
          "token": transformers.RagTokenForGeneration}[kind]

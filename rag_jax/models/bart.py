@@ -410,7 +410,7 @@ class BartForConditionalGeneration(nn.Module):
       logits = self.shared.attend(h)
     else:
       logits = self.lm_head(h)
-    return logits.astype(jnp.float32) + self.final_logits_bias.astype(jnp.float32)
+    return layers.at_least_f32(logits) + layers.at_least_f32(self.final_logits_bias)
 
   def __call__(self, input_ids: Array, attention_mask: Array | None = None,
                decoder_input_ids: Array | None = None,

@@ -269,4 +269,4 @@ class DPREncoder(nn.Module):
     if cfg.projection_dim > 0:
       pooled = layers.dense(cfg.projection_dim, cfg.initializer_range, self.dtype,
                             self.param_dtype, "encode_proj")(pooled)
-    return DPROutput(pooler_output=pooled.astype(jnp.float32), last_hidden_state=h)
+    return DPROutput(pooler_output=layers.at_least_f32(pooled), last_hidden_state=h)

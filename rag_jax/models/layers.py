@@ -43,6 +43,11 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 }
 
 
+def at_least_f32(x: Array) -> Array:
+  """Casts bf16/fp16 up to float32 and leaves float32/float64 alone (fp64 runs stay fp64)."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def get_activation(name: str) -> Callable[[Array], Array]:
   """Maps a transformers `activation_function` / `hidden_act` name to a JAX function."""
   try:
@@ -111,8 +116,8 @@ class DotProductAttention(nn.Module):
   @nn.compact
   def __call__(self, query: Array, key: Array, value: Array, mask: Array | None,
                scale: float, deterministic: bool) -> Array:
-    logits = jnp.einsum("bthd,bshd->bhts", query, key,
-                        preferred_element_type=jnp.float32).astype(jnp.float32)
+    accumulate = jnp.promote_types(query.dtype, jnp.float32)
+    logits = jnp.einsum("bthd,bshd->bhts", query, key, preferred_element_type=accumulate)
     logits = logits * scale
     if mask is not None:
       logits = jnp.where(mask, logits, MASK_VALUE)

@@ -148,5 +148,5 @@ class RagModel(nn.Module):
                 else jnp.repeat(decoder_attention_mask, n_docs, axis=0))
     out = self.generator(context_input_ids, context_attention_mask, dec_ids, dec_mask,
                          deterministic=deterministic)
-    return RagOutput(logits=out.logits, doc_scores=doc_scores.astype(jnp.float32),
+    return RagOutput(logits=out.logits, doc_scores=layers.at_least_f32(doc_scores),
                      question_embeddings=question_embeddings)

@@ -1,0 +1,103 @@
+"""RAG's marginal-likelihood losses, with transformers' `get_nll` semantics exactly.
+
+Shapes: B questions, n retrieved passages each, T target positions, V vocabulary.
+  seq_logits [B*n, T, V]   generator logits, rows batch-major (row b*n + j = question b, doc j)
+  doc_scores [B, n]        q(x) . d(z_j), unnormalised
+  target     [B, T]        the target ids as fed to the decoder (transformers RAG feeds labels
+                           unshifted as decoder_input_ids); scored shifted left by one
+
+Reference facts reproduced (../shared/reference/hf_rag.md section 3):
+- targets shift left inside the loss: logit t is scored against target t+1, the last position
+  against pad; positions whose shifted target is pad count 0 (log-likelihood and smoothing);
+- RAG-Sequence adds the doc prior log p(z_j|x) at the SECOND position (t = 1), so that dropping
+  the BOS position never drops the prior; `exclude_bos_score` drops position 0 only when every
+  row's shifted target starts with BOS (one batch-wide flag, as the reference computes it);
+- label smoothing is (1-eps) * nll + eps/V * smooth, where smooth is minus the logsumexp over
+  docs of the summed log-mass over all vocabulary entries (not a per-token uniform target);
+- reduce_loss sums over the batch (not a mean).
+Everything runs in float32 (float64 if given float64) whatever the logits' dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rag_jax.models.layers import at_least_f32
+
+Array = jax.Array
+
+
+def _shift_left(target: Array, pad_token_id: int) -> Array:
+  """[B, T] -> [B, T]: target[:, 1:] then one pad column."""
+  return jnp.concatenate([target[:, 1:], jnp.full_like(target[:, :1], pad_token_id)], axis=1)
+
+
+def _per_doc_logprobs(seq_logits: Array, n_docs: int) -> Array:
+  """[B*n, T, V] logits -> [B, n, T, V] float32 log-probabilities."""
+  logp = jax.nn.log_softmax(at_least_f32(seq_logits), axis=-1)
+  return logp.reshape((-1, n_docs) + logp.shape[1:])  # [B, n, T, V]
+
+
+def _finish(ll: Array, smooth: Array, epsilon: float, vocab: int, reduce_loss: bool) -> Array:
+  """ll, smooth [B] (log-likelihoods) -> loss [B] or scalar."""
+  nll, smooth_loss = -ll, -smooth
+  if reduce_loss:
+    nll, smooth_loss = nll.sum(), smooth_loss.sum()
+  return (1.0 - epsilon) * nll + (epsilon / vocab) * smooth_loss
+
+
+def rag_sequence_nll(seq_logits: Array, doc_scores: Array, target: Array, *,
+                     epsilon: float = 0.0, exclude_bos_score: bool = False,
+                     reduce_loss: bool = False, pad_token_id: int = 1,
+                     bos_token_id: int | None = 0) -> Array:
+  """RAG-Sequence negative log marginal likelihood, -log sum_j p(z_j|x) prod_t p(y_t|x,z_j,y<t).
+
+  Returns [B] (or a scalar with reduce_loss). See the module docstring for the semantics.
+  """
+  batch, n_docs = doc_scores.shape
+  tgt = _shift_left(target, pad_token_id)  # [B, T]
+  logp = _per_doc_logprobs(seq_logits, n_docs)  # [B, n, T, V]
+  vocab, length = logp.shape[-1], logp.shape[2]
+  doc_logp = jax.nn.log_softmax(at_least_f32(doc_scores), axis=1)  # [B, n]
+  idx = jnp.broadcast_to(tgt[:, None, :, None], (batch, n_docs, length, 1))
+  ll = jnp.take_along_axis(logp, idx, axis=-1)[..., 0]  # [B, n, T]
+  smooth = logp.sum(axis=-1)  # [B, n, T]
+  if length >= 2:  # The prior joins every vocabulary entry of position 1.
+    ll = ll.at[:, :, 1].add(doc_logp)
+    smooth = smooth.at[:, :, 1].add(vocab * doc_logp)
+  keep = (tgt != pad_token_id)[:, None, :]  # [B, 1, T]
+  ll, smooth = jnp.where(keep, ll, 0.0), jnp.where(keep, smooth, 0.0)
+  ll_sum = ll.sum(axis=2)  # [B, n]
+  if exclude_bos_score and bos_token_id is not None:
+    use_bos = jnp.all(tgt[:, 0] == bos_token_id)
+    ll_sum = jnp.where(use_bos, ll[:, :, 1:].sum(axis=2), ll_sum)
+  return _finish(jax.nn.logsumexp(ll_sum, axis=1), jax.nn.logsumexp(smooth.sum(axis=2), axis=1),
+                 epsilon, vocab, reduce_loss)
+
+
+def marginalize(seq_logits: Array, doc_scores: Array) -> Array:
+  """RAG-Token per-step marginal: log sum_j p(z_j|x) p(y_t = v|x,z_j,y<t).
+
+  [B*n, T, V] logits, [B, n] scores -> [B, T, V] float32 log-probabilities.
+  """
+  n_docs = doc_scores.shape[1]
+  logp = _per_doc_logprobs(seq_logits, n_docs)  # [B, n, T, V]
+  doc_logp = jax.nn.log_softmax(at_least_f32(doc_scores), axis=1)
+  return jax.nn.logsumexp(logp + doc_logp[:, :, None, None], axis=1)
+
+
+def rag_token_nll(seq_logits: Array, doc_scores: Array, target: Array, *,
+                  epsilon: float = 0.0, reduce_loss: bool = False,
+                  pad_token_id: int = 1) -> Array:
+  """RAG-Token negative log-likelihood, -sum_t log sum_j p(z_j|x) p(y_t|x,z_j,y<t).
+
+  Returns [B] (or a scalar with reduce_loss). No BOS exclusion exists for RAG-Token.
+  """
+  tgt = _shift_left(target, pad_token_id)  # [B, T]
+  logp = marginalize(seq_logits, doc_scores)  # [B, T, V]
+  ll = jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]  # [B, T]
+  smooth = logp.sum(axis=-1)  # [B, T]
+  keep = tgt != pad_token_id
+  ll, smooth = jnp.where(keep, ll, 0.0), jnp.where(keep, smooth, 0.0)
+  return _finish(ll.sum(axis=1), smooth.sum(axis=1), epsilon, logp.shape[-1], reduce_loss)
