@@ -58,37 +58,12 @@ def test_rag_export_round_trip_through_transformers(tmp_path):
     torch.testing.assert_close(a[1], b[1], rtol=0, atol=0)
 
 
-def _word_tokenizers(tmp_path, corpus):
-  """A WordPiece (question encoder) and a byte-level BPE (generator) tokenizer, trained offline."""
-  import tokenizers
-  from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
-
-  wp = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
-  wp.normalizer = normalizers.BertNormalizer(lowercase=True)
-  wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-  wp.train_from_iterator(corpus, trainers.WordPieceTrainer(
-      vocab_size=80, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
-  wp.post_processor = processors.BertProcessing(("[SEP]", wp.token_to_id("[SEP]")),
-                                                ("[CLS]", wp.token_to_id("[CLS]")))
-  wp.decoder = decoders.WordPiece()
-  q_tok = transformers.DPRQuestionEncoderTokenizerFast(tokenizer_object=wp)
-
-  bpe = tokenizers.Tokenizer(models.BPE())
-  bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  bpe.train_from_iterator(corpus, trainers.BpeTrainer(
-      vocab_size=64, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"]))
-  bpe.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
-  bpe.decoder = decoders.ByteLevel()
-  g_tok = transformers.BartTokenizerFast(tokenizer_object=bpe)
-  return q_tok, g_tok
-
-
 def test_tokenizers_load_from_the_checkpoint_directory(tmp_path):
   from rag_jax.checkpoints import RagTokenizers, load_tokenizer
 
   corpus = ["who wrote the origin of species", "charles darwin wrote it in 1859",
             "the capital of france is paris"] * 5
-  q_tok, g_tok = _word_tokenizers(tmp_path, corpus)
+  q_tok, g_tok = ref.train_tokenizers(corpus)
   _, path = ref.rag(tmp_path, "sequence", n_docs=2)
   transformers.RagTokenizer(question_encoder=q_tok, generator=g_tok).save_pretrained(path)
   loaded = load_tokenizer(path)

@@ -100,3 +100,29 @@ def padded_batch(rng: np.random.Generator, batch: int, length: int, vocab: int, 
   for row, n in (right or {}).items():
     ids[row, length - n:], mask[row, length - n:] = pad, 0
   return ids, mask
+
+
+def train_tokenizers(corpus: list[str], question_vocab: int = 80, generator_vocab: int = 64):
+  """An uncased WordPiece (DPR question encoder) and a byte-level BPE (BART) tokenizer, trained
+  offline on `corpus` with the `tokenizers` library, wrapped in transformers' fast classes."""
+  import tokenizers
+  from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+  wp = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
+  wp.normalizer = normalizers.BertNormalizer(lowercase=True)
+  wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  wp.train_from_iterator(corpus, trainers.WordPieceTrainer(
+      vocab_size=question_vocab, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+  wp.post_processor = processors.BertProcessing(("[SEP]", wp.token_to_id("[SEP]")),
+                                                ("[CLS]", wp.token_to_id("[CLS]")))
+  wp.decoder = decoders.WordPiece()
+  q_tok = transformers.DPRQuestionEncoderTokenizerFast(tokenizer_object=wp)
+
+  bpe = tokenizers.Tokenizer(models.BPE())
+  bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+      vocab_size=generator_vocab, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"]))
+  bpe.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+  bpe.decoder = decoders.ByteLevel()
+  g_tok = transformers.BartTokenizerFast(tokenizer_object=bpe)
+  return q_tok, g_tok
