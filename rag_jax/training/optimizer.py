@@ -51,19 +51,38 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any,
   """AdamW + warm-up/polynomial decay + global-norm clipping, frozen leaves held at zero update.
 
   Config fields: learning_rate, warmup_steps, num_train_steps, lr_end, lr_power, weight_decay,
-  max_grad_norm (0 disables clipping), adam_b1, adam_b2, adam_eps.
+  max_grad_norm (0 disables clipping), adam_b1, adam_b2, adam_eps, and optionally
+  group_learning_rates: {top-level parameter name: peak learning rate} (e.g. a smaller rate for
+  RAG's "question_encoder" than for its "generator"; the feasibility run in
+  shared/reference/synthetic_world.md needed 3e-5 against 7e-4).
   `frozen(path) -> bool` picks parameters that get no update at all.
+  Clipping acts on the global norm of all trained gradients together, as in the reference.
   """
-  schedule = learning_rate_schedule(config.learning_rate, config.warmup_steps,
-                                    config.num_train_steps, config.lr_end, config.lr_power)
-  steps = [optax.clip_by_global_norm(config.max_grad_norm)] if config.max_grad_norm else []
-  steps.append(optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
-                           weight_decay=config.weight_decay, mask=weight_decay_mask))
+
+  def adamw(peak: float) -> optax.GradientTransformation:
+    schedule = learning_rate_schedule(peak, config.warmup_steps, config.num_train_steps,
+                                      config.lr_end, config.lr_power)
+    return optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
+                       weight_decay=config.weight_decay, mask=weight_decay_mask)
+
+  groups = dict(config.get("group_learning_rates", None) or {})
   flat = flax.traverse_util.flatten_dict(params)
-  labels = flax.traverse_util.unflatten_dict(
-      {path: "frozen" if frozen(path) else "trained" for path in flat})
-  return optax.multi_transform(
-      {"trained": optax.chain(*steps), "frozen": optax.set_to_zero()}, labels)
+  if unknown := sorted(set(groups) - {path[0] for path in flat}):
+    raise ValueError(f"group_learning_rates names {unknown}, not top-level parameters "
+                     f"{sorted({path[0] for path in flat})}")
+
+  def label(path: tuple[str, ...]) -> str:
+    return "frozen" if frozen(path) else path[0] if path[0] in groups else "default"
+
+  labels = flax.traverse_util.unflatten_dict({path: label(path) for path in flat})
+  transforms = {"frozen": optax.set_to_zero(), "default": adamw(config.learning_rate)}
+  transforms.update({name: adamw(lr) for name, lr in groups.items()})
+  clip = [optax.clip_by_global_norm(config.max_grad_norm)] if config.max_grad_norm else []
+  # Frozen gradients are zeroed before clipping, so they do not count in the global norm (the
+  # reference's buffers have no gradient at all).
+  frozen_mask = jax.tree.map(lambda name: name == "frozen", labels)
+  return optax.chain(optax.masked(optax.set_to_zero(), frozen_mask), *clip,
+                     optax.multi_transform(transforms, labels))
 
 
 def count_params(params: Any) -> int:

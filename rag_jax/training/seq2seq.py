@@ -17,13 +17,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from flax.training import train_state
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
@@ -34,14 +32,9 @@ from rag_jax.models import presets
 from rag_jax.models.bart import BartForConditionalGeneration
 from rag_jax.training import optimizer
 from rag_jax.training.mesh import data_mesh
+from rag_jax.training.state import TrainState
 
 Array = jax.Array
-
-
-class TrainState(train_state.TrainState):
-  """step, params, opt_state, plus the base dropout key (raw uint32 key data, checkpointable)."""
-
-  dropout_key: Array = flax.struct.field(default=None)
 
 
 def label_smoothed_nll(logits: Array, labels: Array, epsilon: float,

@@ -1,0 +1,109 @@
+"""The RAG training step: marginal likelihood, data parallel with pmap semantics via shard_map.
+
+One step for a global batch of B questions, each with its n retrieved passages:
+
+    batch = {
+      "input_ids", "attention_mask":                 [B, Lq]    question (question-encoder ids)
+      "context_input_ids", "context_attention_mask": [B, n, L]  generator inputs per passage
+      "doc_embeds":                                  [B, n, D]  frozen passage embeddings d(z)
+      "labels":                                      [B, T]     targets, fed unshifted as the
+                                                                decoder input (the reference)
+      "weights":                                     [B]        1 real example, 0 padding
+    }
+
+Inside `jax.shard_map` over the mesh's "data" axis each device runs the question encoder,
+doc_scores = q(x) . d(z) (the only path by which gradients reach the question encoder; the
+passage encoder and index stay frozen, as in the paper), the generator on its n passages per
+question, and the loss on its shard of the batch. Gradients are then summed across devices with
+an explicit `lax.psum` (check_vma=False: the pmap discipline, nothing reduced implicitly), each
+device having divided its summed loss by the global number of real examples, so the result is
+the gradient of the global mean loss whatever the number of devices; 8 devices and 1 device
+give the same step. Dropout keys are fold_in(fold_in(key, step), device index).
+
+The objective is the mean over questions of the per-question loss (the reference's reduce_loss
+sums over each GPU's batch and DDP averages over GPUs, i.e. our objective times the per-device
+batch size; with AdamW that changes only the effective clipping threshold and epsilon).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from rag_jax.models.rag import RagModel
+from rag_jax.training.state import TrainState
+
+Array = jax.Array
+LossFn = Callable[..., Array]  # (seq_logits, doc_scores, target, reduce_loss=False) -> [B]
+
+BATCH_KEYS = ("input_ids", "attention_mask", "context_input_ids", "context_attention_mask",
+              "doc_embeds", "labels", "weights")
+
+
+def _per_device_grads(params: Any, batch: dict[str, Array], step: Array, dropout_key: Array, *,
+                      model: RagModel, loss_fn: LossFn, pad_token_id: int,
+                      deterministic: bool) -> tuple[Any, dict[str, Array]]:
+  """Runs on one device's shard; returns the psum'd gradient and metric sums."""
+  device = jax.lax.axis_index("data")
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(dropout_key), step),
+                           device)
+  b, n, length = batch["context_input_ids"].shape
+  weights = batch["weights"].astype(jnp.float32)
+  total = jnp.maximum(jax.lax.psum(weights.sum(), "data"), 1.0)  # real examples, all devices
+
+  def objective(p):
+    out = model.apply(
+        {"params": p},
+        batch["context_input_ids"].reshape(b * n, length),  # [b, n, L] -> [b*n, L]
+        batch["context_attention_mask"].reshape(b * n, length),
+        batch["labels"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        retrieved_doc_embeds=batch["doc_embeds"], deterministic=deterministic,
+        rngs={"dropout": key})
+    per_example = loss_fn(out.logits, out.doc_scores, batch["labels"], reduce_loss=False)
+    return (per_example * weights).sum() / total, (per_example, out.doc_scores)
+
+  (_, (per_example, doc_scores)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+  grads = jax.lax.psum(grads, "data")
+  prior = jax.nn.softmax(doc_scores, axis=-1)  # [b, n]
+  target_tokens = (batch["labels"][:, 1:] != pad_token_id).sum(axis=1)  # scored positions
+  metrics = {
+      "loss_sum": (per_example * weights).sum(),
+      "examples": weights.sum(),
+      "target_tokens": (target_tokens * weights).sum().astype(jnp.float32),
+      "top_doc_prior_sum": (prior.max(axis=-1) * weights).sum(),
+  }
+  return grads, jax.tree.map(lambda x: jax.lax.psum(x, "data"), metrics)
+
+
+def make_train_step(model: RagModel, mesh: Mesh, loss_fn: LossFn, *,
+                    deterministic: bool = False, donate: bool = True
+                    ) -> Callable[[TrainState, dict[str, Array]],
+                                  tuple[TrainState, dict[str, Array]]]:
+  """A jitted `train_step(state, batch) -> (state, metrics)` over `mesh` (axis "data").
+
+  loss_fn: e.g. functools.partial(losses.rag_sequence_nll, epsilon=0.1, pad_token_id=1).
+  The state is replicated, the batch sharded on its leading axis (B must divide by the number
+  of devices); metrics are sums (loss_sum, examples, target_tokens, top_doc_prior_sum) to divide
+  on the host. The state argument is donated.
+  """
+  body = functools.partial(_per_device_grads, model=model, loss_fn=loss_fn,
+                           pad_token_id=model.config.generator.pad_token_id,
+                           deterministic=deterministic)
+  sharded = jax.shard_map(body, mesh=mesh,
+                          in_specs=(P(), {k: P("data") for k in BATCH_KEYS}, P(), P()),
+                          out_specs=(P(), P()), check_vma=False)
+
+  def train_step(state: TrainState, batch: dict[str, Array]):
+    grads, metrics = sharded(state.params, {k: batch[k] for k in BATCH_KEYS}, state.step,
+                             state.dropout_key)
+    return state.apply_gradients(grads=grads), metrics
+
+  replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  return jax.jit(train_step, in_shardings=(replicated, data),
+                 out_shardings=(replicated, replicated), donate_argnums=0 if donate else ())
