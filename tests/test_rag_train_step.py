@@ -17,6 +17,7 @@ from rag_jax.training.rag_step import make_train_step
 from rag_jax.training.state import TrainState
 
 B, N, LQ, L, T = 8, 3, 6, 10, 5
+STEPS = 2  # Optimizer steps compared across device layouts.
 
 
 def _model():
@@ -81,7 +82,7 @@ def test_eight_devices_equal_one(loss_fn):
   for devices in (jax.devices()[:1], jax.devices()):
     step = make_train_step(model, data_mesh(devices), loss_fn, deterministic=True)
     state = _state(model)
-    for i in range(2):
+    for i in range(STEPS):
       state, metrics = step(state, _batch(seed=i))
     results.append((jax.device_get(state.params), jax.device_get(metrics)))
   (p1, m1), (p8, m8) = results

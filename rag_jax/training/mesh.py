@@ -6,10 +6,30 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 1-D mesh named "data" (Auto axis type, so jit and shard_map both accept plain arrays)."""
   devices = jax.devices() if devices is None else list(devices)
   return Mesh(np.asarray(devices), ("data",))
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's rows -> global arrays sharded on "data" (multi-host input).
+
+  Every process passes its own consecutive slice of the global batch (the same number of rows
+  everywhere); on one host this is a plain sharded device_put.
+  """
+  sharding = NamedSharding(mesh, P("data"))
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local.items()}
+
+
+def replicate(tree, mesh: Mesh):
+  """Puts a pytree that is identical on every process onto all devices of `mesh`."""
+  sharding = NamedSharding(mesh, P())
+  return jax.tree.map(
+      lambda x: jax.make_array_from_callback(np.shape(x), sharding,
+                                             lambda index, x=x: np.asarray(x)[index]), tree)
