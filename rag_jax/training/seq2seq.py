@@ -30,7 +30,7 @@ from rag_jax import checkpoints
 from rag_jax.data import transduction
 from rag_jax.models import presets
 from rag_jax.models.bart import BartForConditionalGeneration
-from rag_jax.training import optimizer
+from rag_jax.training import loop, optimizer
 from rag_jax.training.mesh import data_mesh
 from rag_jax.training.state import TrainState
 
@@ -111,34 +111,6 @@ def _batch(config, split: str, index: int) -> dict[str, np.ndarray]:
                                      t.vocab_size)
 
 
-def _check_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
-  """Refuses a workdir that holds a run with another config (no silent mixing)."""
-  saved = workdir / "config.json"
-  current = json.loads(config.to_json_best_effort())
-  if saved.exists():
-    previous = json.loads(saved.read_text())
-    if previous != current:
-      diff = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
-      raise ValueError(f"{workdir} holds a run with another config (fields {diff} differ); "
-                       "use a new --workdir or delete it")
-  else:
-    saved.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
-
-
-def _quiet_libraries(record: logging.LogRecord) -> bool:
-  """Keeps orbax's per-save INFO chatter out of the logs (its warnings stay)."""
-  return record.levelno >= logging.WARNING or "orbax" not in record.pathname
-
-
-def _log_to_workdir(workdir: Path) -> logging.Handler:
-  handler = logging.FileHandler(workdir / "train.log")
-  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-  handler.addFilter(_quiet_libraries)
-  logging.getLogger().addHandler(handler)
-  logging.getLogger().setLevel(logging.INFO)
-  return handler
-
-
 def evaluate(config, params, eval_fn) -> dict[str, float]:
   sums: dict[str, float] = {}
   for i in range(config.eval_batches):
@@ -159,12 +131,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  _check_workdir(config, workdir)
-  handler = _log_to_workdir(workdir)
-  try:
+  loop.check_workdir(config, workdir)
+  with loop.workdir_logging(workdir):
     return _run(config, workdir, stop_after)
-  finally:
-    logging.getLogger().removeHandler(handler)
 
 
 def _run(config: ml_collections.ConfigDict, workdir: Path,
@@ -186,14 +155,8 @@ def _run(config: ml_collections.ConfigDict, workdir: Path,
   logging.info("model: %s, %d parameters, %d devices", config.model.preset,
                optimizer.count_params(params), n_dev)
 
-  manager = ocp.CheckpointManager(
-      (workdir / "checkpoints").absolute(),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
-                                           save_interval_steps=config.checkpoint_every))
-  if (latest := manager.latest_step()) is not None:
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
-    logging.info("resumed from step %d", latest)
+  manager = loop.checkpoint_manager(workdir, config)
+  state = loop.restore_latest(manager, state)
 
   step_fn = jax.jit(functools.partial(train_step, model=model,
                                       label_smoothing=config.label_smoothing),
@@ -203,7 +166,8 @@ def _run(config: ml_collections.ConfigDict, workdir: Path,
                     in_shardings=(replicated, batch_sharding), out_shardings=replicated)
 
   start = int(state.step)
-  metrics_file = (workdir / "metrics.jsonl").open("a")
+  writer = loop.MetricsWriter(workdir)
+  throughput = loop.Throughput(start, config.batch_size)
   window: dict[str, float] = {}
   t0 = time.time()
   with tqdm(total=config.num_train_steps, initial=start, desc="train", unit="step",
@@ -216,25 +180,20 @@ def _run(config: ml_collections.ConfigDict, workdir: Path,
       bar.update(1)
       if done % config.log_every == 0 or done == config.num_train_steps:
         host = {k: float(v) for k, v in window.items()}
-        elapsed = time.time() - t0
         record = {"step": done, "loss": host["nll_sum"] / host["tokens"],
-                  "token_accuracy": host["correct"] / host["tokens"],
-                  "steps_per_s": (done - start) / elapsed,
-                  "examples_per_s": (done - start) * config.batch_size / elapsed}
+                  "token_accuracy": host["correct"] / host["tokens"], **throughput(done)}
         bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['token_accuracy']:.3f}")
         window = {}
         if done % config.eval_every == 0 or done == config.num_train_steps:
           record.update({f"eval_{k}": v for k, v in evaluate(config, state.params,
                                                              eval_fn).items()})
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        logging.info("%s", record)
+        writer.write(record)
       manager.save(done, args=ocp.args.StandardSave(state))
       if stop_after is not None and done >= stop_after:
         break
   manager.wait_until_finished()
   manager.close()
-  metrics_file.close()
+  writer.close()
   if int(state.step) < config.num_train_steps:
     return None
 

@@ -1,0 +1,96 @@
+"""What every training loop shares: the workdir guard, logs, metrics file, orbax checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+
+def check_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
+  """Records the config in workdir/config.json, or refuses a workdir holding another config."""
+  saved = workdir / "config.json"
+  current = json.loads(config.to_json_best_effort())
+  if saved.exists():
+    previous = json.loads(saved.read_text())
+    if previous != current:
+      diff = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+      raise ValueError(f"{workdir} holds a run with another config (fields {diff} differ); "
+                       "use a new --workdir or delete it")
+  else:
+    saved.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+
+
+def _quiet_libraries(record: logging.LogRecord) -> bool:
+  """Keeps orbax's per-save INFO chatter out of the logs (its warnings stay)."""
+  return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
+@contextlib.contextmanager
+def workdir_logging(workdir: Path) -> Iterator[None]:
+  """Python/absl logging also goes to workdir/train.log for the duration of the block."""
+  handler = logging.FileHandler(workdir / "train.log")
+  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+  handler.addFilter(_quiet_libraries)
+  root = logging.getLogger()
+  root.addHandler(handler)
+  root.setLevel(logging.INFO)
+  try:
+    yield
+  finally:
+    root.removeHandler(handler)
+    handler.close()
+
+
+class MetricsWriter:
+  """Appends one JSON object per line to workdir/metrics.jsonl (and logs it)."""
+
+  def __init__(self, workdir: Path):
+    self._file = (workdir / "metrics.jsonl").open("a")
+
+  def write(self, record: dict[str, Any]) -> None:
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+    logging.info("%s", record)
+
+  def close(self) -> None:
+    self._file.close()
+
+
+def checkpoint_manager(workdir: Path, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+  """Async, atomic (temp dir + rename), keep-N orbax checkpoints in workdir/checkpoints."""
+  return ocp.CheckpointManager(
+      (workdir / "checkpoints").absolute(),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints,
+                                           save_interval_steps=config.checkpoint_every))
+
+
+def restore_latest(manager: ocp.CheckpointManager, state: Any) -> Any:
+  """The latest checkpoint restored into `state`'s structure and shardings, or `state`."""
+  latest = manager.latest_step()
+  if latest is None:
+    return state
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  restored = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
+  logging.info("resumed from step %d", latest)
+  return restored
+
+
+class Throughput:
+  """Steps/s and examples/s since the loop (re)started."""
+
+  def __init__(self, start_step: int, batch_size: int):
+    self.start_step, self.batch_size, self.t0 = start_step, batch_size, time.time()
+
+  def __call__(self, step: int) -> dict[str, float]:
+    elapsed = max(time.time() - self.t0, 1e-9)
+    steps = step - self.start_step
+    return {"steps_per_s": steps / elapsed, "examples_per_s": steps * self.batch_size / elapsed}
