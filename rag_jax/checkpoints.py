@@ -375,7 +375,8 @@ def save_pretrained(model: Model, params: dict[str, Any], path: str | os.PathLik
       generation_config.json) are kept; the directory is replaced only once the new one is
       complete.
     max_shard_bytes: split the weights into shards of about this size, with an index file.
-    tokenizer: optional transformers tokenizer saved into the same directory.
+    tokenizer: optional transformers tokenizer saved into the same directory (RagTokenizers:
+      question_encoder_tokenizer/ and generator_tokenizer/ as transformers' RagTokenizer does).
   """
   path = Path(path)
   state = to_hf_state_dict(model, params)
@@ -388,6 +389,8 @@ def save_pretrained(model: Model, params: dict[str, Any], path: str | os.PathLik
       for old in path.iterdir():
         if old.is_file() and old.name != CONFIG_NAME and not _WEIGHT_FILE.match(old.name):
           shutil.copy2(old, tmp / old.name)
+        elif old.is_dir() and old.name.endswith("_tokenizer") and tokenizer is None:
+          shutil.copytree(old, tmp / old.name)
     (tmp / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     shards = _shard(state, max_shard_bytes)
     if len(shards) == 1:
@@ -401,7 +404,10 @@ def save_pretrained(model: Model, params: dict[str, Any], path: str | os.PathLik
       total = sum(a.nbytes for a in state.values())
       (tmp / SAFE_INDEX).write_text(json.dumps(
           {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-    if tokenizer is not None:
+    if isinstance(tokenizer, RagTokenizers):  # transformers' RagTokenizer layout
+      tokenizer.question_encoder.save_pretrained(str(tmp / "question_encoder_tokenizer"))
+      tokenizer.generator.save_pretrained(str(tmp / "generator_tokenizer"))
+    elif tokenizer is not None:
       tokenizer.save_pretrained(str(tmp))
   return path
 

@@ -46,30 +46,25 @@ BATCH_KEYS = ("input_ids", "attention_mask", "context_input_ids", "context_atten
               "doc_embeds", "labels", "weights")
 
 
-def _per_device_grads(params: Any, batch: dict[str, Array], step: Array, dropout_key: Array, *,
-                      model: RagModel, loss_fn: LossFn, pad_token_id: int,
-                      deterministic: bool) -> tuple[Any, dict[str, Array]]:
-  """Runs on one device's shard; returns the psum'd gradient and metric sums."""
-  device = jax.lax.axis_index("data")
-  key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(dropout_key), step),
-                           device)
+def _per_example_loss(params: Any, batch: dict[str, Array], key: Array, *, model: RagModel,
+                      loss_fn: LossFn, deterministic: bool) -> tuple[Array, Array]:
+  """(per-question loss [b], doc_scores [b, n]) for one device's shard of the batch."""
   b, n, length = batch["context_input_ids"].shape
+  out = model.apply(
+      {"params": params},
+      batch["context_input_ids"].reshape(b * n, length),  # [b, n, L] -> [b*n, L]
+      batch["context_attention_mask"].reshape(b * n, length),
+      batch["labels"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+      retrieved_doc_embeds=batch["doc_embeds"], deterministic=deterministic,
+      rngs={"dropout": key})
+  return loss_fn(out.logits, out.doc_scores, batch["labels"], reduce_loss=False), out.doc_scores
+
+
+def _metric_sums(per_example: Array, doc_scores: Array, batch: dict[str, Array],
+                 pad_token_id: int) -> dict[str, Array]:
+  """Sums over all devices (divide on the host): loss, examples, scored target tokens, and the
+  prior probability of the top passage (a retrieval-collapse gauge)."""
   weights = batch["weights"].astype(jnp.float32)
-  total = jnp.maximum(jax.lax.psum(weights.sum(), "data"), 1.0)  # real examples, all devices
-
-  def objective(p):
-    out = model.apply(
-        {"params": p},
-        batch["context_input_ids"].reshape(b * n, length),  # [b, n, L] -> [b*n, L]
-        batch["context_attention_mask"].reshape(b * n, length),
-        batch["labels"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-        retrieved_doc_embeds=batch["doc_embeds"], deterministic=deterministic,
-        rngs={"dropout": key})
-    per_example = loss_fn(out.logits, out.doc_scores, batch["labels"], reduce_loss=False)
-    return (per_example * weights).sum() / total, (per_example, out.doc_scores)
-
-  (_, (per_example, doc_scores)), grads = jax.value_and_grad(objective, has_aux=True)(params)
-  grads = jax.lax.psum(grads, "data")
   prior = jax.nn.softmax(doc_scores, axis=-1)  # [b, n]
   target_tokens = (batch["labels"][:, 1:] != pad_token_id).sum(axis=1)  # scored positions
   metrics = {
@@ -78,7 +73,27 @@ def _per_device_grads(params: Any, batch: dict[str, Array], step: Array, dropout
       "target_tokens": (target_tokens * weights).sum().astype(jnp.float32),
       "top_doc_prior_sum": (prior.max(axis=-1) * weights).sum(),
   }
-  return grads, jax.tree.map(lambda x: jax.lax.psum(x, "data"), metrics)
+  return jax.tree.map(lambda x: jax.lax.psum(x, "data"), metrics)
+
+
+def _per_device_grads(params: Any, batch: dict[str, Array], step: Array, dropout_key: Array, *,
+                      model: RagModel, loss_fn: LossFn, pad_token_id: int,
+                      deterministic: bool) -> tuple[Any, dict[str, Array]]:
+  """Runs on one device's shard; returns the psum'd gradient and metric sums."""
+  device = jax.lax.axis_index("data")
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(dropout_key), step),
+                           device)
+  weights = batch["weights"].astype(jnp.float32)
+  total = jnp.maximum(jax.lax.psum(weights.sum(), "data"), 1.0)  # real examples, all devices
+
+  def objective(p):
+    per_example, doc_scores = _per_example_loss(p, batch, key, model=model, loss_fn=loss_fn,
+                                                deterministic=deterministic)
+    return (per_example * weights).sum() / total, (per_example, doc_scores)
+
+  (_, (per_example, doc_scores)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+  grads = jax.lax.psum(grads, "data")
+  return grads, _metric_sums(per_example, doc_scores, batch, pad_token_id)
 
 
 def make_train_step(model: RagModel, mesh: Mesh, loss_fn: LossFn, *,
@@ -107,3 +122,19 @@ def make_train_step(model: RagModel, mesh: Mesh, loss_fn: LossFn, *,
   replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   return jax.jit(train_step, in_shardings=(replicated, data),
                  out_shardings=(replicated, replicated), donate_argnums=0 if donate else ())
+
+
+def make_eval_step(model: RagModel, mesh: Mesh, loss_fn: LossFn
+                   ) -> Callable[[Any, dict[str, Array]], dict[str, Array]]:
+  """A jitted `eval_step(params, batch) -> metric sums` (no dropout, no gradient)."""
+
+  def body(params, batch):
+    per_example, doc_scores = _per_example_loss(params, batch, jax.random.key(0), model=model,
+                                                loss_fn=loss_fn, deterministic=True)
+    return _metric_sums(per_example, doc_scores, batch, model.config.generator.pad_token_id)
+
+  sharded = jax.shard_map(body, mesh=mesh, in_specs=(P(), {k: P("data") for k in BATCH_KEYS}),
+                          out_specs=P(), check_vma=False)
+  replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  return jax.jit(lambda params, batch: sharded(params, {k: batch[k] for k in BATCH_KEYS}),
+                 in_shardings=(replicated, data), out_shardings=replicated)

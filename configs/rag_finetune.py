@@ -1,0 +1,52 @@
+"""Fine-tune RAG on your question-answer data (the paper's recipe, finetune_rag.sh's values).
+
+    python -m rag_jax.retrieval.build_index ... --out /data/kb        # passages -> index
+    python train.py --config=configs/rag_finetune.py --workdir=/runs/rag_nq \\
+        --config.rag_checkpoint=/ckpt/rag-sequence-nq --config.index_dir=/data/kb \\
+        --config.data_dir=/data/nq        # {train,val}.{source,target}, one example per line
+
+Either `rag_checkpoint` (a transformers RAG directory with its tokenizers), or
+`question_encoder_checkpoint` (DPRQuestionEncoder) + `generator_checkpoint` (BART), each with its
+tokenizer saved beside it.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.trainer = "rag"  # train.py dispatch: the RAG fine-tuning loop.
+  config.model_type = "rag_sequence"  # rag_sequence | rag_token (the marginalisation).
+  config.rag_checkpoint = ""  # transformers RAG checkpoint directory (with tokenizers).
+  config.question_encoder_checkpoint = ""  # Or: DPRQuestionEncoder directory ...
+  config.generator_checkpoint = ""  # ... and BART directory.
+  config.index_dir = ""  # A directory written by python -m rag_jax.retrieval.build_index.
+  config.data_dir = ""  # {train,val}.{source,target} (the research example's format).
+  config.dtype = "float32"  # Compute dtype; "bfloat16" on accelerators. Params stay fp32.
+  config.seed = 42  # Data order and dropout keys (finetune_rag's default seed).
+
+  config.n_docs = 5  # Passages retrieved per question (paper: 5 or 10 for training).
+  config.max_source_length = 128  # Question tokens (question encoder).
+  config.max_target_length = 25  # Answer tokens (generator).
+  config.max_combined_length = 300  # Passage + question tokens fed to the generator.
+  config.label_smoothing = 0.1  # Epsilon of the marginal-likelihood losses.
+  config.exclude_bos_score = False  # RAG-Sequence: drop the BOS position's log-prob.
+
+  config.batch_size = 8  # Global batch of questions (split over all devices).
+  config.num_train_steps = 10_000  # Optimizer steps (the schedule's length).
+  config.learning_rate = 3e-5  # Peak AdamW learning rate.
+  config.group_learning_rates = ml_collections.ConfigDict()  # e.g. question_encoder=1e-5.
+  config.warmup_steps = 500  # Linear warm-up from 0.
+  config.lr_end = 1e-7  # Polynomial decay target.
+  config.lr_power = 1.0  # Polynomial decay power.
+  config.weight_decay = 0.001  # AdamW weight decay (not on biases / BERT LayerNorms).
+  config.max_grad_norm = 0.1  # Global-norm clipping.
+  config.adam_b1 = 0.9  # AdamW beta1.
+  config.adam_b2 = 0.999  # AdamW beta2.
+  config.adam_eps = 1e-8  # AdamW epsilon.
+
+  config.log_every = 50  # Steps between metric lines.
+  config.eval_every = 1000  # Steps between held-out evaluations.
+  config.checkpoint_every = 500  # Steps between orbax checkpoints.
+  config.keep_checkpoints = 3  # Checkpoints kept on disk.
+  return config

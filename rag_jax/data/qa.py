@@ -1,0 +1,69 @@
+"""Question-answer data in the reference's format and its tokenisation.
+
+transformers' research example (finetune_rag.py) reads `DATA_DIR/{train,val,test}.source` and
+`.target`: one example per line, aligned; an empty line is an error. Questions are encoded by the
+question-encoder tokenizer (max_source_length), targets by the generator tokenizer as
+`<s> answer </s>` padded (max_target_length); the targets are fed to the generator unshifted and
+scored shifted left (rag_jax.losses).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class QAFormatError(ValueError):
+  """A malformed source/target file; the message names the file and line."""
+
+
+def _read_lines(path: Path) -> list[str]:
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: no such file")
+  lines = path.read_text(encoding="utf-8").split("\n")
+  if lines and lines[-1] == "":
+    lines.pop()  # The final newline.
+  for i, line in enumerate(lines, start=1):
+    if not line.strip():
+      raise QAFormatError(f"{path}:{i}: empty line (one example per line)")
+  return lines
+
+
+def read_source_target(data_dir: str | os.PathLike, split: str) -> tuple[list[str], list[str]]:
+  """(questions, answers) from DATA_DIR/split.source and split.target, checked aligned."""
+  data_dir = Path(data_dir)
+  sources = _read_lines(data_dir / f"{split}.source")
+  targets = _read_lines(data_dir / f"{split}.target")
+  if len(sources) != len(targets):
+    raise QAFormatError(f"{data_dir / (split + '.source')} has {len(sources)} lines but "
+                        f"{data_dir / (split + '.target')} has {len(targets)}")
+  return sources, targets
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedQA:
+  """input_ids, attention_mask [N, Lq] (question encoder); labels [N, T] (generator), int32."""
+
+  input_ids: np.ndarray
+  attention_mask: np.ndarray
+  labels: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.input_ids)
+
+
+def tokenize_qa(question_tokenizer: Any, generator_tokenizer: Any, questions: list[str],
+                answers: list[str], max_source_length: int = 128,
+                max_target_length: int = 25) -> TokenizedQA:
+  """Fixed-shape (padded to the maximum lengths) ids, so the train step compiles once."""
+  q = question_tokenizer(questions, max_length=max_source_length, padding="max_length",
+                         truncation=True)
+  t = generator_tokenizer(answers, max_length=max_target_length, padding="max_length",
+                          truncation=True)
+  return TokenizedQA(np.asarray(q["input_ids"], np.int32),
+                     np.asarray(q["attention_mask"], np.int32),
+                     np.asarray(t["input_ids"], np.int32))

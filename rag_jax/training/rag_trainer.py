@@ -1,0 +1,209 @@
+"""Fine-tuning RAG (question encoder + generator; passage encoder and index frozen, as in the
+paper) on question-answer pairs: `train_and_evaluate(config, workdir)`.
+
+Per step: the next global batch of the epoch's permutation (a pure function of seed and step, so
+a resumed run sees the same data), retrieval on the host with the current question encoder
+(rag_jax.training.retrieval_feed), one data-parallel train step over every device
+(rag_jax.training.rag_step). Workdir: config.json, train.log, metrics.jsonl (train loss per
+target token, examples/s, the prior mass of the top passage; held-out loss and answer recall of
+the retrieved passages), orbax checkpoints (async, keep-N, exact resume), and at the end
+export/ (a transformers RAG checkpoint with its tokenizers) and report.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm import tqdm
+
+from rag_jax import checkpoints, losses
+from rag_jax.data import qa
+from rag_jax.models.rag import RagConfig, RagModel
+from rag_jax.training import loop, optimizer
+from rag_jax.training.mesh import data_mesh, global_batch, replicate
+from rag_jax.training.rag_step import make_eval_step, make_train_step
+from rag_jax.training.retrieval_feed import RetrievalFeed
+from rag_jax.training.state import TrainState
+
+LOSSES = {"rag_sequence": losses.rag_sequence_nll, "rag_token": losses.rag_token_nll}
+
+
+def loss_function(config: ml_collections.ConfigDict, model: RagModel):
+  """The configured marginal likelihood with the generator's special ids."""
+  if config.model_type not in LOSSES:
+    raise ValueError(f"model_type {config.model_type!r}: expected one of {sorted(LOSSES)}")
+  gen = model.config.generator
+  kw: dict[str, Any] = dict(epsilon=config.label_smoothing, pad_token_id=gen.pad_token_id)
+  if config.model_type == "rag_sequence":
+    kw.update(exclude_bos_score=config.exclude_bos_score, bos_token_id=gen.bos_token_id)
+  return functools.partial(LOSSES[config.model_type], **kw)
+
+
+def load_model(config: ml_collections.ConfigDict
+               ) -> tuple[RagModel, Any, checkpoints.RagTokenizers]:
+  """A RAG checkpoint directory, or a DPR question encoder and a BART generator joined."""
+  dtype = jnp.dtype(config.dtype)
+  if config.rag_checkpoint:
+    model, params = checkpoints.load_pretrained(config.rag_checkpoint, dtype=dtype)
+    tokenizers = checkpoints.load_tokenizer(config.rag_checkpoint)
+  else:
+    q_model, q_params = checkpoints.load_pretrained(config.question_encoder_checkpoint)
+    g_model, g_params = checkpoints.load_pretrained(config.generator_checkpoint)
+    rag_config = RagConfig(question_encoder=q_model.config, generator=g_model.config,
+                           architecture=("RagSequenceForGeneration"
+                                         if config.model_type == "rag_sequence"
+                                         else "RagTokenForGeneration"),
+                           retrieval_vector_size=q_model.config.embedding_dim)
+    model = RagModel(rag_config, dtype=dtype)
+    params = {"question_encoder": q_params, "generator": g_params}
+    tokenizers = checkpoints.RagTokenizers(
+        checkpoints.load_tokenizer(config.question_encoder_checkpoint),
+        checkpoints.load_tokenizer(config.generator_checkpoint))
+  model = model.clone(config=dataclasses.replace(
+      model.config, n_docs=config.n_docs, max_combined_length=config.max_combined_length,
+      label_smoothing=config.label_smoothing, exclude_bos_score=config.exclude_bos_score))
+  return model, params, tokenizers
+
+
+def _epoch_rows(seed: int, step: int, n_examples: int, batch_size: int) -> np.ndarray:
+  """Rows of the global batch for `step`: epoch-wise permutations, remainder dropped."""
+  per_epoch = n_examples // batch_size
+  if per_epoch == 0:
+    raise ValueError(f"{n_examples} training examples < batch_size {batch_size}")
+  epoch, offset = divmod(step, per_epoch)
+  order = np.random.default_rng([seed, epoch]).permutation(n_examples)
+  return order[offset * batch_size:(offset + 1) * batch_size]
+
+
+def _answer_in_passages(feed: RetrievalFeed, answers: list[str], doc_rows: np.ndarray) -> float:
+  """How many questions have their answer string in one of their retrieved passages."""
+  hits = 0
+  for answer, rows in zip(answers, doc_rows, strict=True):
+    needle = answer.strip().lower()
+    hits += any(needle in (feed.store.title(int(r)) + " " + feed.store.text(int(r))).lower()
+                for r in rows)
+  return hits
+
+
+def evaluate(config, params, feed: RetrievalFeed, data: qa.TokenizedQA, answers: list[str],
+             eval_fn, mesh) -> dict[str, float]:
+  """Teacher-forced loss per question and retrieved-passage answer recall on held-out data."""
+  n = len(data)
+  sums = {"loss_sum": 0.0, "examples": 0.0, "target_tokens": 0.0, "answer_recall": 0.0}
+  for start in range(0, n, config.batch_size):
+    rows = np.arange(start, start + config.batch_size) % n  # the last batch wraps around
+    weights = (np.arange(start, start + config.batch_size) < n).astype(np.float32)
+    batch, doc_rows = feed.batch(params, data, rows, weights)
+    metrics = jax.device_get(eval_fn(params, global_batch(batch, mesh)))
+    for k in ("loss_sum", "examples", "target_tokens"):
+      sums[k] += float(metrics[k])
+    real = weights > 0
+    sums["answer_recall"] += _answer_in_passages(feed, [answers[i] for i in rows[real]],
+                                                 doc_rows[real])
+  return {"loss": sums["loss_sum"] / sums["examples"],
+          "loss_per_token": sums["loss_sum"] / max(sums["target_tokens"], 1.0),
+          f"answer_recall_at_{config.n_docs}": sums["answer_recall"] / n}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       stop_after: int | None = None) -> dict[str, Any] | None:
+  """Trains or resumes RAG in `workdir` (see the module docstring). Returns the report, or
+  None if `stop_after` ended the run early (as a kill would; the next call resumes)."""
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  loop.check_workdir(config, workdir)
+  with loop.workdir_logging(workdir):
+    return _run(config, workdir, stop_after)
+
+
+def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None:
+  from rag_jax.retrieval.index import load_index
+  from rag_jax.retrieval.store import PassageStore
+
+  mesh = data_mesh()
+  if config.batch_size % mesh.devices.size:
+    raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
+                     f"{mesh.devices.size} devices")
+  model, params, tokenizers = load_model(config)
+  index = load_index(Path(config.index_dir) / "index")
+  store = PassageStore(Path(config.index_dir) / "passages")
+  feed = RetrievalFeed(model, index, store, tokenizers.question_encoder, tokenizers.generator,
+                       config.n_docs)
+
+  def tokenized(split):
+    questions, answers = qa.read_source_target(config.data_dir, split)
+    return qa.tokenize_qa(tokenizers.question_encoder, tokenizers.generator, questions, answers,
+                          config.max_source_length, config.max_target_length), answers
+
+  train, _ = tokenized("train")
+  val, val_answers = tokenized("val")
+
+  tx = optimizer.make_optimizer(config, params)
+  state = TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                            dropout_key=jax.random.key_data(jax.random.key(config.seed)))
+  state = replicate(state, mesh)
+  manager = loop.checkpoint_manager(workdir, config)
+  state = loop.restore_latest(manager, state)
+  loss_fn = loss_function(config, model)
+  step_fn = make_train_step(model, mesh, loss_fn)
+  eval_fn = make_eval_step(model, mesh, loss_fn)
+  logging.info("RAG %s: %d parameters, %d devices, %d train / %d val examples",
+               config.model_type, optimizer.count_params(params), mesh.devices.size, len(train),
+               len(val))
+
+  start = int(state.step)
+  writer = loop.MetricsWriter(workdir)
+  throughput = loop.Throughput(start, config.batch_size)
+  window: dict[str, Any] = {}
+  with tqdm(total=config.num_train_steps, initial=start, desc=config.model_type, unit="step",
+            dynamic_ncols=True) as bar:
+    for step in range(start, config.num_train_steps):
+      rows = _epoch_rows(config.seed, step, len(train), config.batch_size)
+      batch, _ = feed.batch(state.params, train, rows)
+      state, metrics = step_fn(state, global_batch(batch, mesh))
+      window = {k: window.get(k, 0.0) + v for k, v in metrics.items()}
+      done = step + 1
+      bar.update(1)
+      if done % config.log_every == 0 or done == config.num_train_steps:
+        host = {k: float(v) for k, v in window.items()}
+        record = {"step": done, "loss": host["loss_sum"] / host["examples"],
+                  "loss_per_token": host["loss_sum"] / max(host["target_tokens"], 1.0),
+                  "top_doc_prior": host["top_doc_prior_sum"] / host["examples"],
+                  **throughput(done)}
+        record["questions_per_s"] = record.pop("examples_per_s")
+        window = {}
+        if done % config.eval_every == 0 or done == config.num_train_steps:
+          record.update({f"val_{k}": v for k, v in
+                         evaluate(config, state.params, feed, val, val_answers, eval_fn,
+                                  mesh).items()})
+        bar.set_postfix(loss=f"{record['loss']:.3f}")
+        writer.write(record)
+      manager.save(done, args=ocp.args.StandardSave(state))
+      if stop_after is not None and done >= stop_after:
+        break
+  manager.wait_until_finished()
+  manager.close()
+  writer.close()
+  if int(state.step) < config.num_train_steps:
+    return None
+
+  final = evaluate(config, state.params, feed, val, val_answers, eval_fn, mesh)
+  params_host = jax.device_get(state.params)
+  export = checkpoints.save_pretrained(model, params_host, workdir / "export",
+                                       tokenizer=tokenizers)
+  report = {"model_type": config.model_type, "steps": config.num_train_steps,
+            "devices": mesh.devices.size, **{f"val_{k}": v for k, v in final.items()},
+            "export": str(export)}
+  (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+  logging.info("final: %s", report)
+  return report
