@@ -186,7 +186,7 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
           record.update({f"val_{k}": v for k, v in
                          evaluate(config, state.params, feed, val, val_answers, eval_fn,
                                   mesh).items()})
-        bar.set_postfix(loss=f"{record['loss']:.3f}")
+        bar.set_postfix(loss=f"{record['loss']:.3f}", q_per_s=f"{record['questions_per_s']:.1f}")
         writer.write(record)
       manager.save(done, args=ocp.args.StandardSave(state))
       if stop_after is not None and done >= stop_after:
