@@ -1,0 +1,209 @@
+"""Exact maximum-inner-product search on the accelerator, sharded by rows over a device mesh.
+
+Each device holds a contiguous block of `rows_per_shard` embeddings. It scans its block in chunks
+of `chunk_size` rows (``lax.scan``): one (B, C) score matmul, a top-k of the chunk, and a merge
+with the running top-k, so the score buffer is bounded by B x C whatever the corpus size. The
+per-device top-k lists are then all-gathered and merged into the global top-k (every device ends
+with the same answer). The search function is pure, so it can be called inside a jitted training
+step with the device-resident database as an argument.
+
+Ties: ``lax.top_k`` is stable (equal values keep their input order), the running list is placed
+before each new chunk, and devices are gathered in row order, so among equal scores the smaller
+row id always wins, exactly like a numpy ``lexsort((ids, -scores))``.
+
+Roofline: one pass reads the database once; at 21M x 768 in bf16 that is 32 GB, ~7.5 ms on one
+H200, compute-bound beyond ~180 queries per batch (docs/retrieval.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from rag_jax.retrieval.embeddings import DTYPES, EmbeddingStore
+from rag_jax.retrieval.index import (
+  Embeddings,
+  Index,
+  embeddings_shape,
+  gather_rows,
+  open_index_embeddings,
+  read_meta,
+  save_embeddings_into,
+)
+from rag_jax.utils.atomic import atomic_directory
+
+
+@dataclass(frozen=True)
+class ExactConfig:
+  """Exact-search settings.
+
+  Attributes:
+    chunk_size: rows scored per scan step on each device; bounds the (B, chunk) score buffer.
+    query_batch_size: queries per jitted call in :meth:`ExactIndex.search` (padded, so one
+      compilation serves every batch).
+    dtype: device storage of the database (``float32``, ``bfloat16`` halves memory; scores are
+      accumulated in float32 either way).
+    axis: name of the mesh axis the rows are sharded over.
+  """
+
+  chunk_size: int = 16384
+  query_batch_size: int = 256
+  dtype: str = "float32"
+  axis: str = "data"
+
+
+def _local_topk(queries: jax.Array, db: jax.Array, k: int, chunk_size: int, row_offset: jax.Array,
+                num_valid: int) -> tuple[jax.Array, jax.Array]:
+  """Top-k of one device's rows.
+
+  Args:
+    queries: (B, d) float32.
+    db: (R, d) with R a multiple of chunk_size; global row of db[j] is row_offset + j.
+    k: results to keep (may exceed chunk_size; then each chunk contributes all its rows).
+    num_valid: global rows >= num_valid are padding and score -inf.
+  Returns:
+    (scores (B, k) float32, ids (B, k) int32) sorted by score desc, ties by id asc; -1 ids pad.
+  """
+  rows, d = db.shape
+  num_chunks = rows // chunk_size
+  chunks = db.reshape(num_chunks, chunk_size, d)  # (num_chunks, C, d)
+  b = queries.shape[0]
+  kc = min(k, chunk_size)
+
+  def step(carry, xs):
+    best_s, best_i = carry
+    chunk, c = xs
+    s = jnp.dot(queries, chunk.astype(jnp.float32).T, precision=jax.lax.Precision.HIGHEST,
+                preferred_element_type=jnp.float32)  # (B, C)
+    ids = row_offset + c * chunk_size + jnp.arange(chunk_size, dtype=jnp.int32)  # (C,)
+    s = jnp.where(ids[None, :] < num_valid, s, -jnp.inf)
+    cs, ci = jax.lax.top_k(s, kc)  # (B, kc)
+    cand_s = jnp.concatenate([best_s, cs], axis=1)  # (B, k + kc), running list first
+    cand_i = jnp.concatenate([best_i, ids[ci]], axis=1)
+    ts, ti = jax.lax.top_k(cand_s, k)
+    return (ts, jnp.take_along_axis(cand_i, ti, axis=1)), None
+
+  init = (jnp.full((b, k), -jnp.inf, jnp.float32), jnp.full((b, k), -1, jnp.int32))
+  (scores, ids), _ = jax.lax.scan(step, init, (chunks, jnp.arange(num_chunks, dtype=jnp.int32)))
+  return scores, ids
+
+
+def make_search_fn(mesh: Mesh, k: int, *, num_valid: int, rows_per_shard: int, chunk_size: int,
+                   axis: str = "data"):
+  """Returns a pure f(queries (B, d), db (S * rows_per_shard, d)) -> (scores, ids) (B, k).
+
+  `db` must be sharded by rows over `axis` of `mesh` (:meth:`ExactIndex.db` is). Queries are
+  replicated onto every device; the result is replicated. Usable under ``jax.jit``.
+  """
+  def local(queries, db):
+    shard = jax.lax.axis_index(axis)
+    s, i = _local_topk(queries.astype(jnp.float32), db, k, chunk_size,
+                       shard * rows_per_shard, num_valid)
+    all_s = jax.lax.all_gather(s, axis, axis=1, tiled=True)  # (B, S * k), shards in row order
+    all_i = jax.lax.all_gather(i, axis, axis=1, tiled=True)
+    ts, ti = jax.lax.top_k(all_s, k)
+    return ts, jnp.take_along_axis(all_i, ti, axis=1)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axis)), out_specs=(P(), P()),
+                       check_vma=False)
+
+
+def default_mesh(axis: str = "data") -> Mesh:
+  """A 1-D mesh over all local devices."""
+  return Mesh(np.array(jax.local_devices()), (axis,))
+
+
+class ExactIndex(Index):
+  """Brute-force MIPS over device-resident embeddings; see the module docstring."""
+
+  kind = "exact"
+
+  def __init__(self, embeddings: Embeddings, config: ExactConfig | None = None,
+               mesh: Mesh | None = None):
+    self.config = config or ExactConfig()
+    self.mesh = mesh or default_mesh(self.config.axis)
+    self.source = embeddings
+    self.count, self.dim = embeddings_shape(embeddings)
+    shards = self.mesh.shape[self.config.axis]
+    per_shard = math.ceil(self.count / shards)
+    self.chunk_size = max(1, min(self.config.chunk_size, per_shard))
+    # Per-device rows: a whole number of chunks; the tail of the last device is padding.
+    self.rows_per_shard = math.ceil(per_shard / self.chunk_size) * self.chunk_size
+    self.db = self._place(embeddings, shards)
+    self._fns: dict[int, callable] = {}
+
+  def _place(self, embeddings: Embeddings, shards: int) -> jax.Array:
+    """Puts the (padded) database on the mesh, reading only each device's own rows."""
+    total = shards * self.rows_per_shard
+    dtype = DTYPES[self.config.dtype]
+    sharding = NamedSharding(self.mesh, P(self.config.axis))
+
+    def block(index) -> np.ndarray:
+      rows = index[0]
+      start, stop = rows.start or 0, total if rows.stop is None else rows.stop
+      out = np.zeros((stop - start, self.dim), dtype=dtype)
+      hi = min(stop, self.count)
+      if hi > start:
+        if isinstance(embeddings, EmbeddingStore):
+          out[:hi - start] = embeddings.rows(np.arange(start, hi))
+        else:
+          out[:hi - start] = embeddings[start:hi]
+      return out
+
+    return jax.make_array_from_callback((total, self.dim), sharding, block)
+
+  @classmethod
+  def build(cls, embeddings: Embeddings, config: ExactConfig | None = None,
+            mesh: Mesh | None = None) -> ExactIndex:
+    return cls(embeddings, config, mesh)
+
+  def search_fn(self, k: int):
+    """The pure search f(queries, db) for this index's layout (call with ``self.db``)."""
+    return make_search_fn(self.mesh, k, num_valid=self.count, rows_per_shard=self.rows_per_shard,
+                          chunk_size=self.chunk_size, axis=self.config.axis)
+
+  def _jitted(self, k: int):
+    if k not in self._fns:
+      self._fns[k] = jax.jit(self.search_fn(k))
+    return self._fns[k]
+
+  def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    queries = self.check_queries(queries, k)
+    fn = self._jitted(k)
+    bs = self.config.query_batch_size
+    scores = np.empty((len(queries), k), np.float32)
+    ids = np.empty((len(queries), k), np.int64)
+    for s in range(0, len(queries), bs):
+      q = queries[s:s + bs]
+      pad = np.zeros((bs, self.dim), np.float32)  # fixed shape: one compilation
+      pad[:len(q)] = q
+      out_s, out_i = fn(jnp.asarray(pad), self.db)
+      scores[s:s + len(q)] = np.asarray(out_s)[:len(q)]
+      ids[s:s + len(q)] = np.asarray(out_i)[:len(q)]
+    return scores, ids
+
+  def embeddings(self, ids: np.ndarray) -> np.ndarray:
+    return gather_rows(self.source, ids)
+
+  def save(self, path: str | os.PathLike, overwrite: bool = True) -> None:
+    with atomic_directory(path, overwrite=overwrite) as tmp:
+      save_embeddings_into(self.source, tmp / "embeddings")
+      (tmp / "index.json").write_text(json.dumps(self._meta(asdict(self.config)), indent=2))
+
+  @classmethod
+  def load(cls, path: str | os.PathLike, mesh: Mesh | None = None, **overrides) -> ExactIndex:
+    """Loads a saved exact index; `overrides` replace saved config fields (e.g. dtype)."""
+    path = Path(path)
+    meta = read_meta(path, cls.kind)
+    config = ExactConfig(**{**meta["config"], **overrides})
+    return cls(open_index_embeddings(path, meta), config, mesh)
+
