@@ -1,0 +1,170 @@
+"""`generate(model, params, ...)`: one entry for BART, RAG-Token and RAG-Sequence generation.
+
+Argument names and defaults are transformers' (`GenerationMixin.generate`,
+`RagTokenForGeneration.generate`, `RagSequenceForGeneration.generate`): an option left None
+takes the checkpoint's value (legacy generation keys kept in config.json, as transformers v5
+copies them into the model's generation_config, and the token ids), else GenerationConfig's
+default (max_length 20, num_beams 1, length_penalty 1.0, early_stopping False, min_length 0).
+`forced_eos_token_id` defaults to the config's (BART: 2); an explicit None forces nothing, as in
+transformers v5.
+
+Returns numpy arrays laid out as transformers returns them: sequences [B * R, T] starting with the
+decoder start token, pad after each end, T cropped as transformers crops it; and one score per
+sequence (beam: transformers' sequences_scores; greedy: the sum of processed log-probs;
+RAG-Sequence: see rag_sequence.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from rag_jax.decoding.bart import compiled_bart_search
+from rag_jax.decoding.beam_search import SearchConfig, SearchParams
+from rag_jax.decoding.processors import ProcessorConfig, ProcessorParams
+from rag_jax.decoding.rag_sequence import RagSequenceConfig, compiled_rag_sequence_search
+from rag_jax.decoding.rag_token import compiled_rag_token_search
+from rag_jax.models.bart import BartForConditionalGeneration
+from rag_jax.models.rag import RagModel
+
+# GenerationConfig defaults (transformers 5.23) and the keys read from a checkpoint's config.
+FROM_CONFIG = "from_config"  # Default of forced_eos_token_id: the generator config's value.
+GENERATION_DEFAULTS: dict[str, Any] = dict(
+    max_length=20, min_length=0, num_beams=1, num_return_sequences=1, length_penalty=1.0,
+    early_stopping=False, no_repeat_ngram_size=0, bad_words_ids=None, forced_bos_token_id=None)
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+  """sequences [B * R, T] int32; sequences_scores [B * R] float32 (R = num_return_sequences)."""
+
+  sequences: np.ndarray
+  sequences_scores: np.ndarray
+
+
+def _defaults(model: Any) -> dict[str, Any]:
+  """GENERATION_DEFAULTS updated by the legacy generation keys of the checkpoint's config."""
+  out = dict(GENERATION_DEFAULTS)
+  extra = json.loads(model.config.hf_extra)
+  out.update({k: v for k, v in extra.items() if k in GENERATION_DEFAULTS and v is not None})
+  return out
+
+
+def _kind(model: Any, architecture: str | None) -> str:
+  if isinstance(model, BartForConditionalGeneration):
+    return "bart"
+  if not isinstance(model, RagModel):
+    raise TypeError(f"generate expects a BART or RAG model, got {type(model).__name__}")
+  arch = architecture or model.config.architecture
+  if arch == "RagTokenForGeneration":
+    return "rag_token"
+  if arch == "RagSequenceForGeneration":
+    return "rag_sequence"
+  raise ValueError(f"cannot tell RAG-Token from RAG-Sequence for architecture {arch!r}; pass "
+                   "architecture='RagTokenForGeneration' or 'RagSequenceForGeneration'")
+
+
+def _crop(sequences: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+  """[B, R, L] -> [B * R, 1 + max generated length] (transformers' output crop)."""
+  width = 1 + int(lengths.max(initial=0))
+  return sequences.reshape(-1, sequences.shape[-1])[:, :width]  # [B*R, T]
+
+
+def generate(model: Any, params: Any, input_ids=None, attention_mask=None, *,
+             context_input_ids=None, context_attention_mask=None, doc_scores=None,
+             n_docs: int | None = None, decoding: str = "thorough", max_length: int | None = None,
+             min_length: int | None = None, num_beams: int | None = None,
+             num_return_sequences: int | None = None, length_penalty: float | None = None,
+             early_stopping: bool | str | None = None, no_repeat_ngram_size: int | None = None,
+             bad_words_ids=None, forced_bos_token_id: int | None = None,
+             forced_eos_token_id=FROM_CONFIG, decoder_start_token_id: int | None = None,
+             eos_token_id=None, pad_token_id: int | None = None,
+             do_deduplication: bool | None = None, do_sample: bool = False,
+             mask_beam_contexts: bool = True, rescore_chunk: int | None = None,
+             architecture: str | None = None) -> GenerateOutput:
+  """Generates with a BART or RAG model from `rag_jax.checkpoints.load_pretrained`.
+
+  BART: input_ids [B, S], attention_mask [B, S] (None: attend everywhere).
+  RAG: context_input_ids, context_attention_mask [B * n, S] (batch-major) and doc_scores [B, n]
+    from retrieval; n_docs defaults to doc_scores.shape[1]. RAG-Sequence: decoding "thorough"
+    (transformers' rule) or "fast" (the paper's); do_deduplication defaults to the config's;
+    mask_beam_contexts / rescore_chunk: see rag_sequence.py. `architecture` overrides the
+    config's (needed for a plain "RagModel" checkpoint).
+  Generation options: transformers' names and meaning (see the module docstring).
+  """
+  if do_sample:
+    raise NotImplementedError("sampling is not implemented; rag_jax decodes greedily or by beams")
+  kind = _kind(model, architecture)
+  gcfg = model.config if kind == "bart" else model.config.generator
+  d = _defaults(model)
+  pick = lambda value, key: d[key] if value is None else value  # noqa: E731
+  max_length, min_length = pick(max_length, "max_length"), pick(min_length, "min_length")
+  num_beams, length_penalty = pick(num_beams, "num_beams"), pick(length_penalty, "length_penalty")
+  num_return = pick(num_return_sequences, "num_return_sequences")
+  early_stopping = pick(early_stopping, "early_stopping")
+  if num_return > num_beams:
+    raise ValueError(f"num_return_sequences ({num_return}) must be <= num_beams ({num_beams})"
+                     if num_beams > 1 or kind == "rag_sequence" else
+                     "greedy search (num_beams=1) supports num_return_sequences=1 only")
+  eos = gcfg.eos_token_id if eos_token_id is None else eos_token_id
+  eos = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+  pad = gcfg.pad_token_id if pad_token_id is None else pad_token_id
+  if pad is None:
+    pad = eos[0] if eos else 0
+  start = gcfg.decoder_start_token_id if decoder_start_token_id is None else decoder_start_token_id
+  processor_cfg = ProcessorConfig.make(eos, pick(no_repeat_ngram_size, "no_repeat_ngram_size"),
+                                       pick(bad_words_ids, "bad_words_ids"))
+  processor_params = ProcessorParams.make(
+      gcfg.vocab_size, min_length, pick(forced_bos_token_id, "forced_bos_token_id"),
+      (gcfg.forced_eos_token_id if isinstance(forced_eos_token_id, str)
+       else forced_eos_token_id))
+  # transformers' beam output_fill_value: `pad or eos[0]`; greedy writes pad after EOS.
+  fill = (pad or eos[0]) if (eos and num_beams > 1) else pad
+  cfg = SearchConfig(num_beams, max_length, start, fill, processor_cfg)
+  search_params = SearchParams.make(max_length, length_penalty, early_stopping, processor_params)
+
+  if kind == "bart":
+    if input_ids is None:
+      raise ValueError("BART generation needs input_ids")
+    ids = jnp.asarray(input_ids, jnp.int32)
+    mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    out = compiled_bart_search(model, cfg)(params, search_params, ids, mask)
+    return _finish(out.sequences[:, :num_return], out.scores[:, :num_return],
+                   out.lengths[:, :num_return])
+
+  if context_input_ids is None or doc_scores is None:
+    raise ValueError("RAG generation needs context_input_ids, context_attention_mask and "
+                     "doc_scores (retrieve first, e.g. with rag_jax.retrieval)")
+  doc_scores = jnp.asarray(doc_scores, jnp.float32)
+  if n_docs is not None and n_docs != doc_scores.shape[1]:
+    raise ValueError(f"n_docs={n_docs} but doc_scores has {doc_scores.shape[1]} columns")
+  ctx = jnp.asarray(context_input_ids, jnp.int32)
+  ctx_mask = (jnp.ones_like(ctx) if context_attention_mask is None
+              else jnp.asarray(context_attention_mask, jnp.int32))
+  if kind == "rag_token":
+    out = compiled_rag_token_search(model, cfg)(params, search_params, ctx, ctx_mask, doc_scores)
+    return _finish(out.sequences[:, :num_return], out.scores[:, :num_return],
+                   out.lengths[:, :num_return])
+
+  rcfg = RagSequenceConfig(
+      search=cfg, num_return_sequences=num_return, decoding=decoding,
+      do_deduplication=(model.config.do_deduplication if do_deduplication is None
+                        else do_deduplication),
+      mask_beam_contexts=mask_beam_contexts, label_smoothing=model.config.label_smoothing,
+      bos_token_id=model.config.bos_token_id or gcfg.bos_token_id, rescore_chunk=rescore_chunk)
+  out = compiled_rag_sequence_search(model, rcfg)(params, search_params, ctx, ctx_mask,
+                                                  doc_scores)
+  seqs = np.asarray(out.sequences)
+  width_from = out.candidate_lengths if decoding == "thorough" else out.lengths
+  width = 1 + int(np.asarray(width_from).max(initial=0))
+  return GenerateOutput(seqs.reshape(-1, seqs.shape[-1])[:, :width],  # [B*R, T]
+                        np.asarray(out.scores).reshape(-1))
+
+
+def _finish(sequences, scores, lengths) -> GenerateOutput:
+  seqs, lens = np.asarray(sequences), np.asarray(lengths)
+  return GenerateOutput(_crop(seqs, lens), np.asarray(scores).reshape(-1))

@@ -1,0 +1,183 @@
+"""RAG-Sequence decoding, batched: "thorough" (transformers' rule) and "fast" (the paper's).
+
+Both start the same way: one beam search per passage for the whole batch in one call (B * n
+"examples" of the generic search, doc prior ignored), returning k = num_beams hypotheses each
+(num_return_sequences = num_beams, as `RagSequenceForGeneration.generate` asks of the
+generator; greedy when num_beams == 1), so C = n * k candidates per question, passage-major
+(candidate j * k + i is beam i of passage j, transformers' order).
+
+thorough (transformers' `RagSequenceForGeneration.generate` without its Python loop):
+  dedup (exact token match, first occurrence kept, when do_deduplication), then one batched
+  teacher-forced pass of every candidate under every passage (encoder states reused, not
+  recomputed) and `rag_sequence_nll` with exclude_bos_score=True and the config's
+  label_smoothing; the score is -loss and the top num_return_sequences are returned. The BOS
+  exclusion flag is computed per question over its C candidates, as the reference computes it
+  over its per-question batch (duplicates do not change it: they equal a kept candidate).
+fast (paper section 2.5; ParlAI's `fast_generation`; no transformers equivalent):
+  score(y) = logsumexp over passages j whose beam holds y of [log p(z_j|x) + s_j(y)], where
+  s_j(y) is the search's sum of processed log-probs of y under passage j (no length penalty);
+  a hypothesis missing from passage j's beam gets p(y|x,z_j) = 0. No extra forward pass.
+
+Context masks: transformers 5.x calls `generator.generate(context_input_ids,
+attention_mask=None)` and, for an encoder-decoder, v5 no longer infers the mask from pad tokens,
+so its per-passage beams attend to the contexts' padding (transformers 4.x inferred the mask).
+`mask_beam_contexts=True` (our default) masks padding in the beams; False reproduces 5.23
+exactly (the encoder then runs twice, unmasked for the beams and masked for rescoring, as the
+reference's two passes do). The two agree when contexts carry no padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from rag_jax.decoding.bart import (
+    decode_step_fn,
+    init_decode_cache,
+    repeat_rows,
+    run_search,
+)
+from rag_jax.decoding.beam_search import SearchConfig, SearchParams
+from rag_jax.decoding.rag_token import generator_of
+from rag_jax.losses import rag_sequence_nll
+from rag_jax.models.rag import RagModel
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class RagSequenceConfig:
+  """Static settings of RAG-Sequence decoding (hashable; part of the compilation key).
+
+  search: the per-passage search (num_beams = k).
+  decoding: "thorough" or "fast".
+  rescore_chunk: questions per teacher-forced rescoring pass (None: the whole batch at once);
+    a pass holds chunk * C * n * max_length * V logits.
+  """
+
+  search: SearchConfig
+  num_return_sequences: int = 1
+  decoding: str = "thorough"
+  do_deduplication: bool = True
+  mask_beam_contexts: bool = True
+  label_smoothing: float = 0.0
+  bos_token_id: int | None = 0
+  rescore_chunk: int | None = None
+
+  def __post_init__(self):
+    if self.decoding not in ("thorough", "fast"):
+      raise ValueError(f"decoding must be 'thorough' or 'fast', got {self.decoding!r}")
+
+
+@flax.struct.dataclass
+class RagSequenceOutput:
+  """sequences [B, R, L] (pad after the end), scores [B, R] (thorough: -loss, i.e. the log
+  marginal likelihood with the label-smoothing mix; fast: the merged log-probability),
+  lengths [B, R] generated tokens, candidate_lengths [B, C] of every per-passage hypothesis."""
+
+  sequences: Array
+  scores: Array
+  lengths: Array
+  candidate_lengths: Array
+
+
+def _equal_pairs(cands: Array) -> Array:
+  """[B, C, L] candidates -> [B, C, C] bool, candidate c equals candidate c' token for token."""
+  return jnp.all(cands[:, :, None, :] == cands[:, None, :, :], axis=-1)
+
+
+def _earlier(c: int) -> Array:
+  """[C, C] bool, entry (c, c') is c' < c."""
+  return jnp.arange(c)[None, :] < jnp.arange(c)[:, None]
+
+
+def _rescore(model: RagModel, rcfg: RagSequenceConfig, gparams: Any, cands: Array,
+             enc: Array, mask: Array, doc_scores: Array) -> Array:
+  """Thorough rescoring. cands [B, C, L], enc [B, n, S, d], mask [B, n, S], doc_scores [B, n]
+  -> loss [B, C] under transformers' get_nll (exclude_bos_score=True)."""
+  gen = generator_of(model)
+  gcfg = model.config.generator
+
+  def one_question(args):
+    cand, states, ctx_mask, scores = args  # [C, L], [n, S, d], [n, S], [n]
+    c, n_docs = cand.shape[0], scores.shape[0]
+    dec = jnp.repeat(cand, n_docs, axis=0)  # [C*n, L], row c*n + j
+    states = jnp.tile(states, (c, 1, 1))  # [C*n, S, d], row c*n + j is passage j
+    ctx_mask = jnp.tile(ctx_mask, (c, 1))  # [C*n, S]
+    logits = gen.apply({"params": gparams}, dec, states, ctx_mask, method=gen.decode)
+    return rag_sequence_nll(
+        logits, jnp.tile(scores[None, :], (c, 1)), cand, epsilon=rcfg.label_smoothing,
+        exclude_bos_score=True, reduce_loss=False, pad_token_id=gcfg.pad_token_id,
+        bos_token_id=rcfg.bos_token_id)  # [C]
+
+  return jax.lax.map(one_question, (cands, enc, mask, doc_scores), batch_size=rcfg.rescore_chunk
+                     or cands.shape[0])
+
+
+def _fast_scores(sum_logprobs: Array, finished: Array, equal: Array, doc_scores: Array,
+                 beams: int) -> Array:
+  """Fast decoding. sum_logprobs, finished [B, C]; equal [B, C, C]; doc_scores [B, n]
+  -> merged log p(y|x) [B, C] (-inf for placeholders)."""
+  c = sum_logprobs.shape[1]
+  prior = jax.nn.log_softmax(doc_scores.astype(jnp.float32), axis=1)  # [B, n]
+  passage = jnp.arange(c) // beams  # [C]
+  contrib = sum_logprobs + prior[:, passage]  # [B, C]
+  same_passage = passage[:, None] == passage[None, :]  # [C, C]
+  # A sequence counts once per passage (its first, best, occurrence in that passage's beam).
+  repeat_in_passage = jnp.any(equal & (same_passage & _earlier(c))[None], axis=-1)  # [B, C]
+  contrib = jnp.where(finished & ~repeat_in_passage, contrib, -jnp.inf)
+  return jax.nn.logsumexp(jnp.where(equal, contrib[:, None, :], -jnp.inf), axis=-1)  # [B, C]
+
+
+def rag_sequence_search(model: RagModel, rcfg: RagSequenceConfig, params: Any,
+                        search_params: SearchParams, context_input_ids: Array,
+                        context_attention_mask: Array, doc_scores: Array) -> RagSequenceOutput:
+  """RAG-Sequence generation. context_* [B * n, S] batch-major, doc_scores [B, n]."""
+  gen, gparams, cfg = generator_of(model), params["generator"], rcfg.search
+  batch, n_docs = doc_scores.shape
+  if context_input_ids.shape[0] != batch * n_docs:
+    raise ValueError(f"context_input_ids has {context_input_ids.shape[0]} rows; expected "
+                     f"batch {batch} x n_docs {n_docs}")
+  beam_mask = (context_attention_mask if rcfg.mask_beam_contexts
+               else jnp.ones_like(context_attention_mask))
+  enc = gen.apply({"params": gparams}, context_input_ids, beam_mask,
+                  method=gen.encode)  # [B*n, S, d]
+  cache = repeat_rows(init_decode_cache(gen, gparams, enc, cfg.max_length), cfg.num_beams)
+  step = decode_step_fn(gen, gparams, jnp.repeat(beam_mask, cfg.num_beams, axis=0))
+  out = run_search(step, cache, batch * n_docs, cfg, search_params)  # B*n examples
+  k = out.sequences.shape[1]  # num_beams (beam search) or 1 (greedy)
+  c = n_docs * k
+  cands = out.sequences.reshape(batch, c, cfg.max_length)  # [B, C, L], candidate j*k + i
+  lengths = out.lengths.reshape(batch, c)  # [B, C]
+  equal = _equal_pairs(cands)  # [B, C, C]
+  duplicate = jnp.any(equal & _earlier(c)[None], axis=-1)  # [B, C]
+
+  if rcfg.decoding == "fast":
+    scores = _fast_scores(out.sum_logprobs.reshape(batch, c), out.finished.reshape(batch, c),
+                          equal, doc_scores, k)
+    scores = jnp.where(duplicate, -jnp.inf, scores)
+  else:
+    if not rcfg.mask_beam_contexts:  # The reference rescores with the context mask.
+      enc = gen.apply({"params": gparams}, context_input_ids, context_attention_mask,
+                      method=gen.encode)
+    states = enc.reshape((batch, n_docs) + enc.shape[1:])  # [B, n, S, d]
+    ctx_mask = context_attention_mask.reshape(batch, n_docs, -1)  # [B, n, S]
+    scores = -_rescore(model, rcfg, gparams, cands, states, ctx_mask, doc_scores)
+    if rcfg.do_deduplication:
+      scores = jnp.where(duplicate, -jnp.inf, scores)
+  top_scores, top = jax.lax.top_k(scores, rcfg.num_return_sequences)  # [B, R]
+  return RagSequenceOutput(
+      sequences=jnp.take_along_axis(cands, top[:, :, None], axis=1),
+      scores=top_scores, lengths=jnp.take_along_axis(lengths, top, axis=1),
+      candidate_lengths=lengths)
+
+
+@functools.lru_cache(maxsize=64)
+def compiled_rag_sequence_search(model: RagModel, rcfg: RagSequenceConfig):
+  """jit(rag_sequence_search) for one model definition and static setting (cached)."""
+  return jax.jit(functools.partial(rag_sequence_search, model, rcfg))
