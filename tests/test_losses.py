@@ -161,13 +161,13 @@ def _end_to_end(tmp_path, kind, precision):
                     retrieved_doc_embeds=embeds)
     return fn(o.logits, o.doc_scores, jnp.asarray(labels), **kw), o.doc_scores
 
-  (loss, scores), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  (loss, scores), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
   tol = 1e-4 if precision == "float32" else 1e-6
   np.testing.assert_allclose(loss, out.loss.item(), rtol=tol)
   np.testing.assert_allclose(scores, t_scores.detach().numpy(), rtol=tol, atol=tol)
-  g_scores = jax.grad(lambda s: fn(
+  g_scores = jax.jit(jax.grad(lambda s: fn(
       model.apply({"params": params}, ctx, ctx_mask, labels, doc_scores=s).logits, s,
-      jnp.asarray(labels), **kw))(scores)
+      jnp.asarray(labels), **kw)))(scores)
   ref_g = t_scores.grad.numpy()
   assert np.abs(g_scores - ref_g).max() <= tol * np.abs(ref_g).max()
 

@@ -12,9 +12,9 @@ from rag_jax import losses
 from rag_jax.models import presets
 from rag_jax.models.rag import RagModel
 from rag_jax.training import optimizer
-from rag_jax.training.mesh import data_mesh
-from rag_jax.training.rag_step import make_train_step
-from rag_jax.training.state import TrainState
+from rag_jax.training.mesh import data_mesh, replicate
+from rag_jax.training.rag_step import BatchShapeError, make_train_step
+from rag_jax.training.state import create_train_state
 
 B, N, LQ, L, T = 8, 3, 6, 10, 5
 STEPS = 2  # Optimizer steps compared across device layouts.
@@ -60,15 +60,16 @@ def _opt_config():
       group_learning_rates={"question_encoder": 1e-4}))
 
 
-def _state(model):
+def _state(model, mesh=None):
+  """Initial state (replicated on `mesh` when given, as the trainers place it)."""
   batch = _batch()
-  params = model.init(jax.random.key(0), batch["context_input_ids"].reshape(B * N, L),
-                      batch["context_attention_mask"].reshape(B * N, L), batch["labels"],
-                      input_ids=batch["input_ids"],
-                      retrieved_doc_embeds=batch["doc_embeds"])["params"]
+  params = jax.jit(model.init)(
+      jax.random.key(0), batch["context_input_ids"].reshape(B * N, L),
+      batch["context_attention_mask"].reshape(B * N, L), batch["labels"],
+      input_ids=batch["input_ids"], retrieved_doc_embeds=batch["doc_embeds"])["params"]
   tx = optimizer.make_optimizer(_opt_config(), params)
-  return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                           dropout_key=jax.random.key_data(jax.random.key(1)))
+  state = create_train_state(model.apply, params, tx, jax.random.key_data(jax.random.key(1)))
+  return state if mesh is None else replicate(state, mesh)
 
 
 LOSS = functools.partial(losses.rag_sequence_nll, epsilon=0.1, pad_token_id=1)
@@ -80,8 +81,9 @@ def test_eight_devices_equal_one(loss_fn):
   model = _model()
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
-    step = make_train_step(model, data_mesh(devices), loss_fn, deterministic=True)
-    state = _state(model)
+    mesh = data_mesh(devices)
+    step = make_train_step(model, mesh, loss_fn, deterministic=True)
+    state = _state(model, mesh)
     for i in range(STEPS):
       state, metrics = step(state, _batch(seed=i))
     results.append((jax.device_get(state.params), jax.device_get(metrics)))
@@ -98,8 +100,9 @@ def test_step_is_the_gradient_of_the_global_mean_loss():
   plainly computed (unsharded) weighted mean loss; padding rows (weight 0) do not count."""
   model = _model()
   batch = _batch(seed=3, padding_rows=2)
-  state = _state(model)
-  step = make_train_step(model, data_mesh(), LOSS, deterministic=True, donate=False)
+  mesh = data_mesh()
+  state = _state(model, mesh)
+  step = make_train_step(model, mesh, LOSS, deterministic=True, donate=False)
   new_state, metrics = step(state, batch)
 
   def mean_loss(p):
@@ -110,8 +113,8 @@ def test_step_is_the_gradient_of_the_global_mean_loss():
     per_example = LOSS(out.logits, out.doc_scores, batch["labels"])
     return (per_example * batch["weights"]).sum() / batch["weights"].sum(), per_example
 
-  (_, per_example), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params)
-  expected = state.apply_gradients(grads=grads)
+  (_, per_example), grads = jax.jit(jax.value_and_grad(mean_loss, has_aux=True))(state.params)
+  expected = jax.jit(lambda s, g: s.apply_gradients(grads=g))(state, grads)
   diff = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), new_state.params, expected.params)
   assert max(jax.tree.leaves(diff)) <= 1e-5
   assert metrics["examples"] == B - 2
@@ -126,10 +129,38 @@ def test_step_is_the_gradient_of_the_global_mean_loss():
 
 def test_dropout_keys_differ_per_step_and_device():
   model = _model()
-  step = make_train_step(model, data_mesh(), LOSS, deterministic=False, donate=False)
-  state = _state(model)
+  mesh = data_mesh()
+  step = make_train_step(model, mesh, LOSS, deterministic=False, donate=False)
+  state = _state(model, mesh)
   a, ma = step(state, _batch())
   b, mb = step(state.replace(step=state.step + 1), _batch())
   c, mc = step(state, _batch())
   assert float(ma["loss_sum"]) != float(mb["loss_sum"])  # fold_in(key, step)
   assert float(ma["loss_sum"]) == float(mc["loss_sum"])  # deterministic given the step
+
+
+@pytest.mark.parametrize("key,shape,message", [
+    ("doc_embeds", (B, N, 12), r"batch\['doc_embeds'\] has shape \(8, 3, 12\), expected "
+                               r"\[B, n_docs, retrieval dim\] = \(8, 3, 16\)"),
+    ("context_input_ids", (B, N + 1, L), r"batch\['context_input_ids'\] has shape \(8, 4, 10\)"),
+    ("weights", (B, 2), r"batch\['weights'\] has shape \(8, 2\), expected \[B\] = \(8,\)"),
+    ("context_attention_mask", (B, N, 600), r"context_attention_mask.*\(8, 3, 600\)"),
+])
+def test_a_batch_that_disagrees_with_the_config_is_named(key, shape, message):
+  model = _model()
+  step = make_train_step(model, data_mesh(), LOSS, donate=False)
+  batch = _batch()
+  batch[key] = np.zeros(shape, batch[key].dtype)
+  with pytest.raises(BatchShapeError, match=message):
+    step(_state(model), batch)
+
+
+def test_lengths_past_the_position_table_are_refused():
+  model = _model()
+  step = make_train_step(model, data_mesh(), LOSS, donate=False)
+  batch = _batch()
+  length = model.config.generator.max_position_embeddings + 1
+  for key in ("context_input_ids", "context_attention_mask"):
+    batch[key] = np.ones((B, N, length), np.int32)
+  with pytest.raises(BatchShapeError, match=r"context_input_ids'\] has length \d+ > max_position"):
+    step(_state(model), batch)

@@ -80,7 +80,7 @@ def _config(root, dirs, model_type="rag_sequence"):
   config.max_grad_norm = 1.0
   config.log_every = 5
   config.eval_every = 20
-  config.checkpoint_every = 5
+  config.checkpoint_every = 10
   return config
 
 
@@ -117,3 +117,42 @@ def test_bad_data_files_are_named(tmp_path):
     qa.read_source_target(tmp_path, "train")
   with pytest.raises(FileNotFoundError, match=r"val\.source"):
     qa.read_source_target(tmp_path, "val")
+
+
+def test_config_naming_a_missing_index_or_checkpoint(setup, tmp_path):
+  root, dirs = setup
+  config = _config(root, dirs)
+  config.index_dir = str(tmp_path / "no_index")
+  with pytest.raises(FileNotFoundError, match=r"config\.index_dir=.*no_index.*index\.json"):
+    rag_trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  config = _config(root, dirs)
+  config.generator_checkpoint = str(tmp_path / "no_bart")
+  with pytest.raises(FileNotFoundError, match=r"config\.generator_checkpoint=.*no_bart.*config"):
+    rag_trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()  # Refused before the workdir was touched.
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monkeypatch):
+  import orbax.checkpoint as ocp
+
+  from rag_jax.training import loop
+  from rag_jax.training.retrieval_feed import RetrievalFeed
+
+  root, dirs = setup
+  original, calls = RetrievalFeed.batch, []
+
+  def poisoned(self, *args, **kwargs):
+    batch, rows = original(self, *args, **kwargs)
+    calls.append(1)
+    if len(calls) == 20:  # The batch of step 20, a checkpoint step (checkpoint_every 10).
+      batch["doc_embeds"] = np.full_like(batch["doc_embeds"], np.nan)
+    return batch, rows
+
+  monkeypatch.setattr(RetrievalFeed, "batch", poisoned)
+  workdir = tmp_path / "nan"
+  with pytest.raises(loop.NonFiniteLossError, match=r"step 20: non-finite loss.*step 10"):
+    rag_trainer.train_and_evaluate(_config(root, dirs), str(workdir))
+  manager = ocp.CheckpointManager((workdir / "checkpoints").absolute())
+  assert manager.latest_step() == 10
+  restored = manager.restore(10)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored["params"]))

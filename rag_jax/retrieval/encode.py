@@ -21,6 +21,7 @@ different ones refuses to mix embeddings from two encoders.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections.abc import Callable
@@ -56,7 +57,8 @@ class EncodeConfig:
 
   Attributes:
     batch_size: passages per device step over all devices (rounded up to a multiple of them).
-    max_length: token budget of ``[CLS] title [SEP] text [SEP]`` (DPR used 256 for passages).
+    max_length: token budget of ``[CLS] title [SEP] text [SEP]`` (DPR used 256 for passages);
+      capped at the encoder's max_position_embeddings.
     shard_size: passages per output shard (the unit of resumption).
     dtype: storage dtype of the embeddings: float32, float16 or bfloat16.
     length_bucket: sequence lengths are padded to a multiple of this.
@@ -169,6 +171,9 @@ def encode_passages(store: PassageStore, out: str | os.PathLike, *, model, param
     The complete :class:`EmbeddingStore`, or None when stopped early by `max_new_shards`.
   """
   config = config or EncodeConfig()
+  positions = model.config.max_position_embeddings
+  if config.max_length > positions:  # Longer inputs would run past the position table.
+    config = dataclasses.replace(config, max_length=positions)
   mesh = mesh or Mesh(np.array(jax.local_devices()), (config.axis,))
   ndev = mesh.shape[config.axis]
   batch = -(-config.batch_size // ndev) * ndev

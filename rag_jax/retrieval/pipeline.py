@@ -19,6 +19,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -110,6 +111,19 @@ def build_from_corpus(corpus: str | os.PathLike, out: str | os.PathLike, *,
   return index
 
 
+def tokenize_questions(tokenizer: Any, questions: list[str], max_length: int,
+                       bucket: int = 16) -> tuple[np.ndarray, np.ndarray]:
+  """Question-encoder ids and mask [Q, Lq] int32, Lq padded up to a multiple of `bucket` so
+  that a jitted encoder compiles for a few lengths only (DPR pools [CLS]: padding is masked)."""
+  seqs = tokenizer(questions, truncation=True, max_length=max_length)["input_ids"]
+  length = -(-max(len(s) for s in seqs) // bucket) * bucket
+  ids = np.full((len(seqs), length), tokenizer.pad_token_id or 0, np.int32)  # [Q, Lq]
+  mask = np.zeros_like(ids)
+  for i, s in enumerate(seqs):
+    ids[i, :len(s)], mask[i, :len(s)] = s, 1
+  return ids, mask
+
+
 @dataclass(frozen=True)
 class Hit:
   """One retrieved passage: its store row, exact inner-product score, id, title and text."""
@@ -149,15 +163,8 @@ class Retriever:
         token_type_ids=jnp.zeros_like(ids)).pooler_output)
 
   def encode(self, questions: list[str]) -> np.ndarray:
-    """(len(questions), D) float32 question embeddings (padded to a multiple of 16 tokens)."""
-    enc = self.tokenizer(questions, truncation=True, max_length=self.max_length)
-    seqs = enc["input_ids"]
-    length = -(-max(len(s) for s in seqs) // 16) * 16
-    pad = self.tokenizer.pad_token_id or 0
-    ids = np.full((len(seqs), length), pad, np.int32)  # (Q, L)
-    mask = np.zeros_like(ids)
-    for i, s in enumerate(seqs):
-      ids[i, :len(s)], mask[i, :len(s)] = s, 1
+    """(len(questions), D) float32 question embeddings."""
+    ids, mask = tokenize_questions(self.tokenizer, questions, self.max_length)
     return np.asarray(self._encode(self.params, ids, mask), dtype=np.float32)
 
   def retrieve(self, questions: list[str], k: int = 5) -> list[list[Hit]]:

@@ -33,6 +33,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -44,6 +45,51 @@ LossFn = Callable[..., Array]  # (seq_logits, doc_scores, target, reduce_loss=Fa
 
 BATCH_KEYS = ("input_ids", "attention_mask", "context_input_ids", "context_attention_mask",
               "doc_embeds", "labels", "weights")
+
+
+class BatchShapeError(ValueError):
+  """A batch tensor whose shape disagrees with the model config; the message names it."""
+
+
+def check_batch(batch: dict[str, Any], model: RagModel) -> None:
+  """Raises BatchShapeError naming the first tensor that disagrees with the layout above.
+
+  Looks at shapes only (at trace time under jit), so it costs nothing per step. n must be
+  config.n_docs and D the question encoder's width; B and Lq come from input_ids, L from
+  context_input_ids, T from labels, and the lengths must fit the position tables (a JAX gather
+  past the end of a table would silently clamp, not fail).
+  """
+  missing = [k for k in BATCH_KEYS if k not in batch]
+  if missing:
+    raise BatchShapeError(f"batch is missing {missing} (expected keys {list(BATCH_KEYS)})")
+  cfg = model.config
+  n, dim = cfg.n_docs, cfg.question_encoder.embedding_dim
+  for key, rank in (("input_ids", 2), ("context_input_ids", 3), ("labels", 2)):
+    if batch[key].ndim != rank:
+      raise BatchShapeError(f"batch[{key!r}] has shape {tuple(batch[key].shape)}, expected "
+                            f"rank {rank}")
+  b, lq = batch["input_ids"].shape
+  length, t = batch["context_input_ids"].shape[2], batch["labels"].shape[1]
+  expected = {
+      "input_ids": ((b, lq), "[B, Lq]"), "attention_mask": ((b, lq), "[B, Lq]"),
+      "context_input_ids": ((b, n, length), "[B, n_docs, L]"),
+      "context_attention_mask": ((b, n, length), "[B, n_docs, L]"),
+      "doc_embeds": ((b, n, dim), "[B, n_docs, retrieval dim]"),
+      "labels": ((b, t), "[B, T]"), "weights": ((b,), "[B]"),
+  }
+  for key, (want, layout) in expected.items():
+    got = tuple(batch[key].shape)
+    if got != want:
+      raise BatchShapeError(
+          f"batch[{key!r}] has shape {got}, expected {layout} = {want} (config: n_docs={n}, "
+          f"retrieval dim={dim}; B={b} from input_ids)")
+  limits = (("input_ids", lq, cfg.question_encoder.max_position_embeddings),
+            ("context_input_ids", length, cfg.generator.max_position_embeddings),
+            ("labels", t, cfg.generator.max_position_embeddings))
+  for key, size, limit in limits:
+    if size > limit:
+      raise BatchShapeError(f"batch[{key!r}] has length {size} > max_position_embeddings "
+                            f"{limit} of the model that reads it")
 
 
 def _per_example_loss(params: Any, batch: dict[str, Array], key: Array, *, model: RagModel,
@@ -93,7 +139,9 @@ def _per_device_grads(params: Any, batch: dict[str, Array], step: Array, dropout
 
   (_, (per_example, doc_scores)), grads = jax.value_and_grad(objective, has_aux=True)(params)
   grads = jax.lax.psum(grads, "data")
-  return grads, _metric_sums(per_example, doc_scores, batch, pad_token_id)
+  metrics = _metric_sums(per_example, doc_scores, batch, pad_token_id)
+  metrics["grad_norm"] = optax.global_norm(grads)  # Of the global gradient (already summed).
+  return grads, metrics
 
 
 def make_train_step(model: RagModel, mesh: Mesh, loss_fn: LossFn, *,
@@ -105,7 +153,9 @@ def make_train_step(model: RagModel, mesh: Mesh, loss_fn: LossFn, *,
   loss_fn: e.g. functools.partial(losses.rag_sequence_nll, epsilon=0.1, pad_token_id=1).
   The state is replicated, the batch sharded on its leading axis (B must divide by the number
   of devices); metrics are sums (loss_sum, examples, target_tokens, top_doc_prior_sum) to divide
-  on the host. The state argument is donated.
+  on the host, and grad_norm (the global gradient's norm before clipping; a non-finite value is
+  what the trainers stop on). A batch whose shapes disagree with the config raises
+  BatchShapeError when the step is traced. The state argument is donated.
   """
   body = functools.partial(_per_device_grads, model=model, loss_fn=loss_fn,
                            pad_token_id=model.config.generator.pad_token_id,
@@ -115,6 +165,7 @@ def make_train_step(model: RagModel, mesh: Mesh, loss_fn: LossFn, *,
                           out_specs=(P(), P()), check_vma=False)
 
   def train_step(state: TrainState, batch: dict[str, Array]):
+    check_batch(batch, model)
     grads, metrics = sharded(state.params, {k: batch[k] for k in BATCH_KEYS}, state.step,
                              state.dropout_key)
     return state.apply_gradients(grads=grads), metrics
@@ -129,6 +180,7 @@ def make_eval_step(model: RagModel, mesh: Mesh, loss_fn: LossFn
   """A jitted `eval_step(params, batch) -> metric sums` (no dropout, no gradient)."""
 
   def body(params, batch):
+    check_batch(batch, model)
     per_example, doc_scores = _per_example_loss(params, batch, jax.random.key(0), model=model,
                                                 loss_fn=loss_fn, deterministic=True)
     return _metric_sums(per_example, doc_scores, batch, model.config.generator.pad_token_id)

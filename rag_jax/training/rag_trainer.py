@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from rag_jax import checkpoints, losses
@@ -33,7 +32,7 @@ from rag_jax.training import loop, optimizer
 from rag_jax.training.mesh import data_mesh, global_batch, replicate
 from rag_jax.training.rag_step import make_eval_step, make_train_step
 from rag_jax.training.retrieval_feed import RetrievalFeed
-from rag_jax.training.state import TrainState
+from rag_jax.training.state import create_train_state
 
 LOSSES = {"rag_sequence": losses.rag_sequence_nll, "rag_token": losses.rag_token_nll}
 
@@ -119,11 +118,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        stop_after: int | None = None) -> dict[str, Any] | None:
   """Trains or resumes RAG in `workdir` (see the module docstring). Returns the report, or
   None if `stop_after` ended the run early (as a kill would; the next call resumes)."""
+  check_config_paths(config)
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   loop.check_workdir(config, workdir)
   with loop.workdir_logging(workdir):
     return _run(config, workdir, stop_after)
+
+
+def check_config_paths(config: ml_collections.ConfigDict) -> None:
+  """Fails before any work (and before the workdir is touched) if a path in the config does not
+  hold what it must; the message names the config field and the missing file."""
+  def need(field: str, *files: str, hint: str) -> None:
+    value = config[field]
+    if not value:
+      raise ValueError(f"config.{field} is empty; {hint}")
+    for name in files:
+      if not (Path(value) / name).is_file():
+        raise FileNotFoundError(f"config.{field}={value}: {Path(value) / name} not found; {hint}")
+
+  need("index_dir", "index/index.json", "passages/store.json",
+       hint="build an index with python -m rag_jax.retrieval.build_index --out DIR")
+  ckpt_hint = "a transformers checkpoint directory with config.json and weights"
+  if config.rag_checkpoint:
+    need("rag_checkpoint", "config.json", hint=ckpt_hint)
+  else:
+    need("question_encoder_checkpoint", "config.json",
+         hint=ckpt_hint + " (or set config.rag_checkpoint)")
+    need("generator_checkpoint", "config.json", hint=ckpt_hint)
+  for split in ("train", "val"):
+    need("data_dir", f"{split}.source", f"{split}.target",
+         hint="one question (.source) and one answer (.target) per line")
 
 
 def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None:
@@ -149,8 +174,8 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
   val, val_answers = tokenized("val")
 
   tx = optimizer.make_optimizer(config, params)
-  state = TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                            dropout_key=jax.random.key_data(jax.random.key(config.seed)))
+  state = create_train_state(model.apply, params, tx,
+                             jax.random.key_data(jax.random.key(config.seed)))
   state = replicate(state, mesh)
   manager = loop.checkpoint_manager(workdir, config)
   state = loop.restore_latest(manager, state)
@@ -171,8 +196,9 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
       rows = _epoch_rows(config.seed, step, len(train), config.batch_size)
       batch, _ = feed.batch(state.params, train, rows)
       state, metrics = step_fn(state, global_batch(batch, mesh))
-      window = {k: window.get(k, 0.0) + v for k, v in metrics.items()}
       done = step + 1
+      loop.check_finite(metrics, done, manager)
+      window = {k: window.get(k, 0.0) + v for k, v in metrics.items() if k != "grad_norm"}
       bar.update(1)
       if done % config.log_every == 0 or done == config.num_train_steps:
         host = {k: float(v) for k, v in window.items()}
@@ -188,7 +214,7 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
                                   mesh).items()})
         bar.set_postfix(loss=f"{record['loss']:.3f}", q_per_s=f"{record['questions_per_s']:.1f}")
         writer.write(record)
-      manager.save(done, args=ocp.args.StandardSave(state))
+      loop.save_checkpoint(manager, done, state, config)
       if stop_after is not None and done >= stop_after:
         break
   manager.wait_until_finished()

@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
@@ -32,7 +31,7 @@ from rag_jax.models import presets
 from rag_jax.models.bart import BartForConditionalGeneration
 from rag_jax.training import loop, optimizer
 from rag_jax.training.mesh import data_mesh
-from rag_jax.training.state import TrainState
+from rag_jax.training.state import TrainState, create_train_state
 
 Array = jax.Array
 
@@ -146,11 +145,10 @@ def _run(config: ml_collections.ConfigDict, workdir: Path,
 
   model = build_model(config)
   init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
-  params = model.init(init_key, **{k: v for k, v in _batch(config, "train", 0).items()
-                                   if k != "labels"})["params"]
+  params = jax.jit(model.init)(init_key, **{k: v for k, v in _batch(config, "train", 0).items()
+                                            if k != "labels"})["params"]
   tx = optimizer.make_optimizer(config, params)
-  state = TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                            dropout_key=jax.random.key_data(dropout_key))
+  state = create_train_state(model.apply, params, tx, jax.random.key_data(dropout_key))
   state = jax.device_put(state, replicated)
   logging.info("model: %s, %d parameters, %d devices", config.model.preset,
                optimizer.count_params(params), n_dev)
@@ -188,7 +186,7 @@ def _run(config: ml_collections.ConfigDict, workdir: Path,
           record.update({f"eval_{k}": v for k, v in evaluate(config, state.params,
                                                              eval_fn).items()})
         writer.write(record)
-      manager.save(done, args=ocp.args.StandardSave(state))
+      loop.save_checkpoint(manager, done, state, config)
       if stop_after is not None and done >= stop_after:
         break
   manager.wait_until_finished()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.struct
 import jax
+import optax
 from flax.training import train_state
 
 
@@ -16,3 +19,12 @@ class TrainState(train_state.TrainState):
   """
 
   dropout_key: jax.Array = flax.struct.field(default=None)
+
+
+def create_train_state(apply_fn: Any, params: Any, tx: optax.GradientTransformation,
+                       dropout_key: jax.Array) -> TrainState:
+  """TrainState.create under one jit: the optimizer state is built by one compiled program
+  instead of one eagerly compiled op per parameter (seconds on CPU, where XLA compiles every
+  eager op). dropout_key: raw key data (jax.random.key_data)."""
+  return jax.jit(lambda p, k: TrainState.create(apply_fn=apply_fn, params=p, tx=tx,
+                                                dropout_key=k))(params, dropout_key)

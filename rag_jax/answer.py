@@ -1,0 +1,207 @@
+"""Questions -> answers with the passages they came from: RAG end to end.
+
+    python -m rag_jax.answer --checkpoint runs/rag/export --index_dir kb "who wrote hamlet"
+    python -m rag_jax.answer --checkpoint ... --index_dir ... < questions.txt   # one per line
+
+What transformers' `RagTokenForGeneration.generate(input_ids=...)` / `RagSequenceForGeneration`
+do with a `RagRetriever`, in rag_jax's pieces:
+
+  1. q(x): the RAG checkpoint's question encoder on the question-encoder tokenizer's ids;
+  2. the index (rag_jax.retrieval, exact or ScaNN) returns the top n_docs passages and their
+     exact inner products q(x) . d(z), the doc scores;
+  3. generator inputs: the reference's strings (`title / text // question`, rag_jax.data.contexts),
+     tokenized to max_combined_length;
+  4. rag_jax.decoding.generate (RAG-Token, or RAG-Sequence thorough / fast), decoded to strings.
+
+`RagAnswerer(checkpoint, index_dir)(questions)` returns one :class:`Answer` per question, with
+its passages and their prior p(z|x) = softmax(doc scores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rag_jax import checkpoints
+from rag_jax.data import contexts
+from rag_jax.decoding import generate
+from rag_jax.models.rag import RagModel
+from rag_jax.retrieval.index import IndexDimensionError, load_index
+from rag_jax.retrieval.pipeline import Hit, tokenize_questions
+from rag_jax.retrieval.store import PassageStore
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+  """One question's answer.
+
+  text / score: the best generated answer and its decoding score (beam: length-normalised
+  log-prob; RAG-Sequence thorough: -loss; fast: the log-add-exp merge; greedy: log-prob sum).
+  alternatives: every returned (text, score), best first (num_return_sequences of them).
+  passages: the n_docs retrieved passages, best first (Hit.score is q(x) . d(z)).
+  passage_probs: p(z|x) = softmax of the doc scores, the prior the generator marginalises over.
+  """
+
+  question: str
+  text: str
+  score: float
+  alternatives: tuple[tuple[str, float], ...]
+  passages: tuple[Hit, ...]
+  passage_probs: tuple[float, ...]
+
+
+class RagAnswerer:
+  """A RAG checkpoint with its tokenizers, and an index directory built by rag_jax.retrieval.
+
+  Args:
+    checkpoint: a transformers RAG directory (RagSequenceForGeneration / RagTokenForGeneration
+      weights, question_encoder_tokenizer/ and generator_tokenizer/), e.g. a trainer's export.
+    index_dir: a directory written by `python -m rag_jax.retrieval.build_index` (passages/ and
+      index/), encoded with the passage encoder that the checkpoint's question encoder was
+      trained against.
+    n_docs: passages per question (default: the checkpoint's config).
+    dtype: compute dtype (bfloat16 on accelerators).
+    max_question_length: question-encoder token budget.
+    index_kwargs: passed to `load_index` (e.g. mesh= for an exact index).
+  """
+
+  def __init__(self, checkpoint: str | os.PathLike, index_dir: str | os.PathLike, *,
+               n_docs: int | None = None, dtype: Any = jnp.float32,
+               max_question_length: int = 128, **index_kwargs: Any):
+    model, self.params = checkpoints.load_pretrained(checkpoint, dtype=dtype)
+    if not isinstance(model, RagModel):
+      raise ValueError(f"{checkpoint}: a {type(model).__name__} checkpoint; answering needs a "
+                       "RAG checkpoint (RagSequenceForGeneration or RagTokenForGeneration)")
+    tokenizers = checkpoints.load_tokenizer(checkpoint)
+    if not isinstance(tokenizers, checkpoints.RagTokenizers):
+      raise FileNotFoundError(f"{checkpoint}: no question_encoder_tokenizer/ and "
+                              "generator_tokenizer/ (save the checkpoint with its tokenizers)")
+    self.model = checkpoints.replace_config(model, n_docs=n_docs or model.config.n_docs)
+    self.tokenizers = tokenizers
+    self.max_question_length = max_question_length
+    index_dir = Path(index_dir)
+    self.store = PassageStore(index_dir / "passages")
+    self.index = load_index(index_dir / "index", **index_kwargs)
+    dim = self.model.config.question_encoder.embedding_dim
+    if self.index.dim != dim:
+      raise IndexDimensionError(
+          f"{index_dir / 'index'} holds {self.index.dim}-d passage embeddings but the question "
+          f"encoder of {checkpoint} gives {dim}-d vectors; was the index built with another "
+          "encoder?")
+    self.format = contexts.ContextFormat.from_rag_config(self.model.config)
+    model_ = self.model
+    self._embed = jax.jit(lambda p, ids, mask: model_.apply(
+        {"params": p}, ids, mask, method=model_.embed_questions))
+
+  @property
+  def n_docs(self) -> int:
+    return self.model.config.n_docs
+
+  def retrieve(self, questions: list[str]
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(question ids [Q, Lq], passage rows [Q, n] int64, doc scores [Q, n] float32)."""
+    ids, mask = tokenize_questions(self.tokenizers.question_encoder, questions,
+                                   self.max_question_length)
+    q = np.asarray(self._embed(self.params, ids, mask), np.float32)  # [Q, D]
+    scores, rows = self.index.search(q, self.n_docs)
+    if (rows < 0).any():
+      raise ValueError(f"the index holds fewer than n_docs={self.n_docs} passages")
+    return ids, rows, scores
+
+  def __call__(self, questions: list[str], **generate_kwargs: Any) -> list[Answer]:
+    """Answers `questions`; `generate_kwargs` are rag_jax.decoding.generate's options
+    (num_beams, max_length, decoding="fast", num_return_sequences, ...)."""
+    if not questions:
+      return []
+    ids, rows, scores = self.retrieve(questions)
+    hits = [[self._hit(int(r), float(s)) for r, s in zip(row, sc, strict=True)]
+            for row, sc in zip(rows, scores, strict=True)]
+    decoded = contexts.decode_questions(self.tokenizers.question_encoder, ids)
+    ctx, ctx_mask = contexts.exact_context_inputs(
+        self.tokenizers.generator, [[h.title for h in row] for row in hits],
+        [[h.text for h in row] for row in hits], decoded, self.format)  # [Q*n, L]
+    out = generate(self.model, self.params, context_input_ids=ctx, context_attention_mask=ctx_mask,
+                   doc_scores=scores, n_docs=self.n_docs, **generate_kwargs)
+    texts = self.tokenizers.generator.batch_decode(out.sequences, skip_special_tokens=True)
+    per_question = len(texts) // len(questions)
+    priors = np.exp(scores - scores.max(axis=1, keepdims=True))
+    priors /= priors.sum(axis=1, keepdims=True)  # softmax over the n passages
+    answers = []
+    for i, question in enumerate(questions):
+      block = range(i * per_question, (i + 1) * per_question)
+      alternatives = tuple((texts[j].strip(), float(out.sequences_scores[j])) for j in block)
+      answers.append(Answer(question, alternatives[0][0], alternatives[0][1], alternatives,
+                            tuple(hits[i]), tuple(float(p) for p in priors[i])))
+    return answers
+
+  def _hit(self, row: int, score: float) -> Hit:
+    passage = self.store[row]
+    return Hit(row, score, passage.id, passage.title, passage.text)
+
+
+def format_answer(answer: Answer, max_chars: int = 300) -> str:
+  """The question, its answer(s) and the passages with p(z|x) and doc score."""
+  lines = [f"Q: {answer.question}", f"A: {answer.text}   (score {answer.score:.4f})"]
+  lines += [f"   or: {text}   (score {score:.4f})" for text, score in answer.alternatives[1:]]
+  lines.append("   passages:")
+  for rank, (hit, prob) in enumerate(zip(answer.passages, answer.passage_probs, strict=True), 1):
+    text = textwrap.shorten(hit.text, max_chars, placeholder=" ...") if hit.text else ""
+    lines.append(f"  {rank:>2}. p={prob:.3f} [{hit.score:9.4f}] {hit.title} (id {hit.id})")
+    lines.append(textwrap.indent(textwrap.fill(text, 96), "      "))
+  return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m rag_jax.answer",
+                              description=__doc__.split("\n")[0])
+  p.add_argument("questions", nargs="*", help="questions (default: read lines from stdin)")
+  p.add_argument("--checkpoint", required=True, help="RAG checkpoint directory with tokenizers")
+  p.add_argument("--index_dir", required=True, help="directory written by build_index")
+  p.add_argument("--n_docs", type=int, help="passages per question (default: the config's)")
+  p.add_argument("--num_beams", type=int, default=4)
+  p.add_argument("--max_length", type=int, default=50)
+  p.add_argument("--num_return_sequences", type=int, default=1)
+  p.add_argument("--decoding", choices=("thorough", "fast"), default="thorough",
+                 help="RAG-Sequence decoding (ignored by RAG-Token)")
+  p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on accelerators)")
+  p.add_argument("--max_chars", type=int, default=300, help="truncate printed passages")
+  return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None, stdin=None, stdout=None) -> int:
+  args = parse_args(argv)
+  stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+  answerer = RagAnswerer(args.checkpoint, args.index_dir, n_docs=args.n_docs,
+                         dtype=jnp.dtype(args.dtype))
+  options = dict(num_beams=args.num_beams, max_length=args.max_length,
+                 num_return_sequences=args.num_return_sequences, decoding=args.decoding)
+
+  def answer(questions: list[str]) -> None:
+    for a in answerer(questions, **options):
+      print(format_answer(a, args.max_chars), file=stdout, flush=True)
+
+  if args.questions:
+    answer(args.questions)
+    return 0
+  interactive = stdin.isatty()
+  while True:
+    if interactive:
+      print("question> ", end="", file=stdout, flush=True)
+    line = stdin.readline()
+    if not line:
+      return 0
+    if line.strip():
+      answer([line.strip()])
+
+
+if __name__ == "__main__":
+  sys.exit(main())

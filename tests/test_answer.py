@@ -1,0 +1,132 @@
+"""End-to-end answering (rag_jax.answer) against a pipeline assembled from transformers' PyTorch
+classes: torch DPR question/context encoders, a numpy brute-force top-k, the reference's context
+strings, and `RagTokenForGeneration.generate` / `RagSequenceForGeneration.generate`."""
+
+import csv
+import io
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from rag_jax import answer as answer_lib
+from rag_jax.retrieval.index import IndexDimensionError
+from rag_jax.retrieval.pipeline import build_from_corpus
+from tests import decoding_reference as dref
+from tests import torch_reference as ref
+
+N_DOCS, MAX_COMBINED = 3, 32
+TITLES = ["Alba", "Brio", '"Cora"', "Dune", "Elm", "Fig", "Gale", "Hub"]
+TEXTS = [f"{t.strip(chr(34)).lower()} is near the {w} river and makes {c}  goods ."
+         for t, w, c in zip(TITLES, ["north", "south", "east", "west"] * 2,
+                            ["iron", "silk", "salt", "wool", "tin", "oil", "rice", "wine"],
+                            strict=True)]
+QUESTIONS = ["what does alba make ?", "which river is gale near ?", "what does fig make ?"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  """A corpus indexed by the retrieval pipeline, and RAG-Token / RAG-Sequence checkpoints (torch
+  models with their tokenizers) whose question encoder shares the context encoder's weights."""
+  root = tmp_path_factory.mktemp("answer")
+  with open(root / "corpus.tsv", "w", newline="") as f:  # '"Cora"' is written '"""Cora"""'
+    csv.writer(f, delimiter="\t", lineterminator="\n").writerows(zip(TITLES, TEXTS, strict=True))
+  q_tok, g_tok = ref.train_tokenizers(TEXTS + QUESTIONS + TITLES, question_vocab=80,
+                                      generator_vocab=64)
+  models = {}
+  for kind in ("token", "sequence"):
+    torch_rag, path = dref.rag(root / kind, kind, n_docs=N_DOCS)
+    torch_rag.config.max_combined_length = MAX_COMBINED
+    torch_rag.save_pretrained(path)
+    transformers.RagTokenizer(q_tok, g_tok).save_pretrained(path)
+    models[kind] = (torch_rag, path)
+  # The passage encoder: a DPRContextEncoder with the question encoder's weights, so that
+  # questions retrieve passages that share their words.
+  ctx_config = transformers.DPRConfig(**ref.DPR_CONFIG)
+  ctx = transformers.DPRContextEncoder(ctx_config).eval()
+  ctx.ctx_encoder.load_state_dict(models["token"][0].question_encoder.question_encoder
+                                  .state_dict())
+  ctx.save_pretrained(root / "ctx")
+  q_tok.save_pretrained(root / "ctx")
+  build_from_corpus(root / "corpus.tsv", root / "kb", encoder=str(root / "ctx"), fmt="tsv",
+                    split_words=None, index_type="exact", progress=False)
+  return root, q_tok, g_tok, ctx, models
+
+
+def _torch_pipeline(world, kind, **generate_kwargs):
+  """(rows [Q, n], doc_scores [Q, n], answer strings) with transformers and numpy only."""
+  root, q_tok, g_tok, ctx, models = world
+  torch_rag = models[kind][0]
+  with torch.no_grad():
+    enc = q_tok(TITLES, TEXTS, padding=True, truncation=True, return_tensors="pt",
+                max_length=ref.DPR_CONFIG["max_position_embeddings"])
+    passages = ctx(enc["input_ids"], enc["attention_mask"],
+                   torch.zeros_like(enc["input_ids"])).pooler_output.numpy()
+    q = q_tok(QUESTIONS, padding=True, return_tensors="pt")
+    question = torch_rag.question_encoder(q["input_ids"], q["attention_mask"])[0].numpy()
+  scores = question @ passages.T  # [Q, P] brute force
+  rows = np.argsort(-scores, axis=1, kind="stable")[:, :N_DOCS]
+  strings = [(TITLES[r].removeprefix('"').removesuffix('"') + " / " + TEXTS[r] + " // "
+              + q_tok.decode(q["input_ids"][i], skip_special_tokens=True)).replace("  ", " ")
+             for i in range(len(QUESTIONS)) for r in rows[i]]
+  ctx_ids = g_tok(strings, max_length=MAX_COMBINED, padding="max_length", truncation=True,
+                  return_tensors="pt")
+  doc_scores = np.take_along_axis(scores, rows, axis=1)
+  with torch.no_grad():
+    out = torch_rag.generate(context_input_ids=ctx_ids["input_ids"],
+                             context_attention_mask=ctx_ids["attention_mask"],
+                             doc_scores=torch.from_numpy(doc_scores), n_docs=N_DOCS,
+                             **dref.torch_kwargs(dref.generation_kwargs(**generate_kwargs)))
+  return rows, doc_scores, [s.strip() for s in g_tok.batch_decode(out, skip_special_tokens=True)]
+
+
+@pytest.mark.parametrize("kind,options", [
+    ("token", dict(num_beams=1)),
+    ("token", dict(num_beams=3)),
+    ("sequence", dict(num_beams=2)),
+])
+def test_answers_equal_a_transformers_pipeline(world, kind, options):
+  root, *_, models = world
+  rows, doc_scores, expected = _torch_pipeline(world, kind, **options)
+  answerer = answer_lib.RagAnswerer(models[kind][1], root / "kb")
+  extra = {"mask_beam_contexts": False} if kind == "sequence" else {}  # transformers 5.23's rule
+  got = answerer(QUESTIONS, **dref.generation_kwargs(**options), **extra)
+  assert [a.text for a in got] == expected
+  for i, a in enumerate(got):
+    assert [h.row for h in a.passages] == list(rows[i])
+    assert [h.title for h in a.passages] == [TITLES[r] for r in rows[i]]
+    np.testing.assert_allclose([h.score for h in a.passages], doc_scores[i], rtol=1e-5, atol=1e-5)
+    prior = np.exp(doc_scores[i] - doc_scores[i].max())
+    np.testing.assert_allclose(a.passage_probs, prior / prior.sum(), rtol=1e-5, atol=1e-6)
+
+
+def test_command_prints_answers_with_passages(world):
+  root, *_, models = world
+  expected = _torch_pipeline(world, "token", num_beams=2, max_length=10)[2]
+  out = io.StringIO()
+  assert answer_lib.main(["--checkpoint", str(models["token"][1]), "--index_dir",
+                          str(root / "kb"), "--num_beams", "2", "--max_length", "10"],
+                         stdin=io.StringIO("\n".join(QUESTIONS[:2]) + "\n"), stdout=out) == 0
+  text = out.getvalue()
+  for question, answer in zip(QUESTIONS[:2], expected[:2], strict=True):
+    assert f"Q: {question}\nA: {answer}   (score" in text
+  assert text.count("p=") == 2 * N_DOCS
+
+
+def test_bad_inputs_are_named(world, tmp_path):
+  root, q_tok, g_tok, ctx, models = world
+  with pytest.raises(FileNotFoundError, match=r"nowhere.*store\.json"):
+    answer_lib.RagAnswerer(models["token"][1], tmp_path / "nowhere")
+  bart_path = dref.bart(tmp_path)[1]
+  with pytest.raises(ValueError, match=r"BartForConditionalGeneration checkpoint; answering "
+                                       r"needs a RAG checkpoint"):
+    answer_lib.RagAnswerer(bart_path, root / "kb")
+  # An index of 16-d vectors against a 32-d question encoder.
+  wide = transformers.DPRConfig(**{**ref.DPR_CONFIG, "projection_dim": 16})
+  transformers.DPRContextEncoder(wide).save_pretrained(tmp_path / "ctx16")
+  q_tok.save_pretrained(tmp_path / "ctx16")
+  build_from_corpus(root / "corpus.tsv", tmp_path / "kb16", encoder=str(tmp_path / "ctx16"),
+                    fmt="tsv", split_words=None, index_type="exact", progress=False)
+  with pytest.raises(IndexDimensionError, match=r"16-d passage embeddings .* 32-d"):
+    answer_lib.RagAnswerer(models["token"][1], tmp_path / "kb16")
