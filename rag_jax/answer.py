@@ -38,6 +38,7 @@ from rag_jax.models.rag import RagModel
 from rag_jax.retrieval.index import IndexDimensionError, load_index
 from rag_jax.retrieval.pipeline import Hit, tokenize_questions
 from rag_jax.retrieval.store import PassageStore
+from rag_jax.utils.cli import ask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,22 +186,10 @@ def main(argv: list[str] | None = None, stdin=None, stdout=None) -> int:
   options = dict(num_beams=args.num_beams, max_length=args.max_length,
                  num_return_sequences=args.num_return_sequences, decoding=args.decoding)
 
-  def answer(questions: list[str]) -> None:
-    for a in answerer(questions, **options):
-      print(format_answer(a, args.max_chars), file=stdout, flush=True)
+  def answer(questions: list[str]) -> str:
+    return "\n".join(format_answer(a, args.max_chars) for a in answerer(questions, **options))
 
-  if args.questions:
-    answer(args.questions)
-    return 0
-  interactive = stdin.isatty()
-  while True:
-    if interactive:
-      print("question> ", end="", file=stdout, flush=True)
-    line = stdin.readline()
-    if not line:
-      return 0
-    if line.strip():
-      answer([line.strip()])
+  return ask(args.questions, answer, stdin, stdout)
 
 
 if __name__ == "__main__":

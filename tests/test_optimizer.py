@@ -37,7 +37,12 @@ def test_adamw_recipe_matches_torch(tmp_path):
   model, params = load_pretrained(path)
   config = _config()
   tx = optimizer.make_optimizer(config, params)
-  opt_state = tx.init(params)
+  opt_state = jax.jit(tx.init)(params)
+
+  @jax.jit
+  def update(grads, opt_state, params):
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
 
   # finetune_rag.py's groups: no decay for names containing "bias" or "LayerNorm.weight".
   named = dict(torch_model.named_parameters())
@@ -61,8 +66,7 @@ def test_adamw_recipe_matches_torch(tmp_path):
     torch.nn.utils.clip_grad_norm_(list(named.values()), config.max_grad_norm)
     torch_opt.step()
     sched.step()
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    params, opt_state = update(grads, opt_state, params)
 
   ours = to_hf_state_dict(model, params)
   for name, p in named.items():

@@ -36,23 +36,15 @@ def main(argv: list[str] | None = None, stdin=None, stdout=None) -> int:
   args = parse_args(argv)
   stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
   from rag_jax.retrieval.pipeline import Retriever
+  from rag_jax.utils.cli import ask
 
   retriever = Retriever(args.dir, args.question_encoder, args.tokenizer)
-  questions = args.questions
-  interactive = not questions and stdin.isatty()
-  if questions:
-    for q, hits in zip(questions, retriever.retrieve(questions, args.k), strict=True):
-      print(format_hits(q, hits, args.max_chars), file=stdout)
-    return 0
-  while True:
-    if interactive:
-      print("question> ", end="", file=stdout, flush=True)
-    line = stdin.readline()
-    if not line:
-      return 0
-    if line.strip():
-      print(format_hits(line.strip(), retriever.retrieve([line.strip()], args.k)[0],
-                        args.max_chars), file=stdout, flush=True)
+
+  def search(questions: list[str]) -> str:
+    return "\n".join(format_hits(q, hits, args.max_chars) for q, hits in
+                     zip(questions, retriever.retrieve(questions, args.k), strict=True))
+
+  return ask(args.questions, search, stdin, stdout)
 
 
 if __name__ == "__main__":
