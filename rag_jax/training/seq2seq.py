@@ -1,5 +1,5 @@
-"""Generator-only (BART) sequence-to-sequence training: the closed-book baseline's trainer and,
-until the RAG default job lands, what `python train.py` runs (a synthetic reversal task).
+"""Generator-only (BART) sequence-to-sequence training: the closed-book baseline's trainer
+(rag_jax.training.world_job) and a synthetic reversal task (configs/reversal.py).
 
 Data parallel over every device: the state is replicated, the global batch is sharded on the
 mesh's "data" axis, and one jitted `train_step(state, batch) -> (state, metrics)` (state donated)
@@ -10,10 +10,12 @@ Metrics are sums with their denominators, divided on the host.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -103,17 +105,37 @@ def build_model(config: ml_collections.ConfigDict) -> BartForConditionalGenerati
   return BartForConditionalGeneration(gen, dtype=jnp.dtype(config.model.dtype))
 
 
-def _batch(config, split: str, index: int) -> dict[str, np.ndarray]:
-  seed = config.seed if split == "train" else config.seed + 1_000_003
+@dataclasses.dataclass
+class Seq2SeqTask:
+  """What the loop trains on: a BART model, batches by step (a pure function of the step, so a
+  resumed run sees the same data) and the held-out batches. Batches: input_ids,
+  attention_mask [B, S]; decoder_input_ids, labels [B, T] (int32)."""
+
+  model: BartForConditionalGeneration
+  train_batch: Callable[[int], dict[str, np.ndarray]]
+  eval_batches: Callable[[], list[dict[str, np.ndarray]]]
+  description: str
+  tokenizer: Any = None  # Saved with the export when given.
+
+
+def reversal_task(config: ml_collections.ConfigDict) -> Seq2SeqTask:
+  """The built-in reversal task of configs/reversal.py."""
   t = config.task
-  return transduction.reversal_batch(seed, index, config.batch_size, t.min_length, t.max_length,
-                                     t.vocab_size)
+
+  def batch(split: str, index: int) -> dict[str, np.ndarray]:
+    seed = config.seed if split == "train" else config.seed + 1_000_003
+    return transduction.reversal_batch(seed, index, config.batch_size, t.min_length,
+                                       t.max_length, t.vocab_size)
+
+  return Seq2SeqTask(build_model(config), functools.partial(batch, "train"),
+                     lambda: [batch("eval", i) for i in range(config.eval_batches)],
+                     "reverse a random token string (held-out batches, teacher forced)")
 
 
-def evaluate(config, params, eval_fn) -> dict[str, float]:
+def evaluate(params, eval_fn, batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
   sums: dict[str, float] = {}
-  for i in range(config.eval_batches):
-    for k, v in jax.device_get(eval_fn(params, _batch(config, "eval", i))).items():
+  for batch in batches:
+    for k, v in jax.device_get(eval_fn(params, batch)).items():
       sums[k] = sums.get(k, 0.0) + float(v)
   return {"loss_per_token": sums["nll_sum"] / sums["tokens"],
           "token_accuracy": sums["correct"] / sums["tokens"],
@@ -121,37 +143,38 @@ def evaluate(config, params, eval_fn) -> dict[str, float]:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       stop_after: int | None = None) -> dict[str, Any] | None:
+                       stop_after: int | None = None,
+                       task: Seq2SeqTask | None = None) -> dict[str, Any] | None:
   """Trains (or resumes) in `workdir`; writes train.log, metrics.jsonl, checkpoints/,
   export/ (a transformers BART directory) and report.json. Returns the report.
 
   stop_after: end this run after that many total steps, as a kill would (checkpoint saved, no
   report); the next call resumes. Used to test exact resumption.
+  task: what to train on (default: the reversal task built from config.task).
   """
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   loop.check_workdir(config, workdir)
   with loop.workdir_logging(workdir):
-    return _run(config, workdir, stop_after)
+    return _run(config, workdir, stop_after, task or reversal_task(config))
 
 
-def _run(config: ml_collections.ConfigDict, workdir: Path,
-         stop_after: int | None) -> dict[str, Any] | None:
+def _run(config: ml_collections.ConfigDict, workdir: Path, stop_after: int | None,
+         task: Seq2SeqTask) -> dict[str, Any] | None:
   mesh = data_mesh()
   n_dev = mesh.devices.size
   if config.batch_size % n_dev:
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the {n_dev} devices")
   replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
-  model = build_model(config)
+  model = task.model
   init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
-  params = jax.jit(model.init)(init_key, **{k: v for k, v in _batch(config, "train", 0).items()
+  params = jax.jit(model.init)(init_key, **{k: v for k, v in task.train_batch(0).items()
                                             if k != "labels"})["params"]
   tx = optimizer.make_optimizer(config, params)
   state = create_train_state(model.apply, params, tx, jax.random.key_data(dropout_key))
   state = jax.device_put(state, replicated)
-  logging.info("model: %s, %d parameters, %d devices", config.model.preset,
-               optimizer.count_params(params), n_dev)
+  logging.info("BART: %d parameters, %d devices", optimizer.count_params(params), n_dev)
 
   manager = loop.checkpoint_manager(workdir, config)
   state = loop.restore_latest(manager, state)
@@ -171,7 +194,7 @@ def _run(config: ml_collections.ConfigDict, workdir: Path,
   with tqdm(total=config.num_train_steps, initial=start, desc="train", unit="step",
             dynamic_ncols=True) as bar:
     for step in range(start, config.num_train_steps):
-      state, m = step_fn(state, _batch(config, "train", step))
+      state, m = step_fn(state, task.train_batch(step))
       for k, v in m.items():
         window[k] = window.get(k, 0.0) + v  # device scalars; synced every log_every steps
       done = step + 1
@@ -183,8 +206,8 @@ def _run(config: ml_collections.ConfigDict, workdir: Path,
         bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['token_accuracy']:.3f}")
         window = {}
         if done % config.eval_every == 0 or done == config.num_train_steps:
-          record.update({f"eval_{k}": v for k, v in evaluate(config, state.params,
-                                                             eval_fn).items()})
+          record.update({f"eval_{k}": v for k, v in
+                         evaluate(state.params, eval_fn, task.eval_batches()).items()})
         writer.write(record)
       loop.save_checkpoint(manager, done, state, config)
       if stop_after is not None and done >= stop_after:
@@ -195,9 +218,10 @@ def _run(config: ml_collections.ConfigDict, workdir: Path,
   if int(state.step) < config.num_train_steps:
     return None
 
-  final = evaluate(config, state.params, eval_fn)
-  export = checkpoints.save_pretrained(model, jax.device_get(state.params), workdir / "export")
-  report = {"task": "reverse a random token string (held-out batches, teacher forced)",
+  final = evaluate(state.params, eval_fn, task.eval_batches())
+  export = checkpoints.save_pretrained(model, jax.device_get(state.params), workdir / "export",
+                                       tokenizer=task.tokenizer)
+  report = {"task": task.description,
             "steps": config.num_train_steps, "devices": n_dev, **final,
             "export": str(export), "train_seconds_this_run": time.time() - t0}
   (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")

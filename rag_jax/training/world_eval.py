@@ -1,0 +1,139 @@
+"""The default job's evaluation: exact match, retrieval recall and index hot-swapping.
+
+Everything is measured on the held-out questions (facts never asked in training):
+- exact match of RAG-Sequence, RAG-Token (rag_jax.answer.RagAnswerer: retrieval from the ScaNN
+  index with the fine-tuned question encoder, then decoding) and the closed-book BART;
+- recall@k of the question encoder before RAG training (the retriever's) and after it (each RAG
+  export's), over the same ScaNN index: the paper's frozen-vs-fine-tuned comparison (Table 6);
+- hot-swap (paper section 4.5): each trained RAG model answers with world 2's index (same frozen
+  passage encoder, a share of the held-out facts changed), no retraining; of the changed facts,
+  how many answers give the new value and how many still give the old one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+RAG_MODELS = ("rag_sequence", "rag_token")
+
+
+def normalize(text: str) -> str:
+  """Lower-cased, whitespace-collapsed (the world's answers have no articles or punctuation)."""
+  return " ".join(text.lower().split())
+
+
+def exact_match(predictions: Sequence[str], answers: Sequence[str]) -> float:
+  hits = sum(normalize(p) == normalize(a) for p, a in zip(predictions, answers, strict=True))
+  return hits / max(len(answers), 1)
+
+
+def chunked(fn: Callable[[list[str]], list[Any]], items: list[str], size: int, desc: str
+            ) -> list[Any]:
+  """fn over fixed-size chunks (the last padded by repetition, so jitted code compiles once)."""
+  out: list[Any] = []
+  for start in tqdm(range(0, len(items), size), desc=desc, unit="batch", dynamic_ncols=True):
+    chunk = items[start:start + size]
+    out.extend(fn(chunk + [chunk[-1]] * (size - len(chunk)))[:len(chunk)])
+  return out
+
+
+def gold_rows(store: Any, ids: Sequence[str]) -> np.ndarray:
+  """Passage-store rows of the DPR ids `ids`."""
+  row_of = {store.doc_id(r): r for r in range(len(store))}
+  return np.asarray([row_of[i] for i in ids])
+
+
+def recall(rows: np.ndarray, gold: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
+  """recall@k: share of questions whose gold passage is among the first k retrieved rows."""
+  hit = rows == gold[:, None]  # [Q, K]
+  return {f"recall@{k}": float(hit[:, :k].any(axis=1).mean()) for k in ks}
+
+
+def _search(embed: Callable[[np.ndarray, np.ndarray], np.ndarray], tokenizer: Any, index: Any,
+            questions: list[str], k: int, batch: int, desc: str) -> np.ndarray:
+  from rag_jax.retrieval.pipeline import tokenize_questions
+
+  def rows(chunk: list[str]) -> list[np.ndarray]:
+    ids, mask = tokenize_questions(tokenizer, chunk, 64)
+    return list(index.search(np.asarray(embed(ids, mask), np.float32), k)[1])
+
+  return np.stack(chunked(rows, questions, batch, desc))
+
+
+def evaluate_job(workdir: Path, world: dict[str, Any], cfg: Any) -> dict[str, Any]:
+  """Every figure of the report's evaluation part (see the module docstring)."""
+  from rag_jax import checkpoints
+  from rag_jax.answer import RagAnswerer
+  from rag_jax.decoding.generate import generate
+  from rag_jax.retrieval.index import load_index
+  from rag_jax.retrieval.store import PassageStore
+
+  lines = lambda name: (workdir / "world" / name).read_text().splitlines()  # noqa: E731
+  questions, answers = lines("val.source"), lines("val.target")
+  swapped = lines("val_swapped.target")
+  changed = world["changed_heldout_rows"]
+  ks = tuple(cfg.recall_ks)
+  store = PassageStore(workdir / "index" / "passages")
+  index = load_index(workdir / "index" / "index")
+  gold = gold_rows(store, world["heldout_gold_passages"])
+  gen_kwargs = dict(num_beams=cfg.num_beams, max_length=cfg.max_answer_tokens)
+  out: dict[str, Any] = {"heldout_questions": len(questions), "changed_facts": len(changed),
+                         "majority_em": world["heldout_majority_em"], "decoding": gen_kwargs}
+
+  # Recall of the retriever's question encoder (before RAG training).
+  q_model, q_params = checkpoints.load_pretrained(workdir / "retriever" / "question_encoder")
+  tok = checkpoints.load_tokenizer(workdir / "retriever" / "question_encoder")
+  embed = jax.jit(lambda p, i, m: q_model.apply({"params": p}, i, m).pooler_output)
+  rows = _search(lambda i, m: embed(q_params, i, m), tok, index, questions, max(ks),
+                 cfg.batch_size, "recall (retriever)")
+  out["recall_before"] = recall(rows, gold, ks)
+
+  for name in RAG_MODELS:
+    export = workdir / name / "export"
+    answerer = RagAnswerer(export, workdir / "index")
+    rows = _search(lambda i, m, a=answerer: a._embed(a.params, i, m),
+                   answerer.tokenizers.question_encoder, index, questions, max(ks),
+                   cfg.batch_size, f"recall ({name})")
+    predicted = [a.text for a in chunked(lambda qs, a=answerer: a(qs, **gen_kwargs), questions,
+                                         cfg.batch_size, f"answers ({name})")]
+    swapped_answerer = RagAnswerer(export, workdir / "index_swapped")
+    changed_q = [questions[r] for r in changed]
+    after_swap = [a.text for a in chunked(lambda qs, a=swapped_answerer: a(qs, **gen_kwargs),
+                                          changed_q, cfg.batch_size, f"hot-swap ({name})")]
+    new = [normalize(swapped[r]) for r in changed]
+    old = [normalize(answers[r]) for r in changed]
+    after_swap = [normalize(p) for p in after_swap]
+    before_swap = [normalize(predicted[r]) for r in changed]
+    out[name] = {
+        "em": exact_match(predicted, answers),
+        "recall_after": recall(rows, gold, ks),
+        "hot_swap": {
+            "changed": len(changed),
+            "follow_new_index": sum(p == a for p, a in zip(after_swap, new, strict=True)),
+            "keep_old_answer": sum(p == a for p, a in zip(after_swap, old, strict=True)),
+            "old_index_gave_old_answer": sum(p == a for p, a in zip(before_swap, old, strict=True)),
+        },
+        "examples": [{"question": q, "answer": a, "predicted": p}
+                     for q, a, p in list(zip(questions, answers, predicted, strict=True))[:5]],
+    }
+
+  # Closed book: the same BART size and steps, question -> answer, no retrieval.
+  model, params = checkpoints.load_pretrained(workdir / "closed_book" / "export")
+  tok = checkpoints.load_tokenizer(workdir / "closed_book" / "export")
+
+  def closed_book(chunk: list[str]) -> list[str]:
+    enc = tok(chunk, padding="max_length", max_length=64, truncation=True)
+    seqs = generate(model, params, np.asarray(enc["input_ids"]), np.asarray(enc["attention_mask"]),
+                    **gen_kwargs).sequences
+    return tok.batch_decode(seqs, skip_special_tokens=True)
+
+  predicted = chunked(closed_book, questions, cfg.batch_size, "answers (closed book)")
+  out["closed_book"] = {"em": exact_match(predicted, answers),
+                        "train_examples_em_note": "see closed_book/report.json"}
+  return out

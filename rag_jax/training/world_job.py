@@ -1,0 +1,350 @@
+"""The default job: a small RAG trained from nothing on a synthetic knowledge world.
+
+`train_and_evaluate(config, workdir)` runs these phases, each shown with a progress bar, each
+recorded in workdir/phases.json with its wall time once complete (a rerun skips finished phases;
+a phase killed in the middle resumes from its own checkpoints or starts again):
+
+  world        rag_jax.data.world: passages (DPR format), questions, held-out split, world 2
+  tokenizer    rag_jax.data.world_tokenizer, trained on the world, saved in tokenizer/
+  retriever    DPR dual encoder, in-batch negatives (rag_jax.retrieval.train_retriever)
+  index        passages encoded + ScaNN index (rag_jax.retrieval.build_index's pipeline), for
+               world 1 (index/) and world 2 (index_swapped/, same frozen passage encoder)
+  rag_sequence RAG-Sequence fine-tuning from that retriever and a fresh BART
+               (rag_jax.training.rag_trainer: the training issue's train_step)
+  rag_token    the same with RAG-Token's marginalisation
+  closed_book  the same BART size and steps on question -> answer (rag_jax.training.seq2seq)
+  evaluation   held-out exact match (answers decoded with rag_jax.answer / decoding), recall@k
+               of the question encoder before and after RAG training, index hot-swap
+
+The report (report.json, report.md, printed) holds every figure. A workdir holding a finished
+run is not retrained: the report is printed again. A workdir holding another config is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from rag_jax.training import loop
+from rag_jax.utils.atomic import atomic_directory, atomic_file
+
+log = logging.getLogger(__name__)
+PHASES = ("world", "tokenizer", "retriever", "index", "rag_sequence", "rag_token", "closed_book",
+          "evaluation")
+
+
+class PhaseLog:
+  """workdir/phases.json: {phase: {"seconds": wall time, "result": its summary}} (atomic)."""
+
+  def __init__(self, workdir: Path):
+    self.path = workdir / "phases.json"
+    self.phases: dict[str, Any] = (json.loads(self.path.read_text()) if self.path.exists()
+                                   else {})
+
+  def done(self, name: str) -> bool:
+    return name in self.phases
+
+  def result(self, name: str) -> Any:
+    return self.phases[name]["result"]
+
+  def finish(self, name: str, seconds: float, result: Any) -> None:
+    self.phases[name] = {"seconds": round(seconds, 2), "result": result}
+    with atomic_file(self.path, "w") as f:
+      json.dump(self.phases, f, indent=2)
+
+
+@dataclasses.dataclass
+class Job:
+  """Paths and lazily loaded pieces shared by the phases."""
+
+  config: ml_collections.ConfigDict
+  workdir: Path
+  phases: PhaseLog
+
+  @property
+  def world_dir(self) -> Path:
+    return self.workdir / "world"
+
+  def world_meta(self) -> dict[str, Any]:
+    return json.loads((self.world_dir / "world.json").read_text())
+
+  def tokenizer(self):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(self.workdir / "tokenizer"), local_files_only=True)
+
+  def lengths(self) -> dict[str, int]:
+    return self.phases.result("tokenizer")["lengths"]
+
+
+# --------------------------------------------------------------------------- phases
+
+
+def phase_world(job: Job) -> dict[str, Any]:
+  from rag_jax.data.world import WorldConfig, build_world
+  meta = build_world(WorldConfig(**job.config.world.to_dict()), job.world_dir)
+  keys = ("people", "facts", "passages", "distractor_passages", "train_questions",
+          "heldout_questions", "train_facts", "heldout_majority_em")
+  return {k: meta[k] for k in keys} | {"changed_heldout": len(meta["changed_heldout_rows"])}
+
+
+def _passages(path: Path) -> dict[str, tuple[str, str]]:
+  from rag_jax.retrieval.corpus import read_dpr_tsv
+  return {p.id: (p.title, p.text) for p in read_dpr_tsv(path)}
+
+
+def phase_tokenizer(job: Job) -> dict[str, Any]:
+  """Trains the tokenizer and measures the lengths every later phase pads to (the longest
+  question, answer and generator input of the world, with specials)."""
+  from rag_jax.data.world_tokenizer import train_tokenizer, world_texts
+  cfg = job.config.tokenizer
+  tok = train_tokenizer(world_texts(job.world_dir), cfg.kind, cfg.vocab_size)
+  with atomic_directory(job.workdir / "tokenizer") as tmp:
+    tok.save_pretrained(str(tmp))
+  lines = lambda name: (job.world_dir / name).read_text().splitlines()  # noqa: E731
+  questions = lines("train.source") + lines("val.source")
+  answers = lines("train.target") + lines("val.target") + lines("val_swapped.target")
+  longest = lambda texts: max(len(ids) for ids in tok(texts)["input_ids"])  # noqa: E731
+  passages = [p for name in ("passages.tsv", "passages_swapped.tsv")
+              for p in _passages(job.world_dir / name).values()]
+  passage_part = max(len(ids) for ids in tok([f"{t} / {x} //" for t, x in passages],
+                                             add_special_tokens=False)["input_ids"])
+  question_part = max(len(ids) for ids in tok(questions, add_special_tokens=False)["input_ids"])
+  lengths = {"question": longest(questions), "answer": longest(answers),
+             "passage": max(len(ids) for ids in tok([t for t, _ in passages],
+                                                    [x for _, x in passages])["input_ids"]),
+             "combined": passage_part + question_part + 2}
+  return {"vocab_size": len(tok), "kind": cfg.kind, "lengths": lengths}
+
+
+def _encoder_config(job: Job):
+  from rag_jax.models import presets
+  c = job.config.retriever
+  return presets.question_encoder_config(
+      "tiny", vocab_size=job.phases.result("tokenizer")["vocab_size"], hidden_size=c.hidden_size,
+      num_hidden_layers=c.layers, num_attention_heads=c.heads,
+      intermediate_size=c.ffn_dim, hidden_dropout_prob=c.dropout,
+      attention_probs_dropout_prob=c.dropout, pad_token_id=1, max_position_embeddings=64)
+
+
+def phase_retriever(job: Job) -> dict[str, Any]:
+  from rag_jax.retrieval.train_retriever import RetrieverTrainConfig, train_retriever
+  c = job.config.retriever
+  passages = _passages(job.world_dir / "passages.tsv")
+  questions = (job.world_dir / "train.source").read_text().splitlines()
+  gold = [passages[pid] for pid in job.world_meta()["train_gold_passages"]]
+  lengths = job.lengths()
+  result = train_retriever(
+      questions, [t for t, _ in gold], [x for _, x in gold], job.tokenizer(), _encoder_config(job),
+      RetrieverTrainConfig(batch_size=c.batch_size, num_steps=c.num_steps,
+                           learning_rate=c.learning_rate, warmup_steps=c.warmup_steps,
+                           max_question_length=lengths["question"],
+                           max_passage_length=lengths["passage"], seed=job.config.seed),
+      out=job.workdir / "retriever")
+  return {"loss_first": result.losses[0][1], "loss_last": result.losses[-1][1],
+          "chance_loss": float(np.log(c.batch_size)), "steps": c.num_steps}
+
+
+def phase_index(job: Job) -> dict[str, Any]:
+  from rag_jax.retrieval.encode import EncodeConfig
+  from rag_jax.retrieval.pipeline import build_from_corpus
+  out = {}
+  for corpus, name in (("passages.tsv", "index"), ("passages_swapped.tsv", "index_swapped")):
+    index = build_from_corpus(
+        job.world_dir / corpus, job.workdir / name,
+        encoder=str(job.workdir / "retriever" / "context_encoder"), split_words=None,
+        index_type="scann",
+        encode_config=EncodeConfig(batch_size=256, max_length=job.lengths()["passage"],
+                                   length_bucket=8))
+    out[name] = {"passages": index.count, "dim": index.dim, "kind": index.kind}
+  return out
+
+
+def _rag_config(job: Job, model_type: str) -> ml_collections.ConfigDict:
+  """The RAG trainer's config: config.rag's fields + this run's paths and lengths."""
+  cfg = ml_collections.ConfigDict(job.config.rag.to_dict())
+  lengths = job.lengths()
+  cfg.trainer = "rag"
+  cfg.model_type = model_type
+  cfg.rag_checkpoint = str(job.workdir / "rag_init")
+  cfg.question_encoder_checkpoint = ""
+  cfg.generator_checkpoint = ""
+  cfg.index_dir = str(job.workdir / "index")
+  cfg.data_dir = str(job.world_dir)
+  cfg.max_source_length = lengths["question"]
+  cfg.max_target_length = lengths["answer"]
+  cfg.max_combined_length = lengths["combined"]
+  cfg.seed = job.config.seed
+  return cfg
+
+
+def _generator_config(job: Job):
+  from rag_jax.models import presets
+  g = job.config.generator
+  return presets.generator_config(
+      "tiny", vocab_size=job.phases.result("tokenizer")["vocab_size"], d_model=g.d_model,
+      encoder_layers=g.layers, decoder_layers=g.layers, encoder_attention_heads=g.heads,
+      decoder_attention_heads=g.heads, encoder_ffn_dim=g.ffn_dim, decoder_ffn_dim=g.ffn_dim,
+      dropout=g.dropout, attention_dropout=0.0, activation_dropout=0.0,
+      max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+      decoder_start_token_id=0, forced_eos_token_id=2)
+
+
+def _init_rag_checkpoint(job: Job) -> None:
+  """workdir/rag_init: the trained question encoder + a fresh BART, as one RAG checkpoint."""
+  from rag_jax import checkpoints
+  from rag_jax.models.rag import RagConfig, RagModel
+  path = job.workdir / "rag_init"
+  if (path / "config.json").exists():
+    return
+  q_model, q_params = checkpoints.load_pretrained(job.workdir / "retriever" / "question_encoder")
+  gen = _generator_config(job)
+  config = RagConfig(question_encoder=q_model.config, generator=gen, n_docs=job.config.rag.n_docs,
+                     retrieval_vector_size=q_model.config.embedding_dim,
+                     architecture="RagSequenceForGeneration")
+  model = RagModel(config)
+  from rag_jax.models.bart import BartForConditionalGeneration
+  bart = BartForConditionalGeneration(gen)
+  ids = jnp.ones((1, 4), jnp.int32)
+  g_params = jax.jit(bart.init)(jax.random.key(job.config.seed), ids, ids, ids)["params"]
+  tok = job.tokenizer()
+  checkpoints.save_pretrained(model, {"question_encoder": q_params, "generator": g_params}, path,
+                              tokenizer=checkpoints.RagTokenizers(tok, tok))
+
+
+def _train_rag(job: Job, model_type: str) -> dict[str, Any]:
+  from rag_jax.training import rag_trainer
+  _init_rag_checkpoint(job)
+  report = rag_trainer.train_and_evaluate(_rag_config(job, model_type),
+                                          str(job.workdir / model_type))
+  metrics = [json.loads(x) for x in
+             (job.workdir / model_type / "metrics.jsonl").read_text().splitlines() if x]
+  return {**report, "loss_first": metrics[0]["loss"], "loss_last": metrics[-1]["loss"],
+          "steps_per_s": _steps_per_s(metrics)}
+
+
+def _steps_per_s(metrics: list[dict[str, Any]]) -> float:
+  """Steady-state training speed: steps per second between the first and the last metric line
+  (so compilation, in the first window, is left out). Each line's steps_per_s is measured since
+  the loop (re)started, which gives each line's elapsed time."""
+  first, last = metrics[0], metrics[-1]
+  elapsed = lambda m: m["step"] / m["steps_per_s"]  # noqa: E731
+  if len(metrics) < 2 or elapsed(last) <= elapsed(first):
+    return float(last["steps_per_s"])
+  return (last["step"] - first["step"]) / (elapsed(last) - elapsed(first))
+
+
+def phase_rag_sequence(job: Job) -> dict[str, Any]:
+  return _train_rag(job, "rag_sequence")
+
+
+def phase_rag_token(job: Job) -> dict[str, Any]:
+  return _train_rag(job, "rag_token")
+
+
+def _closed_book_config(job: Job) -> ml_collections.ConfigDict:
+  r = job.config.rag
+  cfg = ml_collections.ConfigDict({k: r[k] for k in (
+      "batch_size", "num_train_steps", "warmup_steps", "lr_end", "lr_power", "weight_decay",
+      "max_grad_norm", "adam_b1", "adam_b2", "adam_eps", "label_smoothing", "log_every",
+      "checkpoint_every", "keep_checkpoints")})
+  cfg.learning_rate = r.learning_rate
+  cfg.eval_every = r.num_train_steps
+  cfg.seed = job.config.seed
+  return cfg
+
+
+def _qa_batches(tok, questions: list[str], answers: list[str], lengths: dict[str, int]):
+  """input_ids/attention_mask [N, S], decoder_input_ids/labels [N, T] for BART on QA."""
+  from rag_jax.models.bart import shift_tokens_right
+  q = tok(questions, max_length=lengths["question"], padding="max_length", truncation=True)
+  a = tok(answers, max_length=lengths["answer"], padding="max_length", truncation=True)
+  labels = np.asarray(a["input_ids"], np.int32)
+  return {"input_ids": np.asarray(q["input_ids"], np.int32),
+          "attention_mask": np.asarray(q["attention_mask"], np.int32),
+          "decoder_input_ids": np.asarray(shift_tokens_right(jnp.asarray(labels), 1, 0)),
+          "labels": labels}
+
+
+def phase_closed_book(job: Job) -> dict[str, Any]:
+  from rag_jax.models.bart import BartForConditionalGeneration
+  from rag_jax.training import seq2seq
+  from rag_jax.training.rag_trainer import _epoch_rows
+  config = _closed_book_config(job)
+  tok = job.tokenizer()
+  lines = lambda name: (job.world_dir / name).read_text().splitlines()  # noqa: E731
+  train = _qa_batches(tok, lines("train.source"), lines("train.target"), job.lengths())
+  val = _qa_batches(tok, lines("val.source"), lines("val.target"), job.lengths())
+  n_val = len(val["labels"]) // config.batch_size * config.batch_size
+  task = seq2seq.Seq2SeqTask(
+      BartForConditionalGeneration(_generator_config(job)),
+      lambda step: {k: v[_epoch_rows(config.seed, step, len(train["labels"]),
+                                     config.batch_size)] for k, v in train.items()},
+      lambda: [{k: v[i:i + config.batch_size] for k, v in val.items()}
+               for i in range(0, n_val, config.batch_size)],
+      "closed-book BART: question -> answer", tokenizer=tok)
+  report = seq2seq.train_and_evaluate(config, str(job.workdir / "closed_book"), task=task)
+  metrics = [json.loads(x) for x in
+             (job.workdir / "closed_book" / "metrics.jsonl").read_text().splitlines() if x]
+  return {**report, "loss_first": metrics[0]["loss"], "loss_last": metrics[-1]["loss"],
+          "steps_per_s": _steps_per_s(metrics)}
+
+
+def phase_evaluation(job: Job) -> dict[str, Any]:
+  from rag_jax.training import world_eval
+  return world_eval.evaluate_job(job.workdir, job.world_meta(), job.config.eval)
+
+
+PHASE_FUNCTIONS: dict[str, Callable[[Job], dict[str, Any]]] = {
+    "world": phase_world, "tokenizer": phase_tokenizer, "retriever": phase_retriever,
+    "index": phase_index, "rag_sequence": phase_rag_sequence, "rag_token": phase_rag_token,
+    "closed_book": phase_closed_book, "evaluation": phase_evaluation}
+
+
+# --------------------------------------------------------------------------- entry
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       stop_after_phase: str | None = None) -> dict[str, Any] | None:
+  """Runs (or resumes) every phase in `workdir`; returns the report (see the module docstring).
+
+  stop_after_phase: end after that phase, as a kill would (the next call resumes).
+  """
+  from rag_jax.training import world_report
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  loop.check_workdir(config, workdir)
+  report_path = workdir / "report.json"
+  if report_path.exists():
+    report = json.loads(report_path.read_text())
+    print(f"{workdir} holds a finished run (report.json, report.md); not retraining. Use "
+          "another --workdir for a new run.\n")
+    print((workdir / "report.md").read_text())
+    return report
+  with loop.workdir_logging(workdir):
+    phases = PhaseLog(workdir)
+    job = Job(config, workdir, phases)
+    for name in PHASES:
+      if phases.done(name):
+        log.info("phase %s: done in an earlier run (%.1f s)", name, phases.phases[name]["seconds"])
+        continue
+      log.info("phase %s ...", name)
+      start = time.time()
+      result = PHASE_FUNCTIONS[name](job)
+      phases.finish(name, time.time() - start, result)
+      log.info("phase %s: %.1f s, %s", name, time.time() - start, result)
+      if name == stop_after_phase:
+        return None
+    report = world_report.build_report(config, phases.phases)
+    world_report.write_report(report, workdir)
+  print(world_report.markdown(report))
+  return report

@@ -1,0 +1,146 @@
+"""The default job's report: report.json, report.md and the printed summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+
+from rag_jax.utils.atomic import atomic_file
+
+# The torch feasibility run (shared/reference/synthetic_world.md): RAG-Sequence, 1,092 steps of
+# batch 32, k = 5, 2 CPU cores, 240 s; same model sizes as this job's default config.
+FEASIBILITY_STEPS_PER_S = 1092 / 240
+TARGETS = {"rag_em": 0.95, "hot_swap_follow": 0.95, "speedup": 2.0}
+
+
+def machine() -> dict[str, Any]:
+  return {"platform": platform.platform(), "processor": platform.processor() or "unknown",
+          "cpu_cores": os.cpu_count(), "devices": [str(d) for d in jax.devices()],
+          "jax": jax.__version__}
+
+
+def build_report(config: ml_collections.ConfigDict, phases: dict[str, Any]) -> dict[str, Any]:
+  """Gathers the phases' results into the report (figures only, no recomputation)."""
+  ev = phases["evaluation"]["result"]
+  models = {}
+  for name in ("rag_sequence", "rag_token"):
+    train = phases[name]["result"]
+    swap = ev[name]["hot_swap"]
+    models[name] = {
+        "heldout_em": ev[name]["em"],
+        "recall_after": ev[name]["recall_after"],
+        "hot_swap_follow_new": swap["follow_new_index"] / max(swap["changed"], 1),
+        "hot_swap_keep_old": swap["keep_old_answer"] / max(swap["changed"], 1),
+        "hot_swap": swap,
+        "train_loss_first": train["loss_first"], "train_loss_last": train["loss_last"],
+        "steps": train["steps"], "steps_per_s": train["steps_per_s"],
+        "speedup_vs_feasibility": train["steps_per_s"] / FEASIBILITY_STEPS_PER_S,
+        "examples": ev[name]["examples"],
+    }
+  closed = phases["closed_book"]["result"]
+  report = {
+      "world": phases["world"]["result"],
+      "tokenizer": {k: v for k, v in phases["tokenizer"]["result"].items()},
+      "retriever": {**phases["retriever"]["result"], "recall_before": ev["recall_before"]},
+      "rag_sequence": models["rag_sequence"], "rag_token": models["rag_token"],
+      "closed_book": {"heldout_em": ev["closed_book"]["em"], "steps": closed["steps"],
+                      "train_loss_first": closed["loss_first"],
+                      "train_loss_last": closed["loss_last"],
+                      "train_token_accuracy_note": "closed_book/report.json"},
+      "majority_em": ev["majority_em"],
+      "decoding": ev["decoding"],
+      "feasibility_torch_steps_per_s": FEASIBILITY_STEPS_PER_S,
+      "phase_seconds": {name: p["seconds"] for name, p in phases.items()},
+      "total_seconds": round(sum(p["seconds"] for p in phases.values()), 1),
+      "machine": machine(),
+      "config": json.loads(config.to_json_best_effort()),
+  }
+  seq, tok = models["rag_sequence"], models["rag_token"]
+  report["targets"] = {
+      "rag_sequence_em>=0.95": seq["heldout_em"] >= TARGETS["rag_em"],
+      "rag_token_em>=0.95": tok["heldout_em"] >= TARGETS["rag_em"],
+      "hot_swap_follow>=0.95": min(seq["hot_swap_follow_new"], tok["hot_swap_follow_new"])
+      >= TARGETS["hot_swap_follow"],
+      "rag_steps_per_s>=2x_feasibility": min(seq["speedup_vs_feasibility"],
+                                             tok["speedup_vs_feasibility"]) >= TARGETS["speedup"],
+  }
+  return report
+
+
+def _pct(x: float) -> str:
+  return f"{100 * x:.1f} %"
+
+
+def markdown(r: dict[str, Any]) -> str:
+  """The report as Markdown (report.md and the printed summary)."""
+  w, seq, tok, cb = r["world"], r["rag_sequence"], r["rag_token"], r["closed_book"]
+  ks = list(r["retriever"]["recall_before"])
+  lines = [
+      "# rag_jax default job: RAG on a synthetic knowledge world", "",
+      f"World: {w['people']} people, {w['facts']} facts, {w['passages']} passages "
+      f"({w['distractor_passages']} distractors); {w['train_questions']} training questions "
+      f"over {w['train_facts']} facts; {w['heldout_questions']} held-out questions about facts "
+      f"never asked in training; {w['changed_heldout']} held-out facts changed in world 2. "
+      f"Tokenizer: {r['tokenizer']['kind']}, {r['tokenizer']['vocab_size']} tokens.", "",
+      "## Held-out exact match", "",
+      "| model | EM | train loss (first -> last window) | steps | steps/s |",
+      "|---|---|---|---|---|",
+  ]
+  for name, m in (("RAG-Sequence", seq), ("RAG-Token", tok)):
+    lines.append(f"| {name} | **{m['heldout_em']:.3f}** | {m['train_loss_first']:.3f} -> "
+                 f"{m['train_loss_last']:.4f} | {m['steps']} | {m['steps_per_s']:.2f} |")
+  lines += [
+      f"| closed-book BART (same size, steps) | **{cb['heldout_em']:.3f}** | "
+      f"{cb['train_loss_first']:.3f} -> {cb['train_loss_last']:.4f} | {cb['steps']} | |",
+      f"| majority answer per attribute | {r['majority_em']:.3f} | | | |", "",
+      f"Decoding: {r['decoding']}.", "",
+      "## Retrieval recall on held-out questions (ScaNN index)", "",
+      "| question encoder | " + " | ".join(ks) + " |", "|---|" + "---|" * len(ks),
+      "| retriever (before RAG training) | " + " | ".join(
+          f"{r['retriever']['recall_before'][k]:.3f}" for k in ks) + " |",
+  ]
+  for name, m in (("after RAG-Sequence training", seq), ("after RAG-Token training", tok)):
+    lines.append(f"| {name} | " + " | ".join(f"{m['recall_after'][k]:.3f}" for k in ks) + " |")
+  ret = r["retriever"]
+  lines += [
+      "", f"Retriever: {ret['steps']} steps, in-batch loss {ret['loss_first']:.3f} -> "
+      f"{ret['loss_last']:.3f} (chance {ret['chance_loss']:.3f}).", "",
+      "## Index hot-swap (world 2's index, no retraining)", "",
+      "| model | changed facts | answers with the new value | still the old value |",
+      "|---|---|---|---|",
+  ]
+  for name, m in (("RAG-Sequence", seq), ("RAG-Token", tok)):
+    s = m["hot_swap"]
+    lines.append(f"| {name} | {s['changed']} | {s['follow_new_index']} "
+                 f"({_pct(m['hot_swap_follow_new'])}) | {s['keep_old_answer']} "
+                 f"({_pct(m['hot_swap_keep_old'])}) |")
+  lines += [
+      "", "## Speed", "",
+      f"RAG training steps/s (batch {r['config']['rag']['batch_size']}, k = "
+      f"{r['config']['rag']['n_docs']}): RAG-Sequence {seq['steps_per_s']:.2f}, RAG-Token "
+      f"{tok['steps_per_s']:.2f}; the torch feasibility run (same model sizes, 2 CPU cores): "
+      f"{r['feasibility_torch_steps_per_s']:.2f} -> {seq['speedup_vs_feasibility']:.2f}x / "
+      f"{tok['speedup_vs_feasibility']:.2f}x.", "",
+      "| phase | seconds |", "|---|---|",
+      *[f"| {k} | {v:.1f} |" for k, v in r["phase_seconds"].items()],
+      f"| **total** | **{r['total_seconds']:.1f}** |", "",
+      f"Machine: {r['machine']['cpu_cores']} CPU cores, {r['machine']['platform']}, "
+      f"jax {r['machine']['jax']}, devices {', '.join(r['machine']['devices'])}.", "",
+      "Targets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}"
+                              for k, v in r["targets"].items()) + ".",
+  ]
+  return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], workdir: Path) -> None:
+  """report.md first, report.json last: report.json marks a finished run."""
+  with atomic_file(workdir / "report.md", "w") as f:
+    f.write(markdown(report))
+  with atomic_file(workdir / "report.json", "w") as f:
+    json.dump(report, f, indent=2)
