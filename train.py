@@ -20,7 +20,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Where logs, metrics and ch
 def main(argv):
   del argv
   config = _CONFIG.value
-  trainer = config.get("trainer", "world")
+  trainer = config.get("trainer", "seq2seq")
   if trainer not in TRAINERS:
     raise app.UsageError(f"config.trainer {trainer!r}: expected one of {sorted(TRAINERS)}")
   TRAINERS[trainer](config, _WORKDIR.value)

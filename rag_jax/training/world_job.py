@@ -1,4 +1,5 @@
-"""The default job: a small RAG trained from nothing on a synthetic knowledge world.
+"""A small RAG trained from nothing on a synthetic knowledge world (configs/world.py; issue 7's
+job, to become `python train.py`'s default once it meets its targets in the time budget).
 
 `train_and_evaluate(config, workdir)` runs these phases, each shown with a progress bar, each
 recorded in workdir/phases.json with its wall time once complete (a rerun skips finished phases;
@@ -188,6 +189,9 @@ def _rag_config(job: Job, model_type: str) -> ml_collections.ConfigDict:
 
 
 def _generator_config(job: Job):
+  """The fresh BART. Its decoder starts from <s> (id 0), not BART's </s>: RAG trains with the
+  labels `<s> answer </s>` as decoder input (the reference's layout), so a from-scratch decoder
+  only ever sees <s> first; generation must start the same way."""
   from rag_jax.models import presets
   g = job.config.generator
   return presets.generator_config(
