@@ -48,7 +48,7 @@ def test_learns_and_resumes_exactly(tmp_path):
   model, params = load_pretrained(tmp_path / "full" / "export")
   torch_model = transformers.BartForConditionalGeneration.from_pretrained(
       tmp_path / "full" / "export").eval()
-  batch = seq2seq._batch(_config(), "eval", 0)
+  batch = seq2seq.reversal_task(_config()).eval_batches()[0]
   kw = {k: batch[k] for k in ("input_ids", "attention_mask", "decoder_input_ids")}
   with torch.no_grad():
     expected = torch_model(**{k: torch.from_numpy(v).long() for k, v in kw.items()}).logits
