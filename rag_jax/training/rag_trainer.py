@@ -167,8 +167,10 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
 
   def tokenized(split):
     questions, answers = qa.read_source_target(config.data_dir, split)
+    start = (model.config.generator.decoder_start_token_id
+             if config.get("prepend_decoder_start", False) else None)
     return qa.tokenize_qa(tokenizers.question_encoder, tokenizers.generator, questions, answers,
-                          config.max_source_length, config.max_target_length), answers
+                          config.max_source_length, config.max_target_length, start), answers
 
   train, _ = tokenized("train")
   val, val_answers = tokenized("val")

@@ -182,16 +182,18 @@ def _rag_config(job: Job, model_type: str) -> ml_collections.ConfigDict:
   cfg.index_dir = str(job.workdir / "index")
   cfg.data_dir = str(job.world_dir)
   cfg.max_source_length = lengths["question"]
-  cfg.max_target_length = lengths["answer"]
+  # The answer with its specials, plus the decoder start token when it is prepended.
+  cfg.max_target_length = lengths["answer"] + int(cfg.get("prepend_decoder_start", False))
   cfg.max_combined_length = lengths["combined"]
   cfg.seed = job.config.seed
   return cfg
 
 
 def _generator_config(job: Job):
-  """The fresh BART. Its decoder starts from <s> (id 0), not BART's </s>: RAG trains with the
-  labels `<s> answer </s>` as decoder input (the reference's layout), so a from-scratch decoder
-  only ever sees <s> first; generation must start the same way."""
+  """The fresh BART, with BART's special ids: its decoder starts from </s> (id 2) and then
+  writes `<s> answer </s>`. The RAG phases train with config.rag.prepend_decoder_start, so the
+  decoder reads `</s> <s> answer` in training as in generation; with the reference's layout
+  (training reads `<s> answer`) set decoder_start_token_id to 0 here instead."""
   from rag_jax.models import presets
   g = job.config.generator
   return presets.generator_config(
@@ -267,15 +269,18 @@ def _closed_book_config(job: Job) -> ml_collections.ConfigDict:
   return cfg
 
 
-def _qa_batches(tok, questions: list[str], answers: list[str], lengths: dict[str, int]):
-  """input_ids/attention_mask [N, S], decoder_input_ids/labels [N, T] for BART on QA."""
+def _qa_batches(tok, questions: list[str], answers: list[str], lengths: dict[str, int],
+                decoder_start_token_id: int):
+  """input_ids/attention_mask [N, S], decoder_input_ids/labels [N, T] for BART on QA: the
+  decoder reads `start <s> answer` and predicts `<s> answer </s>` (BART's fine-tuning layout)."""
   from rag_jax.models.bart import shift_tokens_right
   q = tok(questions, max_length=lengths["question"], padding="max_length", truncation=True)
   a = tok(answers, max_length=lengths["answer"], padding="max_length", truncation=True)
   labels = np.asarray(a["input_ids"], np.int32)
   return {"input_ids": np.asarray(q["input_ids"], np.int32),
           "attention_mask": np.asarray(q["attention_mask"], np.int32),
-          "decoder_input_ids": np.asarray(shift_tokens_right(jnp.asarray(labels), 1, 0)),
+          "decoder_input_ids": np.asarray(shift_tokens_right(jnp.asarray(labels), 1,
+                                                        decoder_start_token_id)),
           "labels": labels}
 
 
@@ -286,11 +291,13 @@ def phase_closed_book(job: Job) -> dict[str, Any]:
   config = _closed_book_config(job)
   tok = job.tokenizer()
   lines = lambda name: (job.world_dir / name).read_text().splitlines()  # noqa: E731
-  train = _qa_batches(tok, lines("train.source"), lines("train.target"), job.lengths())
-  val = _qa_batches(tok, lines("val.source"), lines("val.target"), job.lengths())
+  gen = _generator_config(job)
+  train, val = (_qa_batches(tok, lines(f"{split}.source"), lines(f"{split}.target"),
+                            job.lengths(), gen.decoder_start_token_id)
+                for split in ("train", "val"))
   n_val = len(val["labels"]) // config.batch_size * config.batch_size
   task = seq2seq.Seq2SeqTask(
-      BartForConditionalGeneration(_generator_config(job)),
+      BartForConditionalGeneration(gen),
       lambda step: {k: v[_epoch_rows(config.seed, step, len(train["labels"]),
                                      config.batch_size)] for k, v in train.items()},
       lambda: [{k: v[i:i + config.batch_size] for k, v in val.items()}
