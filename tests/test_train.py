@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from configs import default
+from configs import reversal as default
 from rag_jax.checkpoints import load_pretrained
 from rag_jax.training import seq2seq
 

@@ -107,7 +107,7 @@ def restore_latest(manager: ocp.CheckpointManager, state: Any) -> Any:
 
 
 class Throughput:
-  """Steps/s and examples/s since the loop (re)started."""
+  """Steps/s and examples/s since the loop (re)started, and the seconds since then."""
 
   def __init__(self, start_step: int, batch_size: int):
     self.start_step, self.batch_size, self.t0 = start_step, batch_size, time.time()
@@ -115,7 +115,8 @@ class Throughput:
   def __call__(self, step: int) -> dict[str, float]:
     elapsed = max(time.time() - self.t0, 1e-9)
     steps = step - self.start_step
-    return {"steps_per_s": steps / elapsed, "examples_per_s": steps * self.batch_size / elapsed}
+    return {"steps_per_s": steps / elapsed, "examples_per_s": steps * self.batch_size / elapsed,
+            "elapsed_s": elapsed}
 
 
 class NonFiniteLossError(FloatingPointError):

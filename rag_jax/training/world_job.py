@@ -240,13 +240,17 @@ def _train_rag(job: Job, model_type: str) -> dict[str, Any]:
 
 def _steps_per_s(metrics: list[dict[str, Any]]) -> float:
   """Steady-state training speed: steps per second between the first and the last metric line
-  (so compilation, in the first window, is left out). Each line's steps_per_s is measured since
-  the loop (re)started, which gives each line's elapsed time."""
-  first, last = metrics[0], metrics[-1]
-  elapsed = lambda m: m["step"] / m["steps_per_s"]  # noqa: E731
-  if len(metrics) < 2 or elapsed(last) <= elapsed(first):
+  of the last (re)start of the loop, so that compilation (in each start's first window) is left
+  out. elapsed_s counts from the loop's (re)start and falls where a killed run resumed."""
+  run = metrics[-1:]
+  for line in reversed(metrics[:-1]):
+    if line["elapsed_s"] >= run[0]["elapsed_s"]:
+      break
+    run.insert(0, line)
+  first, last = run[0], run[-1]
+  if len(run) < 2:
     return float(last["steps_per_s"])
-  return (last["step"] - first["step"]) / (elapsed(last) - elapsed(first))
+  return (last["step"] - first["step"]) / (last["elapsed_s"] - first["elapsed_s"])
 
 
 def phase_rag_sequence(job: Job) -> dict[str, Any]:
