@@ -16,7 +16,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 
@@ -24,16 +23,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-
-def _median_time(fn, iters: int, warmup: int) -> float:
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+from benchmarks.timing import median_seconds  # noqa: E402
 
 
 def main() -> None:
@@ -87,7 +77,7 @@ def main() -> None:
   for name, model in (("fp32", model32), ("bf16", model16)):
     step = jax_step(model)
     args_dev = [jax.device_put(x, device) for x in (ids, mask, dec)]
-    t = _median_time(lambda s=step, a=args_dev: jax.block_until_ready(s(params, *a)),
+    t = median_seconds(lambda s=step, a=args_dev: jax.block_until_ready(s(params, *a)),
                      args.iters, args.warmup)
     results.append({**base, "impl": "rag_jax", "dtype": name, "step_s": t,
                     "questions_per_s": args.batch / t})
@@ -120,7 +110,7 @@ def main() -> None:
       loss.backward()
       if cuda:
         torch.cuda.synchronize()
-    t = _median_time(torch_step, args.iters, args.warmup)
+    t = median_seconds(torch_step, args.iters, args.warmup)
     results.append({**base, "impl": "transformers_torch", "dtype": name, "step_s": t,
                     "questions_per_s": args.batch / t})
     print(json.dumps(results[-1]), flush=True)

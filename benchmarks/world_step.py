@@ -21,7 +21,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
 
@@ -30,18 +29,8 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-FEASIBILITY_STEPS_PER_S = 1092 / 240  # torch, 2 CPU cores, same sizes (synthetic_world.md)
-
-
-def median_seconds(fn, iters: int, warmup: int) -> float:
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+from benchmarks.timing import median_seconds  # noqa: E402
+from rag_jax.training.world_report import FEASIBILITY_STEPS_PER_S  # noqa: E402
 
 
 def torch_rag(args):

@@ -92,6 +92,25 @@ def test_tokenizers_roundtrip(tmp_path):
       assert tok.decode(ids, skip_special_tokens=True) == text.lower()
 
 
+def test_answer_labels_with_the_decoder_start_prepended(tmp_path):
+  """tokenize_qa's labels: the tokenizer's ids, or the start id + those ids, padded/truncated to
+  max_target_length (checked per row against the tokenizer's own output)."""
+  from rag_jax.data.qa import tokenize_qa
+  wd.build_world(SMALL, tmp_path / "w")
+  tok = world_tokenizer.train_tokenizer(world_tokenizer.world_texts(tmp_path / "w"), "word")
+  answers = ["paris", "the red house", "a b c d e f g"]
+  for start, length in ((None, 4), (0, 4), (2, 6)):
+    labels = tokenize_qa(tok, tok, ["q"] * 3, answers, 8, length, start).labels
+    assert labels.shape == (3, length) and labels.dtype == np.int32
+    for row, answer in zip(labels, answers, strict=True):
+      ids = tok(answer, add_special_tokens=True)["input_ids"]
+      room = length - (start is not None)
+      body = ids if len(ids) <= room else ids[:room - 1] + ids[-1:]  # truncation keeps </s>
+      want = ([] if start is None else [start]) + body
+      want += [tok.pad_token_id] * (length - len(want))
+      assert row.tolist() == want, (start, length, answer)
+
+
 def test_in_batch_loss_and_recall_match_numpy():
   rng = np.random.default_rng(0)
   q, d = rng.normal(size=(6, 4)).astype(np.float32), rng.normal(size=(6, 4)).astype(np.float32)

@@ -1,5 +1,5 @@
 """Generator-only (BART) sequence-to-sequence training: the closed-book baseline's trainer
-(rag_jax.training.world_job) and a synthetic reversal task (configs/default.py).
+(rag_jax.training.world_job) and a synthetic reversal task (configs/reversal.py).
 
 Data parallel over every device: the state is replicated, the global batch is sharded on the
 mesh's "data" axis, and one jitted `train_step(state, batch) -> (state, metrics)` (state donated)
@@ -119,7 +119,7 @@ class Seq2SeqTask:
 
 
 def reversal_task(config: ml_collections.ConfigDict) -> Seq2SeqTask:
-  """The built-in reversal task of configs/default.py."""
+  """The built-in reversal task of configs/reversal.py."""
   t = config.task
 
   def batch(split: str, index: int) -> dict[str, np.ndarray]:

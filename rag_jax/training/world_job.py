@@ -1,5 +1,5 @@
-"""A small RAG trained from nothing on a synthetic knowledge world (configs/world.py; issue 7's
-job, to become `python train.py`'s default once it meets its targets in the time budget).
+"""`python train.py`'s default job (configs/default.py): a small RAG trained from nothing on a
+synthetic knowledge world, measured against a closed-book BART (issue 7; docs/world.md).
 
 `train_and_evaluate(config, workdir)` runs these phases, each shown with a progress bar, each
 recorded in workdir/phases.json with its wall time once complete (a rerun skips finished phases;
