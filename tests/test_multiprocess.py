@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 from flax import traverse_util
 
 from rag_jax.training.mesh import data_mesh
@@ -24,6 +25,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two jax.distributed processes: about a minute on 2 cores
 def test_two_processes_equal_one_device(tmp_path):
   port = _free_port()
   out = tmp_path / "params.npz"

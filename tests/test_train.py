@@ -28,6 +28,7 @@ def _config(steps=40):
   return config
 
 
+@pytest.mark.slow  # the reversal job (configs/reversal.py) is no longer the default
 def test_learns_and_resumes_exactly(tmp_path):
   assert jax.device_count() == 8
   full = seq2seq.train_and_evaluate(_config(), str(tmp_path / "full"))
@@ -56,6 +57,7 @@ def test_learns_and_resumes_exactly(tmp_path):
                              atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow  # the reversal job (configs/reversal.py) is no longer the default
 def test_refuses_a_workdir_with_another_config(tmp_path):
   seq2seq.train_and_evaluate(_config(steps=2), str(tmp_path))
   other = _config(steps=2)
