@@ -61,8 +61,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.rag.n_docs = 5  # Passages retrieved per question (paper: 5 or 10).
   config.rag.label_smoothing = 0.0  # Epsilon of the marginal likelihood.
   config.rag.exclude_bos_score = False  # RAG-Sequence: drop the BOS position's log-prob.
-  # Labels `</s> <s> answer </s>`: the decoder reads what it reads when generating. With the
-  # reference's `<s> answer </s>` the fresh BART never learned to copy (docs/world.md).
+  # Labels `<s> <s> answer </s>` (start token prepended): the answer is predicted after the
+  # start token, as in generation. With the reference's `<s> answer </s>` the fresh BART never
+  # learned to copy (docs/world.md).
   config.rag.prepend_decoder_start = True
   config.rag.batch_size = 32  # Questions per step.
   config.rag.num_train_steps = 300  # Optimizer steps of each RAG model and the closed book

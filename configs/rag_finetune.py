@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.max_combined_length = 300  # Passage + question tokens fed to the generator.
   config.label_smoothing = 0.1  # Epsilon of the marginal-likelihood losses.
   config.exclude_bos_score = False  # RAG-Sequence: drop the BOS position's log-prob.
-  config.prepend_decoder_start = False  # Labels `</s> <s> answer </s>` (False: the reference's).
+  config.prepend_decoder_start = False  # Start-token-prefixed labels (False: the reference's).
 
   config.batch_size = 8  # Global batch of questions (split over all devices).
   config.num_train_steps = 10_000  # Optimizer steps (the schedule's length).

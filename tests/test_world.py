@@ -2,6 +2,7 @@
 brute-force recomputation from the generated facts."""
 
 import numpy as np
+import pytest
 
 from rag_jax.data import world as wd
 from rag_jax.data import world_tokenizer
@@ -109,6 +110,8 @@ def test_answer_labels_with_the_decoder_start_prepended(tmp_path):
       want = ([] if start is None else [start]) + body
       want += [tok.pad_token_id] * (length - len(want))
       assert row.tolist() == want, (start, length, answer)
+  with pytest.raises(ValueError, match="max_target_length=2 leaves 1 label tokens"):
+    tokenize_qa(tok, tok, ["q"], ["paris"], 8, 2, 0)
 
 
 def test_in_batch_loss_and_recall_match_numpy():

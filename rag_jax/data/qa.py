@@ -63,15 +63,19 @@ def tokenize_qa(question_tokenizer: Any, generator_tokenizer: Any, questions: li
   """Fixed-shape (padded to the maximum lengths) ids, so the train step compiles once.
 
   decoder_start_token_id: None keeps the labels as the generator tokenizer writes them
-  (`<s> answer </s>`, transformers' RAG fine-tuning recipe, whose decoder then reads `<s>` first
-  although generation starts from the decoder start token). Given, it is prepended to every
-  label row (`</s> <s> answer </s>` for BART; max_target_length counts it), so training reads
-  the decoder the way generation does. A from-scratch BART learns to copy answers from
-  passages within ~150 steps this way and not in 600 steps the reference's way (docs/world.md).
+  (`<s> answer </s>`, transformers' RAG fine-tuning recipe: the decoder reads `<s>` and must
+  predict the answer's first token at position 0). Given, it is prepended to every label row
+  (`<s> <s> answer </s>` with the world job's start id 0; max_target_length counts it), so the
+  answer is predicted at position 1, after the start token, as generation reads it. A
+  from-scratch BART learns to copy answers from passages near step 150 this way and not in 600
+  steps the reference's way (docs/world.md).
   """
   q = question_tokenizer(questions, max_length=max_source_length, padding="max_length",
                          truncation=True)
   room = max_target_length - (decoder_start_token_id is not None)
+  if room < 2:
+    raise ValueError(f"max_target_length={max_target_length} leaves {room} label tokens after "
+                     "the decoder start token; an answer needs at least <s> and </s>")
   t = generator_tokenizer(answers, max_length=room, padding="max_length", truncation=True)
   labels = np.asarray(t["input_ids"], np.int32)  # [N, room]
   if decoder_start_token_id is not None:

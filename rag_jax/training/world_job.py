@@ -190,10 +190,10 @@ def _rag_config(job: Job, model_type: str) -> ml_collections.ConfigDict:
 
 
 def _generator_config(job: Job):
-  """The fresh BART, with BART's special ids: its decoder starts from </s> (id 2) and then
-  writes `<s> answer </s>`. The RAG phases train with config.rag.prepend_decoder_start, so the
-  decoder reads `</s> <s> answer` in training as in generation; with the reference's layout
-  (training reads `<s> answer`) set decoder_start_token_id to 0 here instead."""
+  """The fresh BART. Its decoder starts from <s> (id 0) and writes `<s> answer </s>`; with
+  config.rag.prepend_decoder_start the RAG phases train on `<s> <s> answer </s>`, reading the
+  decoder as generation does (BART's usual start </s>, id 2, did not learn to copy; see
+  docs/world.md)."""
   from rag_jax.models import presets
   g = job.config.generator
   return presets.generator_config(
