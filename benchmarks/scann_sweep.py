@@ -1,6 +1,7 @@
-"""The ScaNN tuning sweep behind docs/retrieval.md: which tree finds inner-product neighbours.
+"""The ScaNN tuning study behind docs/retrieval.md and ScannConfig's defaults: which tree finds
+inner-product neighbours (benchmark.py times the chosen settings against faiss).
 
-  python benchmarks/scann_sweep.py [names...]    # default: all; names below
+  python -m benchmarks.scann_sweep [names...]    # default: all; names below
 
 Raw ScaNN (no rag_jax wrapper) on the anchor data: 200k x 768, 2000 clusters, unequal norms,
 1000 queries, numpy exact top-100 as truth. One RESULT JSON line per (config, leaves, reorder).
@@ -9,17 +10,13 @@ Raw ScaNN (no rag_jax wrapper) on the anchor data: 200k x 768, 2000 clusters, un
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
-os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root
+import numpy as np
+import scann
 
-import numpy as np  # noqa: E402
-import scann  # noqa: E402
-
-from rag_jax.retrieval.synthetic import clustered_embeddings, recall_at  # noqa: E402
+from rag_jax.retrieval.synthetic import clustered_embeddings, recall_at
 
 N, D, NQ, K = 200_000, 768, 1000, 100
 B = scann.scann_ops_pybind.builder

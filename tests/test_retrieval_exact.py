@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from rag_jax.retrieval.exact import ExactConfig, ExactIndex
+from rag_jax.retrieval.exact import ExactConfig, ExactIndex, chunk_topk, topk_group_size
 from rag_jax.retrieval.index import IndexDimensionError, IndexFileError, load_index
 
 
@@ -79,6 +79,31 @@ def test_bfloat16_storage_matches_rounded_reference():
   np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("num_devices", [1, 8])
+def test_storage_dtype_matmul_matches_rounded_queries_and_rows(num_devices):
+  # matmul="storage": queries are rounded to bf16 like the rows, products accumulate in float32.
+  # Small integers are exact in bf16, so ties and the smaller-row-wins rule must hold exactly.
+  rng = np.random.default_rng(4)
+  db = rng.integers(-3, 4, (700, 24)).astype(np.float32)
+  queries = rng.integers(-3, 4, (12, 24)).astype(np.float32) + 0.00390625  # rounds away in bf16
+  index = ExactIndex.build(db, ExactConfig(chunk_size=64, dtype="bfloat16", matmul="storage"),
+                           mesh=mesh_of(num_devices))
+  scores, ids = index.search(queries, 25)
+  rounded_q = queries.astype(ml_dtypes.bfloat16).astype(np.float32)
+  ref_scores, ref_ids = numpy_topk(rounded_q, db, 25)
+  np.testing.assert_array_equal(ids, ref_ids)
+  np.testing.assert_array_equal(scores, ref_scores.astype(np.float32))
+  # The float32 path keeps the queries' low bits: its scores differ from the rounded ones.
+  exact = ExactIndex.build(db, ExactConfig(chunk_size=64, dtype="bfloat16"),
+                           mesh=mesh_of(num_devices))
+  assert not np.array_equal(exact.search(queries, 25)[0], scores)
+
+
+def test_unknown_matmul_mode_is_refused():
+  with pytest.raises(ValueError, match="matmul='fp8'"):
+    ExactConfig(matmul="fp8")
+
+
 def test_search_fn_inside_jit_matches_search():
   rng = np.random.default_rng(2)
   db = rng.integers(-3, 4, (300, 8)).astype(np.float32)
@@ -138,3 +163,25 @@ def test_failed_save_keeps_previous_index(tmp_path, monkeypatch):
   assert sorted(p.name for p in (tmp_path / "idx").rglob("*")) == before
   assert load_index(tmp_path / "idx").count == 50
   assert [p.name for p in tmp_path.iterdir()] == ["idx"]  # no temp directory left behind
+
+
+@pytest.mark.parametrize("width,k", [(64, 1), (512, 5), (4096, 100), (1024, 7), (96, 3),
+                                     (256, 64)])
+def test_chunk_topk_equals_lax_top_k_with_ties_and_padding(width, k):
+  # The two-stage top-k must return exactly lax.top_k's values and columns, including the
+  # smaller-column-first rule among ties and -inf padding columns.
+  rng = np.random.default_rng(width + k)
+  scores = rng.integers(-30, 31, (9, width)).astype(np.float32)  # ties, group maxima vary
+  scores[:, width // 2:] = np.where(rng.random((9, width - width // 2)) < 0.5, -np.inf,
+                                    scores[:, width // 2:])
+  scores[0] = -np.inf  # a row of padding only
+  values, cols = chunk_topk(jax.numpy.asarray(scores), k)
+  order = np.lexsort((np.broadcast_to(np.arange(width), scores.shape), -scores), axis=-1)[:, :k]
+  np.testing.assert_array_equal(np.asarray(cols), order)
+  np.testing.assert_array_equal(np.asarray(values), np.take_along_axis(scores, order, 1))
+
+
+def test_two_stage_path_is_taken_for_wide_rows():
+  # The cases above would pass trivially if every width fell back to lax.top_k.
+  assert topk_group_size(4096, 100) is not None and topk_group_size(512, 5) is not None
+  assert topk_group_size(256, 64) is None  # too few groups: plain top-k

@@ -41,6 +41,8 @@ from rag_jax.retrieval.index import (
 )
 from rag_jax.utils.atomic import atomic_directory
 
+MATMUL_MODES = ("float32", "storage")
+
 
 @dataclass(frozen=True)
 class ExactConfig:
@@ -53,16 +55,73 @@ class ExactConfig:
     dtype: device storage of the database (``float32``, ``bfloat16`` halves memory; scores are
       accumulated in float32 either way).
     axis: name of the mesh axis the rows are sharded over.
+    matmul: ``"float32"`` scores every row in float32 at the highest precision (rows upcast,
+      queries as given: the host path's numbers); ``"storage"`` multiplies in the storage dtype
+      with float32 accumulation (queries rounded to it; bf16 tensor cores on accelerators, where
+      the float32 path is several times slower at large query batches).
   """
 
   chunk_size: int = 16384
   query_batch_size: int = 256
   dtype: str = "float32"
   axis: str = "data"
+  matmul: str = "float32"
+
+  def __post_init__(self):
+    if self.matmul not in MATMUL_MODES:
+      raise ValueError(f"ExactConfig.matmul={self.matmul!r}; choose one of {MATMUL_MODES}")
+
+
+def _chunk_scores(queries: jax.Array, chunk: jax.Array, matmul: str) -> jax.Array:
+  """(B, d) x (C, d) -> (B, C) float32 scores; see ExactConfig.matmul."""
+  if matmul == "float32":
+    return jnp.dot(queries.astype(jnp.float32), chunk.astype(jnp.float32).T,
+                   precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+  return jnp.dot(queries.astype(chunk.dtype), chunk.T, preferred_element_type=jnp.float32)
+
+
+def topk_group_size(width: int, k: int) -> int | None:
+  """Group width for the two-stage top-k of a (B, width) row block, or None for a plain top-k.
+
+  A power of two near sqrt(width / k) balances the two stages' widths (width / g and k * g); it
+  must divide `width`, and the first stage must leave more than k groups to be worth it.
+  """
+  g = 1 << max(3, min(10, round(math.log2(max(1.0, math.sqrt(width / k))))))
+  if width % g or width // g <= k:
+    return None
+  return g
+
+
+def chunk_topk(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """Exactly ``lax.top_k(scores, k)`` (ties: smaller column first), in two cheaper stages.
+
+  A sort-based top-k over a wide row (accelerators sort the whole row) is what dominated the
+  search; instead the row is cut into groups of g columns, the k groups with the largest maxima
+  are kept (stable: smaller group first among equal maxima), and the top-k is taken among their
+  k * g columns, laid out in column order. Exact: every group holding a member of the top-k has
+  fewer than k groups ranked above it, since each of those contributes its maximum, a distinct
+  element ranked above that member (by score, or by column at equal score).
+
+  Args:
+    scores: (B, W) float32.
+  Returns:
+    (values (B, k), columns (B, k) int32), as lax.top_k.
+  """
+  b, width = scores.shape
+  g = topk_group_size(width, k)
+  if g is None:
+    return jax.lax.top_k(scores, k)
+  groups = scores.reshape(b, width // g, g)  # (B, W / g, g)
+  _, top_groups = jax.lax.top_k(groups.max(axis=-1), k)  # (B, k)
+  top_groups = jnp.sort(top_groups, axis=1)  # column order, so ties resolve as lax.top_k's
+  cand = jnp.take_along_axis(groups, top_groups[:, :, None], axis=1).reshape(b, k * g)
+  cols = (top_groups[:, :, None] * g + jnp.arange(g, dtype=jnp.int32)).reshape(b, k * g)
+  values, pos = jax.lax.top_k(cand, k)  # (B, k) over the (B, k * g) candidates
+  return values, jnp.take_along_axis(cols, pos, axis=1).astype(jnp.int32)
 
 
 def _local_topk(queries: jax.Array, db: jax.Array, k: int, chunk_size: int, row_offset: jax.Array,
-                num_valid: int) -> tuple[jax.Array, jax.Array]:
+                num_valid: int, matmul: str = "float32") -> tuple[jax.Array, jax.Array]:
   """Top-k of one device's rows.
 
   Args:
@@ -82,11 +141,10 @@ def _local_topk(queries: jax.Array, db: jax.Array, k: int, chunk_size: int, row_
   def step(carry, xs):
     best_s, best_i = carry
     chunk, c = xs
-    s = jnp.dot(queries, chunk.astype(jnp.float32).T, precision=jax.lax.Precision.HIGHEST,
-                preferred_element_type=jnp.float32)  # (B, C)
+    s = _chunk_scores(queries, chunk, matmul)  # (B, C)
     ids = row_offset + c * chunk_size + jnp.arange(chunk_size, dtype=jnp.int32)  # (C,)
     s = jnp.where(ids[None, :] < num_valid, s, -jnp.inf)
-    cs, ci = jax.lax.top_k(s, kc)  # (B, kc)
+    cs, ci = chunk_topk(s, kc)  # (B, kc)
     cand_s = jnp.concatenate([best_s, cs], axis=1)  # (B, k + kc), running list first
     cand_i = jnp.concatenate([best_i, ids[ci]], axis=1)
     ts, ti = jax.lax.top_k(cand_s, k)
@@ -98,7 +156,7 @@ def _local_topk(queries: jax.Array, db: jax.Array, k: int, chunk_size: int, row_
 
 
 def make_search_fn(mesh: Mesh, k: int, *, num_valid: int, rows_per_shard: int, chunk_size: int,
-                   axis: str = "data"):
+                   axis: str = "data", matmul: str = "float32"):
   """Returns a pure f(queries (B, d), db (S * rows_per_shard, d)) -> (scores, ids) (B, k).
 
   `db` must be sharded by rows over `axis` of `mesh` (:meth:`ExactIndex.db` is). Queries are
@@ -107,7 +165,7 @@ def make_search_fn(mesh: Mesh, k: int, *, num_valid: int, rows_per_shard: int, c
   def local(queries, db):
     shard = jax.lax.axis_index(axis)
     s, i = _local_topk(queries.astype(jnp.float32), db, k, chunk_size,
-                       shard * rows_per_shard, num_valid)
+                       shard * rows_per_shard, num_valid, matmul)
     all_s = jax.lax.all_gather(s, axis, axis=1, tiled=True)  # (B, S * k), shards in row order
     all_i = jax.lax.all_gather(i, axis, axis=1, tiled=True)
     ts, ti = jax.lax.top_k(all_s, k)
@@ -169,7 +227,8 @@ class ExactIndex(Index):
   def search_fn(self, k: int):
     """The pure search f(queries, db) for this index's layout (call with ``self.db``)."""
     return make_search_fn(self.mesh, k, num_valid=self.count, rows_per_shard=self.rows_per_shard,
-                          chunk_size=self.chunk_size, axis=self.config.axis)
+                          chunk_size=self.chunk_size, axis=self.config.axis,
+                          matmul=self.config.matmul)
 
   def _jitted(self, k: int):
     if k not in self._fns:

@@ -16,8 +16,8 @@ def clustered_embeddings(n: int, dim: int, num_clusters: int, num_queries: int,
                          seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """Returns (database (n, dim) float32, queries (num_queries, dim) float32).
 
-  With n=200_000, dim=768, num_clusters=2000, num_queries=1000, seed=0 this reproduces the anchor
-  benchmark's data bit for bit (shared/anchors/retrieval_bench.py).
+  With n=200_000, dim=768, num_clusters=2000, num_queries=1000, seed=0 this reproduces the
+  benchmark data of docs/retrieval.md bit for bit.
   """
   rng = np.random.default_rng(seed)
   centres = rng.standard_normal((num_clusters, dim), dtype=np.float32)

@@ -1,0 +1,77 @@
+"""Times rag_jax against transformers' PyTorch RAG and faiss in one run, at a preset's shapes.
+
+  python benchmark.py --preset=tiny                 # seconds on a CPU (CI-sized)
+  python benchmark.py --preset=base                 # the BERT-base + BART-base anchor shape
+  python benchmark.py --preset=paper --max_batch    # BERT-base + BART-large, on an accelerator
+
+Workloads: the RAG-Sequence / RAG-Token training step, RAG generation (RAG-Token beam,
+RAG-Sequence thorough and fast), retrieval (exact and ScaNN against faiss HNSW; exact on the
+device against torch), passage encoding. Prints a table and writes <workdir>/<preset>.json:
+medians over repeats after warm-up, compile time apart, peak memory, the ratio to the peer and
+the fraction of the machine's measured matmul peak or copy bandwidth. docs/benchmarks.md
+explains every field and records the measured figures.
+"""
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+# jax must not reserve most of the accelerator's memory: torch shares the device in this process.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+from absl import app, flags  # noqa: E402
+
+from benchmarks import runner  # noqa: E402
+
+_PRESET = flags.DEFINE_enum("preset", "tiny", ["tiny", "world", "base", "paper"], "Shapes.")
+_WORKLOADS = flags.DEFINE_list("workloads", ["train", "retrieval", "generate", "encode"],
+                               "Workload groups to run, in this order.")
+_MAX_BATCH = flags.DEFINE_bool("max_batch", False,
+                               "Also find the largest RAG-Sequence training batch that fits "
+                               "(accelerators; compiles the step again).")
+_N_DOCS = flags.DEFINE_list("n_docs", [], "Passages per question to time (default: preset's).")
+_DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
+                           "Compute dtype; auto = bf16 on accelerators, float32 on CPU.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats (the median is reported).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls first (the first is compilation).")
+_PEERS = flags.DEFINE_bool("peers", True, "Also time transformers / faiss / torch.")
+_INDEX_ROWS = flags.DEFINE_integer("index_rows", 0, "Retrieval rows (0: the preset's).")
+_SCANN = flags.DEFINE_multi_string(
+    "scann", ["2:0.03"], "ScaNN settings 'leaves_per_sqrt_n:fraction[,fraction]' (repeatable).")
+_FAISS_EF = flags.DEFINE_list("faiss_ef", ["128"], "faiss HNSW efSearch values.")
+_HNSW_M = flags.DEFINE_integer("hnsw_m", 128, "faiss HNSW links per node.")
+_WORKDIR = flags.DEFINE_string("workdir", "workdir/benchmark", "Where the JSON and log go.")
+_BUDGET = flags.DEFINE_float("time_budget_s", 3600.0, "Groups starting later are skipped.")
+_ISOLATE = flags.DEFINE_enum("isolate", "auto", ["auto", "yes", "no"],
+                             "One child process per group (auto: on accelerators).")
+_GROUP = flags.DEFINE_string("group", None, "Internal: run one group and write --child_out.")
+_CHILD_OUT = flags.DEFINE_string("child_out", None, "Internal: the child's result file.")
+
+
+def main(argv):
+  del argv
+  options = {"preset": _PRESET.value, "dtype": _DTYPE.value, "repeats": _REPEATS.value,
+             "warmup": _WARMUP.value, "n_docs": [int(n) for n in _N_DOCS.value],
+             "peers": _PEERS.value, "workdir": _WORKDIR.value,
+             "time_budget_s": _BUDGET.value, "isolate": _ISOLATE.value,
+             "index_rows": _INDEX_ROWS.value, "scann": _SCANN.value,
+             "faiss_ef": [int(v) for v in _FAISS_EF.value], "hnsw_m": _HNSW_M.value}
+  Path(options["workdir"]).mkdir(parents=True, exist_ok=True)
+  logging.basicConfig(filename=str(Path(options["workdir"]) / "benchmark.log"),
+                      level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  if _GROUP.value:  # A child: one group, its result to a file.
+    result = runner.run_group(_GROUP.value, options)
+    Path(_CHILD_OUT.value).write_text(json.dumps(result, default=str))
+    return
+  groups = ["ceilings", *_WORKLOADS.value]
+  if _MAX_BATCH.value:
+    groups += ["max_batch_jax", "max_batch_torch"]
+  report = runner.run(options, groups, " ".join(["python", *sys.argv]))
+  print(runner.table(report))
+  print(f"JSON: {Path(options['workdir']) / (options['preset'] + '.json')}")
+
+
+if __name__ == "__main__":
+  app.run(main)

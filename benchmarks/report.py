@@ -1,0 +1,91 @@
+"""Markdown tables from benchmark.py's JSON, written into docs between markers.
+
+  python -m benchmarks.report docs/benchmarks.md docs/benchmark_results/*.json
+
+For each JSON file NAME.json the section between `<!-- begin NAME -->` and `<!-- end NAME -->`
+of the markdown file is replaced (appended at the end if the markers are missing), so the figures
+in the docs are always the JSON's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks.runner import derive
+
+
+def _num(value: Any, fmt: str = "{:.3g}") -> str:
+  return fmt.format(value) if isinstance(value, (int, float)) and value == value else "-"
+
+
+def _pct(value: Any) -> str:
+  return f"{100 * value:.1f} %" if isinstance(value, (int, float)) else "-"
+
+
+def _memory(side: dict[str, Any]) -> str:
+  if side.get("device_peak_gib") is not None:
+    return f"{side['device_peak_gib']:.1f} GiB"
+  device = side.get("device") or {}
+  if device.get("peak_gib_in_use") is not None:
+    return f"{device['peak_gib_in_use']:.1f} GiB"
+  return f"{side['host_peak_mib'] / 1024:.1f} GiB host" if side.get("host_peak_mib") else "-"
+
+
+def render(report: dict[str, Any]) -> str:
+  """One markdown block: what ran, the ceilings, one table row per case."""
+  derive(report)
+  m, c = report["machine"], report.get("ceilings") or {}
+  lines = [f"`{report['command']}` ({report['date'][:10]}; {m['devices']}, {m['cpu_count']} host "
+           f"CPUs; jax {m['jax']}, flax {m['flax']}, torch {m.get('torch', '-')}, "
+           f"transformers {m['transformers']}; compute {c.get('compute_dtype', '-')})", ""]
+  if c:
+    lines += [f"Ceilings measured in the same run: {c['matmul_size']}^3 matmul "
+              f"{_num(c.get('jax_matmul_flops', 0) / 1e12)} TFLOP/s (jax), "
+              f"{_num((c.get('torch_matmul_flops') or 0) / 1e12)} TFLOP/s (torch); device copy "
+              f"{_num(c['copy_bandwidth'] / 1e9)} GB/s (read + write). \"of peak\" = hand-counted "
+              f"matmul FLOPs / time / the faster matmul.", ""]
+  lines += ["| workload | case | rag_jax /s | peer | peer /s | rag_jax vs peer | rag_jax of peak "
+            "| peer of peak | rag_jax compile s | memory rag_jax / peer |",
+            "|---|---|---:|---|---:|---:|---:|---:|---:|---|"]
+  for row in report["results"]:
+    ours, peer = row.get("rag_jax") or {}, row.get("peer") or {}
+    frac = ours.get("fraction_of_peak")
+    if row["workload"] == "retrieval" and "bandwidth_fraction" in ours:
+      frac_text = f"{_pct(ours['bandwidth_fraction'])} of bandwidth"
+    else:
+      frac_text = _pct(frac)
+    extra = ""
+    if "recall@100" in ours:
+      extra = f" (R@100 {ours['recall@100']:.3f} / {_num(peer.get('recall@100'))})"
+    ratio = row.get("ratio_to_peer")
+    lines.append(
+        f"| {row['workload']} | {row['case']}{extra} | {_num(ours.get('items_per_s'))} | "
+        f"{peer.get('name', peer.get('skipped', '-'))} | {_num(peer.get('items_per_s'))} | "
+        f"{_num(ratio, '{:.2f}x') if ratio else '-'} | {frac_text} | "
+        f"{_pct(peer.get('fraction_of_peak'))} | {_num(ours.get('compile_s'), '{:.0f}')} | "
+        f"{_memory(ours)} / {_memory(peer)} |")
+  for err in report.get("errors", []):
+    lines.append(f"\n{err['group']}: {err['error']}")
+  return "\n".join(lines)
+
+
+def update(markdown: Path, reports: list[Path]) -> None:
+  text = markdown.read_text()
+  for path in reports:
+    name = path.stem
+    block = f"<!-- begin {name} -->\n{render(json.loads(path.read_text()))}\n<!-- end {name} -->"
+    pattern = re.compile(rf"<!-- begin {re.escape(name)} -->.*?<!-- end {re.escape(name)} -->",
+                         re.S)
+    text = (pattern.sub(lambda _, b=block: b, text) if pattern.search(text)
+            else text + "\n" + block)
+  markdown.write_text(text)
+
+
+if __name__ == "__main__":
+  if len(sys.argv) < 3:
+    sys.exit(__doc__)
+  update(Path(sys.argv[1]), [Path(p) for p in sys.argv[2:]])

@@ -1,0 +1,73 @@
+"""benchmark.py at the tiny preset: every workload runs for rag_jax and its peer and the JSON
+holds every field the docs are generated from (timings are never asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import flops, presets
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+  workdir = tmp_path_factory.mktemp("bench")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user
+  proc = subprocess.run(
+      [sys.executable, "benchmark.py", "--preset=tiny", "--repeats=2", "--warmup=1",
+       f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "rag_jax/s" in proc.stdout  # the console table
+  return json.loads((workdir / "tiny.json").read_text())
+
+
+def test_json_has_every_field(report):
+  assert report["errors"] == []
+  assert {"jax", "flax", "transformers", "torch", "devices", "host"} <= set(report["machine"])
+  ceilings = report["ceilings"]
+  for key in ("jax_matmul_flops", "torch_matmul_flops", "copy_bandwidth", "matmul_peak_flops"):
+    assert ceilings[key] > 0
+  workloads = {row["workload"] for row in report["results"]}
+  assert workloads == {"train", "retrieval", "generate", "encode"}
+  for row in report["results"]:
+    ours = row["rag_jax"]
+    for key in ("first_s", "median_s", "min_s", "max_s", "items_per_s"):
+      assert ours[key] > 0, (row["case"], key)
+    if row["workload"] in ("train", "encode"):
+      assert row["ratio_to_peer"] > 0 and 0 < ours["fraction_of_peak"]
+      assert row["peer"]["median_s"] > 0 and row["peer"]["host_peak_mib"] > 0
+  train = [r for r in report["results"] if r["workload"] == "train"]
+  assert {r["kind"] for r in train} == {"rag_sequence", "rag_token"}
+  for row in train:
+    assert row["rag_jax"]["compile_s"] > 0 and row["rag_jax"]["memory_plan"]["temp_gib"] > 0
+    # Same random weights and inputs: the first-step losses agree up to dropout noise.
+    assert row["rag_jax"]["loss_first_step"] == pytest.approx(row["peer"]["loss_first_step"],
+                                                              rel=0.1)
+  generate = {r["decoding"]: r for r in report["results"] if r["workload"] == "generate"}
+  assert set(generate) == {"beam", "thorough", "fast"}
+  # float32 on CPU: rag_jax decodes exactly transformers' tokens.
+  assert generate["beam"]["token_agreement"] == 1.0
+  assert generate["thorough"]["token_agreement"] == 1.0
+  recall = [r for r in report["results"] if r["workload"] == "retrieval"]
+  assert recall[0]["rag_jax"]["recall@100"] == 1.0  # exact search against numpy's truth
+
+
+def test_hand_flop_count_agrees_with_xla(report):
+  # XLA's CPU cost analysis counts every op; the hand count only the matmuls. They must agree
+  # to within the elementwise work (softmax, norms, the optimizer), here under 30 %.
+  for row in report["results"]:
+    if row["workload"] in ("train", "encode"):
+      assert 1.0 <= row["xla_flops_over_hand"] < 1.3, row["case"]
+
+
+def test_hand_count_of_a_bert_layer():
+  # One BERT-base layer on 128 tokens, written out: Q, K, V, O (4 x 2 * 128 * 768^2), the
+  # feed-forward (2 x 2 * 128 * 768 * 3072) and attention (2 x 2 * 128^2 * 768).
+  cfg = dict(presets.BERT_BASE, num_hidden_layers=1)
+  expected = 4 * 2 * 128 * 768**2 + 2 * 2 * 128 * 768 * 3072 + 2 * 2 * 128**2 * 768
+  assert flops.bert_forward(cfg, 1, 128) == expected
