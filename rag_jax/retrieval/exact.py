@@ -175,6 +175,28 @@ def make_search_fn(mesh: Mesh, k: int, *, num_valid: int, rows_per_shard: int, c
                        check_vma=False)
 
 
+def shard_rows(read, count: int, total: int, trailing: tuple[int, ...], dtype, mesh: Mesh,
+               axis: str = "data") -> jax.Array:
+  """A (total, *trailing) array sharded by rows over `axis`, rows >= count zero (padding).
+
+  read(start, stop) returns rows [start, stop) of the source; each device's block is read on
+  its own, so the whole source never sits in host memory at once. ExactIndex lays out its
+  database this way, and anything indexed by the same row ids (the passage table) must too.
+  """
+  sharding = NamedSharding(mesh, P(axis))
+
+  def block(index) -> np.ndarray:
+    rows = index[0]
+    start, stop = rows.start or 0, total if rows.stop is None else rows.stop
+    out = np.zeros((stop - start, *trailing), dtype=dtype)
+    hi = min(stop, count)
+    if hi > start:
+      out[:hi - start] = read(start, hi)
+    return out
+
+  return jax.make_array_from_callback((total, *trailing), sharding, block)
+
+
 def default_mesh(axis: str = "data") -> Mesh:
   """A 1-D mesh over all local devices."""
   return Mesh(np.array(jax.local_devices()), (axis,))
@@ -201,23 +223,13 @@ class ExactIndex(Index):
 
   def _place(self, embeddings: Embeddings, shards: int) -> jax.Array:
     """Puts the (padded) database on the mesh, reading only each device's own rows."""
-    total = shards * self.rows_per_shard
-    dtype = DTYPES[self.config.dtype]
-    sharding = NamedSharding(self.mesh, P(self.config.axis))
+    def read(start: int, stop: int) -> np.ndarray:
+      if isinstance(embeddings, EmbeddingStore):
+        return embeddings.rows(np.arange(start, stop))
+      return embeddings[start:stop]
 
-    def block(index) -> np.ndarray:
-      rows = index[0]
-      start, stop = rows.start or 0, total if rows.stop is None else rows.stop
-      out = np.zeros((stop - start, self.dim), dtype=dtype)
-      hi = min(stop, self.count)
-      if hi > start:
-        if isinstance(embeddings, EmbeddingStore):
-          out[:hi - start] = embeddings.rows(np.arange(start, hi))
-        else:
-          out[:hi - start] = embeddings[start:hi]
-      return out
-
-    return jax.make_array_from_callback((total, self.dim), sharding, block)
+    return shard_rows(read, self.count, shards * self.rows_per_shard, (self.dim,),
+                      DTYPES[self.config.dtype], self.mesh, self.config.axis)
 
   @classmethod
   def build(cls, embeddings: Embeddings, config: ExactConfig | None = None,

@@ -38,6 +38,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from rag_jax.models.rag import RagModel
+from rag_jax.training.device_retrieval import DeviceRetrieval
 from rag_jax.training.state import TrainState
 
 Array = jax.Array
@@ -145,9 +146,8 @@ def _per_device_grads(params: Any, batch: dict[str, Array], step: Array, dropout
 
 
 def make_train_step(model: RagModel, mesh: Mesh, loss_fn: LossFn, *,
-                    deterministic: bool = False, donate: bool = True
-                    ) -> Callable[[TrainState, dict[str, Array]],
-                                  tuple[TrainState, dict[str, Array]]]:
+                    deterministic: bool = False, donate: bool = True,
+                    retrieval: DeviceRetrieval | None = None) -> Callable[..., Any]:
   """A jitted `train_step(state, batch) -> (state, metrics)` over `mesh` (axis "data").
 
   loss_fn: e.g. functools.partial(losses.rag_sequence_nll, epsilon=0.1, pad_token_id=1).
@@ -156,6 +156,10 @@ def make_train_step(model: RagModel, mesh: Mesh, loss_fn: LossFn, *,
   on the host, and grad_norm (the global gradient's norm before clipping; a non-finite value is
   what the trainers stop on). A batch whose shapes disagree with the config raises
   BatchShapeError when the step is traced. The state argument is donated.
+
+  With `retrieval` (rag_jax.training.device_retrieval) the step is
+  `train_step(state, batch, index_arrays)`: the batch holds only the questions (QUESTION_KEYS)
+  and the step retrieves with the current question encoder, on the devices, before the loss.
   """
   body = functools.partial(_per_device_grads, model=model, loss_fn=loss_fn,
                            pad_token_id=model.config.generator.pad_token_id,
@@ -164,20 +168,30 @@ def make_train_step(model: RagModel, mesh: Mesh, loss_fn: LossFn, *,
                           in_specs=(P(), {k: P("data") for k in BATCH_KEYS}, P(), P()),
                           out_specs=(P(), P()), check_vma=False)
 
-  def train_step(state: TrainState, batch: dict[str, Array]):
+  def train_step(state: TrainState, batch: dict[str, Array], index: Any = None):
+    if retrieval is not None:
+      batch = retrieval.complete_batch(model, state.params, batch, index)
     check_batch(batch, model)
     grads, metrics = sharded(state.params, {k: batch[k] for k in BATCH_KEYS}, state.step,
                              state.dropout_key)
     return state.apply_gradients(grads=grads), metrics
 
   replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  return jax.jit(train_step, in_shardings=(replicated, data),
+  if retrieval is None:
+    return jax.jit(lambda state, batch: train_step(state, batch),
+                   in_shardings=(replicated, data), out_shardings=(replicated, replicated),
+                   donate_argnums=0 if donate else ())
+  return jax.jit(train_step, in_shardings=(replicated, data, retrieval.shardings),
                  out_shardings=(replicated, replicated), donate_argnums=0 if donate else ())
 
 
-def make_eval_step(model: RagModel, mesh: Mesh, loss_fn: LossFn
-                   ) -> Callable[[Any, dict[str, Array]], dict[str, Array]]:
-  """A jitted `eval_step(params, batch) -> metric sums` (no dropout, no gradient)."""
+def make_eval_step(model: RagModel, mesh: Mesh, loss_fn: LossFn, *,
+                   retrieval: DeviceRetrieval | None = None) -> Callable[..., Any]:
+  """A jitted `eval_step(params, batch) -> metric sums` (no dropout, no gradient).
+
+  With `retrieval`: `eval_step(params, batch, index_arrays) -> (metric sums, doc_ids [B, n])`,
+  the batch holding only the questions, as in make_train_step.
+  """
 
   def body(params, batch):
     check_batch(batch, model)
@@ -188,5 +202,13 @@ def make_eval_step(model: RagModel, mesh: Mesh, loss_fn: LossFn
   sharded = jax.shard_map(body, mesh=mesh, in_specs=(P(), {k: P("data") for k in BATCH_KEYS}),
                           out_specs=P(), check_vma=False)
   replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  return jax.jit(lambda params, batch: sharded(params, {k: batch[k] for k in BATCH_KEYS}),
-                 in_shardings=(replicated, data), out_shardings=replicated)
+  if retrieval is None:
+    return jax.jit(lambda params, batch: sharded(params, {k: batch[k] for k in BATCH_KEYS}),
+                   in_shardings=(replicated, data), out_shardings=replicated)
+
+  def eval_step(params, batch, index):
+    full = retrieval.complete_batch(model, params, batch, index)
+    return sharded(params, {k: full[k] for k in BATCH_KEYS}), full["doc_ids"]
+
+  return jax.jit(eval_step, in_shardings=(replicated, data, retrieval.shardings),
+                 out_shardings=(replicated, replicated))

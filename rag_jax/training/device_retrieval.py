@@ -1,0 +1,168 @@
+"""Retrieval inside the jitted train step: the whole RAG step stays on the devices.
+
+The host path (retrieval_feed.py) sends q(x) to the host, searches, gathers passage embeddings,
+joins generator inputs from token ids and sends the batch back. Here all of it is part of the
+step's program, over arrays resident on the devices and sharded by rows over the mesh like the
+exact index's database:
+
+    embeddings [R, D]   the frozen passage embeddings d(z) (ExactIndex.db)
+    tokens     [R, W]   every passage's generator part (rag_jax.data.passage_table)
+    lengths    [R]
+
+For a batch of questions: q(x) with the current question encoder (no gradient: the loss
+recomputes doc_scores = q(x) . d(z) with gradients, as in the host path), the exact top-n
+(rag_jax.retrieval.exact.make_search_fn: per-device chunked top-k, then a merge), a gather of
+the n passages' embeddings and token parts across shards (each device contributes the rows it
+holds; a psum joins them), and rag_jax.data.passage_table.assemble_rows. The result is the
+batch layout of rag_jax.training.rag_step, with the same ids, scores and generator rows as the
+host path (tests/test_device_retrieval.py).
+
+Memory: the arrays are arguments of the step, not constants, so hot-swapping the index (another
+world, a rebuilt corpus of the same size) passes new arrays without recompiling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from rag_jax.data.passage_table import PassageTable, TableSpec, assemble_rows
+from rag_jax.models.rag import RagModel
+from rag_jax.retrieval.exact import ExactIndex, make_search_fn, shard_rows
+
+Array = jax.Array
+
+# The batch keys the host sends when retrieval happens on the device.
+QUESTION_KEYS = ("input_ids", "attention_mask", "question_tokens", "question_lengths", "labels",
+                 "weights")
+
+
+def index_bytes(count: int, dim: int, width: int, embedding_itemsize: int,
+                token_itemsize: int) -> int:
+  """Device bytes of an index of `count` passages: embeddings + passage table + lengths."""
+  return count * (dim * embedding_itemsize + width * token_itemsize + 4)
+
+
+def fits_on_devices(count: int, dim: int, width: int, embedding_itemsize: int,
+                    token_itemsize: int, budget_bytes: float) -> bool:
+  """Whether the index and table fit `budget_bytes` summed over the mesh's devices."""
+  return index_bytes(count, dim, width, embedding_itemsize, token_itemsize) <= budget_bytes
+
+
+@dataclasses.dataclass
+class DeviceRetrieval:
+  """The device-resident index (see the module docstring) and how to search it.
+
+  arrays: {"embeddings", "tokens", "lengths"}, sharded by rows over `mesh`'s `axis`; pass them
+  to the step (they are its third argument). `swap` replaces them with another index's.
+  """
+
+  mesh: Mesh
+  spec: TableSpec
+  n_docs: int
+  count: int
+  rows_per_shard: int
+  chunk_size: int
+  matmul: str
+  axis: str
+  arrays: dict[str, Array]
+
+  @classmethod
+  def build(cls, index: ExactIndex, table: PassageTable, n_docs: int) -> DeviceRetrieval:
+    """Puts `table` beside `index`'s database, on the index's mesh, in the same row layout."""
+    if len(table) != index.count:
+      raise ValueError(f"passage table has {len(table)} passages but the index has "
+                       f"{index.count}")
+    total = index.db.shape[0]
+    tokens = shard_rows(lambda a, b: table.tokens[a:b], index.count, total, (table.spec.width,),
+                        table.spec.dtype, index.mesh, index.config.axis)
+    lengths = shard_rows(lambda a, b: table.lengths[a:b], index.count, total, (), np.int32,
+                         index.mesh, index.config.axis)
+    logging.info("device retrieval: %d passages x %d dims (%s) + passage table %d x %d (%s) on "
+                 "%d devices", index.count, index.dim, index.db.dtype, len(table),
+                 table.spec.width, table.spec.dtype, index.mesh.devices.size)
+    return cls(index.mesh, table.spec, n_docs, index.count, index.rows_per_shard,
+               index.chunk_size, index.config.matmul, index.config.axis,
+               {"embeddings": index.db, "tokens": tokens, "lengths": lengths})
+
+  def swap(self, index: ExactIndex, table: PassageTable) -> None:
+    """Replaces the resident arrays by another index's (same shapes: no recompilation)."""
+    other = DeviceRetrieval.build(index, table, self.n_docs)
+    if other.spec != self.spec:
+      raise ValueError(f"the new passage table follows {other.spec}, not {self.spec}")
+    if (other.count, other.rows_per_shard, other.chunk_size) != (
+        self.count, self.rows_per_shard, self.chunk_size):
+      logging.info("device retrieval: the new index has another size (%d passages); the step "
+                   "recompiles once", other.count)
+    self.__dict__.update(other.__dict__)
+
+  @property
+  def shardings(self) -> dict[str, NamedSharding]:
+    rows = NamedSharding(self.mesh, P(self.axis))
+    return {"embeddings": rows, "tokens": rows, "lengths": rows}
+
+  def search(self, queries: Array, embeddings: Array) -> tuple[Array, Array]:
+    """Exact top-n_docs: (scores [B, n] float32, passage ids [B, n] int32)."""
+    fn = make_search_fn(self.mesh, self.n_docs, num_valid=self.count,
+                        rows_per_shard=self.rows_per_shard, chunk_size=self.chunk_size,
+                        axis=self.axis, matmul=self.matmul)
+    return fn(queries, embeddings)
+
+  def gather(self, ids: Array, arrays: dict[str, Array]) -> dict[str, Array]:
+    """Rows `ids` [B, n] of every array, gathered across shards: each device takes the rows it
+    holds (zeros elsewhere) and a psum joins them (exact: one term is not zero)."""
+    axis, per_shard = self.axis, self.rows_per_shard
+
+    def local(ids, tables):
+      local_ids = ids - jax.lax.axis_index(axis) * per_shard
+      mine = (local_ids >= 0) & (local_ids < per_shard)
+      safe = jnp.clip(local_ids, 0, per_shard - 1)
+      out = {}
+      for name, table in tables.items():
+        rows = table[safe]  # [B, n, ...]
+        keep = mine.reshape(mine.shape + (1,) * (rows.ndim - mine.ndim))
+        wide = jnp.float32 if jnp.issubdtype(table.dtype, jnp.floating) else jnp.int32
+        out[name] = jax.lax.psum(jnp.where(keep, rows.astype(wide), 0), axis)
+      return out
+
+    specs = {k: P(axis) for k in arrays}
+    return jax.shard_map(local, mesh=self.mesh, in_specs=(P(), specs),
+                         out_specs={k: P() for k in arrays}, check_vma=False)(ids, arrays)
+
+  def complete_batch(self, model: RagModel, params: Any, batch: dict[str, Array],
+                     arrays: dict[str, Array]) -> dict[str, Array]:
+    """Questions -> the full train-step batch (rag_step.BATCH_KEYS) plus "doc_ids" and
+    "retrieval_scores" [B, n]. Pure; call it inside jit."""
+    q = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                    method=model.embed_questions)
+    q = jax.lax.stop_gradient(q).astype(jnp.float32)  # [B, D]
+    scores, ids = self.search(q, arrays["embeddings"])  # [B, n]
+    rows = self.gather(ids, arrays)
+    ctx, ctx_mask = assemble_rows(rows["tokens"], rows["lengths"], batch["question_tokens"],
+                                  batch["question_lengths"], self.spec)
+    return {**{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "weights")},
+            "context_input_ids": ctx, "context_attention_mask": ctx_mask,
+            "doc_embeds": rows["embeddings"].astype(jnp.float32), "doc_ids": ids,
+            "retrieval_scores": scores}
+
+
+def device_budget_bytes(fraction: float, devices: Any = None) -> float:
+  """`fraction` of the devices' memory (summed), from jax's allocator limits; on CPU, where jax
+  reports none, the host's physical memory."""
+  devices = jax.devices() if devices is None else devices
+  limits = [(d.memory_stats() or {}).get("bytes_limit") for d in devices]
+  if all(limits):
+    return fraction * float(sum(limits))
+  try:
+    return fraction * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (ValueError, OSError, AttributeError):
+    return math.inf
