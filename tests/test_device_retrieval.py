@@ -5,6 +5,7 @@ rows (passages that fill the row, questions truncated to nothing), the same loss
 parameters after several optimizer steps, on 1 and 8 devices, for RAG-Sequence and RAG-Token."""
 
 import functools
+import logging
 
 import jax
 import ml_collections
@@ -18,13 +19,14 @@ from rag_jax.data.passage_table import (
   PassageTable,
   PassageTableMismatch,
   build_passage_table,
+  load_or_build,
   question_parts,
 )
 from rag_jax.data.qa import TokenizedQA
 from rag_jax.models import presets
 from rag_jax.models.rag import RagModel
 from rag_jax.retrieval.exact import ExactConfig, ExactIndex
-from rag_jax.training import optimizer
+from rag_jax.training import device_retrieval, optimizer
 from rag_jax.training.device_retrieval import DeviceRetrieval
 from rag_jax.training.mesh import global_batch, replicate
 from rag_jax.training.rag_step import make_train_step
@@ -191,7 +193,7 @@ def test_passage_table_round_trip_and_mismatch_is_named(world, tmp_path):
   # Another tokenizer: a different vocabulary size is refused by name.
   _, other_tok = ref.train_tokenizers(TEXTS + QUESTIONS, generator_vocab=180)
   other = contexts.ContextAssembler(other_tok, feed.assembler.fmt)
-  with pytest.raises(PassageTableMismatch, match="vocab_size"):
+  with pytest.raises(PassageTableMismatch, match="vocab_size|tokenizer_sha"):
     loaded.check(other)
   # Another max_combined_length: the width no longer matches.
   longer = contexts.ContextAssembler(
@@ -202,3 +204,43 @@ def test_passage_table_round_trip_and_mismatch_is_named(world, tmp_path):
     loaded.check(feed.assembler, count=N_PASSAGES + 1)
   with pytest.raises(FileNotFoundError, match="no passage table"):
     PassageTable.load(tmp_path / "missing")
+
+
+def test_load_or_build_keeps_one_table_per_tokenizer(world, tmp_path):
+  feed, table, _, _ = _setup(world, mesh_of(1))
+  store = world["store"]
+  built = load_or_build(tmp_path, store.titles_and_texts, N_PASSAGES, feed.assembler,
+                        progress=False)
+  np.testing.assert_array_equal(built.tokens, table.tokens)
+  (path,) = tmp_path.iterdir()
+  stamp = (path / "tokens.npy").stat().st_mtime_ns
+  again = load_or_build(tmp_path, store.titles_and_texts, N_PASSAGES, feed.assembler,
+                        progress=False)
+  np.testing.assert_array_equal(again.tokens, table.tokens)
+  assert (path / "tokens.npy").stat().st_mtime_ns == stamp  # loaded, not rebuilt
+  # A second model's tokenizer gets a table of its own beside the first, which stays.
+  _, other_tok = ref.train_tokenizers(TEXTS + QUESTIONS + TITLES, generator_vocab=180)
+  other = contexts.ContextAssembler(other_tok, feed.assembler.fmt)
+  load_or_build(tmp_path, store.titles_and_texts, N_PASSAGES, other, progress=False)
+  assert len(list(tmp_path.iterdir())) == 2
+  assert (path / "tokens.npy").stat().st_mtime_ns == stamp
+
+
+def test_setup_chooses_the_device_where_the_index_fits_and_says_when_not(world, tmp_path,
+                                                                         caplog):
+  mesh = mesh_of(8)
+  feed, table, _, _ = _setup(world, mesh)
+  args = (feed.index, world["store"], feed.assembler, tmp_path / "tables", N_DOCS, mesh)
+  chosen = device_retrieval.setup("auto", *args, progress=False)
+  assert isinstance(chosen, DeviceRetrieval) and chosen.count == N_PASSAGES
+  np.testing.assert_array_equal(
+      jax.device_get(chosen.arrays["tokens"])[:N_PASSAGES], table.tokens)
+  assert device_retrieval.setup("host", *args) is None
+  with caplog.at_level(logging.WARNING):
+    assert device_retrieval.setup("auto", *args, memory_fraction=1e-12) is None
+  fallbacks = [r for r in caplog.records if "host path" in r.getMessage()]
+  assert len(fallbacks) == 1 and "exceeds" in fallbacks[0].getMessage()
+  with pytest.raises(ValueError, match="config.retrieval='device' but the index"):
+    device_retrieval.setup("device", *args, memory_fraction=1e-12)
+  with pytest.raises(ValueError, match="config.retrieval='gpu'"):
+    device_retrieval.setup("gpu", *args)

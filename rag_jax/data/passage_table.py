@@ -21,6 +21,7 @@ tokenizer's vocabulary size, checked against the generator tokenizer before trai
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -36,6 +37,13 @@ from rag_jax.data.contexts import ContextAssembler
 from rag_jax.utils.atomic import atomic_directory
 
 TABLE_FORMAT = "rag_jax.passage_table/1"
+
+
+def tokenizer_sha(tokenizer: Any) -> str:
+  """Fingerprint of a tokenizer's class and vocabulary (token -> id)."""
+  vocab = sorted(tokenizer.get_vocab().items())
+  text = json.dumps([type(tokenizer).__name__, vocab], ensure_ascii=False)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class PassageTableMismatch(ValueError):
@@ -55,6 +63,7 @@ class TableSpec:
   title_sep: str
   doc_sep: str
   prefix: str | None
+  tokenizer_sha: str  # Of the tokenizer's class and vocabulary: another tokenizer, other ids.
 
   @classmethod
   def of(cls, assembler: ContextAssembler) -> TableSpec:
@@ -65,7 +74,12 @@ class TableSpec:
                        f"content after the special tokens {assembler.head + assembler.tail}")
     return cls(len(assembler.tokenizer), width, fmt.max_combined_length,
                tuple(assembler.head), tuple(assembler.tail), int(assembler.pad_id),
-               fmt.title_sep, fmt.doc_sep, fmt.prefix)
+               fmt.title_sep, fmt.doc_sep, fmt.prefix, tokenizer_sha(assembler.tokenizer))
+
+  def key(self) -> str:
+    """A short name for this spec (tables of several models can sit beside one index)."""
+    text = json.dumps(dataclasses.asdict(self), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
   @property
   def dtype(self) -> np.dtype:
@@ -154,6 +168,22 @@ def build_passage_table(titles_and_texts: Any, count: int, assembler: ContextAss
         lengths[row] = len(ids)
       bar.update(stop - start)
   return PassageTable(tokens, lengths, spec)
+
+
+def load_or_build(directory: str | os.PathLike, titles_and_texts: Any, count: int,
+                  assembler: ContextAssembler, progress: bool = True) -> PassageTable:
+  """The table for `assembler` under directory/<spec key>, built and saved there first if it
+  does not exist (atomically: an interrupted build leaves nothing behind). Tables for other
+  tokenizers or formats in the same directory are left alone."""
+  spec = TableSpec.of(assembler)
+  path = Path(directory) / spec.key()
+  if (path / "table.json").is_file():
+    table = PassageTable.load(path)
+  else:
+    table = build_passage_table(titles_and_texts, count, assembler, progress=progress)
+    table.save(path, overwrite=False)
+  table.check(assembler, count=count)
+  return table
 
 
 def question_parts(assembler: ContextAssembler, questions: Sequence[str]

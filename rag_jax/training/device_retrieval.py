@@ -35,9 +35,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from rag_jax.data.passage_table import PassageTable, TableSpec, assemble_rows
+from rag_jax.data.passage_table import PassageTable, TableSpec, assemble_rows, load_or_build
 from rag_jax.models.rag import RagModel
-from rag_jax.retrieval.exact import ExactIndex, make_search_fn, shard_rows
+from rag_jax.retrieval.embeddings import DTYPES
+from rag_jax.retrieval.exact import ExactConfig, ExactIndex, make_search_fn, shard_rows
 
 Array = jax.Array
 
@@ -166,3 +167,47 @@ def device_budget_bytes(fraction: float, devices: Any = None) -> float:
     return fraction * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
   except (ValueError, OSError, AttributeError):
     return math.inf
+
+
+RETRIEVAL_MODES = ("auto", "device", "host")
+
+
+def setup(mode: str, index: Any, store: Any, assembler: Any, tables_dir: Any, n_docs: int,
+          mesh: Mesh, *, dtype: str = "auto", memory_fraction: float = 0.5,
+          progress: bool = True) -> DeviceRetrieval | None:
+  """The trainer's choice between device and host retrieval; None means the host path.
+
+  mode "host": the host path. "device": retrieval in the step (an error if the index does not
+  fit). "auto": in the step when the passage embeddings (in `dtype`: "auto" = bf16 on
+  accelerators, float32 on CPU) plus the passage table fit in `memory_fraction` of the devices'
+  memory (summed over the mesh: the rows are sharded), else the host path, said in one log line.
+  The passage table is loaded from, or built once into, `tables_dir` (one per tokenizer).
+  """
+  if mode not in RETRIEVAL_MODES:
+    raise ValueError(f"config.retrieval={mode!r}: expected one of {RETRIEVAL_MODES}")
+  if mode == "host":
+    logging.info("retrieval: host path (config.retrieval='host')")
+    return None
+  if dtype == "auto":
+    dtype = "bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32"
+  spec = TableSpec.of(assembler)
+  need = index_bytes(index.count, index.dim, spec.width, np.dtype(DTYPES[dtype]).itemsize,
+                     spec.dtype.itemsize)
+  budget = device_budget_bytes(memory_fraction, list(mesh.devices.flat))
+  if need > budget:
+    message = (f"the index ({index.count} passages x {index.dim} in {dtype} + passage table "
+               f"x {spec.width}: {need / 2**30:.1f} GiB) exceeds {memory_fraction:.0%} of the "
+               f"devices' memory ({budget / 2**30:.1f} GiB)")
+    if mode == "device":
+      raise ValueError(f"config.retrieval='device' but {message}")
+    logging.warning("retrieval: host path: %s", message)
+    return None
+  table = load_or_build(tables_dir, store.titles_and_texts, index.count, assembler,
+                        progress=progress)
+  exact = index
+  if not (isinstance(index, ExactIndex) and index.config.dtype == dtype
+          and index.mesh.devices.tolist() == mesh.devices.tolist()):
+    exact = ExactIndex.build(index.source, ExactConfig(dtype=dtype), mesh=mesh)
+  logging.info("retrieval: in the train step (%.1f GiB of %.1f GiB budget)", need / 2**30,
+               budget / 2**30)
+  return DeviceRetrieval.build(exact, table, n_docs)
