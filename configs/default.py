@@ -3,10 +3,10 @@
     python train.py                        # this config, in ./workdir
 
 No download: the world, its tokenizer, a DPR retriever, a ScaNN index, RAG-Sequence, RAG-Token
-and a closed-book BART are all built here, on CPU, in about seven minutes on 2 cores, and the
+and a closed-book BART are all built here, on CPU, in 3-8 minutes on 2 cores, and the
 report (held-out exact match, retrieval recall before/after RAG training, index hot-swap, speed,
 phase times) is printed and written to the workdir (rag_jax/training/world_job.py). Model sizes
-are those of the torch feasibility run in shared/reference/synthetic_world.md. The harder world
+are those of the torch feasibility run (docs/world.md). The harder world
 (subword tokenizer, multi-word answers, paraphrased questions) is configs/world_hard.py.
 Override any field: `python train.py --config.rag.num_train_steps=600 --workdir=runs/longer`.
 Figures of a full run: README.md and docs/world.md.

@@ -16,7 +16,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.trainer = "rag"  # train.py dispatch: the RAG fine-tuning loop.
-  config.model_type = "rag_sequence"  # rag_sequence | rag_token (the marginalisation).
+  # rag_sequence | rag_token: the loss's marginalisation and the class trained, exported and
+  # decoded (RagSequenceForGeneration / RagTokenForGeneration), whatever rag_checkpoint's class.
+  config.model_type = "rag_sequence"
   config.rag_checkpoint = ""  # transformers RAG checkpoint directory (with tokenizers).
   config.question_encoder_checkpoint = ""  # Or: DPRQuestionEncoder directory ...
   config.generator_checkpoint = ""  # ... and BART directory.

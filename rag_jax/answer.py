@@ -11,10 +11,12 @@ do with a `RagRetriever`, in rag_jax's pieces:
      exact inner products q(x) . d(z), the doc scores;
   3. generator inputs: the reference's strings (`title / text // question`, rag_jax.data.contexts),
      tokenized to max_combined_length;
-  4. rag_jax.decoding.generate (RAG-Token, or RAG-Sequence thorough / fast), decoded to strings.
+  4. rag_jax.decoding.generate, decoded to strings: RAG-Token decoding for a
+     RagTokenForGeneration checkpoint, RAG-Sequence (thorough / fast) for a
+     RagSequenceForGeneration one (config.json's `architectures`; `architecture=` overrides it).
 
 `RagAnswerer(checkpoint, index_dir)(questions)` returns one :class:`Answer` per question, with
-its passages and their prior p(z|x) = softmax(doc scores).
+its passages, their prior p(z|x) = softmax(doc scores), and the decoder that produced it.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import numpy as np
 
 from rag_jax import checkpoints
 from rag_jax.data import contexts
-from rag_jax.decoding import generate
+from rag_jax.decoding import DecoderInfo, generate
 from rag_jax.models.rag import RagModel
 from rag_jax.retrieval.index import IndexDimensionError, load_index
 from rag_jax.retrieval.pipeline import Hit, tokenize_questions
@@ -50,6 +52,7 @@ class Answer:
   alternatives: every returned (text, score), best first (num_return_sequences of them).
   passages: the n_docs retrieved passages, best first (Hit.score is q(x) . d(z)).
   passage_probs: p(z|x) = softmax of the doc scores, the prior the generator marginalises over.
+  decoder: the decoder that produced the text (as returned by rag_jax.decoding.generate).
   """
 
   question: str
@@ -58,6 +61,7 @@ class Answer:
   alternatives: tuple[tuple[str, float], ...]
   passages: tuple[Hit, ...]
   passage_probs: tuple[float, ...]
+  decoder: DecoderInfo
 
 
 class RagAnswerer:
@@ -118,11 +122,10 @@ class RagAnswerer:
       raise ValueError(f"the index holds fewer than n_docs={self.n_docs} passages")
     return ids, rows, scores
 
-  def __call__(self, questions: list[str], **generate_kwargs: Any) -> list[Answer]:
-    """Answers `questions`; `generate_kwargs` are rag_jax.decoding.generate's options
-    (num_beams, max_length, decoding="fast", num_return_sequences, ...)."""
-    if not questions:
-      return []
+  def generator_inputs(self, questions: list[str]
+                       ) -> tuple[list[list[Hit]], np.ndarray, np.ndarray, np.ndarray]:
+    """Retrieval and the generator's inputs: (hits per question, context_input_ids and
+    context_attention_mask [Q * n, L] batch-major, doc scores [Q, n] float32)."""
     ids, rows, scores = self.retrieve(questions)
     hits = [[self._hit(int(r), float(s)) for r, s in zip(row, sc, strict=True)]
             for row, sc in zip(rows, scores, strict=True)]
@@ -130,6 +133,16 @@ class RagAnswerer:
     ctx, ctx_mask = contexts.exact_context_inputs(
         self.tokenizers.generator, [[h.title for h in row] for row in hits],
         [[h.text for h in row] for row in hits], decoded, self.format)  # [Q*n, L]
+    return hits, ctx, ctx_mask, scores
+
+  def __call__(self, questions: list[str], **generate_kwargs: Any) -> list[Answer]:
+    """Answers `questions`; `generate_kwargs` are rag_jax.decoding.generate's options
+    (num_beams, max_length, decoding="fast", num_return_sequences, ...). The decoder is the
+    checkpoint's kind (RagTokenForGeneration: RAG-Token; RagSequenceForGeneration:
+    RAG-Sequence) unless `architecture=` names the other; each Answer records the one that ran."""
+    if not questions:
+      return []
+    hits, ctx, ctx_mask, scores = self.generator_inputs(questions)
     out = generate(self.model, self.params, context_input_ids=ctx, context_attention_mask=ctx_mask,
                    doc_scores=scores, n_docs=self.n_docs, **generate_kwargs)
     texts = self.tokenizers.generator.batch_decode(out.sequences, skip_special_tokens=True)
@@ -141,7 +154,7 @@ class RagAnswerer:
       block = range(i * per_question, (i + 1) * per_question)
       alternatives = tuple((texts[j].strip(), float(out.sequences_scores[j])) for j in block)
       answers.append(Answer(question, alternatives[0][0], alternatives[0][1], alternatives,
-                            tuple(hits[i]), tuple(float(p) for p in priors[i])))
+                            tuple(hits[i]), tuple(float(p) for p in priors[i]), out.decoder))
     return answers
 
   def _hit(self, row: int, score: float) -> Hit:
@@ -150,8 +163,10 @@ class RagAnswerer:
 
 
 def format_answer(answer: Answer, max_chars: int = 300) -> str:
-  """The question, its answer(s) and the passages with p(z|x) and doc score."""
-  lines = [f"Q: {answer.question}", f"A: {answer.text}   (score {answer.score:.4f})"]
+  """The question, its answer(s) with the decoder that produced them, and the passages with
+  p(z|x) and doc score."""
+  lines = [f"Q: {answer.question}",
+           f"A: {answer.text}   (score {answer.score:.4f}; {answer.decoder.describe()})"]
   lines += [f"   or: {text}   (score {score:.4f})" for text, score in answer.alternatives[1:]]
   lines.append("   passages:")
   for rank, (hit, prob) in enumerate(zip(answer.passages, answer.passage_probs, strict=True), 1):

@@ -93,6 +93,7 @@ def test_answers_equal_a_transformers_pipeline(world, kind, options):
   extra = {"mask_beam_contexts": False} if kind == "sequence" else {}  # transformers 5.23's rule
   got = answerer(QUESTIONS, **dref.generation_kwargs(**options), **extra)
   assert [a.text for a in got] == expected
+  assert {a.decoder.architecture for a in got} == {type(models[kind][0]).__name__}
   for i, a in enumerate(got):
     assert [h.row for h in a.passages] == list(rows[i])
     assert [h.title for h in a.passages] == [TITLES[r] for r in rows[i]]
@@ -111,6 +112,7 @@ def test_command_prints_answers_with_passages(world):
   text = out.getvalue()
   for question, answer in zip(QUESTIONS[:2], expected[:2], strict=True):
     assert f"Q: {question}\nA: {answer}   (score" in text
+  assert text.count(f"; RAG-Token, 2 beams, {N_DOCS} docs, max_length 10)") == 2
   assert text.count("p=") == 2 * N_DOCS
 
 

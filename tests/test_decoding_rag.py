@@ -59,6 +59,10 @@ def test_rag_token_matches_transformers(rag_token, num_beams, settings):
     got = generate(model, params, context_input_ids=ids, context_attention_mask=mask,
                    doc_scores=doc_scores, n_docs=N_DOCS, **kwargs)
     np.testing.assert_array_equal(got.sequences, expected.sequences.numpy(), err_msg=str(setting))
+    # The decoder that ran is reported as the class it reproduced, with its beams and passages.
+    assert got.decoder.architecture == type(torch_model).__name__ == "RagTokenForGeneration"
+    assert (got.decoder.kind, got.decoder.decoding, got.decoder.num_beams, got.decoder.n_docs,
+            got.decoder.max_length) == ("rag_token", None, num_beams, N_DOCS, kwargs["max_length"])
     if num_beams > 1:
       np.testing.assert_allclose(got.sequences_scores, expected.sequences_scores.numpy(),
                                  atol=SCORE_TOL, rtol=0)
@@ -99,6 +103,10 @@ def test_rag_sequence_thorough_matches_transformers(rag_sequence, num_beams, set
     got = generate(model, params, context_input_ids=ids, context_attention_mask=mask,
                    doc_scores=doc_scores, n_docs=N_DOCS, mask_beam_contexts=False, **kwargs)
     np.testing.assert_array_equal(got.sequences, expected, err_msg=str(setting))
+    assert got.decoder.architecture == type(torch_model).__name__ == "RagSequenceForGeneration"
+    assert (got.decoder.kind, got.decoder.decoding, got.decoder.num_beams,
+            got.decoder.num_return_sequences) == ("rag_sequence", "thorough", num_beams,
+                                                  kwargs["num_return_sequences"])
     if setting.get("forced_bos_token_id") == 0:  # Every candidate has BOS: one exclusion rule.
       per_question = kwargs["num_return_sequences"]
       np.testing.assert_allclose(
@@ -186,6 +194,8 @@ def test_rag_sequence_fast_equals_numpy_paper_rule(rag_sequence):
   got = generate(model, params, context_input_ids=ids, context_attention_mask=mask,
                  doc_scores=doc_scores, decoding="fast", **dict(kwargs,
                                                                num_return_sequences=returned))
+  assert got.decoder.describe() == (f"RAG-Sequence fast, 3 beams, {N_DOCS} docs, max_length 10, "
+                                    "3 returned")
   for q in range(BATCH):
     best = expected[q][:returned]
     gaps = np.diff([s for _, s in expected[q][:returned + 1]])

@@ -1,9 +1,12 @@
 """The RAG fine-tuning loop end to end on 8 CPU devices: a corpus indexed with the retrieval
 pipeline, tiny transformers-built DPR encoders and BART, retrieval with the current question
 encoder at every step. The loss falls, a killed run resumes to identical parameters, the export
-loads in transformers, and bad data files are named."""
+loads in transformers, and bad data files are named. Started from a transformers RAG checkpoint
+of the other kind, the model trained with RAG-Token's (RAG-Sequence's) objective is exported as
+RagTokenForGeneration (RagSequenceForGeneration) and answered with that class's decoding."""
 
 import json
+import logging
 
 import jax
 import numpy as np
@@ -12,9 +15,11 @@ import torch
 import transformers
 
 from configs import rag_finetune
+from rag_jax import answer as answer_lib
 from rag_jax.checkpoints import load_pretrained
 from rag_jax.data import qa
 from rag_jax.training import rag_trainer
+from tests import decoding_reference as dref
 from tests import torch_reference as ref
 
 PEOPLE = [f"person{i}" for i in range(24)]
@@ -107,6 +112,87 @@ def test_trains_resumes_and_exports(setup, tmp_path):
   assert tokenizer.generator("paris")["input_ids"][0] == 0
 
 
+ARCHITECTURES = {"rag_sequence": "RagSequenceForGeneration", "rag_token": "RagTokenForGeneration"}
+
+
+@pytest.fixture(scope="module")
+def rag_checkpoints(setup, tmp_path_factory):
+  """transformers RagSequenceForGeneration and RagTokenForGeneration checkpoints (with their
+  tokenizers) joining the fixture's DPR question encoder and BART, saved by transformers."""
+  root, dirs = setup
+  out = {}
+  for kind, name in ARCHITECTURES.items():
+    question_encoder = transformers.DPRQuestionEncoder.from_pretrained(dirs["question"])
+    generator = transformers.BartForConditionalGeneration.from_pretrained(dirs["generator"])
+    config = transformers.RagConfig.from_question_encoder_generator_configs(
+        question_encoder.config, generator.config, n_docs=2)
+    model = getattr(transformers, name)(config, question_encoder=question_encoder,
+                                        generator=generator)
+    out[kind] = tmp_path_factory.mktemp("start") / name
+    model.save_pretrained(out[kind])
+    transformers.RagTokenizer(transformers.AutoTokenizer.from_pretrained(dirs["question"]),
+                              transformers.AutoTokenizer.from_pretrained(dirs["generator"])
+                              ).save_pretrained(out[kind])
+  return out
+
+
+@pytest.mark.parametrize("start,trained", [("rag_sequence", "rag_token"),
+                                           ("rag_token", "rag_sequence")])
+def test_the_trained_objective_is_the_exported_and_decoded_kind(setup, rag_checkpoints, tmp_path,
+                                                                 caplog, start, trained):
+  root, dirs = setup
+  config = _config(root, dirs, trained)
+  config.rag_checkpoint = str(rag_checkpoints[start])
+  config.num_train_steps = config.log_every = config.eval_every = config.checkpoint_every = 3
+  with caplog.at_level(logging.INFO, logger="rag_jax.training.rag_trainer"):
+    report = rag_trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  export = tmp_path / "run" / "export"
+  assert json.loads((export / "config.json").read_text())["architectures"] == [
+      ARCHITECTURES[trained]]
+  assert report["model_type"] == trained and report["architecture"] == ARCHITECTURES[trained]
+  # Starting from the other kind is logged, once, naming both.
+  notes = [r for r in caplog.records if "config.rag_checkpoint" in r.getMessage()]
+  assert len(notes) == 1 and notes[0].levelno == logging.WARNING, notes
+  assert ARCHITECTURES[start] in notes[0].getMessage()
+  assert ARCHITECTURES[trained] in notes[0].getMessage()
+  hf_config = transformers.AutoConfig.from_pretrained(export)
+  assert hf_config.architectures == [ARCHITECTURES[trained]]
+  torch_model, info = getattr(transformers, hf_config.architectures[0]).from_pretrained(
+      export, output_loading_info=True)
+  assert type(torch_model).__name__ == ARCHITECTURES[trained]
+  assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+  # rag_jax.answer decodes the export with the trained kind's decoder: the answers and their
+  # scores are those of the matching transformers class on the same retrieved passages
+  # (RAG-Token: beam sequences_scores; RAG-Sequence thorough: -loss of the returned answer).
+  answerer = answer_lib.RagAnswerer(export, root / "kb")
+  questions = [f"where does {p} live ?" for p in PEOPLE[16:20]]
+  options = dref.generation_kwargs(num_beams=2, max_length=6)
+  extra = {"mask_beam_contexts": False} if trained == "rag_sequence" else {}  # 5.23's rule
+  answers = answerer(questions, **options, **extra)
+  assert {(a.decoder.kind, a.decoder.architecture) for a in answers} == {
+      (trained, ARCHITECTURES[trained])}
+  _, ctx, ctx_mask, doc_scores = answerer.generator_inputs(questions)
+  ctx, ctx_mask, doc_scores = ref.to_torch(ctx), ref.to_torch(ctx_mask), ref.to_torch(doc_scores)
+  token = trained == "rag_token"  # RagSequenceForGeneration.generate returns sequences only.
+  with torch.no_grad():
+    out = torch_model.eval().generate(
+        context_input_ids=ctx, context_attention_mask=ctx_mask, doc_scores=doc_scores, n_docs=2,
+        **dref.torch_kwargs(options), **(dict(return_dict_in_generate=True, output_scores=True)
+                                         if token else {}))
+    sequences = out.sequences if token else out
+    if token:
+      scores = out.sequences_scores.numpy()
+    else:
+      scores = np.array([-torch_model(
+          context_input_ids=ctx[2 * q:2 * q + 2], context_attention_mask=ctx_mask[2 * q:2 * q + 2],
+          doc_scores=doc_scores[q:q + 1], labels=sequences[q:q + 1], exclude_bos_score=True,
+          n_docs=2).loss.item() for q in range(len(questions))])
+  texts = answerer.tokenizers.generator.batch_decode(sequences, skip_special_tokens=True)
+  assert [a.text for a in answers] == [t.strip() for t in texts]
+  np.testing.assert_allclose([a.score for a in answers], scores, atol=1e-4, rtol=0)
+
+
 def test_bad_data_files_are_named(tmp_path):
   (tmp_path / "train.source").write_text("q1\n\nq3\n")
   (tmp_path / "train.target").write_text("a1\na2\na3\n")
@@ -129,7 +215,16 @@ def test_config_naming_a_missing_index_or_checkpoint(setup, tmp_path):
   config.generator_checkpoint = str(tmp_path / "no_bart")
   with pytest.raises(FileNotFoundError, match=r"config\.generator_checkpoint=.*no_bart.*config"):
     rag_trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  config = _config(root, dirs, model_type="rag_tokens")
+  with pytest.raises(ValueError, match=r"config\.model_type 'rag_tokens': expected one of "
+                                       r"\['rag_sequence', 'rag_token'\]"):
+    rag_trainer.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()  # Refused before the workdir was touched.
+  config = _config(root, dirs)
+  config.rag_checkpoint = str(dirs["generator"])
+  with pytest.raises(ValueError, match=r"config\.rag_checkpoint=.*generator: a "
+                                       r"BartForConditionalGeneration checkpoint, not a RAG one"):
+    rag_trainer.load_model(config)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monkeypatch):

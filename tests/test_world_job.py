@@ -10,6 +10,9 @@ it survives being killed:
   facts are only in the passages) and the closed book stays near the majority answer;
 - with world 2's index and no retraining, changed answers follow the new index far more often
   than they keep the old value;
+- each RAG model is exported as its objective's transformers class (rag_token/export:
+  RagTokenForGeneration, read back with transformers' AutoConfig) and the report records, per
+  row, the decoder that ran (RAG-Token; RAG-Sequence thorough), read from the decoding calls;
 - a second start prints the finished report and changes nothing; another config is refused.
 The exact-match and hot-swap counts are computed by the job from the decoded answers against the
 world's files (rag_jax.training.world_eval), the independent reference being the world itself.
@@ -23,10 +26,15 @@ import sys
 import time
 from pathlib import Path
 
+import transformers
+
 from rag_jax.training import world_job
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 200  # Copying from the passages appears near step 150 on this world.
+ARCHITECTURES = {"rag_sequence": "RagSequenceForGeneration", "rag_token": "RagTokenForGeneration"}
+DECODERS = {"rag_sequence": "RAG-Sequence thorough, greedy, 3 docs, max_length 8",
+            "rag_token": "RAG-Token, greedy, 3 docs, max_length 8"}
 REDUCED = {
     "world.num_people": 120, "world.num_cities": 12, "world.num_companies": 10,
     "world.num_years": 30, "world.num_meetings": 30,
@@ -103,7 +111,31 @@ def test_default_job_learns_resumes_after_a_kill_and_refuses_another_config(tmp_
     assert swap["follow_new_index"] > 0.7 * swap["changed"], (name, swap)
     assert swap["keep_old_answer"] < 0.1 * swap["changed"], (name, swap)
   assert set(report["phase_seconds"]) == set(world_job.PHASES)
-  assert (workdir / "report.md").read_text().startswith("# rag_jax default job")
+  markdown = (workdir / "report.md").read_text()
+  assert markdown.startswith("# rag_jax default job")
+
+  # One source of truth for each model's kind: the objective it was trained with sets its
+  # export's class and the decoder the evaluation ran (rows labelled by the decoder that ran).
+  for name, architecture in ARCHITECTURES.items():
+    export = workdir / name / "export"
+    assert json.loads((export / "config.json").read_text())["architectures"] == [architecture]
+    assert transformers.AutoConfig.from_pretrained(export).architectures == [architecture]
+  for name, architecture in ARCHITECTURES.items():
+    assert (f"is a RagModel checkpoint; config.model_type={name!r} trains, exports and decodes "
+            f"it as {architecture}") in (workdir / name / "train.log").read_text()
+    m = report[name]
+    assert (m["trained_as"], m["export_architecture"]) == (name, architecture)
+    for decoder in (m["decoder"], m["hot_swap"]["decoder"]):
+      assert (decoder["kind"], decoder["architecture"], decoder["name"]) == (
+          name, architecture, DECODERS[name]), decoder
+    objective = DECODERS[name].split(" ")[0].rstrip(",")
+    assert f"| {objective} | {DECODERS[name]} | **{m['heldout_em']:.3f}** |" in markdown
+    assert f"| {objective} | {DECODERS[name]} | {m['hot_swap']['changed']} |" in markdown
+  init = json.loads((workdir / "rag_init" / "config.json").read_text())
+  assert init["architectures"] == ["RagModel"]  # Both start from it; neither kind.
+  assert report["closed_book"]["decoder"]["name"] == "BART, greedy, max_length 8"
+  assert report["decoders_match_objectives"]
+  assert "each model decoded with its training objective's decoder" in markdown
 
   # A second start neither retrains nor rewrites: it prints the finished run's report.
   stamp = (workdir / "report.json").stat().st_mtime_ns

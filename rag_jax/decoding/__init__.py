@@ -20,11 +20,11 @@ from rag_jax.decoding.beam_search import (
     gather_beams,
     greedy_search,
 )
-from rag_jax.decoding.generate import GenerateOutput, generate
+from rag_jax.decoding.generate import DecoderInfo, GenerateOutput, generate
 from rag_jax.decoding.processors import ProcessorConfig, ProcessorParams, apply_processors
 
 __all__ = [
-    "DecodingState", "GenerateOutput", "ProcessorConfig", "ProcessorParams", "SearchConfig",
-    "SearchOutput", "SearchParams", "apply_processors", "beam_search", "gather_beams", "generate",
-    "greedy_search",
+    "DecoderInfo", "DecodingState", "GenerateOutput", "ProcessorConfig", "ProcessorParams",
+    "SearchConfig", "SearchOutput", "SearchParams", "apply_processors", "beam_search",
+    "gather_beams", "generate", "greedy_search",
 ]

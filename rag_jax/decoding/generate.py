@@ -11,12 +11,14 @@ transformers v5.
 Returns numpy arrays laid out as transformers returns them: sequences [B * R, T] starting with the
 decoder start token, pad after each end, T cropped as transformers crops it; and one score per
 sequence (beam: transformers' sequences_scores; greedy: the sum of processed log-probs;
-RAG-Sequence: see rag_sequence.py).
+RAG-Sequence: see rag_sequence.py); and `decoder`, the decoder that ran (RAG-Token, RAG-Sequence
+thorough / fast, BART; beams, passages, length), for reports to record what produced an output.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from typing import Any
 
@@ -38,12 +40,52 @@ GENERATION_DEFAULTS: dict[str, Any] = dict(
     early_stopping=False, no_repeat_ngram_size=0, bad_words_ids=None, forced_bos_token_id=None)
 
 
+# The transformers class whose `generate` each decoder reproduces, and its name in reports.
+ARCHITECTURES = {"bart": "BartForConditionalGeneration", "rag_token": "RagTokenForGeneration",
+                 "rag_sequence": "RagSequenceForGeneration"}
+DECODER_NAMES = {"bart": "BART", "rag_token": "RAG-Token", "rag_sequence": "RAG-Sequence"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderInfo:
+  """The decoder one `generate` call ran, with the settings that shaped its output.
+
+  Filled in by `generate` from the call itself (the model's architecture or the `architecture`
+  override, the resolved options), so a report built from it says what actually decoded.
+  """
+
+  kind: str  # "bart", "rag_token" or "rag_sequence".
+  architecture: str  # The transformers class whose generate() this reproduces.
+  num_beams: int  # 1: greedy search.
+  max_length: int  # Length limit, the decoder start token included.
+  num_return_sequences: int
+  n_docs: int | None = None  # RAG: passages marginalised over.
+  decoding: str | None = None  # RAG-Sequence: "thorough" or "fast"; None otherwise.
+
+  def describe(self) -> str:
+    """A short label, e.g. 'RAG-Sequence thorough, greedy, 5 docs, max_length 8'."""
+    name = DECODER_NAMES[self.kind] + (f" {self.decoding}" if self.decoding else "")
+    parts = [name, "greedy" if self.num_beams == 1 else f"{self.num_beams} beams"]
+    if self.n_docs is not None:
+      parts.append(f"{self.n_docs} docs")
+    parts.append(f"max_length {self.max_length}")
+    if self.num_return_sequences > 1:
+      parts.append(f"{self.num_return_sequences} returned")
+    return ", ".join(parts)
+
+  def to_dict(self) -> dict[str, Any]:
+    """JSON-ready fields plus `name` (describe())."""
+    return {**dataclasses.asdict(self), "name": self.describe()}
+
+
 @dataclasses.dataclass
 class GenerateOutput:
-  """sequences [B * R, T] int32; sequences_scores [B * R] float32 (R = num_return_sequences)."""
+  """sequences [B * R, T] int32; sequences_scores [B * R] float32 (R = num_return_sequences);
+  decoder: the decoder that produced them."""
 
   sequences: np.ndarray
   sequences_scores: np.ndarray
+  decoder: DecoderInfo
 
 
 def _defaults(model: Any) -> dict[str, Any]:
@@ -126,6 +168,8 @@ def generate(model: Any, params: Any, input_ids=None, attention_mask=None, *,
   fill = (pad or eos[0]) if (eos and num_beams > 1) else pad
   cfg = SearchConfig(num_beams, max_length, start, fill, processor_cfg)
   search_params = SearchParams.make(max_length, length_penalty, early_stopping, processor_params)
+  ran = functools.partial(DecoderInfo, kind, ARCHITECTURES[kind], int(num_beams),
+                          int(max_length), int(num_return))
 
   if kind == "bart":
     if input_ids is None:
@@ -134,7 +178,7 @@ def generate(model: Any, params: Any, input_ids=None, attention_mask=None, *,
     mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
     out = compiled_bart_search(model, cfg)(params, search_params, ids, mask)
     return _finish(out.sequences[:, :num_return], out.scores[:, :num_return],
-                   out.lengths[:, :num_return])
+                   out.lengths[:, :num_return], ran())
 
   if context_input_ids is None or doc_scores is None:
     raise ValueError("RAG generation needs context_input_ids, context_attention_mask and "
@@ -145,10 +189,11 @@ def generate(model: Any, params: Any, input_ids=None, attention_mask=None, *,
   ctx = jnp.asarray(context_input_ids, jnp.int32)
   ctx_mask = (jnp.ones_like(ctx) if context_attention_mask is None
               else jnp.asarray(context_attention_mask, jnp.int32))
+  n = int(doc_scores.shape[1])
   if kind == "rag_token":
     out = compiled_rag_token_search(model, cfg)(params, search_params, ctx, ctx_mask, doc_scores)
     return _finish(out.sequences[:, :num_return], out.scores[:, :num_return],
-                   out.lengths[:, :num_return])
+                   out.lengths[:, :num_return], ran(n_docs=n))
 
   rcfg = RagSequenceConfig(
       search=cfg, num_return_sequences=num_return, decoding=decoding,
@@ -162,9 +207,9 @@ def generate(model: Any, params: Any, input_ids=None, attention_mask=None, *,
   width_from = out.candidate_lengths if decoding == "thorough" else out.lengths
   width = 1 + int(np.asarray(width_from).max(initial=0))
   return GenerateOutput(seqs.reshape(-1, seqs.shape[-1])[:, :width],  # [B*R, T]
-                        np.asarray(out.scores).reshape(-1))
+                        np.asarray(out.scores).reshape(-1), ran(n_docs=n, decoding=decoding))
 
 
-def _finish(sequences, scores, lengths) -> GenerateOutput:
+def _finish(sequences, scores, lengths, decoder: DecoderInfo) -> GenerateOutput:
   seqs, lens = np.asarray(sequences), np.asarray(lengths)
-  return GenerateOutput(_crop(seqs, lens), np.asarray(scores).reshape(-1))
+  return GenerateOutput(_crop(seqs, lens), np.asarray(scores).reshape(-1), decoder)

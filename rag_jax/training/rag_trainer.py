@@ -8,6 +8,12 @@ a resumed run sees the same data), retrieval on the host with the current questi
 target token, examples/s, the prior mass of the top passage; held-out loss and answer recall of
 the retrieved passages), orbax checkpoints (async, keep-N, exact resume), and at the end
 export/ (a transformers RAG checkpoint with its tokenizers) and report.json.
+
+`config.model_type` is the one source of truth for the model's kind: it picks the loss, and the
+model that is trained, exported and decoded is RagSequenceForGeneration (rag_sequence) or
+RagTokenForGeneration (rag_token) whatever the starting checkpoint's `architectures` say.
+Starting from a checkpoint of the other kind (e.g. RAG-Token fine-tuning from a RAG-Sequence
+checkpoint) is allowed and logged.
 """
 
 from __future__ import annotations
@@ -34,13 +40,23 @@ from rag_jax.training.rag_step import make_eval_step, make_train_step
 from rag_jax.training.retrieval_feed import RetrievalFeed
 from rag_jax.training.state import create_train_state
 
+log = logging.getLogger(__name__)
+
 LOSSES = {"rag_sequence": losses.rag_sequence_nll, "rag_token": losses.rag_token_nll}
+# The transformers class of the model trained with each objective (its export's architectures).
+ARCHITECTURES = {"rag_sequence": "RagSequenceForGeneration", "rag_token": "RagTokenForGeneration"}
+
+
+def architecture_of(model_type: str) -> str:
+  """config.model_type -> the architecture trained, exported and decoded."""
+  if model_type not in ARCHITECTURES:
+    raise ValueError(f"config.model_type {model_type!r}: expected one of {sorted(ARCHITECTURES)}")
+  return ARCHITECTURES[model_type]
 
 
 def loss_function(config: ml_collections.ConfigDict, model: RagModel):
   """The configured marginal likelihood with the generator's special ids."""
-  if config.model_type not in LOSSES:
-    raise ValueError(f"model_type {config.model_type!r}: expected one of {sorted(LOSSES)}")
+  architecture_of(config.model_type)
   gen = model.config.generator
   kw: dict[str, Any] = dict(epsilon=config.label_smoothing, pad_token_id=gen.pad_token_id)
   if config.model_type == "rag_sequence":
@@ -50,18 +66,30 @@ def loss_function(config: ml_collections.ConfigDict, model: RagModel):
 
 def load_model(config: ml_collections.ConfigDict
                ) -> tuple[RagModel, Any, checkpoints.RagTokenizers]:
-  """A RAG checkpoint directory, or a DPR question encoder and a BART generator joined."""
+  """A RAG checkpoint directory, or a DPR question encoder and a BART generator joined.
+
+  The model's architecture is `config.model_type`'s (see the module docstring): a checkpoint
+  of another kind (the other objective, or a plain RagModel) is converted and the change logged.
+  """
+  architecture = architecture_of(config.model_type)
   dtype = jnp.dtype(config.dtype)
   if config.rag_checkpoint:
     model, params = checkpoints.load_pretrained(config.rag_checkpoint, dtype=dtype)
+    if not isinstance(model, RagModel):
+      raise ValueError(f"config.rag_checkpoint={config.rag_checkpoint}: a "
+                       f"{type(model).__name__} checkpoint, not a RAG one (or set "
+                       "question_encoder_checkpoint and generator_checkpoint instead)")
     tokenizers = checkpoints.load_tokenizer(config.rag_checkpoint)
+    started = model.config.architecture
+    if started != architecture:  # The other objective's kind (warned), or a plain RagModel.
+      log.log(logging.INFO if started == "RagModel" else logging.WARNING,
+              "config.rag_checkpoint=%s is a %s checkpoint; config.model_type=%r trains, "
+              "exports and decodes it as %s", config.rag_checkpoint, started, config.model_type,
+              architecture)
   else:
     q_model, q_params = checkpoints.load_pretrained(config.question_encoder_checkpoint)
     g_model, g_params = checkpoints.load_pretrained(config.generator_checkpoint)
     rag_config = RagConfig(question_encoder=q_model.config, generator=g_model.config,
-                           architecture=("RagSequenceForGeneration"
-                                         if config.model_type == "rag_sequence"
-                                         else "RagTokenForGeneration"),
                            retrieval_vector_size=q_model.config.embedding_dim)
     model = RagModel(rag_config, dtype=dtype)
     params = {"question_encoder": q_params, "generator": g_params}
@@ -69,8 +97,9 @@ def load_model(config: ml_collections.ConfigDict
         checkpoints.load_tokenizer(config.question_encoder_checkpoint),
         checkpoints.load_tokenizer(config.generator_checkpoint))
   model = model.clone(config=dataclasses.replace(
-      model.config, n_docs=config.n_docs, max_combined_length=config.max_combined_length,
-      label_smoothing=config.label_smoothing, exclude_bos_score=config.exclude_bos_score))
+      model.config, architecture=architecture, n_docs=config.n_docs,
+      max_combined_length=config.max_combined_length, label_smoothing=config.label_smoothing,
+      exclude_bos_score=config.exclude_bos_score))
   return model, params, tokenizers
 
 
@@ -118,6 +147,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        stop_after: int | None = None) -> dict[str, Any] | None:
   """Trains or resumes RAG in `workdir` (see the module docstring). Returns the report, or
   None if `stop_after` ended the run early (as a kill would; the next call resumes)."""
+  architecture_of(config.model_type)
   check_config_paths(config)
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -229,7 +259,8 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
   params_host = jax.device_get(state.params)
   export = checkpoints.save_pretrained(model, params_host, workdir / "export",
                                        tokenizer=tokenizers)
-  report = {"model_type": config.model_type, "steps": config.num_train_steps,
+  report = {"model_type": config.model_type, "architecture": model.config.architecture,
+            "steps": config.num_train_steps,
             "devices": mesh.devices.size, **{f"val_{k}": v for k, v in final.items()},
             "export": str(export)}
   (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")

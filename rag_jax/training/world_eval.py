@@ -8,11 +8,16 @@ Everything is measured on the held-out questions (facts never asked in training)
 - hot-swap (paper section 4.5): each trained RAG model answers with world 2's index (same frozen
   passage encoder, a share of the held-out facts changed), no retraining; of the changed facts,
   how many answers give the new value and how many still give the old one.
+
+Each row records the decoder that produced its answers as returned by the decoding call
+(rag_jax.decoding.DecoderInfo: RAG-Token / RAG-Sequence thorough or fast / BART, beams, passages),
+next to the objective the model was trained with and its export's architecture.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +46,14 @@ def chunked(fn: Callable[[list[str]], list[Any]], items: list[str], size: int, d
     chunk = items[start:start + size]
     out.extend(fn(chunk + [chunk[-1]] * (size - len(chunk)))[:len(chunk)])
   return out
+
+
+def one_decoder(decoders: Iterable[Any]) -> dict[str, Any]:
+  """The DecoderInfo shared by every output of one evaluation row, as a dict."""
+  found = set(decoders)
+  if len(found) != 1:
+    raise RuntimeError(f"expected one decoder per evaluation row, got {sorted(map(str, found))}")
+  return found.pop().to_dict()
 
 
 def gold_rows(store: Any, ids: Sequence[str]) -> np.ndarray:
@@ -84,7 +97,8 @@ def evaluate_job(workdir: Path, world: dict[str, Any], cfg: Any) -> dict[str, An
   gold = gold_rows(store, world["heldout_gold_passages"])
   gen_kwargs = dict(num_beams=cfg.num_beams, max_length=cfg.max_answer_tokens)
   out: dict[str, Any] = {"heldout_questions": len(questions), "changed_facts": len(changed),
-                         "majority_em": world["heldout_majority_em"], "decoding": gen_kwargs}
+                         "majority_em": world["heldout_majority_em"],
+                         "decoding_options": gen_kwargs}
 
   # Recall of the retriever's question encoder (before RAG training).
   q_model, q_params = checkpoints.load_pretrained(workdir / "retriever" / "question_encoder")
@@ -100,17 +114,22 @@ def evaluate_job(workdir: Path, world: dict[str, Any], cfg: Any) -> dict[str, An
     rows = _search(lambda i, m, a=answerer: a._embed(a.params, i, m),
                    answerer.tokenizers.question_encoder, index, questions, max(ks),
                    cfg.batch_size, f"recall ({name})")
-    predicted = [a.text for a in chunked(lambda qs, a=answerer: a(qs, **gen_kwargs), questions,
-                                         cfg.batch_size, f"answers ({name})")]
+    answered = chunked(lambda qs, a=answerer: a(qs, **gen_kwargs), questions, cfg.batch_size,
+                       f"answers ({name})")
+    predicted = [a.text for a in answered]
     swapped_answerer = RagAnswerer(export, workdir / "index_swapped")
     changed_q = [questions[r] for r in changed]
-    after_swap = [a.text for a in chunked(lambda qs, a=swapped_answerer: a(qs, **gen_kwargs),
-                                          changed_q, cfg.batch_size, f"hot-swap ({name})")]
+    swap_answered = chunked(lambda qs, a=swapped_answerer: a(qs, **gen_kwargs), changed_q,
+                            cfg.batch_size, f"hot-swap ({name})")
+    after_swap = [a.text for a in swap_answered]
     new = [normalize(swapped[r]) for r in changed]
     old = [normalize(answers[r]) for r in changed]
     after_swap = [normalize(p) for p in after_swap]
     before_swap = [normalize(predicted[r]) for r in changed]
     out[name] = {
+        "trained_as": json.loads((workdir / name / "report.json").read_text())["model_type"],
+        "export_architecture": checkpoints.read_config(export)["architectures"][0],
+        "decoder": one_decoder(a.decoder for a in answered),
         "em": exact_match(predicted, answers),
         "recall_after": recall(rows, gold, ks),
         "hot_swap": {
@@ -118,6 +137,7 @@ def evaluate_job(workdir: Path, world: dict[str, Any], cfg: Any) -> dict[str, An
             "follow_new_index": sum(p == a for p, a in zip(after_swap, new, strict=True)),
             "keep_old_answer": sum(p == a for p, a in zip(after_swap, old, strict=True)),
             "old_index_gave_old_answer": sum(p == a for p, a in zip(before_swap, old, strict=True)),
+            "decoder": one_decoder(a.decoder for a in swap_answered),
         },
         "examples": [{"question": q, "answer": a, "predicted": p}
                      for q, a, p in list(zip(questions, answers, predicted, strict=True))[:5]],
@@ -127,13 +147,16 @@ def evaluate_job(workdir: Path, world: dict[str, Any], cfg: Any) -> dict[str, An
   model, params = checkpoints.load_pretrained(workdir / "closed_book" / "export")
   tok = checkpoints.load_tokenizer(workdir / "closed_book" / "export")
 
+  decoders: list[Any] = []
+
   def closed_book(chunk: list[str]) -> list[str]:
     enc = tok(chunk, padding="max_length", max_length=64, truncation=True)
-    seqs = generate(model, params, np.asarray(enc["input_ids"]), np.asarray(enc["attention_mask"]),
-                    **gen_kwargs).sequences
-    return tok.batch_decode(seqs, skip_special_tokens=True)
+    result = generate(model, params, np.asarray(enc["input_ids"]),
+                      np.asarray(enc["attention_mask"]), **gen_kwargs)
+    decoders.append(result.decoder)
+    return tok.batch_decode(result.sequences, skip_special_tokens=True)
 
   predicted = chunked(closed_book, questions, cfg.batch_size, "answers (closed book)")
-  out["closed_book"] = {"em": exact_match(predicted, answers),
+  out["closed_book"] = {"decoder": one_decoder(decoders), "em": exact_match(predicted, answers),
                         "train_examples_em_note": "see closed_book/report.json"}
   return out

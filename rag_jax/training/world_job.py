@@ -1,5 +1,5 @@
 """`python train.py`'s default job (configs/default.py): a small RAG trained from nothing on a
-synthetic knowledge world, measured against a closed-book BART (issue 7; docs/world.md).
+synthetic knowledge world, measured against a closed-book BART (docs/world.md).
 
 `train_and_evaluate(config, workdir)` runs these phases, each shown with a progress bar, each
 recorded in workdir/phases.json with its wall time once complete (a rerun skips finished phases;
@@ -11,11 +11,12 @@ a phase killed in the middle resumes from its own checkpoints or starts again):
   index        passages encoded + ScaNN index (rag_jax.retrieval.build_index's pipeline), for
                world 1 (index/) and world 2 (index_swapped/, same frozen passage encoder)
   rag_sequence RAG-Sequence fine-tuning from that retriever and a fresh BART
-               (rag_jax.training.rag_trainer: the training issue's train_step)
-  rag_token    the same with RAG-Token's marginalisation
+               (rag_jax.training.rag_trainer), exported as RagSequenceForGeneration
+  rag_token    the same with RAG-Token's marginalisation, exported as RagTokenForGeneration
   closed_book  the same BART size and steps on question -> answer (rag_jax.training.seq2seq)
-  evaluation   held-out exact match (answers decoded with rag_jax.answer / decoding), recall@k
-               of the question encoder before and after RAG training, index hot-swap
+  evaluation   held-out exact match (answers decoded with rag_jax.answer / decoding, each
+               model with its own kind's decoder, recorded in the report), recall@k of the
+               question encoder before and after RAG training, index hot-swap
 
 The report (report.json, report.md, printed) holds every figure. A workdir holding a finished
 run is not retrained: the report is printed again. A workdir holding another config is refused.
@@ -206,7 +207,11 @@ def _generator_config(job: Job):
 
 
 def _init_rag_checkpoint(job: Job) -> None:
-  """workdir/rag_init: the trained question encoder + a fresh BART, as one RAG checkpoint."""
+  """workdir/rag_init: the trained question encoder + a fresh BART, as one RAG checkpoint.
+
+  Both RAG phases start from it. It is saved as transformers' RagModel (the question encoder and
+  generator without a generation kind); each phase trains, exports and decodes it as its own
+  objective's class (rag_jax.training.rag_trainer.load_model)."""
   from rag_jax import checkpoints
   from rag_jax.models.rag import RagConfig, RagModel
   path = job.workdir / "rag_init"
@@ -216,7 +221,7 @@ def _init_rag_checkpoint(job: Job) -> None:
   gen = _generator_config(job)
   config = RagConfig(question_encoder=q_model.config, generator=gen, n_docs=job.config.rag.n_docs,
                      retrieval_vector_size=q_model.config.embedding_dim,
-                     architecture="RagSequenceForGeneration")
+                     architecture="RagModel")
   model = RagModel(config)
   from rag_jax.models.bart import BartForConditionalGeneration
   bart = BartForConditionalGeneration(gen)

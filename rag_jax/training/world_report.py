@@ -1,4 +1,8 @@
-"""The default job's report: report.json, report.md and the printed summary."""
+"""The default job's report: report.json, report.md and the printed summary.
+
+Every exact-match and hot-swap row names the objective its model was trained with, its export's
+architecture and the decoder that produced its answers, as the evaluation recorded them from the
+decoding calls (rag_jax.training.world_eval)."""
 
 from __future__ import annotations
 
@@ -11,10 +15,11 @@ from typing import Any
 import jax
 import ml_collections
 
+from rag_jax.decoding.generate import DECODER_NAMES
 from rag_jax.utils.atomic import atomic_file
 
-# The torch feasibility run (shared/reference/synthetic_world.md): RAG-Sequence, 1,092 steps of
-# batch 32, k = 5, 2 CPU cores, 240 s; same model sizes as this job's default config.
+# The torch feasibility run: RAG-Sequence, 1,092 steps of batch 32, k = 5, 2 CPU cores, 240 s;
+# same model sizes as this job's default config.
 FEASIBILITY_STEPS_PER_S = 1092 / 240
 TARGETS = {"rag_em": 0.95, "hot_swap_follow": 0.95, "speedup": 2.0}
 
@@ -33,6 +38,9 @@ def build_report(config: ml_collections.ConfigDict, phases: dict[str, Any]) -> d
     train = phases[name]["result"]
     swap = ev[name]["hot_swap"]
     models[name] = {
+        "trained_as": ev[name]["trained_as"],
+        "export_architecture": ev[name]["export_architecture"],
+        "decoder": ev[name]["decoder"],
         "heldout_em": ev[name]["em"],
         "recall_after": ev[name]["recall_after"],
         "hot_swap_follow_new": swap["follow_new_index"] / max(swap["changed"], 1),
@@ -49,12 +57,18 @@ def build_report(config: ml_collections.ConfigDict, phases: dict[str, Any]) -> d
       "tokenizer": {k: v for k, v in phases["tokenizer"]["result"].items()},
       "retriever": {**phases["retriever"]["result"], "recall_before": ev["recall_before"]},
       "rag_sequence": models["rag_sequence"], "rag_token": models["rag_token"],
-      "closed_book": {"heldout_em": ev["closed_book"]["em"], "steps": closed["steps"],
+      "closed_book": {"decoder": ev["closed_book"]["decoder"],
+                      "heldout_em": ev["closed_book"]["em"], "steps": closed["steps"],
                       "train_loss_first": closed["loss_first"],
                       "train_loss_last": closed["loss_last"],
                       "train_token_accuracy_note": "closed_book/report.json"},
       "majority_em": ev["majority_em"],
-      "decoding": ev["decoding"],
+      "decoding_options": ev["decoding_options"],
+      # Each model exported as its objective's class and decoded with that class's decoder.
+      "decoders_match_objectives": all(
+          m["decoder"]["kind"] == m["hot_swap"]["decoder"]["kind"] == m["trained_as"]
+          and m["export_architecture"] == m["decoder"]["architecture"]
+          for m in models.values()),
       "feasibility_torch_steps_per_s": FEASIBILITY_STEPS_PER_S,
       "phase_seconds": {name: p["seconds"] for name, p in phases.items()},
       "total_seconds": round(sum(p["seconds"] for p in phases.values()), 1),
@@ -77,6 +91,11 @@ def _pct(x: float) -> str:
   return f"{100 * x:.1f} %"
 
 
+def _objective(model: dict[str, Any]) -> str:
+  """'RAG-Token' for a model trained with the RAG-Token marginal likelihood."""
+  return DECODER_NAMES[model["trained_as"]]
+
+
 def markdown(r: dict[str, Any]) -> str:
   """The report as Markdown (report.md and the printed summary)."""
   w, seq, tok, cb = r["world"], r["rag_sequence"], r["rag_token"], r["closed_book"]
@@ -89,17 +108,24 @@ def markdown(r: dict[str, Any]) -> str:
       f"never asked in training; {w['changed_heldout']} held-out facts changed in world 2. "
       f"Tokenizer: {r['tokenizer']['kind']}, {r['tokenizer']['vocab_size']} tokens.", "",
       "## Held-out exact match", "",
-      "| model | EM | train loss (first -> last window) | steps | steps/s |",
-      "|---|---|---|---|---|",
+      "| model (training objective) | decoder that ran | EM | train loss (first -> last window) "
+      "| steps | steps/s |",
+      "|---|---|---|---|---|---|",
   ]
-  for name, m in (("RAG-Sequence", seq), ("RAG-Token", tok)):
-    lines.append(f"| {name} | **{m['heldout_em']:.3f}** | {m['train_loss_first']:.3f} -> "
-                 f"{m['train_loss_last']:.4f} | {m['steps']} | {m['steps_per_s']:.2f} |")
+  for m in (seq, tok):
+    lines.append(f"| {_objective(m)} | {m['decoder']['name']} | **{m['heldout_em']:.3f}** | "
+                 f"{m['train_loss_first']:.3f} -> {m['train_loss_last']:.4f} | {m['steps']} | "
+                 f"{m['steps_per_s']:.2f} |")
   lines += [
-      f"| closed-book BART (same size, steps) | **{cb['heldout_em']:.3f}** | "
-      f"{cb['train_loss_first']:.3f} -> {cb['train_loss_last']:.4f} | {cb['steps']} | |",
-      f"| majority answer per attribute | {r['majority_em']:.3f} | | | |", "",
-      f"Decoding: {r['decoding']}.", "",
+      f"| closed-book BART (same size, steps) | {cb['decoder']['name']} | "
+      f"**{cb['heldout_em']:.3f}** | {cb['train_loss_first']:.3f} -> "
+      f"{cb['train_loss_last']:.4f} | {cb['steps']} | |",
+      f"| majority answer per attribute | | {r['majority_em']:.3f} | | | |", "",
+      "Exports: " + ", ".join(f"{_objective(m)} {m['export_architecture']}" for m in (seq, tok))
+      + "; decoders as returned by the decoding calls; "
+      + ("each model decoded with its training objective's decoder."
+         if r["decoders_match_objectives"] else
+         "**a model was NOT decoded with its training objective's decoder.**"), "",
       "## Retrieval recall on held-out questions (ScaNN index)", "",
       "| question encoder | " + " | ".join(ks) + " |", "|---|" + "---|" * len(ks),
       "| retriever (before RAG training) | " + " | ".join(
@@ -112,12 +138,14 @@ def markdown(r: dict[str, Any]) -> str:
       "", f"Retriever: {ret['steps']} steps, in-batch loss {ret['loss_first']:.3f} -> "
       f"{ret['loss_last']:.3f} (chance {ret['chance_loss']:.3f}).", "",
       "## Index hot-swap (world 2's index, no retraining)", "",
-      "| model | changed facts | answers with the new value | still the old value |",
-      "|---|---|---|---|",
+      "| model (training objective) | decoder that ran | changed facts | answers with the new "
+      "value | still the old value |",
+      "|---|---|---|---|---|",
   ]
-  for name, m in (("RAG-Sequence", seq), ("RAG-Token", tok)):
+  for m in (seq, tok):
     s = m["hot_swap"]
-    lines.append(f"| {name} | {s['changed']} | {s['follow_new_index']} "
+    lines.append(f"| {_objective(m)} | {s['decoder']['name']} | {s['changed']} | "
+                 f"{s['follow_new_index']} "
                  f"({_pct(m['hot_swap_follow_new'])}) | {s['keep_old_answer']} "
                  f"({_pct(m['hot_swap_keep_old'])}) |")
   lines += [
