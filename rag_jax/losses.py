@@ -6,7 +6,8 @@ Shapes: B questions, n retrieved passages each, T target positions, V vocabulary
   target     [B, T]        the target ids as fed to the decoder (transformers RAG feeds labels
                            unshifted as decoder_input_ids); scored shifted left by one
 
-Reference facts reproduced (../shared/reference/hf_rag.md section 3):
+Reference facts reproduced (transformers' modeling_rag.py, RagSequenceForGeneration.get_nll and
+RagTokenForGeneration.get_nll):
 - targets shift left inside the loss: logit t is scored against target t+1, the last position
   against pad; positions whose shifted target is pad count 0 (log-likelihood and smoothing);
 - RAG-Sequence adds the doc prior log p(z_j|x) at the SECOND position (t = 1), so that dropping

@@ -4,7 +4,7 @@ Invented people (made-up names, so no pretrained knowledge could help) with 4-6 
 attributes (birthplace, employer, birth year, favourite colour, job, instrument). Every fact is
 one titled passage (title = the person, text = one sentence), in the DPR corpus format; the
 paper's 100-word chunks scaled down to the world's one-sentence facts (whole-entity passages
-keep a from-scratch generator from learning to copy; see shared/reference/synthetic_world.md).
+keep a from-scratch generator from learning to copy; docs/world.md).
 Distractor passages mention the same names, cities and years without stating any asked fact:
 one per city, and "meeting" notes pairing two people in a city and a year.
 

@@ -53,8 +53,8 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any,
   Config fields: learning_rate, warmup_steps, num_train_steps, lr_end, lr_power, weight_decay,
   max_grad_norm (0 disables clipping), adam_b1, adam_b2, adam_eps, and optionally
   group_learning_rates: {top-level parameter name: peak learning rate} (e.g. a smaller rate for
-  RAG's "question_encoder" than for its "generator"; the feasibility run in
-  shared/reference/synthetic_world.md needed 3e-5 against 7e-4).
+  RAG's "question_encoder" than for its "generator"; the synthetic world's RAG training
+  needed 3e-5 against 7e-4, configs/default.py).
   `frozen(path) -> bool` picks parameters that get no update at all.
   Clipping acts on the global norm of all trained gradients together, as in the reference.
   """
