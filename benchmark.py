@@ -22,6 +22,7 @@ from pathlib import Path
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
 
 from benchmarks import runner  # noqa: E402
 
@@ -59,8 +60,12 @@ def main(argv):
              "index_rows": _INDEX_ROWS.value, "scann": _SCANN.value,
              "faiss_ef": [int(v) for v in _FAISS_EF.value], "hnsw_m": _HNSW_M.value}
   Path(options["workdir"]).mkdir(parents=True, exist_ok=True)
-  logging.basicConfig(filename=str(Path(options["workdir"]) / "benchmark.log"),
-                      level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  # Library INFO lines go to the workdir's log; the console keeps warnings, phases and results.
+  handler = logging.FileHandler(Path(options["workdir"]) / "benchmark.log")
+  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+  logging.getLogger().addHandler(handler)
+  logging.getLogger().setLevel(logging.INFO)
+  absl_logging.get_absl_handler().setLevel(logging.WARNING)
   if _GROUP.value:  # A child: one group, its result to a file.
     result = runner.run_group(_GROUP.value, options)
     Path(_CHILD_OUT.value).write_text(json.dumps(result, default=str))

@@ -59,6 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.rag = ml_collections.ConfigDict()
   config.rag.dtype = "float32"  # Compute dtype.
   config.rag.n_docs = 5  # Passages retrieved per question (paper: 5 or 10).
+  config.rag.retrieval = "auto"  # auto | device (in the jitted step) | host (ScaNN on the host).
+  config.rag.device_index_dtype = "auto"  # Device copy of the index: auto = bf16 on GPU/TPU.
+  config.rag.device_index_memory_fraction = 0.5  # auto: device if index + table fit this share.
   config.rag.label_smoothing = 0.0  # Epsilon of the marginal likelihood.
   config.rag.exclude_bos_score = False  # RAG-Sequence: drop the BOS position's log-prob.
   # Labels `<s> <s> answer </s>` (start token prepended): the answer is predicted after the

@@ -28,6 +28,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 42  # Data order and dropout keys (finetune_rag's default seed).
 
   config.n_docs = 5  # Passages retrieved per question (paper: 5 or 10 for training).
+  config.retrieval = "auto"  # auto | device (exact search in the jitted step) | host.
+  config.device_index_dtype = "auto"  # Device copy of the index: auto = bf16 on GPU/TPU.
+  config.device_index_memory_fraction = 0.5  # auto: device if index + table fit this share.
   config.max_source_length = 128  # Question tokens (question encoder).
   config.max_target_length = 25  # Answer tokens (generator).
   config.max_combined_length = 300  # Passage + question tokens fed to the generator.

@@ -2,9 +2,12 @@
 paper) on question-answer pairs: `train_and_evaluate(config, workdir)`.
 
 Per step: the next global batch of the epoch's permutation (a pure function of seed and step, so
-a resumed run sees the same data), retrieval on the host with the current question encoder
-(rag_jax.training.retrieval_feed), one data-parallel train step over every device
-(rag_jax.training.rag_step). Workdir: config.json, train.log, metrics.jsonl (train loss per
+a resumed run sees the same data), retrieval with the current question encoder, one
+data-parallel train step over every device (rag_jax.training.rag_step). Retrieval runs inside
+the jitted step, on the devices (rag_jax.training.device_retrieval), wherever the index and its
+passage table fit `config.device_index_memory_fraction` of the devices' memory
+(`config.retrieval="auto"`), else on the host (rag_jax.training.retrieval_feed); both give the
+same passages and generator inputs. Workdir: config.json, train.log, metrics.jsonl (train loss per
 target token, examples/s, the prior mass of the top passage; held-out loss and answer recall of
 the retrieved passages), orbax checkpoints (async, keep-N, exact resume), and at the end
 export/ (a transformers RAG checkpoint with its tokenizers) and report.json.
@@ -32,9 +35,11 @@ import numpy as np
 from tqdm import tqdm
 
 from rag_jax import checkpoints, losses
-from rag_jax.data import qa
+from rag_jax.data import contexts, qa
+from rag_jax.data.passage_table import question_parts
 from rag_jax.models.rag import RagConfig, RagModel
-from rag_jax.training import loop, optimizer
+from rag_jax.training import device_retrieval, loop, optimizer
+from rag_jax.training.device_retrieval import DeviceRetrieval
 from rag_jax.training.mesh import data_mesh, global_batch, replicate
 from rag_jax.training.rag_step import make_eval_step, make_train_step
 from rag_jax.training.retrieval_feed import RetrievalFeed
@@ -123,16 +128,46 @@ def _answer_in_passages(feed: RetrievalFeed, answers: list[str], doc_rows: np.nd
   return hits
 
 
+class QuestionBatches:
+  """Question-only batches of one split for in-step retrieval: its question parts (the
+  generator's ids of each question, rag_jax.data.passage_table.question_parts) are computed on
+  first use, once."""
+
+  def __init__(self, feed: RetrievalFeed, data: qa.TokenizedQA):
+    self.feed, self.data = feed, data
+    self._parts: tuple[np.ndarray, np.ndarray] | None = None
+
+  def batch(self, rows: np.ndarray, weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The batch of rag_step's device-retrieval step for rows `rows` of the split."""
+    data = self.data
+    if self._parts is None:
+      questions = contexts.decode_questions(self.feed.question_tokenizer, data.input_ids)
+      self._parts = question_parts(self.feed.assembler, questions)
+    tokens, lengths = self._parts
+    return {"input_ids": data.input_ids[rows], "attention_mask": data.attention_mask[rows],
+            "question_tokens": tokens[rows], "question_lengths": lengths[rows],
+            "labels": data.labels[rows],
+            "weights": (np.ones(len(rows), np.float32) if weights is None
+                        else np.asarray(weights, np.float32))}
+
+
 def evaluate(config, params, feed: RetrievalFeed, data: qa.TokenizedQA, answers: list[str],
-             eval_fn, mesh) -> dict[str, float]:
-  """Teacher-forced loss per question and retrieved-passage answer recall on held-out data."""
+             eval_fn, mesh, retrieval: DeviceRetrieval | None = None) -> dict[str, float]:
+  """Teacher-forced loss per question and retrieved-passage answer recall on held-out data
+  (retrieval on the host, or in the step when `retrieval` is given)."""
   n = len(data)
   sums = {"loss_sum": 0.0, "examples": 0.0, "target_tokens": 0.0, "answer_recall": 0.0}
+  questions = QuestionBatches(feed, data)
   for start in range(0, n, config.batch_size):
     rows = np.arange(start, start + config.batch_size) % n  # the last batch wraps around
     weights = (np.arange(start, start + config.batch_size) < n).astype(np.float32)
-    batch, doc_rows = feed.batch(params, data, rows, weights)
-    metrics = jax.device_get(eval_fn(params, global_batch(batch, mesh)))
+    if retrieval is None:
+      batch, doc_rows = feed.batch(params, data, rows, weights)
+      metrics = jax.device_get(eval_fn(params, global_batch(batch, mesh)))
+    else:
+      metrics, doc_ids = jax.device_get(eval_fn(
+          params, global_batch(questions.batch(rows, weights), mesh), retrieval.arrays))
+      doc_rows = np.asarray(doc_ids)
     for k in ("loss_sum", "examples", "target_tokens"):
       sums[k] += float(metrics[k])
     real = weights > 0
@@ -212,8 +247,16 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
   manager = loop.checkpoint_manager(workdir, config)
   state = loop.restore_latest(manager, state)
   loss_fn = loss_function(config, model)
-  step_fn = make_train_step(model, mesh, loss_fn)
-  eval_fn = make_eval_step(model, mesh, loss_fn)
+  retrieval = device_retrieval.setup(
+      config.get("retrieval", "auto"), index, store, feed.assembler,
+      Path(config.index_dir) / "passage_tables", config.n_docs, mesh,
+      dtype=config.get("device_index_dtype", "auto"),
+      memory_fraction=config.get("device_index_memory_fraction", 0.5))
+  train_questions = QuestionBatches(feed, train)
+  step_fn = make_train_step(model, mesh, loss_fn, retrieval=retrieval)
+  eval_fn = make_eval_step(model, mesh, loss_fn, retrieval=retrieval)
+  run_eval = functools.partial(evaluate, config, feed=feed, data=val, answers=val_answers,
+                               eval_fn=eval_fn, mesh=mesh, retrieval=retrieval)
   logging.info("RAG %s: %d parameters, %d devices, %d train / %d val examples",
                config.model_type, optimizer.count_params(params), mesh.devices.size, len(train),
                len(val))
@@ -226,8 +269,12 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
             dynamic_ncols=True) as bar:
     for step in range(start, config.num_train_steps):
       rows = _epoch_rows(config.seed, step, len(train), config.batch_size)
-      batch, _ = feed.batch(state.params, train, rows)
-      state, metrics = step_fn(state, global_batch(batch, mesh))
+      if retrieval is None:
+        batch, _ = feed.batch(state.params, train, rows)
+        state, metrics = step_fn(state, global_batch(batch, mesh))
+      else:
+        state, metrics = step_fn(state, global_batch(train_questions.batch(rows), mesh),
+                                 retrieval.arrays)
       done = step + 1
       loop.check_finite(metrics, done, manager)
       window = {k: window.get(k, 0.0) + v for k, v in metrics.items() if k != "grad_norm"}
@@ -242,8 +289,7 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
         window = {}
         if done % config.eval_every == 0 or done == config.num_train_steps:
           record.update({f"val_{k}": v for k, v in
-                         evaluate(config, state.params, feed, val, val_answers, eval_fn,
-                                  mesh).items()})
+                         run_eval(params=state.params).items()})
         bar.set_postfix(loss=f"{record['loss']:.3f}", q_per_s=f"{record['questions_per_s']:.1f}")
         writer.write(record)
       loop.save_checkpoint(manager, done, state, config)
@@ -255,12 +301,12 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
   if int(state.step) < config.num_train_steps:
     return None
 
-  final = evaluate(config, state.params, feed, val, val_answers, eval_fn, mesh)
+  final = run_eval(params=state.params)
   params_host = jax.device_get(state.params)
   export = checkpoints.save_pretrained(model, params_host, workdir / "export",
                                        tokenizer=tokenizers)
   report = {"model_type": config.model_type, "architecture": model.config.architecture,
-            "steps": config.num_train_steps,
+            "steps": config.num_train_steps, "retrieval": "host" if retrieval is None else "device",
             "devices": mesh.devices.size, **{f"val_{k}": v for k, v in final.items()},
             "export": str(export)}
   (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
