@@ -52,6 +52,8 @@ def torch_context_encoder(preset: Preset):
 
 def to_rag_jax(torch_model, dtype: Any) -> tuple[Any, Any]:
   """(module, params) of rag_jax holding the torch model's weights (through a checkpoint)."""
+  import transformers
+  transformers.utils.logging.disable_progress_bar()  # The console shows the benchmark's own.
   with tempfile.TemporaryDirectory(dir=_tmp_root()) as tmp:
     torch_model.save_pretrained(tmp)
     return load_pretrained(tmp, dtype=dtype)
