@@ -146,7 +146,7 @@ def table(report: dict[str, Any]) -> str:
     ours, peer = row.get("rag_jax") or {}, row.get("peer") or {}
     fmt = lambda v: f"{v:10.2f}" if isinstance(v, float) else f"{'-':>10s}"  # noqa: E731
     ratio = row.get("ratio_to_peer")
-    frac = ours.get("fraction_of_peak", row.get("rag_jax", {}) and ours.get("bandwidth_fraction"))
+    frac = ours.get("bandwidth_fraction", ours.get("fraction_of_peak"))
     lines.append(f"{row['workload']:16s} {row['case'][:58]:58s} {fmt(ours.get('items_per_s'))} "
                  f"{fmt(peer.get('items_per_s'))} "
                  f"{(f'{ratio:5.2f}x' if ratio else '     -'):>6s} "

@@ -52,11 +52,6 @@ def measure(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> Timing:
                 repeats)
 
 
-def median_seconds(fn: Callable[[], object], iters: int, warmup: int) -> float:
-  """Median wall time of `iters` calls of fn after `warmup` untimed calls."""
-  return measure(fn, iters, max(1, warmup)).median_s
-
-
 def on_accelerator() -> bool:
   return jax.default_backend() in ("gpu", "tpu")
 
