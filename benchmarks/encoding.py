@@ -10,8 +10,8 @@ import numpy as np
 
 from benchmarks import flops, models, timing
 from benchmarks.presets import Preset
+from rag_jax.parallel import data_mesh
 from rag_jax.retrieval.encode import make_encode_fn
-from rag_jax.training.mesh import data_mesh
 
 
 def run(preset: Preset, dtype: str, repeats: int, warmup: int, peer: bool) -> dict[str, Any]:

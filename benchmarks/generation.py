@@ -17,7 +17,7 @@ import numpy as np
 
 from benchmarks import flops, models, timing
 from benchmarks.presets import Preset
-from rag_jax.decoding.generate import generate
+from rag_jax.decoding.generation import generate
 
 MODES = (("rag_token", "beam"), ("rag_sequence", "thorough"), ("rag_sequence", "fast"))
 

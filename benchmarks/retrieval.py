@@ -24,9 +24,9 @@ import numpy as np
 
 from benchmarks import flops, timing
 from benchmarks.presets import Preset
+from rag_jax.parallel import data_mesh
 from rag_jax.retrieval.exact import ExactConfig, ExactIndex, make_search_fn
 from rag_jax.retrieval.synthetic import clustered_embeddings, recall_at
-from rag_jax.training.mesh import data_mesh
 
 KS = (1, 20, 100)
 

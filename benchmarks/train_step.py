@@ -23,8 +23,8 @@ import numpy as np
 from benchmarks import flops, models, timing
 from benchmarks.presets import Preset
 from rag_jax import losses
+from rag_jax.parallel import data_mesh, global_batch, replicate
 from rag_jax.training import optimizer
-from rag_jax.training.mesh import data_mesh, global_batch, replicate
 from rag_jax.training.rag_step import make_train_step
 from rag_jax.training.state import create_train_state
 

@@ -5,7 +5,7 @@
 No download: the world, its tokenizer, a DPR retriever, a ScaNN index, RAG-Sequence, RAG-Token
 and a closed-book BART are all built here, on CPU, in 3-8 minutes on 2 cores, and the
 report (held-out exact match, retrieval recall before/after RAG training, index hot-swap, speed,
-phase times) is printed and written to the workdir (rag_jax/training/world_job.py). Model sizes
+phase times) is printed and written to the workdir (rag_jax/experiments/world/job.py). Model sizes
 are those of the torch feasibility run (docs/world.md). The harder world
 (subword tokenizer, multi-word answers, paraphrased questions) is configs/world_hard.py.
 Override any field: `python train.py --config.rag.num_train_steps=600 --workdir=runs/longer`.
@@ -14,10 +14,12 @@ Figures of a full run: README.md and docs/world.md.
 
 import ml_collections
 
+from configs import rag_finetune
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.trainer = "world"  # train.py dispatch: rag_jax.training.world_job.
+  config.trainer = "world"  # train.py dispatch: rag_jax.experiments.world.job.
   config.seed = 0  # Seeds every phase (init, data order, dropout).
 
   config.world = ml_collections.ConfigDict()
@@ -54,16 +56,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.generator.ffn_dim = 512  # Feed-forward width.
   config.generator.dropout = 0.0  # Dropout (the feasibility run's setting).
 
-  # The RAG trainer's fields (rag_jax/training/rag_trainer.py); paths and lengths are filled
-  # by the job. The closed-book baseline uses the same batch, steps and schedule.
-  config.rag = ml_collections.ConfigDict()
-  config.rag.dtype = "float32"  # Compute dtype.
+  # The RAG trainer's config (configs/rag_finetune.py, the same fields and shape) with the
+  # world's values below. The job fills its model_type, checkpoint, index and data paths, seed
+  # and the token lengths measured on the world. The closed-book baseline trains with the same
+  # batch, steps and schedule.
+  config.rag = rag_finetune.get_config()
   config.rag.n_docs = 5  # Passages retrieved per question (paper: 5 or 10).
-  config.rag.retrieval = "auto"  # auto | device (in the jitted step) | host (ScaNN on the host).
-  config.rag.device_index_dtype = "auto"  # Device copy of the index: auto = bf16 on GPU/TPU.
-  config.rag.device_index_memory_fraction = 0.5  # auto: device if index + table fit this share.
   config.rag.label_smoothing = 0.0  # Epsilon of the marginal likelihood.
-  config.rag.exclude_bos_score = False  # RAG-Sequence: drop the BOS position's log-prob.
   # Labels `<s> <s> answer </s>` (start token prepended): the answer is predicted after the
   # start token, as in generation. With the reference's `<s> answer </s>` the fresh BART never
   # learned to copy (docs/world.md).
@@ -76,13 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
       {"question_encoder": 3e-5})  # Question encoder: 1e-4 damaged recall in the torch run.
   config.rag.warmup_steps = 30  # Linear warm-up, then linear decay.
   config.rag.lr_end = 0.0  # Decay target.
-  config.rag.lr_power = 1.0  # Linear decay.
   config.rag.weight_decay = 0.0  # AdamW weight decay.
   config.rag.max_grad_norm = 1.0  # Global-norm clipping.
-  config.rag.adam_b1 = 0.9  # AdamW beta1.
-  config.rag.adam_b2 = 0.999  # AdamW beta2.
-  config.rag.adam_eps = 1e-8  # AdamW epsilon.
-  config.rag.log_every = 50  # Steps between metric lines.
   config.rag.eval_every = 100_000  # Held-out loss only at the end (the job evaluates after).
   config.rag.checkpoint_every = 100  # Steps between orbax checkpoints (a kill resumes).
   config.rag.keep_checkpoints = 1  # Checkpoints kept on disk.

@@ -1,6 +1,6 @@
 """Fine-tune RAG on your question-answer data (the paper's recipe, finetune_rag.sh's values).
 
-    python -m rag_jax.retrieval.build_index ... --out /data/kb        # passages -> index
+    python -m rag_jax.commands.build_index ... --out /data/kb        # passages -> index
     python train.py --config=configs/rag_finetune.py --workdir=/runs/rag_nq \\
         --config.rag_checkpoint=/ckpt/rag-sequence-nq --config.index_dir=/data/kb \\
         --config.data_dir=/data/nq        # {train,val}.{source,target}, one example per line
@@ -22,7 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.rag_checkpoint = ""  # transformers RAG checkpoint directory (with tokenizers).
   config.question_encoder_checkpoint = ""  # Or: DPRQuestionEncoder directory ...
   config.generator_checkpoint = ""  # ... and BART directory.
-  config.index_dir = ""  # A directory written by python -m rag_jax.retrieval.build_index.
+  config.index_dir = ""  # A directory written by python -m rag_jax.commands.build_index.
   config.data_dir = ""  # {train,val}.{source,target} (the research example's format).
   config.dtype = "float32"  # Compute dtype; "bfloat16" on accelerators. Params stay fp32.
   config.seed = 42  # Data order and dropout keys (finetune_rag's default seed).

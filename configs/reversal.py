@@ -13,7 +13,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.trainer = "seq2seq"  # train.py dispatch: the generator-only loop.
+  config.trainer = "reversal"  # train.py dispatch: rag_jax.experiments.reversal.
   config.seed = 0  # Seeds init, dropout (fold_in(key, step)) and the data stream.
 
   config.model = ml_collections.ConfigDict()

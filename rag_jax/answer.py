@@ -1,7 +1,6 @@
 """Questions -> answers with the passages they came from: RAG end to end.
 
-    python -m rag_jax.answer --checkpoint runs/rag/export --index_dir kb "who wrote hamlet"
-    python -m rag_jax.answer --checkpoint ... --index_dir ... < questions.txt   # one per line
+The library side of ``python -m rag_jax.commands.answer`` (rag_jax/commands/answer.py).
 
 What transformers' `RagTokenForGeneration.generate(input_ids=...)` / `RagSequenceForGeneration`
 do with a `RagRetriever`, in rag_jax's pieces:
@@ -21,15 +20,11 @@ its passages, their prior p(z|x) = softmax(doc scores), and the decoder that pro
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
-import sys
 import textwrap
-from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -37,10 +32,7 @@ from rag_jax import checkpoints
 from rag_jax.data import contexts
 from rag_jax.decoding import DecoderInfo, generate
 from rag_jax.models.rag import RagModel
-from rag_jax.retrieval.index import IndexDimensionError, load_index
-from rag_jax.retrieval.pipeline import Hit, tokenize_questions
-from rag_jax.retrieval.store import PassageStore
-from rag_jax.utils.cli import ask
+from rag_jax.retrieval.retriever import Hit, Retriever
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +62,7 @@ class RagAnswerer:
   Args:
     checkpoint: a transformers RAG directory (RagSequenceForGeneration / RagTokenForGeneration
       weights, question_encoder_tokenizer/ and generator_tokenizer/), e.g. a trainer's export.
-    index_dir: a directory written by `python -m rag_jax.retrieval.build_index` (passages/ and
+    index_dir: a directory written by `python -m rag_jax.commands.build_index` (passages/ and
       index/), encoded with the passage encoder that the checkpoint's question encoder was
       trained against.
     n_docs: passages per question (default: the checkpoint's config).
@@ -92,20 +84,10 @@ class RagAnswerer:
                               "generator_tokenizer/ (save the checkpoint with its tokenizers)")
     self.model = checkpoints.replace_config(model, n_docs=n_docs or model.config.n_docs)
     self.tokenizers = tokenizers
-    self.max_question_length = max_question_length
-    index_dir = Path(index_dir)
-    self.store = PassageStore(index_dir / "passages")
-    self.index = load_index(index_dir / "index", **index_kwargs)
-    dim = self.model.config.question_encoder.embedding_dim
-    if self.index.dim != dim:
-      raise IndexDimensionError(
-          f"{index_dir / 'index'} holds {self.index.dim}-d passage embeddings but the question "
-          f"encoder of {checkpoint} gives {dim}-d vectors; was the index built with another "
-          "encoder?")
+    self.retriever = Retriever.over_directory(index_dir, self.model, self.params,
+                                              tokenizers.question_encoder, max_question_length,
+                                              **index_kwargs)
     self.format = contexts.ContextFormat.from_rag_config(self.model.config)
-    model_ = self.model
-    self._embed = jax.jit(lambda p, ids, mask: model_.apply(
-        {"params": p}, ids, mask, method=model_.embed_questions))
 
   @property
   def n_docs(self) -> int:
@@ -114,12 +96,8 @@ class RagAnswerer:
   def retrieve(self, questions: list[str]
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(question ids [Q, Lq], passage rows [Q, n] int64, doc scores [Q, n] float32)."""
-    ids, mask = tokenize_questions(self.tokenizers.question_encoder, questions,
-                                   self.max_question_length)
-    q = np.asarray(self._embed(self.params, ids, mask), np.float32)  # [Q, D]
-    scores, rows = self.index.search(q, self.n_docs)
-    if (rows < 0).any():
-      raise ValueError(f"the index holds fewer than n_docs={self.n_docs} passages")
+    ids, mask = self.retriever.tokenize(questions)
+    scores, rows = self.retriever.search(ids, mask, self.n_docs)
     return ids, rows, scores
 
   def generator_inputs(self, questions: list[str]
@@ -127,8 +105,7 @@ class RagAnswerer:
     """Retrieval and the generator's inputs: (hits per question, context_input_ids and
     context_attention_mask [Q * n, L] batch-major, doc scores [Q, n] float32)."""
     ids, rows, scores = self.retrieve(questions)
-    hits = [[self._hit(int(r), float(s)) for r, s in zip(row, sc, strict=True)]
-            for row, sc in zip(rows, scores, strict=True)]
+    hits = self.retriever.hits(scores, rows)
     decoded = contexts.decode_questions(self.tokenizers.question_encoder, ids)
     ctx, ctx_mask = contexts.exact_context_inputs(
         self.tokenizers.generator, [[h.title for h in row] for row in hits],
@@ -157,10 +134,6 @@ class RagAnswerer:
                             tuple(hits[i]), tuple(float(p) for p in priors[i]), out.decoder))
     return answers
 
-  def _hit(self, row: int, score: float) -> Hit:
-    passage = self.store[row]
-    return Hit(row, score, passage.id, passage.title, passage.text)
-
 
 def format_answer(answer: Answer, max_chars: int = 300) -> str:
   """The question, its answer(s) with the decoder that produced them, and the passages with
@@ -174,38 +147,3 @@ def format_answer(answer: Answer, max_chars: int = 300) -> str:
     lines.append(f"  {rank:>2}. p={prob:.3f} [{hit.score:9.4f}] {hit.title} (id {hit.id})")
     lines.append(textwrap.indent(textwrap.fill(text, 96), "      "))
   return "\n".join(lines)
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m rag_jax.answer",
-                              description=__doc__.split("\n")[0])
-  p.add_argument("questions", nargs="*", help="questions (default: read lines from stdin)")
-  p.add_argument("--checkpoint", required=True, help="RAG checkpoint directory with tokenizers")
-  p.add_argument("--index_dir", required=True, help="directory written by build_index")
-  p.add_argument("--n_docs", type=int, help="passages per question (default: the config's)")
-  p.add_argument("--num_beams", type=int, default=4)
-  p.add_argument("--max_length", type=int, default=50)
-  p.add_argument("--num_return_sequences", type=int, default=1)
-  p.add_argument("--decoding", choices=("thorough", "fast"), default="thorough",
-                 help="RAG-Sequence decoding (ignored by RAG-Token)")
-  p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on accelerators)")
-  p.add_argument("--max_chars", type=int, default=300, help="truncate printed passages")
-  return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None, stdin=None, stdout=None) -> int:
-  args = parse_args(argv)
-  stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-  answerer = RagAnswerer(args.checkpoint, args.index_dir, n_docs=args.n_docs,
-                         dtype=jnp.dtype(args.dtype))
-  options = dict(num_beams=args.num_beams, max_length=args.max_length,
-                 num_return_sequences=args.num_return_sequences, decoding=args.decoding)
-
-  def answer(questions: list[str]) -> str:
-    return "\n".join(format_answer(a, args.max_chars) for a in answerer(questions, **options))
-
-  return ask(args.questions, answer, stdin, stdout)
-
-
-if __name__ == "__main__":
-  sys.exit(main())

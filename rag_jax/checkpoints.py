@@ -35,6 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import traverse_util
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+from transformers import AutoTokenizer
 
 from rag_jax.models.bart import BartConfig, BartForConditionalGeneration
 from rag_jax.models.bert import BertConfig, DPREncoder
@@ -72,8 +75,6 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _read_safetensors(file: Path) -> dict[str, np.ndarray]:
-  from safetensors import SafetensorError
-  from safetensors.numpy import load_file
   if not file.is_file():
     raise FileNotFoundError(f"{file}: no such file")
   try:
@@ -86,7 +87,7 @@ def _read_torch_bin(file: Path) -> dict[str, np.ndarray]:
   if not file.is_file():
     raise FileNotFoundError(f"{file}: no such file")
   try:
-    import torch
+    import torch  # optional: only this legacy format needs it (a test dependency)
   except ImportError:
     raise CheckpointError(f"{file}: reading pytorch_model.bin needs torch (pip install "
                           "torch), or convert the checkpoint to safetensors") from None
@@ -382,7 +383,6 @@ def save_pretrained(model: Model, params: dict[str, Any], path: str | os.PathLik
   state = to_hf_state_dict(model, params)
   hf_config = model.config.to_hf()
   hf_config["dtype"] = "float32"
-  from safetensors.numpy import save_file
 
   with atomic_directory(path) as tmp:
     if path.is_dir():
@@ -434,7 +434,6 @@ class RagTokenizers(NamedTuple):
 
 def load_tokenizer(path: str | os.PathLike) -> Any:
   """The tokenizer saved beside a checkpoint (RagTokenizers for a RAG directory)."""
-  from transformers import AutoTokenizer
   path = Path(path)
   if (path / "question_encoder_tokenizer").is_dir():
     return RagTokenizers(

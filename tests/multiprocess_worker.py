@@ -21,7 +21,7 @@ def main(port: str, process_id: str, out: str) -> None:
   import numpy as np
   from flax import traverse_util
 
-  from rag_jax.training.mesh import data_mesh, global_batch, replicate
+  from rag_jax.parallel import data_mesh, global_batch, replicate
   from rag_jax.training.rag_step import make_train_step
   from tests import test_rag_train_step as t
 

@@ -11,6 +11,7 @@ import torch
 import transformers
 
 from rag_jax import answer as answer_lib
+from rag_jax.commands import answer as answer_command
 from rag_jax.retrieval.index import IndexDimensionError
 from rag_jax.retrieval.pipeline import build_from_corpus
 from tests import decoding_reference as dref
@@ -106,7 +107,7 @@ def test_command_prints_answers_with_passages(world):
   root, *_, models = world
   expected = _torch_pipeline(world, "token", num_beams=2, max_length=10)[2]
   out = io.StringIO()
-  assert answer_lib.main(["--checkpoint", str(models["token"][1]), "--index_dir",
+  assert answer_command.main(["--checkpoint", str(models["token"][1]), "--index_dir",
                           str(root / "kb"), "--num_beams", "2", "--max_length", "10"],
                          stdin=io.StringIO("\n".join(QUESTIONS[:2]) + "\n"), stdout=out) == 0
   text = out.getvalue()

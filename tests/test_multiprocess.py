@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from rag_jax.training.mesh import data_mesh
+from rag_jax.parallel import data_mesh
 from rag_jax.training.rag_step import make_train_step
 from tests import test_rag_train_step as t
 

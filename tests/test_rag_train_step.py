@@ -11,8 +11,8 @@ import pytest
 from rag_jax import losses
 from rag_jax.models import presets
 from rag_jax.models.rag import RagModel
+from rag_jax.parallel import data_mesh, replicate
 from rag_jax.training import optimizer
-from rag_jax.training.mesh import data_mesh, replicate
 from rag_jax.training.rag_step import BatchShapeError, make_train_step
 from rag_jax.training.state import create_train_state
 

@@ -18,6 +18,7 @@ from configs import rag_finetune
 from rag_jax import answer as answer_lib
 from rag_jax.checkpoints import load_pretrained
 from rag_jax.data import qa
+from rag_jax.retrieval.pipeline import build_from_corpus
 from rag_jax.training import rag_trainer
 from tests import decoding_reference as dref
 from tests import torch_reference as ref
@@ -28,8 +29,6 @@ CITIES = ["paris", "rome", "oslo", "lima", "cairo", "tokyo"]
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-  from rag_jax.retrieval.pipeline import build_from_corpus
-
   root = tmp_path_factory.mktemp("rag")
   rng = np.random.default_rng(0)
   homes = {p: CITIES[rng.integers(len(CITIES))] for p in PEOPLE}

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
+from rag_jax.retrieval.backends import load_index
 from rag_jax.retrieval.exact import ExactConfig, ExactIndex, chunk_topk, topk_group_size
-from rag_jax.retrieval.index import IndexDimensionError, IndexFileError, load_index
+from rag_jax.retrieval.index import IndexDimensionError, IndexFileError
 
 
 def numpy_topk(queries: np.ndarray, db: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

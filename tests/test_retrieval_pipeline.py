@@ -12,10 +12,11 @@ import pytest
 import torch
 from transformers import DPRConfig, DPRContextEncoder, DPRQuestionEncoder
 
-from rag_jax.retrieval import search
+from rag_jax.commands import search
 from rag_jax.retrieval.corpus import iter_passages
 from rag_jax.retrieval.encode import EncodeConfig
-from rag_jax.retrieval.pipeline import Retriever, build_from_corpus
+from rag_jax.retrieval.pipeline import build_from_corpus
+from rag_jax.retrieval.retriever import Retriever
 from tests.test_retrieval_encode import make_passages, save_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +58,7 @@ def world(tmp_path_factory):
 def test_build_index_command_then_search(world, tmp_path):
   root, corpus, passages, questions, ref_scores = world
   out = tmp_path / "built"
-  cmd = [sys.executable, "-m", "rag_jax.retrieval.build_index", "--corpus", str(corpus),
+  cmd = [sys.executable, "-m", "rag_jax.commands.build_index", "--corpus", str(corpus),
          "--encoder", str(root / "ctx"), "--out", str(out), "--index", "exact", "--batch_size",
          "8", "--max_length", "64", "--shard_size", "8", "--quiet"]
   env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -96,7 +97,7 @@ def test_retriever_equals_oracle_for_exact_and_scann(world, tmp_path):
       build_from_corpus(corpus, out, encoder=str(root / "ctx"), index_type="exact",
                         encode_config=cfg, progress=False)
       assert (out / "embeddings" / "shard-00000.npy").stat().st_mtime_ns == mtime
-    retriever = Retriever(out, str(root / "qry"))
+    retriever = Retriever.load(out, str(root / "qry"))
     assert retriever.index.kind == kind
     hits = retriever.retrieve(questions, k)
     for qi in range(len(questions)):

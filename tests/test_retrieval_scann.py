@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
+from rag_jax.retrieval.backends import load_index
 from rag_jax.retrieval.embeddings import save_embeddings
-from rag_jax.retrieval.index import IndexDimensionError, IndexFileError, load_index
+from rag_jax.retrieval.index import IndexDimensionError, IndexFileError
 from rag_jax.retrieval.scann_index import ScannConfig, ScannIndex
 from rag_jax.retrieval.synthetic import clustered_embeddings, recall_at
 

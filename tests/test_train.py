@@ -12,7 +12,7 @@ import transformers
 
 from configs import reversal as default
 from rag_jax.checkpoints import load_pretrained
-from rag_jax.training import seq2seq
+from rag_jax.experiments import reversal
 
 
 def _config(steps=40):
@@ -31,15 +31,15 @@ def _config(steps=40):
 @pytest.mark.slow  # the reversal job (configs/reversal.py) is no longer the default
 def test_learns_and_resumes_exactly(tmp_path):
   assert jax.device_count() == 8
-  full = seq2seq.train_and_evaluate(_config(), str(tmp_path / "full"))
+  full = reversal.train_and_evaluate(_config(), str(tmp_path / "full"))
   lines = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().split("\n")
            if x]
   assert lines[-1]["loss"] < 0.9 * lines[0]["loss"]
   assert full["token_accuracy"] > 5 / 37  # Chance is 1/37 symbols.
   assert full["steps"] == 40 and full["devices"] == 8
 
-  assert seq2seq.train_and_evaluate(_config(), str(tmp_path / "killed"), stop_after=20) is None
-  resumed = seq2seq.train_and_evaluate(_config(), str(tmp_path / "killed"))
+  assert reversal.train_and_evaluate(_config(), str(tmp_path / "killed"), stop_after=20) is None
+  resumed = reversal.train_and_evaluate(_config(), str(tmp_path / "killed"))
   assert resumed["loss_per_token"] == full["loss_per_token"]
   _, a = load_pretrained(tmp_path / "full" / "export")
   _, b = load_pretrained(tmp_path / "killed" / "export")
@@ -49,7 +49,7 @@ def test_learns_and_resumes_exactly(tmp_path):
   model, params = load_pretrained(tmp_path / "full" / "export")
   torch_model = transformers.BartForConditionalGeneration.from_pretrained(
       tmp_path / "full" / "export").eval()
-  batch = seq2seq.reversal_task(_config()).eval_batches()[0]
+  batch = reversal.reversal_task(_config()).eval_batches()[0]
   kw = {k: batch[k] for k in ("input_ids", "attention_mask", "decoder_input_ids")}
   with torch.no_grad():
     expected = torch_model(**{k: torch.from_numpy(v).long() for k, v in kw.items()}).logits
@@ -59,8 +59,8 @@ def test_learns_and_resumes_exactly(tmp_path):
 
 @pytest.mark.slow  # the reversal job (configs/reversal.py) is no longer the default
 def test_refuses_a_workdir_with_another_config(tmp_path):
-  seq2seq.train_and_evaluate(_config(steps=2), str(tmp_path))
+  reversal.train_and_evaluate(_config(steps=2), str(tmp_path))
   other = _config(steps=2)
   other.learning_rate = 1.0
   with pytest.raises(ValueError, match=r"another config \(fields \['learning_rate'\]"):
-    seq2seq.train_and_evaluate(other, str(tmp_path))
+    reversal.train_and_evaluate(other, str(tmp_path))

@@ -15,7 +15,8 @@ it survives being killed:
   row, the decoder that ran (RAG-Token; RAG-Sequence thorough), read from the decoding calls;
 - a second start prints the finished report and changes nothing; another config is refused.
 The exact-match and hot-swap counts are computed by the job from the decoded answers against the
-world's files (rag_jax.training.world_eval), the independent reference being the world itself.
+world's files (rag_jax.experiments.world.evaluation), the independent reference being the
+world itself.
 """
 
 import json
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import transformers
 
-from rag_jax.training import world_job
+from rag_jax.experiments.world import job as world_job
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 200  # Copying from the passages appears near step 150 on this world.

@@ -20,7 +20,7 @@ from rag_jax.decoding.beam_search import (
     gather_beams,
     greedy_search,
 )
-from rag_jax.decoding.generate import DecoderInfo, GenerateOutput, generate
+from rag_jax.decoding.generation import DecoderInfo, GenerateOutput, generate
 from rag_jax.decoding.processors import ProcessorConfig, ProcessorParams, apply_processors
 
 __all__ = [

@@ -36,7 +36,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
+from rag_jax.checkpoints import load_pretrained
+from rag_jax.parallel import local_data_mesh
 from rag_jax.retrieval.embeddings import (
   EmbeddingFormatError,
   EmbeddingStore,
@@ -174,7 +177,7 @@ def encode_passages(store: PassageStore, out: str | os.PathLike, *, model, param
   positions = model.config.max_position_embeddings
   if config.max_length > positions:  # Longer inputs would run past the position table.
     config = dataclasses.replace(config, max_length=positions)
-  mesh = mesh or Mesh(np.array(jax.local_devices()), (config.axis,))
+  mesh = mesh or local_data_mesh(config.axis)
   ndev = mesh.shape[config.axis]
   batch = -(-config.batch_size // ndev) * ndev
   out = Path(out)
@@ -242,9 +245,7 @@ def encode_from_checkpoint(store: PassageStore, out: str | os.PathLike, encoder_
     tokenizer_path: its tokenizer (default: the same directory).
     compute_dtype: ``float32`` or ``bfloat16`` (accelerators); params stay float32.
   """
-  from transformers import AutoTokenizer
 
-  from rag_jax.checkpoints import load_pretrained
 
   model, params = load_pretrained(encoder_path, dtype=jnp.dtype(compute_dtype))
   tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or encoder_path)

@@ -29,6 +29,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from rag_jax.parallel import local_data_mesh
 from rag_jax.retrieval.embeddings import DTYPES, EmbeddingStore
 from rag_jax.retrieval.index import (
   Embeddings,
@@ -197,11 +198,6 @@ def shard_rows(read, count: int, total: int, trailing: tuple[int, ...], dtype, m
   return jax.make_array_from_callback((total, *trailing), sharding, block)
 
 
-def default_mesh(axis: str = "data") -> Mesh:
-  """A 1-D mesh over all local devices."""
-  return Mesh(np.array(jax.local_devices()), (axis,))
-
-
 class ExactIndex(Index):
   """Brute-force MIPS over device-resident embeddings; see the module docstring."""
 
@@ -210,7 +206,7 @@ class ExactIndex(Index):
   def __init__(self, embeddings: Embeddings, config: ExactConfig | None = None,
                mesh: Mesh | None = None):
     self.config = config or ExactConfig()
-    self.mesh = mesh or default_mesh(self.config.axis)
+    self.mesh = mesh or local_data_mesh(self.config.axis)
     self.source = embeddings
     self.count, self.dim = embeddings_shape(embeddings)
     shards = self.mesh.shape[self.config.axis]

@@ -3,7 +3,7 @@
     index = ExactIndex.build(embeddings, config)      # or ScannIndex.build(...)
     scores, ids = index.search(queries, k)            # (Q, k) float32, (Q, k) int64, best first
     index.save(path)                                  # atomic: temp dir renamed into place
-    index = load_index(path)                          # dispatches on index.json's "type"
+    index = load_index(path)                          # rag_jax.retrieval.backends
 
 `ids` are passage rows of the :class:`~rag_jax.retrieval.store.PassageStore` (and of the
 embeddings). `scores` are always exact inner products between the query and the stored
@@ -161,15 +161,3 @@ def open_index_embeddings(path: Path, meta: dict) -> EmbeddingStore:
     raise ValueError(f"{path}: embeddings are {store.count} x {store.dim} but index.json says "
                      f"{meta['count']} x {meta['dim']}")
   return store
-
-
-def load_index(path: str | os.PathLike, **kwargs) -> Index:
-  """Loads any saved index; `kwargs` go to the backend's ``load`` (e.g. ``mesh=`` for exact)."""
-  meta = read_meta(path)
-  from rag_jax.retrieval.exact import ExactIndex  # local: avoid importing jax/scann needlessly
-  if meta["type"] == ExactIndex.kind:
-    return ExactIndex.load(path, **kwargs)
-  from rag_jax.retrieval.scann_index import ScannIndex
-  if meta["type"] == ScannIndex.kind:
-    return ScannIndex.load(path, **kwargs)
-  raise ValueError(f"{path}: unknown index type {meta['type']!r}")

@@ -1,7 +1,7 @@
-"""Corpus file -> passage store -> embeddings -> saved index, and questions -> top-k passages.
+"""Corpus file -> passage store -> embeddings -> saved index, in one call.
 
-The two command-line tools (``python -m rag_jax.retrieval.build_index`` / ``.search``) are thin
-wrappers around :func:`build_from_corpus` and :class:`Retriever`. A built directory holds::
+``python -m rag_jax.commands.build_index`` is a thin wrapper around :func:`build_from_corpus`;
+rag_jax.retrieval.retriever searches what it builds. A built directory holds::
 
   OUT/passages/     PassageStore (text and title by row)
   OUT/embeddings/   passage embeddings (resumable shards + manifest)
@@ -17,19 +17,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from rag_jax.retrieval.embeddings import EmbeddingStore, convert_dpr_pickles
+from rag_jax.retrieval.backends import make_index
+from rag_jax.retrieval.embeddings import convert_dpr_pickles
 from rag_jax.retrieval.encode import EncodeConfig, encode_from_checkpoint
-from rag_jax.retrieval.exact import ExactConfig, ExactIndex
-from rag_jax.retrieval.index import Index, load_index
-from rag_jax.retrieval.scann_index import ScannConfig, ScannIndex
+from rag_jax.retrieval.exact import ExactConfig
+from rag_jax.retrieval.index import Index
+from rag_jax.retrieval.scann_index import ScannConfig
 from rag_jax.retrieval.store import PassageStore, build_store_from_file
 from rag_jax.utils.atomic import atomic_file
 
@@ -56,15 +52,6 @@ def build_store(corpus: str | os.PathLike, out: Path, fmt: str = "auto",
         f"{path} was built from another corpus file or with other settings; choose a new output "
         "directory (embeddings there belong to that store, nothing was overwritten)")
   return build_store_from_file(corpus, path, fmt=fmt, split_words=split_words, progress=progress)
-
-
-def build_index(embeddings: EmbeddingStore, kind: str, *, scann_config: ScannConfig | None = None,
-                exact_config: ExactConfig | None = None, progress: bool = True) -> Index:
-  if kind == "scann":
-    return ScannIndex.build(embeddings, scann_config, progress=progress)
-  if kind == "exact":
-    return ExactIndex.build(embeddings, exact_config)
-  raise ValueError(f"unknown index type {kind!r}; expected 'scann' or 'exact'")
 
 
 def build_from_corpus(corpus: str | os.PathLike, out: str | os.PathLike, *,
@@ -100,7 +87,7 @@ def build_from_corpus(corpus: str | os.PathLike, out: str | os.PathLike, *,
   if emb.count != len(store):
     log.warning("%d embeddings for %d passages: rows past %d are not searchable", emb.count,
                 len(store), emb.count)
-  index = build_index(emb, index_type, scann_config=scann_config, exact_config=exact_config,
+  index = make_index(emb, index_type, scann_config=scann_config, exact_config=exact_config,
                       progress=progress)
   index.save(out / "index")
   record = {"corpus": str(Path(corpus).resolve()), "format": fmt, "split_words": split_words,
@@ -109,73 +96,3 @@ def build_from_corpus(corpus: str | os.PathLike, out: str | os.PathLike, *,
   with atomic_file(out / "build.json", "w") as f:
     json.dump(record, f, indent=2)
   return index
-
-
-def tokenize_questions(tokenizer: Any, questions: list[str], max_length: int,
-                       bucket: int = 16) -> tuple[np.ndarray, np.ndarray]:
-  """Question-encoder ids and mask [Q, Lq] int32, Lq padded up to a multiple of `bucket` so
-  that a jitted encoder compiles for a few lengths only (DPR pools [CLS]: padding is masked)."""
-  seqs = tokenizer(questions, truncation=True, max_length=max_length)["input_ids"]
-  length = -(-max(len(s) for s in seqs) // bucket) * bucket
-  ids = np.full((len(seqs), length), tokenizer.pad_token_id or 0, np.int32)  # [Q, Lq]
-  mask = np.zeros_like(ids)
-  for i, s in enumerate(seqs):
-    ids[i, :len(s)], mask[i, :len(s)] = s, 1
-  return ids, mask
-
-
-@dataclass(frozen=True)
-class Hit:
-  """One retrieved passage: its store row, exact inner-product score, id, title and text."""
-
-  row: int
-  score: float
-  id: str
-  title: str
-  text: str
-
-
-class Retriever:
-  """Questions -> top-k passages, with a DPR question encoder and a built directory.
-
-  Args:
-    directory: a directory written by :func:`build_from_corpus`.
-    question_encoder: DPRQuestionEncoder directory (config.json + weights).
-    tokenizer: its tokenizer directory (default: the encoder's).
-    max_length: question token budget.
-    index_kwargs: passed to :func:`load_index` (e.g. ``mesh=`` for an exact index).
-  """
-
-  def __init__(self, directory: str | os.PathLike, question_encoder: str,
-               tokenizer: str | None = None, max_length: int = 128, **index_kwargs):
-    from transformers import AutoTokenizer
-
-    from rag_jax.checkpoints import load_pretrained
-
-    directory = Path(directory)
-    self.store = PassageStore(directory / "passages")
-    self.index = load_index(directory / "index", **index_kwargs)
-    self.model, self.params = load_pretrained(question_encoder)
-    self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or question_encoder)
-    self.max_length = max_length
-    self._encode = jax.jit(lambda p, ids, mask: self.model.apply(
-        {"params": p}, input_ids=ids, attention_mask=mask,
-        token_type_ids=jnp.zeros_like(ids)).pooler_output)
-
-  def encode(self, questions: list[str]) -> np.ndarray:
-    """(len(questions), D) float32 question embeddings."""
-    ids, mask = tokenize_questions(self.tokenizer, questions, self.max_length)
-    return np.asarray(self._encode(self.params, ids, mask), dtype=np.float32)
-
-  def retrieve(self, questions: list[str], k: int = 5) -> list[list[Hit]]:
-    """Top-k :class:`Hit` lists, best first, one per question."""
-    scores, rows = self.index.search(self.encode(questions), k)
-    out = []
-    for sc, rw in zip(scores, rows, strict=True):
-      hits = []
-      for s, r in zip(sc, rw, strict=True):
-        if r >= 0:
-          p = self.store[int(r)]
-          hits.append(Hit(int(r), float(s), p.id, p.title, p.text))
-      out.append(hits)
-    return out

@@ -127,7 +127,7 @@ def build_searcher(data: np.ndarray, config: ScannConfig, k: int = 100):
   scann = _scann()
   if config.reorder_dtype not in REORDER_TYPES:
     raise ValueError(f"reorder_dtype must be one of {REORDER_TYPES}")
-  from scann.scann_ops.py.scann_builder import ReorderType
+  from scann.scann_ops.py.scann_builder import ReorderType  # deferred with scann itself
   reorder_type = getattr(ReorderType, config.reorder_dtype.upper())
   b = scann.scann_ops_pybind.builder(data, min(k, len(data)), "dot_product")
   if len(data) < config.brute_force_below:

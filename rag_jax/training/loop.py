@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,29 +28,8 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
     saved.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
 
 
-def _quiet_libraries(record: logging.LogRecord) -> bool:
-  """Keeps orbax's per-save INFO chatter out of the logs (its warnings stay)."""
-  return record.levelno >= logging.WARNING or "orbax" not in record.pathname
-
-
-@contextlib.contextmanager
-def workdir_logging(workdir: Path) -> Iterator[None]:
-  """Python/absl logging also goes to workdir/train.log for the duration of the block."""
-  handler = logging.FileHandler(workdir / "train.log")
-  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-  handler.addFilter(_quiet_libraries)
-  root = logging.getLogger()
-  root.addHandler(handler)
-  root.setLevel(logging.INFO)
-  try:
-    yield
-  finally:
-    root.removeHandler(handler)
-    handler.close()
-
-
 class MetricsWriter:
-  """Appends one JSON object per line to workdir/metrics.jsonl (and logs it)."""
+  """Appends one JSON object per line to workdir/metrics.jsonl (and logs it to the log file)."""
 
   def __init__(self, workdir: Path):
     self._file = (workdir / "metrics.jsonl").open("a")

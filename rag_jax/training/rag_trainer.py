@@ -37,13 +37,17 @@ from tqdm import tqdm
 from rag_jax import checkpoints, losses
 from rag_jax.data import contexts, qa
 from rag_jax.data.passage_table import question_parts
+from rag_jax.data.sampling import epoch_rows
 from rag_jax.models.rag import RagConfig, RagModel
+from rag_jax.parallel import data_mesh, global_batch, replicate
+from rag_jax.retrieval.backends import load_index
+from rag_jax.retrieval.store import PassageStore
 from rag_jax.training import device_retrieval, loop, optimizer
 from rag_jax.training.device_retrieval import DeviceRetrieval
-from rag_jax.training.mesh import data_mesh, global_batch, replicate
 from rag_jax.training.rag_step import make_eval_step, make_train_step
 from rag_jax.training.retrieval_feed import RetrievalFeed
 from rag_jax.training.state import create_train_state
+from rag_jax.utils.logs import workdir_logging
 
 log = logging.getLogger(__name__)
 
@@ -106,16 +110,6 @@ def load_model(config: ml_collections.ConfigDict
       max_combined_length=config.max_combined_length, label_smoothing=config.label_smoothing,
       exclude_bos_score=config.exclude_bos_score))
   return model, params, tokenizers
-
-
-def _epoch_rows(seed: int, step: int, n_examples: int, batch_size: int) -> np.ndarray:
-  """Rows of the global batch for `step`: epoch-wise permutations, remainder dropped."""
-  per_epoch = n_examples // batch_size
-  if per_epoch == 0:
-    raise ValueError(f"{n_examples} training examples < batch_size {batch_size}")
-  epoch, offset = divmod(step, per_epoch)
-  order = np.random.default_rng([seed, epoch]).permutation(n_examples)
-  return order[offset * batch_size:(offset + 1) * batch_size]
 
 
 def _answer_in_passages(feed: RetrievalFeed, answers: list[str], doc_rows: np.ndarray) -> float:
@@ -187,7 +181,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   loop.check_workdir(config, workdir)
-  with loop.workdir_logging(workdir):
+  with workdir_logging(workdir):
     return _run(config, workdir, stop_after)
 
 
@@ -203,7 +197,7 @@ def check_config_paths(config: ml_collections.ConfigDict) -> None:
         raise FileNotFoundError(f"config.{field}={value}: {Path(value) / name} not found; {hint}")
 
   need("index_dir", "index/index.json", "passages/store.json",
-       hint="build an index with python -m rag_jax.retrieval.build_index --out DIR")
+       hint="build an index with python -m rag_jax.commands.build_index --out DIR")
   ckpt_hint = "a transformers checkpoint directory with config.json and weights"
   if config.rag_checkpoint:
     need("rag_checkpoint", "config.json", hint=ckpt_hint)
@@ -217,9 +211,6 @@ def check_config_paths(config: ml_collections.ConfigDict) -> None:
 
 
 def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None:
-  from rag_jax.retrieval.index import load_index
-  from rag_jax.retrieval.store import PassageStore
-
   mesh = data_mesh()
   if config.batch_size % mesh.devices.size:
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
@@ -268,7 +259,7 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
   with tqdm(total=config.num_train_steps, initial=start, desc=config.model_type, unit="step",
             dynamic_ncols=True) as bar:
     for step in range(start, config.num_train_steps):
-      rows = _epoch_rows(config.seed, step, len(train), config.batch_size)
+      rows = epoch_rows(config.seed, step, len(train), config.batch_size)
       if retrieval is None:
         batch, _ = feed.batch(state.params, train, rows)
         state, metrics = step_fn(state, global_batch(batch, mesh))

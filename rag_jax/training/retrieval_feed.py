@@ -13,12 +13,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
-import jax
 import numpy as np
 
 from rag_jax.data import contexts
 from rag_jax.data.qa import TokenizedQA
 from rag_jax.models.rag import RagModel
+from rag_jax.retrieval.retriever import Retriever, question_embedder
 
 
 class RetrievalFeed:
@@ -28,12 +28,11 @@ class RetrievalFeed:
                generator_tokenizer: Any, n_docs: int, cache_size: int = 1_000_000):
     self.index, self.store, self.n_docs = index, store, n_docs
     self.question_tokenizer = question_tokenizer
+    self.retriever = Retriever(index, store, question_tokenizer, question_embedder(model))
     self.assembler = contexts.ContextAssembler(
         generator_tokenizer, contexts.ContextFormat.from_rag_config(model.config))
     self._cache: OrderedDict[int, list[int]] = OrderedDict()
     self._cache_size = cache_size
-    self._embed = jax.jit(lambda params, ids, mask: model.apply(
-        {"params": params}, ids, mask, method=model.embed_questions))
 
   def _passage_ids(self, row: int) -> list[int]:
     """Token ids of passage `row`'s part of the generator input (LRU-cached)."""
@@ -47,18 +46,10 @@ class RetrievalFeed:
       self._cache.move_to_end(row)
     return ids
 
-  def question_embeddings(self, params: Any, input_ids: np.ndarray,
-                          attention_mask: np.ndarray) -> np.ndarray:
-    """q(x) [B, D] float32 on the host, from the full RAG params."""
-    return np.asarray(self._embed(params, input_ids, attention_mask), np.float32)
-
   def retrieve(self, params: Any, input_ids: np.ndarray, attention_mask: np.ndarray
                ) -> tuple[np.ndarray, np.ndarray]:
     """(doc rows [B, n] int64, exact scores [B, n]) for the questions."""
-    q = self.question_embeddings(params, input_ids, attention_mask)
-    scores, rows = self.index.search(q, self.n_docs)
-    if (rows < 0).any():
-      raise ValueError(f"the index returned fewer than n_docs={self.n_docs} passages")
+    scores, rows = self.retriever.search(input_ids, attention_mask, self.n_docs, params)
     return rows, scores
 
   def batch(self, params: Any, data: TokenizedQA, rows: np.ndarray,

@@ -1,5 +1,6 @@
-"""Generator-only (BART) sequence-to-sequence training: the closed-book baseline's trainer
-(rag_jax.training.world_job) and a synthetic reversal task (configs/reversal.py).
+"""Generator-only (BART) sequence-to-sequence training on a `Seq2SeqTask`: the closed-book
+baseline of the world job (rag_jax/experiments/world/job.py) and the reversal task
+(rag_jax/experiments/reversal.py).
 
 Data parallel over every device: the state is replicated, the global batch is sharded on the
 mesh's "data" axis, and one jitted `train_step(state, batch) -> (state, metrics)` (state donated)
@@ -28,12 +29,11 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from rag_jax import checkpoints
-from rag_jax.data import transduction
-from rag_jax.models import presets
 from rag_jax.models.bart import BartForConditionalGeneration
+from rag_jax.parallel import data_mesh
 from rag_jax.training import loop, optimizer
-from rag_jax.training.mesh import data_mesh
 from rag_jax.training.state import TrainState, create_train_state
+from rag_jax.utils.logs import workdir_logging
 
 Array = jax.Array
 
@@ -98,13 +98,6 @@ def eval_step(params: Any, batch: dict[str, Array], *, model: BartForConditional
   return out
 
 
-def build_model(config: ml_collections.ConfigDict) -> BartForConditionalGeneration:
-  gen = presets.generator_config(config.model.preset, vocab_size=config.task.vocab_size,
-                                 dropout=config.model.dropout,
-                                 max_position_embeddings=max(64, config.task.max_length + 2))
-  return BartForConditionalGeneration(gen, dtype=jnp.dtype(config.model.dtype))
-
-
 @dataclasses.dataclass
 class Seq2SeqTask:
   """What the loop trains on: a BART model, batches by step (a pure function of the step, so a
@@ -118,20 +111,6 @@ class Seq2SeqTask:
   tokenizer: Any = None  # Saved with the export when given.
 
 
-def reversal_task(config: ml_collections.ConfigDict) -> Seq2SeqTask:
-  """The built-in reversal task of configs/reversal.py."""
-  t = config.task
-
-  def batch(split: str, index: int) -> dict[str, np.ndarray]:
-    seed = config.seed if split == "train" else config.seed + 1_000_003
-    return transduction.reversal_batch(seed, index, config.batch_size, t.min_length,
-                                       t.max_length, t.vocab_size)
-
-  return Seq2SeqTask(build_model(config), functools.partial(batch, "train"),
-                     lambda: [batch("eval", i) for i in range(config.eval_batches)],
-                     "reverse a random token string (held-out batches, teacher forced)")
-
-
 def evaluate(params, eval_fn, batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
   sums: dict[str, float] = {}
   for batch in batches:
@@ -143,20 +122,20 @@ def evaluate(params, eval_fn, batches: list[dict[str, np.ndarray]]) -> dict[str,
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       stop_after: int | None = None,
-                       task: Seq2SeqTask | None = None) -> dict[str, Any] | None:
+                       task: Seq2SeqTask, stop_after: int | None = None
+                       ) -> dict[str, Any] | None:
   """Trains (or resumes) in `workdir`; writes train.log, metrics.jsonl, checkpoints/,
   export/ (a transformers BART directory) and report.json. Returns the report.
 
   stop_after: end this run after that many total steps, as a kill would (checkpoint saved, no
   report); the next call resumes. Used to test exact resumption.
-  task: what to train on (default: the reversal task built from config.task).
+  task: what to train on (model, batches by step, held-out batches).
   """
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   loop.check_workdir(config, workdir)
-  with loop.workdir_logging(workdir):
-    return _run(config, workdir, stop_after, task or reversal_task(config))
+  with workdir_logging(workdir):
+    return _run(config, workdir, stop_after, task)
 
 
 def _run(config: ml_collections.ConfigDict, workdir: Path, stop_after: int | None,

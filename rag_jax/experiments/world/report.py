@@ -2,7 +2,7 @@
 
 Every exact-match and hot-swap row names the objective its model was trained with, its export's
 architecture and the decoder that produced its answers, as the evaluation recorded them from the
-decoding calls (rag_jax.training.world_eval)."""
+decoding calls (rag_jax.experiments.world.evaluation)."""
 
 from __future__ import annotations
 
@@ -15,13 +15,8 @@ from typing import Any
 import jax
 import ml_collections
 
-from rag_jax.decoding.generate import DECODER_NAMES
+from rag_jax.decoding.generation import DECODER_NAMES
 from rag_jax.utils.atomic import atomic_file
-
-# The torch feasibility run: RAG-Sequence, 1,092 steps of batch 32, k = 5, 2 CPU cores, 240 s;
-# same model sizes as this job's default config.
-FEASIBILITY_STEPS_PER_S = 1092 / 240
-TARGETS = {"rag_em": 0.95, "hot_swap_follow": 0.95, "speedup": 2.0}
 
 
 def machine() -> dict[str, Any]:
@@ -48,7 +43,6 @@ def build_report(config: ml_collections.ConfigDict, phases: dict[str, Any]) -> d
         "hot_swap": swap,
         "train_loss_first": train["loss_first"], "train_loss_last": train["loss_last"],
         "steps": train["steps"], "steps_per_s": train["steps_per_s"],
-        "speedup_vs_feasibility": train["steps_per_s"] / FEASIBILITY_STEPS_PER_S,
         "examples": ev[name]["examples"],
     }
   closed = phases["closed_book"]["result"]
@@ -69,20 +63,10 @@ def build_report(config: ml_collections.ConfigDict, phases: dict[str, Any]) -> d
           m["decoder"]["kind"] == m["hot_swap"]["decoder"]["kind"] == m["trained_as"]
           and m["export_architecture"] == m["decoder"]["architecture"]
           for m in models.values()),
-      "feasibility_torch_steps_per_s": FEASIBILITY_STEPS_PER_S,
       "phase_seconds": {name: p["seconds"] for name, p in phases.items()},
       "total_seconds": round(sum(p["seconds"] for p in phases.values()), 1),
       "machine": machine(),
       "config": json.loads(config.to_json_best_effort()),
-  }
-  seq, tok = models["rag_sequence"], models["rag_token"]
-  report["targets"] = {
-      "rag_sequence_em>=0.95": seq["heldout_em"] >= TARGETS["rag_em"],
-      "rag_token_em>=0.95": tok["heldout_em"] >= TARGETS["rag_em"],
-      "hot_swap_follow>=0.95": min(seq["hot_swap_follow_new"], tok["hot_swap_follow_new"])
-      >= TARGETS["hot_swap_follow"],
-      "rag_steps_per_s>=2x_feasibility": min(seq["speedup_vs_feasibility"],
-                                             tok["speedup_vs_feasibility"]) >= TARGETS["speedup"],
   }
   return report
 
@@ -152,16 +136,13 @@ def markdown(r: dict[str, Any]) -> str:
       "", "## Speed", "",
       f"RAG training steps/s (batch {r['config']['rag']['batch_size']}, k = "
       f"{r['config']['rag']['n_docs']}): RAG-Sequence {seq['steps_per_s']:.2f}, RAG-Token "
-      f"{tok['steps_per_s']:.2f}; the torch feasibility run (same model sizes, 2 CPU cores): "
-      f"{r['feasibility_torch_steps_per_s']:.2f} -> {seq['speedup_vs_feasibility']:.2f}x / "
-      f"{tok['speedup_vs_feasibility']:.2f}x.", "",
+      f"{tok['steps_per_s']:.2f} (this run, compilation left out). The step against "
+      "transformers' PyTorch RAG on the same shapes: `python benchmark.py --preset=world`.", "",
       "| phase | seconds |", "|---|---|",
       *[f"| {k} | {v:.1f} |" for k, v in r["phase_seconds"].items()],
       f"| **total** | **{r['total_seconds']:.1f}** |", "",
       f"Machine: {r['machine']['cpu_cores']} CPU cores, {r['machine']['platform']}, "
-      f"jax {r['machine']['jax']}, devices {', '.join(r['machine']['devices'])}.", "",
-      "Targets: " + ", ".join(f"{k}: {'met' if v else 'NOT met'}"
-                              for k, v in r["targets"].items()) + ".",
+      f"jax {r['machine']['jax']}, devices {', '.join(r['machine']['devices'])}.",
   ]
   return "\n".join(lines) + "\n"
 

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from rag_jax.utils.atomic import atomic_directory
 
@@ -75,7 +76,7 @@ _CITY_PREFIXES = ("port", "north", "new", "upper", "lake", "fort")
 
 @dataclasses.dataclass(frozen=True)
 class WorldConfig:
-  """The world's size and difficulty (the feasibility run's world is the default)."""
+  """The world's size and difficulty (configs/default.py holds the default job's)."""
 
   seed: int = 0  # Everything below is a pure function of the seed.
   num_people: int = 600  # Entities; each has 4-6 of the six attributes.
@@ -162,7 +163,7 @@ def generate_world(cfg: WorldConfig = WorldConfig()) -> World:
     names = [f"{n} {families[rng.integers(len(families))]}" for n in names]
   facts: list[Fact] = []
   heldout_facts: list[int] = []
-  for person in names:
+  for person in tqdm(names, desc="world", unit="person", dynamic_ncols=True):
     attrs = [ATTRIBUTES[i] for i in
              sorted(rng.choice(len(ATTRIBUTES), int(rng.integers(4, 7)), replace=False))]
     first = len(facts)

@@ -15,7 +15,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
+
+import tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tqdm import tqdm
+from transformers import PreTrainedTokenizerFast
+
+from rag_jax.retrieval.corpus import read_dpr_tsv
 
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")
 KINDS = ("word", "bpe")
@@ -25,15 +33,12 @@ SEPARATORS = "/ //"
 
 def train_tokenizer(texts: Iterable[str], kind: str = "word", vocab_size: int = 1000) -> Any:
   """A PreTrainedTokenizerFast trained on `texts` (see the module docstring)."""
-  import tokenizers
-  from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
-  from transformers import PreTrainedTokenizerFast
 
   if kind == "word":
     tok = tokenizers.Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    trainer = trainers.WordLevelTrainer(vocab_size=10**9, min_frequency=1,
+    trainer = trainers.WordLevelTrainer(vocab_size=10**9, min_frequency=1, show_progress=False,
                                         special_tokens=list(SPECIAL_TOKENS))
   elif kind == "bpe":
     tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
@@ -41,10 +46,13 @@ def train_tokenizer(texts: Iterable[str], kind: str = "word", vocab_size: int = 
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
   else:
     raise ValueError(f"tokenizer kind {kind!r}: expected one of {KINDS}")
-  tok.train_from_iterator(texts, trainer)
+  texts = list(texts)
+  tok.train_from_iterator(tqdm(texts, desc="tokenizer", unit="text", dynamic_ncols=True),
+                          trainer, length=len(texts))
   for i, token in enumerate(SPECIAL_TOKENS):
     if tok.token_to_id(token) != i:
       raise AssertionError(f"special token {token} got id {tok.token_to_id(token)}, not {i}")
@@ -57,10 +65,6 @@ def train_tokenizer(texts: Iterable[str], kind: str = "word", vocab_size: int = 
 
 def world_texts(directory: str | os.PathLike) -> list[str]:
   """Every passage title and text, question and answer of a world directory (both worlds)."""
-  from pathlib import Path
-
-  from rag_jax.retrieval.corpus import read_dpr_tsv
-
   directory = Path(directory)
   texts = [SEPARATORS]
   for name in ("passages.tsv", "passages_swapped.tsv"):

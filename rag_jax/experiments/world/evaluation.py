@@ -21,11 +21,17 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 from tqdm import tqdm
 
+from rag_jax import checkpoints
+from rag_jax.answer import RagAnswerer
+from rag_jax.decoding.generation import generate
+from rag_jax.retrieval.retriever import Retriever
+from rag_jax.retrieval.store import PassageStore
+
 RAG_MODELS = ("rag_sequence", "rag_token")
+QUESTION_TOKENS = 64  # The world's encoders have 64 positions (rag_jax/experiments/world/job.py).
 
 
 def normalize(text: str) -> str:
@@ -68,24 +74,19 @@ def recall(rows: np.ndarray, gold: np.ndarray, ks: Sequence[int]) -> dict[str, f
   return {f"recall@{k}": float(hit[:, :k].any(axis=1).mean()) for k in ks}
 
 
-def _search(embed: Callable[[np.ndarray, np.ndarray], np.ndarray], tokenizer: Any, index: Any,
-            questions: list[str], k: int, batch: int, desc: str) -> np.ndarray:
-  from rag_jax.retrieval.pipeline import tokenize_questions
+def search_rows(retriever: Retriever, questions: list[str], k: int, batch: int, desc: str
+                ) -> np.ndarray:
+  """Store rows [Q, k] of each question's top-k passages, in fixed-size batches."""
 
   def rows(chunk: list[str]) -> list[np.ndarray]:
-    ids, mask = tokenize_questions(tokenizer, chunk, 64)
-    return list(index.search(np.asarray(embed(ids, mask), np.float32), k)[1])
+    ids, mask = retriever.tokenize(chunk)
+    return list(retriever.search(ids, mask, k)[1])
 
   return np.stack(chunked(rows, questions, batch, desc))
 
 
 def evaluate_job(workdir: Path, world: dict[str, Any], cfg: Any) -> dict[str, Any]:
   """Every figure of the report's evaluation part (see the module docstring)."""
-  from rag_jax import checkpoints
-  from rag_jax.answer import RagAnswerer
-  from rag_jax.decoding.generate import generate
-  from rag_jax.retrieval.index import load_index
-  from rag_jax.retrieval.store import PassageStore
 
   lines = lambda name: (workdir / "world" / name).read_text().splitlines()  # noqa: E731
   questions, answers = lines("val.source"), lines("val.target")
@@ -93,7 +94,6 @@ def evaluate_job(workdir: Path, world: dict[str, Any], cfg: Any) -> dict[str, An
   changed = world["changed_heldout_rows"]
   ks = tuple(cfg.recall_ks)
   store = PassageStore(workdir / "index" / "passages")
-  index = load_index(workdir / "index" / "index")
   gold = gold_rows(store, world["heldout_gold_passages"])
   gen_kwargs = dict(num_beams=cfg.num_beams, max_length=cfg.max_answer_tokens)
   out: dict[str, Any] = {"heldout_questions": len(questions), "changed_facts": len(changed),
@@ -101,23 +101,21 @@ def evaluate_job(workdir: Path, world: dict[str, Any], cfg: Any) -> dict[str, An
                          "decoding_options": gen_kwargs}
 
   # Recall of the retriever's question encoder (before RAG training).
-  q_model, q_params = checkpoints.load_pretrained(workdir / "retriever" / "question_encoder")
-  tok = checkpoints.load_tokenizer(workdir / "retriever" / "question_encoder")
-  embed = jax.jit(lambda p, i, m: q_model.apply({"params": p}, i, m).pooler_output)
-  rows = _search(lambda i, m: embed(q_params, i, m), tok, index, questions, max(ks),
-                 cfg.batch_size, "recall (retriever)")
+  retriever = Retriever.load(workdir / "index", workdir / "retriever" / "question_encoder",
+                             max_length=QUESTION_TOKENS)
+  rows = search_rows(retriever, questions, max(ks), cfg.batch_size, "recall (retriever)")
   out["recall_before"] = recall(rows, gold, ks)
 
   for name in RAG_MODELS:
     export = workdir / name / "export"
-    answerer = RagAnswerer(export, workdir / "index")
-    rows = _search(lambda i, m, a=answerer: a._embed(a.params, i, m),
-                   answerer.tokenizers.question_encoder, index, questions, max(ks),
-                   cfg.batch_size, f"recall ({name})")
+    answerer = RagAnswerer(export, workdir / "index", max_question_length=QUESTION_TOKENS)
+    rows = search_rows(answerer.retriever, questions, max(ks), cfg.batch_size,
+                       f"recall ({name})")
     answered = chunked(lambda qs, a=answerer: a(qs, **gen_kwargs), questions, cfg.batch_size,
                        f"answers ({name})")
     predicted = [a.text for a in answered]
-    swapped_answerer = RagAnswerer(export, workdir / "index_swapped")
+    swapped_answerer = RagAnswerer(export, workdir / "index_swapped",
+                                   max_question_length=QUESTION_TOKENS)
     changed_q = [questions[r] for r in changed]
     swap_answered = chunked(lambda qs, a=swapped_answerer: a(qs, **gen_kwargs), changed_q,
                             cfg.batch_size, f"hot-swap ({name})")
@@ -150,7 +148,7 @@ def evaluate_job(workdir: Path, world: dict[str, Any], cfg: Any) -> dict[str, An
   decoders: list[Any] = []
 
   def closed_book(chunk: list[str]) -> list[str]:
-    enc = tok(chunk, padding="max_length", max_length=64, truncation=True)
+    enc = tok(chunk, padding="max_length", max_length=QUESTION_TOKENS, truncation=True)
     result = generate(model, params, np.asarray(enc["input_ids"]),
                       np.asarray(enc["attention_mask"]), **gen_kwargs)
     decoders.append(result.decoder)

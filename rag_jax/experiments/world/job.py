@@ -5,10 +5,11 @@ synthetic knowledge world, measured against a closed-book BART (docs/world.md).
 recorded in workdir/phases.json with its wall time once complete (a rerun skips finished phases;
 a phase killed in the middle resumes from its own checkpoints or starts again):
 
-  world        rag_jax.data.world: passages (DPR format), questions, held-out split, world 2
-  tokenizer    rag_jax.data.world_tokenizer, trained on the world, saved in tokenizer/
-  retriever    DPR dual encoder, in-batch negatives (rag_jax.retrieval.train_retriever)
-  index        passages encoded + ScaNN index (rag_jax.retrieval.build_index's pipeline), for
+  world        rag_jax.experiments.world.data: passages (DPR format), questions, held-out
+               split, world 2
+  tokenizer    rag_jax.experiments.world.tokenizer, trained on the world, saved in tokenizer/
+  retriever    DPR dual encoder, in-batch negatives (rag_jax.training.retriever_trainer)
+  index        passages encoded + ScaNN index (rag_jax.commands.build_index's pipeline), for
                world 1 (index/) and world 2 (index_swapped/, same frozen passage encoder)
   rag_sequence RAG-Sequence fine-tuning from that retriever and a fresh BART
                (rag_jax.training.rag_trainer), exported as RagSequenceForGeneration
@@ -36,9 +37,25 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from tqdm import tqdm
+from transformers import AutoTokenizer
 
-from rag_jax.training import loop
+from rag_jax import checkpoints
+from rag_jax.data.sampling import epoch_rows
+from rag_jax.experiments.world import evaluation as world_eval
+from rag_jax.experiments.world import report as world_report
+from rag_jax.experiments.world.data import WorldConfig, build_world
+from rag_jax.experiments.world.tokenizer import train_tokenizer, world_texts
+from rag_jax.models import presets
+from rag_jax.models.bart import BartForConditionalGeneration, shift_tokens_right
+from rag_jax.models.rag import RagConfig, RagModel
+from rag_jax.retrieval.corpus import read_dpr_tsv
+from rag_jax.retrieval.encode import EncodeConfig
+from rag_jax.retrieval.pipeline import build_from_corpus
+from rag_jax.training import loop, rag_trainer, seq2seq
+from rag_jax.training.retriever_trainer import RetrieverTrainConfig, train_retriever
 from rag_jax.utils.atomic import atomic_directory, atomic_file
+from rag_jax.utils.logs import workdir_logging
 
 log = logging.getLogger(__name__)
 PHASES = ("world", "tokenizer", "retriever", "index", "rag_sequence", "rag_token", "closed_book",
@@ -81,7 +98,6 @@ class Job:
     return json.loads((self.world_dir / "world.json").read_text())
 
   def tokenizer(self):
-    from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(str(self.workdir / "tokenizer"), local_files_only=True)
 
   def lengths(self) -> dict[str, int]:
@@ -92,7 +108,6 @@ class Job:
 
 
 def phase_world(job: Job) -> dict[str, Any]:
-  from rag_jax.data.world import WorldConfig, build_world
   meta = build_world(WorldConfig(**job.config.world.to_dict()), job.world_dir)
   keys = ("people", "facts", "passages", "distractor_passages", "train_questions",
           "heldout_questions", "train_facts", "heldout_majority_em")
@@ -100,14 +115,12 @@ def phase_world(job: Job) -> dict[str, Any]:
 
 
 def _passages(path: Path) -> dict[str, tuple[str, str]]:
-  from rag_jax.retrieval.corpus import read_dpr_tsv
   return {p.id: (p.title, p.text) for p in read_dpr_tsv(path)}
 
 
 def phase_tokenizer(job: Job) -> dict[str, Any]:
   """Trains the tokenizer and measures the lengths every later phase pads to (the longest
   question, answer and generator input of the world, with specials)."""
-  from rag_jax.data.world_tokenizer import train_tokenizer, world_texts
   cfg = job.config.tokenizer
   tok = train_tokenizer(world_texts(job.world_dir), cfg.kind, cfg.vocab_size)
   with atomic_directory(job.workdir / "tokenizer") as tmp:
@@ -129,7 +142,6 @@ def phase_tokenizer(job: Job) -> dict[str, Any]:
 
 
 def _encoder_config(job: Job):
-  from rag_jax.models import presets
   c = job.config.retriever
   return presets.question_encoder_config(
       "tiny", vocab_size=job.phases.result("tokenizer")["vocab_size"], hidden_size=c.hidden_size,
@@ -139,7 +151,6 @@ def _encoder_config(job: Job):
 
 
 def phase_retriever(job: Job) -> dict[str, Any]:
-  from rag_jax.retrieval.train_retriever import RetrieverTrainConfig, train_retriever
   c = job.config.retriever
   passages = _passages(job.world_dir / "passages.tsv")
   questions = (job.world_dir / "train.source").read_text().splitlines()
@@ -157,8 +168,6 @@ def phase_retriever(job: Job) -> dict[str, Any]:
 
 
 def phase_index(job: Job) -> dict[str, Any]:
-  from rag_jax.retrieval.encode import EncodeConfig
-  from rag_jax.retrieval.pipeline import build_from_corpus
   out = {}
   for corpus, name in (("passages.tsv", "index"), ("passages_swapped.tsv", "index_swapped")):
     index = build_from_corpus(
@@ -172,19 +181,17 @@ def phase_index(job: Job) -> dict[str, Any]:
 
 
 def _rag_config(job: Job, model_type: str) -> ml_collections.ConfigDict:
-  """The RAG trainer's config: config.rag's fields + this run's paths and lengths."""
+  """config.rag (a RAG trainer config, configs/rag_finetune.py's shape) with this run's
+  objective, paths, seed and the lengths measured on the world."""
   cfg = ml_collections.ConfigDict(job.config.rag.to_dict())
   lengths = job.lengths()
-  cfg.trainer = "rag"
   cfg.model_type = model_type
   cfg.rag_checkpoint = str(job.workdir / "rag_init")
-  cfg.question_encoder_checkpoint = ""
-  cfg.generator_checkpoint = ""
   cfg.index_dir = str(job.workdir / "index")
   cfg.data_dir = str(job.world_dir)
   cfg.max_source_length = lengths["question"]
   # The answer with its specials, plus the decoder start token when it is prepended.
-  cfg.max_target_length = lengths["answer"] + int(cfg.get("prepend_decoder_start", False))
+  cfg.max_target_length = lengths["answer"] + int(cfg.prepend_decoder_start)
   cfg.max_combined_length = lengths["combined"]
   cfg.seed = job.config.seed
   return cfg
@@ -195,7 +202,6 @@ def _generator_config(job: Job):
   config.rag.prepend_decoder_start the RAG phases train on `<s> <s> answer </s>`, reading the
   decoder as generation does (BART's usual start </s>, id 2, did not learn to copy; see
   docs/world.md)."""
-  from rag_jax.models import presets
   g = job.config.generator
   return presets.generator_config(
       "tiny", vocab_size=job.phases.result("tokenizer")["vocab_size"], d_model=g.d_model,
@@ -212,8 +218,6 @@ def _init_rag_checkpoint(job: Job) -> None:
   Both RAG phases start from it. It is saved as transformers' RagModel (the question encoder and
   generator without a generation kind); each phase trains, exports and decodes it as its own
   objective's class (rag_jax.training.rag_trainer.load_model)."""
-  from rag_jax import checkpoints
-  from rag_jax.models.rag import RagConfig, RagModel
   path = job.workdir / "rag_init"
   if (path / "config.json").exists():
     return
@@ -223,7 +227,6 @@ def _init_rag_checkpoint(job: Job) -> None:
                      retrieval_vector_size=q_model.config.embedding_dim,
                      architecture="RagModel")
   model = RagModel(config)
-  from rag_jax.models.bart import BartForConditionalGeneration
   bart = BartForConditionalGeneration(gen)
   ids = jnp.ones((1, 4), jnp.int32)
   g_params = jax.jit(bart.init)(jax.random.key(job.config.seed), ids, ids, ids)["params"]
@@ -233,7 +236,6 @@ def _init_rag_checkpoint(job: Job) -> None:
 
 
 def _train_rag(job: Job, model_type: str) -> dict[str, Any]:
-  from rag_jax.training import rag_trainer
   _init_rag_checkpoint(job)
   report = rag_trainer.train_and_evaluate(_rag_config(job, model_type),
                                           str(job.workdir / model_type))
@@ -267,13 +269,10 @@ def phase_rag_token(job: Job) -> dict[str, Any]:
 
 
 def _closed_book_config(job: Job) -> ml_collections.ConfigDict:
-  r = job.config.rag
-  cfg = ml_collections.ConfigDict({k: r[k] for k in (
-      "batch_size", "num_train_steps", "warmup_steps", "lr_end", "lr_power", "weight_decay",
-      "max_grad_norm", "adam_b1", "adam_b2", "adam_eps", "label_smoothing", "log_every",
-      "checkpoint_every", "keep_checkpoints")})
-  cfg.learning_rate = r.learning_rate
-  cfg.eval_every = r.num_train_steps
+  """The generator trainer reads the optimizer and loop fields of the RAG config (the same
+  names), so the closed book trains with the RAG models' batch, steps and schedule."""
+  cfg = ml_collections.ConfigDict(job.config.rag.to_dict())
+  cfg.group_learning_rates = ml_collections.ConfigDict()  # BART alone: no question encoder.
   cfg.seed = job.config.seed
   return cfg
 
@@ -282,7 +281,6 @@ def _qa_batches(tok, questions: list[str], answers: list[str], lengths: dict[str
                 decoder_start_token_id: int):
   """input_ids/attention_mask [N, S], decoder_input_ids/labels [N, T] for BART on QA: the
   decoder reads `start <s> answer` and predicts `<s> answer </s>` (BART's fine-tuning layout)."""
-  from rag_jax.models.bart import shift_tokens_right
   q = tok(questions, max_length=lengths["question"], padding="max_length", truncation=True)
   a = tok(answers, max_length=lengths["answer"], padding="max_length", truncation=True)
   labels = np.asarray(a["input_ids"], np.int32)
@@ -294,9 +292,6 @@ def _qa_batches(tok, questions: list[str], answers: list[str], lengths: dict[str
 
 
 def phase_closed_book(job: Job) -> dict[str, Any]:
-  from rag_jax.models.bart import BartForConditionalGeneration
-  from rag_jax.training import seq2seq
-  from rag_jax.training.rag_trainer import _epoch_rows
   config = _closed_book_config(job)
   tok = job.tokenizer()
   lines = lambda name: (job.world_dir / name).read_text().splitlines()  # noqa: E731
@@ -307,7 +302,7 @@ def phase_closed_book(job: Job) -> dict[str, Any]:
   n_val = len(val["labels"]) // config.batch_size * config.batch_size
   task = seq2seq.Seq2SeqTask(
       BartForConditionalGeneration(gen),
-      lambda step: {k: v[_epoch_rows(config.seed, step, len(train["labels"]),
+      lambda step: {k: v[epoch_rows(config.seed, step, len(train["labels"]),
                                      config.batch_size)] for k, v in train.items()},
       lambda: [{k: v[i:i + config.batch_size] for k, v in val.items()}
                for i in range(0, n_val, config.batch_size)],
@@ -320,7 +315,6 @@ def phase_closed_book(job: Job) -> dict[str, Any]:
 
 
 def phase_evaluation(job: Job) -> dict[str, Any]:
-  from rag_jax.training import world_eval
   return world_eval.evaluate_job(job.workdir, job.world_meta(), job.config.eval)
 
 
@@ -328,6 +322,36 @@ PHASE_FUNCTIONS: dict[str, Callable[[Job], dict[str, Any]]] = {
     "world": phase_world, "tokenizer": phase_tokenizer, "retriever": phase_retriever,
     "index": phase_index, "rag_sequence": phase_rag_sequence, "rag_token": phase_rag_token,
     "closed_book": phase_closed_book, "evaluation": phase_evaluation}
+
+
+def console(line: str) -> None:
+  """One line on the console that does not break a progress bar."""
+  tqdm.write(line)
+
+
+def _summary_world(r: dict[str, Any]) -> str:
+  return (f"{r['people']} people, {r['passages']} passages, {r['train_questions']} training / "
+          f"{r['heldout_questions']} held-out questions, {r['changed_heldout']} facts changed "
+          "in world 2")
+
+
+def _summary_rag(r: dict[str, Any]) -> str:
+  return (f"loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}, {r['steps_per_s']:.2f} "
+          "steps/s, exported")
+
+
+PHASE_SUMMARIES: dict[str, Callable[[dict[str, Any]], str]] = {
+    "world": _summary_world,
+    "tokenizer": lambda r: f"{r['kind']}, {r['vocab_size']} tokens, lengths {r['lengths']}",
+    "retriever": lambda r: (f"in-batch loss {r['loss_first']:.3f} -> {r['loss_last']:.3f} "
+                            f"(chance {r['chance_loss']:.3f})"),
+    "index": lambda r: ", ".join(f"{k}: {v['kind']} {v['passages']} x {v['dim']}"
+                                 for k, v in r.items()),
+    "rag_sequence": _summary_rag, "rag_token": _summary_rag,
+    "closed_book": _summary_rag,
+    "evaluation": lambda r: ", ".join(
+        [f"{m} EM {r[m]['em']:.3f}" for m in ("rag_sequence", "rag_token", "closed_book")]),
+}
 
 
 # --------------------------------------------------------------------------- entry
@@ -339,7 +363,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   stop_after_phase: end after that phase, as a kill would (the next call resumes).
   """
-  from rag_jax.training import world_report
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   loop.check_workdir(config, workdir)
@@ -350,21 +373,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           "another --workdir for a new run.\n")
     print((workdir / "report.md").read_text())
     return report
-  with loop.workdir_logging(workdir):
+  with workdir_logging(workdir) as log_file:
+    print(f"rag_jax default job in {workdir} (logs: {log_file}, metrics: */metrics.jsonl)",
+          flush=True)
     phases = PhaseLog(workdir)
     job = Job(config, workdir, phases)
-    for name in PHASES:
+    for i, name in enumerate(PHASES, 1):
       if phases.done(name):
-        log.info("phase %s: done in an earlier run (%.1f s)", name, phases.phases[name]["seconds"])
+        console(f"[{i}/{len(PHASES)}] {name}: done in an earlier run "
+                f"({phases.phases[name]['seconds']:.1f} s)")
         continue
       log.info("phase %s ...", name)
       start = time.time()
       result = PHASE_FUNCTIONS[name](job)
       phases.finish(name, time.time() - start, result)
       log.info("phase %s: %.1f s, %s", name, time.time() - start, result)
+      console(f"[{i}/{len(PHASES)}] {name}: {time.time() - start:.1f} s, "
+              f"{PHASE_SUMMARIES[name](result)}")
       if name == stop_after_phase:
         return None
     report = world_report.build_report(config, phases.phases)
     world_report.write_report(report, workdir)
-  print(world_report.markdown(report))
+  print("\n" + world_report.markdown(report), flush=True)
   return report

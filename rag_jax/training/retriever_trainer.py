@@ -1,10 +1,10 @@
 """Train a DPR-style dual encoder on (question, positive passage) pairs, in one call.
 
-    from rag_jax.retrieval.train_retriever import RetrieverTrainConfig, train_retriever
+    from rag_jax.training.retriever_trainer import RetrieverTrainConfig, train_retriever
     result = train_retriever(questions, titles, texts, tokenizer, encoder_config,
                              RetrieverTrainConfig(num_steps=800), out="runs/retriever")
     # runs/retriever/{question_encoder,context_encoder}: DPR checkpoints with the tokenizer,
-    # ready for python -m rag_jax.retrieval.build_index --encoder runs/retriever/context_encoder
+    # ready for python -m rag_jax.commands.build_index --encoder runs/retriever/context_encoder
 
 The objective is DPR's (Karpukhin et al. 2020): for a batch of B pairs, scores = q(x_i) . d(z_j)
 for every question i and passage j of the batch, and the loss is the cross-entropy of picking
@@ -35,9 +35,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
+from rag_jax import checkpoints
 from rag_jax.models.bert import BertConfig, DPREncoder
+from rag_jax.parallel import data_mesh, replicate
 from rag_jax.retrieval.encode import tokenize_passages
-from rag_jax.training.mesh import data_mesh, replicate
 from rag_jax.training.optimizer import learning_rate_schedule
 
 
@@ -172,7 +173,6 @@ def train_retriever(questions: list[str], titles: list[str], texts: list[str], t
 
 def save_retriever(result: RetrieverResult, tokenizer: Any, out: str | os.PathLike) -> None:
   """out/question_encoder and out/context_encoder: DPR checkpoints, each with the tokenizer."""
-  from rag_jax import checkpoints
 
   out = Path(out)
   for name, model, params in (("question_encoder", result.question_encoder,

@@ -1,4 +1,10 @@
-"""The device mesh: one "data" axis over every device of every host (pure data parallelism)."""
+"""The device mesh every part of rag_jax uses: one "data" axis (pure data parallelism).
+
+Training shards its global batch over every device of every host (`data_mesh()`). The passage
+index and the passage encoder work on this process's devices only (`local_data_mesh()`): each
+host holds its own copy of the index and encodes its own slice of the corpus, so no collective
+crosses hosts there. Both are the same 1-D "data" mesh over a different device list.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,19 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+AXIS = "data"  # The mesh's one axis name.
 
-def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A 1-D mesh named "data" (Auto axis type, so jit and shard_map both accept plain arrays)."""
+
+def data_mesh(devices: Sequence[jax.Device] | None = None, axis: str = AXIS) -> Mesh:
+  """A 1-D mesh over `devices` (default: every device of every process), Auto axis type, so
+  jit and shard_map both accept plain arrays."""
   devices = jax.devices() if devices is None else list(devices)
-  return Mesh(np.asarray(devices), ("data",))
+  return Mesh(np.asarray(devices), (axis,))
+
+
+def local_data_mesh(axis: str = AXIS) -> Mesh:
+  """The same 1-D mesh over this process's devices (index search, passage encoding)."""
+  return data_mesh(jax.local_devices(), axis)
 
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

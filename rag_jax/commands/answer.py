@@ -1,0 +1,61 @@
+"""Questions -> answers with the passages they came from (RAG end to end).
+
+    python -m rag_jax.commands.answer --checkpoint=runs/rag/export --index_dir=kb "who wrote X"
+    python -m rag_jax.commands.answer --checkpoint=... --index_dir=... < questions.txt  # one a line
+
+The checkpoint's kind decides the decoder (RagTokenForGeneration: RAG-Token;
+RagSequenceForGeneration: RAG-Sequence thorough, or fast with --decoding=fast); see
+rag_jax/answer.py.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+from absl import flags
+
+from rag_jax.answer import RagAnswerer, format_answer
+from rag_jax.commands.common import ask, parse_flags
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("checkpoint", None, "RAG checkpoint directory with its tokenizers.",
+                    flag_values=FLAGS, required=True)
+flags.DEFINE_string("index_dir", None, "Directory written by build_index.", flag_values=FLAGS,
+                    required=True)
+flags.DEFINE_integer("n_docs", None, "Passages per question (default: the checkpoint's).",
+                     lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("num_beams", 4, "Beam width (1: greedy).", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("max_length", 50, "Longest answer in tokens.", lower_bound=1,
+                     flag_values=FLAGS)
+flags.DEFINE_integer("num_return_sequences", 1, "Answers per question.", lower_bound=1,
+                     flag_values=FLAGS)
+flags.DEFINE_enum("decoding", "thorough", ["thorough", "fast"],
+                  "RAG-Sequence decoding (RAG-Token has one).", flag_values=FLAGS)
+flags.DEFINE_string("dtype", "float32", "Compute dtype (bfloat16 on accelerators).",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("max_chars", 300, "Truncate printed passages.", flag_values=FLAGS)
+
+
+def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> int:
+  questions = parse_flags(FLAGS, "python -m rag_jax.commands.answer", __doc__, argv)
+  stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+  answerer = RagAnswerer(FLAGS.checkpoint, FLAGS.index_dir, n_docs=FLAGS.n_docs,
+                         dtype=jnp.dtype(FLAGS.dtype))
+  options = dict(num_beams=FLAGS.num_beams, max_length=FLAGS.max_length,
+                 num_return_sequences=FLAGS.num_return_sequences, decoding=FLAGS.decoding)
+
+  def answer(batch: list[str]) -> str:
+    return "\n".join(format_answer(a, FLAGS.max_chars) for a in answerer(batch, **options))
+
+  return ask(questions, answer, stdin, stdout)
+
+
+def console_main() -> None:
+  """The console script's entry (pyproject.toml)."""
+  sys.exit(main())
+
+
+if __name__ == "__main__":
+  console_main()

@@ -1,0 +1,87 @@
+"""Corpus file -> searchable index in one call.
+
+  python -m rag_jax.commands.build_index --corpus=psgs_w100.tsv --encoder=dpr-ctx_encoder \
+      --out=wiki_index [--index=scann|exact] [--batch_size=128] [--dtype=float16]
+
+Stages (each shows a progress bar, each resumable; see rag_jax/retrieval/pipeline.py): passage
+store, passage embeddings (or DPR's published pickles with --dpr_embeddings=... --allow_pickle),
+index. Search it with ``python -m rag_jax.commands.search --dir=wiki_index ...``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from absl import flags
+
+from rag_jax.commands.common import parse_flags
+from rag_jax.retrieval.corpus import FORMATS
+from rag_jax.retrieval.encode import EncodeConfig
+from rag_jax.retrieval.exact import ExactConfig
+from rag_jax.retrieval.pipeline import build_from_corpus
+from rag_jax.retrieval.scann_index import ScannConfig
+
+FLAGS = flags.FlagValues()
+_F = {"flag_values": FLAGS}
+flags.DEFINE_string("corpus", None, "psgs_w100.tsv, title<TAB>text TSV or JSONL.", required=True,
+                    **_F)
+flags.DEFINE_string("out", None, "Output directory (passages, embeddings, index).",
+                    required=True, **_F)
+flags.DEFINE_enum("format", "auto", ["auto", *FORMATS], "Corpus format.", **_F)
+flags.DEFINE_integer("split_words", 100, "Words per passage for own corpora (0: no split); DPR "
+                     "files are never split.", lower_bound=0, **_F)
+flags.DEFINE_string("encoder", None, "DPRContextEncoder directory (Hugging Face format).", **_F)
+flags.DEFINE_string("tokenizer", None, "Tokenizer directory (default: --encoder).", **_F)
+flags.DEFINE_list("dpr_embeddings", None, "DPR wikipedia_passages_*.pkl, in corpus order.", **_F)
+flags.DEFINE_bool("allow_pickle", False, "Allow unpickling --dpr_embeddings (runs code from the "
+                  "files: trusted files only).", **_F)
+flags.DEFINE_enum("index", "scann", ["scann", "exact"], "Index kind.", **_F)
+flags.DEFINE_integer("batch_size", EncodeConfig.batch_size, "Passages per encoder batch.",
+                     lower_bound=1, **_F)
+flags.DEFINE_integer("max_length", EncodeConfig.max_length, "Passage tokens.", lower_bound=1,
+                     **_F)
+flags.DEFINE_integer("shard_size", EncodeConfig.shard_size, "Embeddings per saved shard.",
+                     lower_bound=1, **_F)
+flags.DEFINE_enum("dtype", "float32", ["float32", "float16", "bfloat16"],
+                  "Storage dtype of the embeddings.", **_F)
+flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "Encoder compute dtype.",
+                  **_F)
+flags.DEFINE_integer("num_leaves", None, "ScaNN leaves (default: 2 sqrt(n), see "
+                     "rag_jax/retrieval/scann_index.py).", lower_bound=1, **_F)
+flags.DEFINE_float("leaves_fraction", ScannConfig.leaves_fraction,
+                   "ScaNN: share of leaves searched.", **_F)
+flags.DEFINE_integer("reorder", ScannConfig.reorder, "ScaNN: candidates rescored exactly.", **_F)
+flags.DEFINE_enum("reorder_dtype", "float32", ["float32", "bfloat16", "int8"],
+                  "ScaNN: storage of the rescoring vectors.", **_F)
+flags.DEFINE_enum("exact_dtype", "float32", ["float32", "bfloat16"],
+                  "Device storage of an exact index.", **_F)
+flags.DEFINE_bool("quiet", False, "No progress bars.", **_F)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parse_flags(FLAGS, "python -m rag_jax.commands.build_index", __doc__, argv)
+  index = build_from_corpus(
+      FLAGS.corpus, FLAGS.out, encoder=FLAGS.encoder, tokenizer=FLAGS.tokenizer,
+      fmt=FLAGS.format, split_words=FLAGS.split_words or None, index_type=FLAGS.index,
+      encode_config=EncodeConfig(batch_size=FLAGS.batch_size, max_length=FLAGS.max_length,
+                                 shard_size=FLAGS.shard_size, dtype=FLAGS.dtype),
+      compute_dtype=FLAGS.compute_dtype,
+      scann_config=ScannConfig(num_leaves=FLAGS.num_leaves,
+                               leaves_fraction=FLAGS.leaves_fraction, reorder=FLAGS.reorder,
+                               reorder_dtype=FLAGS.reorder_dtype),
+      exact_config=ExactConfig(dtype=FLAGS.exact_dtype),
+      dpr_embeddings=FLAGS.dpr_embeddings, allow_pickle=FLAGS.allow_pickle,
+      progress=not FLAGS.quiet)
+  print(f"built a {index.kind} index of {index.count} passages x {index.dim} in "
+        f"{FLAGS.out}/index")
+  return 0
+
+
+def console_main() -> None:
+  """The console script's entry (pyproject.toml)."""
+  sys.exit(main())
+
+
+if __name__ == "__main__":
+  console_main()

@@ -1,0 +1,56 @@
+"""Type questions, get the top passages with titles and scores.
+
+  python -m rag_jax.commands.search --dir=wiki_index --question_encoder=dpr-question_encoder \
+      [--k=5] "who wrote hamlet" "..."          # or questions on stdin, one per line
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from collections.abc import Sequence
+
+from absl import flags
+
+from rag_jax.commands.common import ask, parse_flags
+from rag_jax.retrieval.retriever import Hit, Retriever
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("dir", None, "Directory written by build_index.", flag_values=FLAGS,
+                    required=True)
+flags.DEFINE_string("question_encoder", None, "DPRQuestionEncoder directory.", flag_values=FLAGS,
+                    required=True)
+flags.DEFINE_string("tokenizer", None, "Tokenizer directory (default: --question_encoder).",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("k", 5, "Passages per question.", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("max_chars", 300, "Truncate printed passages.", flag_values=FLAGS)
+
+
+def format_hits(question: str, hits: Sequence[Hit], max_chars: int) -> str:
+  lines = [f"Q: {question}"]
+  for rank, h in enumerate(hits, 1):
+    text = textwrap.shorten(h.text, max_chars, placeholder=" ...") if h.text else ""
+    lines.append(f"  {rank:>2}. [{h.score:9.4f}] {h.title} (id {h.id}, row {h.row})")
+    lines.append(textwrap.indent(textwrap.fill(text, 96), "      "))
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> int:
+  questions = parse_flags(FLAGS, "python -m rag_jax.commands.search", __doc__, argv)
+  stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+  retriever = Retriever.load(FLAGS.dir, FLAGS.question_encoder, FLAGS.tokenizer)
+
+  def search(batch: list[str]) -> str:
+    return "\n".join(format_hits(q, hits, FLAGS.max_chars) for q, hits in
+                     zip(batch, retriever.retrieve(batch, FLAGS.k), strict=True))
+
+  return ask(questions, search, stdin, stdout)
+
+
+def console_main() -> None:
+  """The console script's entry (pyproject.toml)."""
+  sys.exit(main())
+
+
+if __name__ == "__main__":
+  console_main()

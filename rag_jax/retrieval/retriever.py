@@ -1,0 +1,153 @@
+"""The retriever: questions -> q(x) -> top-k rows of an index -> passages.
+
+One object for every user of retrieval: answering (rag_jax.answer), host-side retrieval during
+training (rag_jax.training.retrieval_feed, with the current parameters), evaluation and the
+search command. It holds a question encoder's embedding function, its tokenizer, an index
+(rag_jax.retrieval.backends) and the passage store the index's rows point into.
+
+    retriever = Retriever.load("wiki_index", "dpr-question_encoder")
+    hits = retriever.retrieve(["who wrote hamlet"], k=5)      # [[Hit, ...]] best first
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from rag_jax import checkpoints
+from rag_jax.models.bert import DPREncoder
+from rag_jax.models.rag import RagModel
+from rag_jax.retrieval.backends import load_index
+from rag_jax.retrieval.index import Index, IndexDimensionError
+from rag_jax.retrieval.store import PassageStore
+
+EmbedFn = Callable[[Any, np.ndarray, np.ndarray], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Hit:
+  """One retrieved passage: its store row, exact inner-product score, id, title and text."""
+
+  row: int
+  score: float
+  id: str
+  title: str
+  text: str
+
+
+def tokenize_questions(tokenizer: Any, questions: list[str], max_length: int,
+                       bucket: int = 16) -> tuple[np.ndarray, np.ndarray]:
+  """Question-encoder ids and mask [Q, Lq] int32, Lq padded up to a multiple of `bucket` so
+  that a jitted encoder compiles for a few lengths only (DPR pools [CLS]: padding is masked)."""
+  seqs = tokenizer(questions, truncation=True, max_length=max_length)["input_ids"]
+  length = -(-max(len(s) for s in seqs) // bucket) * bucket
+  ids = np.full((len(seqs), length), tokenizer.pad_token_id or 0, np.int32)  # [Q, Lq]
+  mask = np.zeros_like(ids)
+  for i, s in enumerate(seqs):
+    ids[i, :len(s)], mask[i, :len(s)] = s, 1
+  return ids, mask
+
+
+def question_embedder(model: DPREncoder | RagModel) -> EmbedFn:
+  """Jitted q(x): (params, ids [Q, L], mask [Q, L]) -> [Q, D] float32, for a DPR question
+  encoder (its params) or a RAG model (the whole RAG params; its question encoder runs)."""
+  if isinstance(model, RagModel):
+    return jax.jit(lambda params, ids, mask: model.apply(
+        {"params": params}, ids, mask, method=model.embed_questions))
+  if isinstance(model, DPREncoder):
+    return jax.jit(lambda params, ids, mask: model.apply(
+        {"params": params}, ids, mask).pooler_output)
+  raise TypeError(f"a question encoder is a DPREncoder or a RagModel, not {type(model).__name__}")
+
+
+class Retriever:
+  """A question encoder (embedding function + parameters + tokenizer) over an index and store.
+
+  Args:
+    index: a built or loaded index whose rows are the store's rows.
+    store: the passages.
+    tokenizer: the question encoder's tokenizer.
+    embed: q(x) as made by :func:`question_embedder`.
+    params: the encoder's parameters (each call may pass others, e.g. during training).
+    max_length: question token budget.
+  """
+
+  def __init__(self, index: Index, store: PassageStore, tokenizer: Any, embed: EmbedFn,
+               params: Any = None, max_length: int = 128):
+    self.index, self.store, self.tokenizer = index, store, tokenizer
+    self.embed_fn, self.params, self.max_length = embed, params, max_length
+
+  @classmethod
+  def load(cls, directory: str | os.PathLike, question_encoder: str | os.PathLike,
+           tokenizer: str | os.PathLike | None = None, max_length: int = 128,
+           **index_kwargs: Any) -> Retriever:
+    """A DPRQuestionEncoder directory over an index directory written by build_index
+    (passages/ and index/). `index_kwargs` go to load_index (e.g. mesh= for exact)."""
+    model, params = checkpoints.load_pretrained(question_encoder)
+    tok = checkpoints.load_tokenizer(tokenizer or question_encoder)
+    return cls.over_directory(directory, model, params, tok, max_length, **index_kwargs)
+
+  @classmethod
+  def over_directory(cls, directory: str | os.PathLike, model: DPREncoder | RagModel,
+                     params: Any, tokenizer: Any, max_length: int = 128,
+                     **index_kwargs: Any) -> Retriever:
+    """`model`'s question encoder over directory/index and directory/passages; refuses an
+    index whose vectors have another dimension than the encoder's."""
+    directory = Path(directory)
+    if not (directory / "passages" / "store.json").exists():
+      raise FileNotFoundError(
+          f"{directory}: not an index directory (no passages/store.json; python -m "
+          "rag_jax.commands.build_index writes passages/ and index/)")
+    index = load_index(directory / "index", **index_kwargs)
+    encoder_config = model.config.question_encoder if isinstance(model, RagModel) else model.config
+    dim = encoder_config.embedding_dim
+    if index.dim != dim:
+      raise IndexDimensionError(
+          f"{directory / 'index'} holds {index.dim}-d passage embeddings but the question "
+          f"encoder gives {dim}-d vectors; was the index built with another encoder?")
+    return cls(index, PassageStore(directory / "passages"), tokenizer, question_embedder(model),
+               params, max_length)
+
+  def tokenize(self, questions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Question ids and mask [Q, Lq] int32 (see :func:`tokenize_questions`)."""
+    return tokenize_questions(self.tokenizer, questions, self.max_length)
+
+  def embed(self, ids: np.ndarray, mask: np.ndarray, params: Any = None) -> np.ndarray:
+    """q(x) [Q, D] float32 on the host (`params` default: the retriever's own)."""
+    return np.asarray(self.embed_fn(self.params if params is None else params, ids, mask),
+                      np.float32)
+
+  def search(self, ids: np.ndarray, mask: np.ndarray, k: int, params: Any = None,
+             complete: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(exact scores [Q, k] float32, store rows [Q, k] int64), best first.
+
+    complete: refuse a result with fewer than k passages for some question (an approximate
+    index may find fewer; RAG needs exactly k).
+    """
+    scores, rows = self.index.search(self.embed(ids, mask, params), k)
+    if complete and (rows < 0).any():
+      raise ValueError(f"the index returned fewer than k={k} passages for some question")
+    return scores, rows
+
+  def hits(self, scores: np.ndarray, rows: np.ndarray) -> list[list[Hit]]:
+    """The passages of search results, one list per question (rows of -1 left out)."""
+    out = []
+    for sc, rw in zip(scores, rows, strict=True):
+      row_hits = []
+      for s, r in zip(sc, rw, strict=True):
+        if r >= 0:
+          p = self.store[int(r)]
+          row_hits.append(Hit(int(r), float(s), p.id, p.title, p.text))
+      out.append(row_hits)
+    return out
+
+  def retrieve(self, questions: list[str], k: int = 5) -> list[list[Hit]]:
+    """Top-k :class:`Hit` lists, best first, one per question."""
+    ids, mask = self.tokenize(questions)
+    return self.hits(*self.search(ids, mask, k, complete=False))

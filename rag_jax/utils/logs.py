@@ -1,0 +1,59 @@
+"""Where log records go: the workdir's log file gets everything from INFO up, the console only
+warnings and errors (progress bars, one line per finished phase and the results are printed by
+the jobs themselves).
+
+Libraries' INFO records (orbax's per-save lines, jax's backend probing, absl) and the metric
+records therefore reach train.log and never the console. Two known-harmless library warnings are
+kept off the console too (they still reach the file): orbax's note that rag_jax registers its own
+jax.Array checkpoint handler (rag_jax/training/loop.py does so on purpose).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _orbax_info(record: logging.LogRecord) -> bool:
+  """Drops orbax's INFO chatter (a CheckpointManager dump per save) from the log file."""
+  return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
+def _console_worthy(record: logging.LogRecord) -> bool:
+  """Warnings and errors, but not the expected handler-override note of orbax."""
+  return record.levelno >= logging.WARNING and not (
+      record.levelno < logging.ERROR and record.pathname.endswith("type_handler_registry.py"))
+
+
+class WorkdirLogFile(logging.FileHandler):
+  """A workdir's log file (nested jobs each keep theirs, all at INFO)."""
+
+
+@contextlib.contextmanager
+def workdir_logging(workdir: Path, filename: str = "train.log") -> Iterator[Path]:
+  """For the duration of the block: every record from INFO up goes to workdir/filename, and the
+  handlers already installed (absl's stderr handler, a notebook's) see warnings and errors
+  only. Yields the log file's path."""
+  path = Path(workdir) / filename
+  handler = WorkdirLogFile(path)
+  handler.setFormatter(logging.Formatter(FORMAT))
+  handler.addFilter(_orbax_info)
+  root = logging.getLogger()
+  console = [h for h in root.handlers if not isinstance(h, WorkdirLogFile)]
+  for h in console:
+    h.addFilter(_console_worthy)
+  level = root.level
+  root.addHandler(handler)
+  root.setLevel(logging.INFO)
+  try:
+    yield path
+  finally:
+    root.removeHandler(handler)
+    root.setLevel(level)
+    for h in console:
+      h.removeFilter(_console_worthy)
+    handler.close()
