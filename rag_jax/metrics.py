@@ -281,7 +281,7 @@ def bleu1(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
   "13a" (mteval-v13a: punctuation split off) and case sensitivity are kept (lowercase=True
   lowercases). With several references the brevity penalty uses the closest reference length.
   """
-  from sacrebleu.metrics import BLEU
+  from sacrebleu.metrics import BLEU  # deferred: only the generation metrics need it
 
   _check_lengths(hypotheses, references, "reference lists")
   metric = BLEU(max_ngram_order=1, smooth_method="none", lowercase=lowercase)
@@ -298,7 +298,7 @@ def rouge_l(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
   is the summary rouge-score reports; MS-MARCO's official script (coco-caption Rouge) instead uses
   beta = 1.2 and combines references differently (docs/evaluation.md).
   """
-  from rouge_score import rouge_scorer
+  from rouge_score import rouge_scorer  # deferred: only the generation metrics need it
 
   _check_lengths(hypotheses, references, "reference lists")
   scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=use_stemmer)

@@ -71,7 +71,7 @@ class TaskSplit(Sequence[TaskExample]):
     return iter(self.examples)
 
 
-class _Collector:
+class Collector:
   """Gathers examples; raises or (skip_malformed) counts malformed records; logs the counts."""
 
   def __init__(self, path: str | os.PathLike, skip_malformed: bool):

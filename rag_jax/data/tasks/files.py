@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from rag_jax.data.tasks.common import TaskExample, TaskFileError, TaskSplit, _Collector
+from rag_jax.data.tasks.common import Collector, TaskExample, TaskFileError, TaskSplit
 
 NO_ANSWER = "No Answer Present."
 FEVER_LABELS_3WAY = ("SUPPORTS", "REFUTES", "NOT ENOUGH INFO")
@@ -51,7 +51,7 @@ def read_dpr_qa_csv(path: str | os.PathLike, regex_answers: bool = False,
   list of strings.
   """
   path = _require_file(path)
-  out = _Collector(path, skip_malformed)
+  out = Collector(path, skip_malformed)
   with path.open(encoding="utf-8", newline="") as f:
     reader = csv.reader(f, delimiter="\t")
     for row in reader:
@@ -109,7 +109,7 @@ def read_msmarco_nlg(path: str | os.PathLike, skip_no_answer: bool = False,
     raise TaskFileError(path, None, 'no "answers" column (the public eval file has no answers)')
   well_formed = data.get("wellFormedAnswers") or {}
   query_ids = data.get("query_id") or {}
-  out = _Collector(path, skip_malformed)
+  out = Collector(path, skip_malformed)
   for key, query in data["query"].items():
     where = f"record {key}"
     wfa = well_formed.get(key)
@@ -171,7 +171,7 @@ def read_searchqa_jeopardy(path: str | os.PathLike, skip_malformed: bool = False
   .json file (one object or a list), or a directory of .json files (one record each).
   """
   path = Path(path)
-  out = _Collector(path, skip_malformed)
+  out = Collector(path, skip_malformed)
   for where, record, error in _json_records(path):
     if error is not None:
       out.malformed(where, error)
@@ -223,7 +223,7 @@ def read_fever(path: str | os.PathLike, num_classes: int = 3,
   if missing:
     raise ValueError(f"label_targets has no target for {missing}")
   path = Path(path)
-  out = _Collector(path, skip_malformed)
+  out = Collector(path, skip_malformed)
   for where, record, error in _json_records(path):
     if error is not None:
       out.malformed(where, error)

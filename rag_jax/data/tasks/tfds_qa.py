@@ -71,7 +71,7 @@ def read_tfds_qa(name: str, split: str, data_dir: str | os.PathLike | None = Non
                      "rag_jax.data.tasks.read_dpr_qa_csv")
   if name not in TFDS_QA_TASKS:
     raise ValueError(f"unknown TFDS QA task {name!r}; known: {sorted(TFDS_QA_TASKS)}")
-  import tensorflow_datasets as tfds
+  import tensorflow_datasets as tfds  # deferred: a slow import, needed by this reader only
 
   builder = tfds.builder(name, data_dir=data_dir)
   if not builder.is_prepared():
