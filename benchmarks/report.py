@@ -1,6 +1,6 @@
 """Markdown tables from benchmark.py's JSON, written into docs between markers.
 
-  python -m benchmarks.report docs/benchmarks.md docs/benchmark_results/*.json
+  python -m benchmarks.report --markdown=docs/benchmarks.md docs/benchmark_results/*.json
 
 For each JSON file NAME.json the section between `<!-- begin NAME -->` and `<!-- end NAME -->`
 of the markdown file is replaced (appended at the end if the markers are missing), so the figures
@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
+
+from absl import app, flags
 
 from benchmarks.runner import derive
 
@@ -85,7 +86,14 @@ def update(markdown: Path, reports: list[Path]) -> None:
   markdown.write_text(text)
 
 
+_MARKDOWN = flags.DEFINE_string("markdown", "docs/benchmarks.md", "The markdown file to update.")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) < 2:
+    raise app.UsageError("name one or more benchmark.py JSON files")
+  update(Path(_MARKDOWN.value), [Path(p) for p in argv[1:]])
+
+
 if __name__ == "__main__":
-  if len(sys.argv) < 3:
-    sys.exit(__doc__)
-  update(Path(sys.argv[1]), [Path(p) for p in sys.argv[2:]])
+  app.run(main)

@@ -1,7 +1,7 @@
 """The ScaNN tuning study behind docs/retrieval.md and ScannConfig's defaults: which tree finds
 inner-product neighbours (benchmark.py times the chosen settings against faiss).
 
-  python -m benchmarks.scann_sweep [names...]    # default: all; names below
+  python -m benchmarks.scann_sweep [--configs=name,...]   # default: all; names below
 
 Raw ScaNN (no rag_jax wrapper) on the anchor data: 200k x 768, 2000 clusters, unequal norms,
 1000 queries, numpy exact top-100 as truth. One RESULT JSON line per (config, leaves, reorder).
@@ -10,11 +10,11 @@ Raw ScaNN (no rag_jax wrapper) on the anchor data: 200k x 768, 2000 clusters, un
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 import numpy as np
 import scann
+from absl import app, flags
 
 from rag_jax.retrieval.synthetic import clustered_embeddings, recall_at
 
@@ -45,7 +45,13 @@ CONFIGS = {
 }
 
 
-def main(names: list[str]) -> None:
+_CONFIGS = flags.DEFINE_list("configs", [], "Configurations to run (default: all).")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; name configurations with --configs")
+  names = _CONFIGS.value
   x, q = clustered_embeddings(N, D, 2000, NQ, seed=0)
   truth = np.argsort(-(q @ x.T), axis=1)[:, :K]  # (NQ, K)
   for name in names or list(CONFIGS):
@@ -76,4 +82,4 @@ def main(names: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1:])
+  app.run(main)

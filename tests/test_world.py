@@ -4,10 +4,10 @@ brute-force recomputation from the generated facts."""
 import numpy as np
 import pytest
 
-from rag_jax.data import world as wd
-from rag_jax.data import world_tokenizer
-from rag_jax.retrieval import train_retriever as tr
+from rag_jax.experiments.world import data as wd
+from rag_jax.experiments.world import tokenizer as world_tokenizer
 from rag_jax.retrieval.corpus import read_dpr_tsv
+from rag_jax.training import retriever_trainer as tr
 
 SMALL = wd.WorldConfig(seed=3, num_people=80, num_cities=10, num_companies=8, num_meetings=20)
 

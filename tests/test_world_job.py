@@ -21,6 +21,7 @@ world itself.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -39,7 +40,7 @@ DECODERS = {"rag_sequence": "RAG-Sequence thorough, greedy, 3 docs, max_length 8
 REDUCED = {
     "world.num_people": 120, "world.num_cities": 12, "world.num_companies": 10,
     "world.num_years": 30, "world.num_meetings": 30,
-    "retriever.batch_size": 32, "retriever.num_steps": 120, "retriever.warmup_steps": 20,
+    "retriever.batch_size": 32, "retriever.num_train_steps": 120, "retriever.warmup_steps": 20,
     "rag.batch_size": 16, "rag.n_docs": 3, "rag.num_train_steps": STEPS,
     "rag.warmup_steps": 20, "rag.checkpoint_every": 100, "rag.log_every": 50,
     "eval.batch_size": 40, "eval.recall_ks": "(1,5)",
@@ -90,7 +91,11 @@ def test_default_job_learns_resumes_after_a_kill_and_refuses_another_config(tmp_
   status, output = run(workdir, tmp_path / "resumed.log")
   assert status == 0, output[-3000:]
   for name in phases:
-    assert f"phase {name}: done in an earlier run" in output
+    assert f"] {name}: done in an earlier run" in output
+  # A quiet console: no INFO record of any library (absl prints them as "I1127 12:00:00 ..."),
+  # the metric records and library INFO lines are in the workdir's log files.
+  assert not re.search(r"^I\d{4} ", output, re.M), output[:3000]
+  assert "phase rag_sequence: " in (workdir / "train.log").read_text()
   train_log = (workdir / "rag_sequence" / "train.log").read_text()
   assert f"resumed from step {REDUCED['rag.checkpoint_every']}" in train_log
   report = json.loads((workdir / "report.json").read_text())

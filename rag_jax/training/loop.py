@@ -1,4 +1,5 @@
-"""What every training loop shares: the workdir guard, logs, metrics file, orbax checkpoints."""
+"""What every training loop shares: the workdir guard, the loop itself (`train_loop`: resume,
+NaN stop, metrics, evaluation, checkpoints), the metrics file and orbax checkpoints."""
 
 from __future__ import annotations
 
@@ -6,12 +7,14 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from tqdm import tqdm
 
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
@@ -118,3 +121,66 @@ def check_finite(metrics: dict[str, Any], step: int, manager: ocp.CheckpointMana
       f"step {step}: non-finite loss (loss sum {loss}, gradient norm {norm}); the run stopped "
       f"without saving this state and {kept}. A rerun resumes from there and, being "
       "deterministic, meets the same step: lower the learning rate or check that step's batch.")
+
+
+StepFn = Callable[[Any, int], tuple[Any, dict[str, Any]]]
+
+
+def train_loop(config: ml_collections.ConfigDict, workdir: Path, state: Any, step_fn: StepFn, *,
+               summarize: Callable[[dict[str, float]], dict[str, float]],
+               evaluate: Callable[[Any], dict[str, float]] | None = None,
+               desc: str = "train", stop_after: int | None = None,
+               postfix: Callable[[dict[str, float]], dict[str, str]] | None = None,
+               eval_prefix: str = "eval_") -> tuple[Any, bool]:
+  """The loop every trainer runs: resume, step, stop on NaN, log, evaluate, checkpoint.
+
+  Args:
+    config: num_train_steps, batch_size, log_every, eval_every, checkpoint_every,
+      keep_checkpoints.
+    state: the initial TrainState, placed on the devices (its shardings are kept on restore).
+    step_fn: (state, step) -> (state, metrics): one optimizer step on the batch of `step` (a
+      pure function of the step, so a resumed run sees the same data). metrics are device
+      scalars: sums with their denominators, plus "loss_sum" and "grad_norm" for the NaN stop.
+    summarize: the window's summed metrics (host floats) -> the record's figures.
+    evaluate: params -> held-out figures, every eval_every steps and at the last step.
+    stop_after: end after that many total steps, as a kill would (checkpoint saved).
+  Returns:
+    (state, finished): finished is False when stop_after ended the run early.
+
+  Writes workdir/metrics.jsonl (one record per log_every steps, with steps/s and the elapsed
+  seconds since this (re)start) and keep-N orbax checkpoints in workdir/checkpoints.
+  """
+  manager = checkpoint_manager(workdir, config)
+  state = restore_latest(manager, state)
+  start = int(state.step)
+  writer = MetricsWriter(workdir)
+  throughput = Throughput(start, config.batch_size)
+  window: dict[str, Any] = {}
+  try:
+    with tqdm(total=config.num_train_steps, initial=start, desc=desc, unit="step",
+              dynamic_ncols=True) as bar:
+      for step in range(start, config.num_train_steps):
+        state, metrics = step_fn(state, step)
+        done = step + 1
+        check_finite(metrics, done, manager)
+        # Device scalars, summed without a host sync until the window is logged.
+        window = {k: window.get(k, 0.0) + v for k, v in metrics.items() if k != "grad_norm"}
+        bar.update(1)
+        if done % config.log_every == 0 or done == config.num_train_steps:
+          record = {"step": done, **summarize({k: float(v) for k, v in window.items()}),
+                    **throughput(done)}
+          window = {}
+          if evaluate is not None and (done % config.eval_every == 0
+                                       or done == config.num_train_steps):
+            record.update({f"{eval_prefix}{k}": v for k, v in evaluate(state.params).items()})
+          if postfix is not None:
+            bar.set_postfix(postfix(record))
+          writer.write(record)
+        save_checkpoint(manager, done, state, config)
+        if stop_after is not None and done >= stop_after:
+          break
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+  return state, int(state.step) >= config.num_train_steps

@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from tqdm import tqdm
 
 from rag_jax import checkpoints, losses
 from rag_jax.data import contexts, qa
@@ -235,8 +234,6 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
   state = create_train_state(model.apply, params, tx,
                              jax.random.key_data(jax.random.key(config.seed)))
   state = replicate(state, mesh)
-  manager = loop.checkpoint_manager(workdir, config)
-  state = loop.restore_latest(manager, state)
   loss_fn = loss_function(config, model)
   retrieval = device_retrieval.setup(
       config.get("retrieval", "auto"), index, store, feed.assembler,
@@ -252,44 +249,25 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
                config.model_type, optimizer.count_params(params), mesh.devices.size, len(train),
                len(val))
 
-  start = int(state.step)
-  writer = loop.MetricsWriter(workdir)
-  throughput = loop.Throughput(start, config.batch_size)
-  window: dict[str, Any] = {}
-  with tqdm(total=config.num_train_steps, initial=start, desc=config.model_type, unit="step",
-            dynamic_ncols=True) as bar:
-    for step in range(start, config.num_train_steps):
-      rows = epoch_rows(config.seed, step, len(train), config.batch_size)
-      if retrieval is None:
-        batch, _ = feed.batch(state.params, train, rows)
-        state, metrics = step_fn(state, global_batch(batch, mesh))
-      else:
-        state, metrics = step_fn(state, global_batch(train_questions.batch(rows), mesh),
-                                 retrieval.arrays)
-      done = step + 1
-      loop.check_finite(metrics, done, manager)
-      window = {k: window.get(k, 0.0) + v for k, v in metrics.items() if k != "grad_norm"}
-      bar.update(1)
-      if done % config.log_every == 0 or done == config.num_train_steps:
-        host = {k: float(v) for k, v in window.items()}
-        record = {"step": done, "loss": host["loss_sum"] / host["examples"],
-                  "loss_per_token": host["loss_sum"] / max(host["target_tokens"], 1.0),
-                  "top_doc_prior": host["top_doc_prior_sum"] / host["examples"],
-                  **throughput(done)}
-        record["questions_per_s"] = record.pop("examples_per_s")
-        window = {}
-        if done % config.eval_every == 0 or done == config.num_train_steps:
-          record.update({f"val_{k}": v for k, v in
-                         run_eval(params=state.params).items()})
-        bar.set_postfix(loss=f"{record['loss']:.3f}", q_per_s=f"{record['questions_per_s']:.1f}")
-        writer.write(record)
-      loop.save_checkpoint(manager, done, state, config)
-      if stop_after is not None and done >= stop_after:
-        break
-  manager.wait_until_finished()
-  manager.close()
-  writer.close()
-  if int(state.step) < config.num_train_steps:
+  def train_step(state, step: int):
+    rows = epoch_rows(config.seed, step, len(train), config.batch_size)
+    if retrieval is None:
+      batch, _ = feed.batch(state.params, train, rows)
+      return step_fn(state, global_batch(batch, mesh))
+    return step_fn(state, global_batch(train_questions.batch(rows), mesh), retrieval.arrays)
+
+  def summarize(w: dict[str, float]) -> dict[str, float]:
+    return {"loss": w["loss_sum"] / w["examples"],
+            "loss_per_token": w["loss_sum"] / max(w["target_tokens"], 1.0),
+            "top_doc_prior": w["top_doc_prior_sum"] / w["examples"]}
+
+  state, finished = loop.train_loop(
+      config, workdir, state, train_step, summarize=summarize,
+      evaluate=lambda params: run_eval(params=params), desc=config.model_type,
+      stop_after=stop_after, eval_prefix="val_",
+      postfix=lambda r: {"loss": f"{r['loss']:.3f}",
+                         "q_per_s": f"{r['examples_per_s']:.1f}"})
+  if not finished:
     return None
 
   final = run_eval(params=state.params)

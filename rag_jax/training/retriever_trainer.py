@@ -1,10 +1,11 @@
 """Train a DPR-style dual encoder on (question, positive passage) pairs, in one call.
 
-    from rag_jax.training.retriever_trainer import RetrieverTrainConfig, train_retriever
+    from rag_jax.training.retriever_trainer import default_config, train_retriever
     result = train_retriever(questions, titles, texts, tokenizer, encoder_config,
-                             RetrieverTrainConfig(num_steps=800), out="runs/retriever")
+                             default_config(num_train_steps=800), out="runs/retriever")
     # runs/retriever/{question_encoder,context_encoder}: DPR checkpoints with the tokenizer,
-    # ready for python -m rag_jax.commands.build_index --encoder runs/retriever/context_encoder
+    # ready for python -m rag_jax.commands.build_index --encoder runs/retriever/context_encoder;
+    # runs/retriever/train/: metrics.jsonl, train.log and the checkpoints a killed run resumes
 
 The objective is DPR's (Karpukhin et al. 2020): for a batch of B pairs, scores = q(x_i) . d(z_j)
 for every question i and passage j of the batch, and the loss is the cross-entropy of picking
@@ -13,51 +14,81 @@ z_i among the B passages (in-batch negatives). A passage that is also another pa
 (DPRQuestionEncoder / DPRContextEncoder); the passage input is DPR's `title [SEP] text`
 (rag_jax.retrieval.encode.tokenize_passages, the tokenization the index builder uses).
 
-The step is one jit on one device: the retriever is small (the world's 0.5M-parameter BERT
-trains at ~10 steps/s on 2 CPU cores), and sharding its batch would need an all-gather of the
-passage embeddings, which deadlocked on 8 fake CPU devices sharing 2 cores (XLA CPU
-rendezvous timeout). Data-parallel training of a paper-size retriever is left for later.
+The loop is rag_jax.training.loop.train_loop (resume, NaN stop, metrics, checkpoints), the
+optimizer rag_jax.training.optimizer.make_optimizer, as for the other trainers. The step is one
+jit with explicit shardings over a one-device mesh: the retriever is small (the world's
+0.5M-parameter BERT trains at ~10 steps/s on 2 CPU cores), and sharding its batch would need
+an all-gather of the passage embeddings, which deadlocked on 8 fake CPU devices sharing 2 cores
+(XLA CPU rendezvous timeout). Data-parallel training of a paper-size retriever is left for later.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import logging
+import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from tqdm import tqdm
 
 from rag_jax import checkpoints
 from rag_jax.models.bert import BertConfig, DPREncoder
-from rag_jax.parallel import data_mesh, replicate
+from rag_jax.parallel import data_mesh
 from rag_jax.retrieval.encode import tokenize_passages
-from rag_jax.training.optimizer import learning_rate_schedule
+from rag_jax.training import loop, optimizer
+from rag_jax.training.state import TrainState, create_train_state
+from rag_jax.utils.logs import workdir_logging
 
 
-@dataclasses.dataclass(frozen=True)
-class RetrieverTrainConfig:
-  """Optimisation settings of train_retriever."""
+def default_config(**overrides: Any) -> ml_collections.ConfigDict:
+  """train_retriever's config: the shared optimizer and loop fields (configs/rag_finetune.py's
+  names) and the retriever's own. `overrides` replace fields."""
+  config = ml_collections.ConfigDict()
+  config.batch_size = 64  # Pairs per step = 1 positive + (batch_size - 1) in-batch negatives.
+  config.num_train_steps = 800  # Optimizer steps.
+  config.learning_rate = 1e-3  # Peak AdamW rate (from scratch; DPR used 2e-5 on BERT).
+  config.warmup_steps = 50  # Linear warm-up, then linear decay to lr_end.
+  config.lr_end = 0.0  # Decay target.
+  config.lr_power = 1.0  # Linear decay.
+  config.weight_decay = 0.0  # AdamW weight decay.
+  config.max_grad_norm = 1.0  # Global-norm clipping (DPR: 2.0).
+  config.adam_b1 = 0.9  # AdamW beta1.
+  config.adam_b2 = 0.999  # AdamW beta2.
+  config.adam_eps = 1e-8  # AdamW epsilon.
+  config.max_question_length = 32  # Question tokens (with specials).
+  config.max_passage_length = 48  # Passage tokens: title + text with specials.
+  # One BERT for questions and passages (from scratch, a name token then has one embedding on
+  # both sides, and matching names is learned in a fraction of the steps); False: DPR's two
+  # encoders. Either way two checkpoints are written.
+  config.shared_encoder = True
+  config.log_every = 100  # Steps between metric lines.
+  config.eval_every = 10**9  # No held-out evaluation inside the loop.
+  config.checkpoint_every = 100  # Steps between orbax checkpoints (a kill resumes).
+  config.keep_checkpoints = 1  # Checkpoints kept on disk.
+  config.seed = 0  # Initialisation, data order, dropout.
+  config.update(overrides)
+  return config
 
-  batch_size: int = 64  # Pairs per step = 1 positive + (batch_size - 1) in-batch negatives.
-  num_steps: int = 800  # Optimizer steps.
-  learning_rate: float = 1e-3  # Peak AdamW learning rate (from scratch; DPR used 2e-5 on BERT).
-  warmup_steps: int = 50  # Linear warm-up, then linear decay to 0.
-  weight_decay: float = 0.0  # AdamW weight decay.
-  max_grad_norm: float = 1.0  # Global-norm clipping (DPR: 2.0).
-  max_question_length: int = 32  # Question tokens (with specials).
-  max_passage_length: int = 48  # Passage tokens: title + text with specials.
-  shared_encoder: bool = True  # One BERT for questions and passages (from scratch, a name
-  # token then has one embedding on both sides, and matching names is learned in a fraction
-  # of the steps); False: DPR's two encoders. Either way two checkpoints are written.
-  seed: int = 0  # Initialisation, data order.
+
+def epoch_order_rows(seed: int, step: int, n_examples: int, batch_size: int) -> np.ndarray:
+  """Rows of `step`'s batch: epoch e reads the (e+1)-th permutation drawn from one numpy
+  generator seeded with `seed` (a pure function of the step, so a resumed run reads the same
+  pairs), remainder dropped."""
+  per_epoch = n_examples // batch_size
+  epoch, offset = divmod(step, per_epoch)
+  rng = np.random.default_rng(seed)
+  for _ in range(epoch + 1):
+    order = rng.permutation(n_examples)
+  return order[offset * batch_size:(offset + 1) * batch_size]
 
 
 @dataclasses.dataclass
@@ -89,18 +120,19 @@ def in_batch_loss(q: jax.Array, d: jax.Array, passage_ids: jax.Array) -> jax.Arr
 
 
 def train_retriever(questions: list[str], titles: list[str], texts: list[str], tokenizer: Any,
-                    encoder_config: BertConfig,
-                    config: RetrieverTrainConfig = RetrieverTrainConfig(),
-                    out: str | os.PathLike | None = None, progress: bool = True,
-                    log_every: int = 100) -> RetrieverResult:
+                    encoder_config: BertConfig, config: ml_collections.ConfigDict | None = None,
+                    out: str | os.PathLike | None = None) -> RetrieverResult:
   """Trains question and passage encoders from scratch on aligned lists (pair i = questions[i]
-  with passage (titles[i], texts[i])); saves both as DPR checkpoints in `out` if given."""
+  with passage (titles[i], texts[i])). With `out`, saves both as DPR checkpoints there and keeps
+  the loop's metrics and checkpoints in out/train (a rerun resumes); without it they go to a
+  temporary directory."""
+  config = config or default_config()
   if not len(questions) == len(titles) == len(texts):
     raise ValueError(f"questions ({len(questions)}), titles ({len(titles)}) and texts "
                      f"({len(texts)}) must be aligned pairs")
-  mesh = data_mesh(jax.devices()[:1])
   if len(questions) < config.batch_size:
     raise ValueError(f"{len(questions)} pairs < batch_size {config.batch_size}")
+  mesh = data_mesh(jax.devices()[:1])  # One device: see the module docstring.
   pad = tokenizer.pad_token_id
   q_ids = _pad(tokenizer(questions, truncation=True,
                          max_length=config.max_question_length)["input_ids"], pad)  # [N, Lq]
@@ -119,15 +151,13 @@ def train_retriever(questions: list[str], titles: list[str], texts: list[str], t
     params = jax.jit(lambda: {"question": q_model.init(kq, jnp.asarray(q_ids[:2]))["params"],
                               "context": c_model.init(kc, jnp.asarray(p_ids[:2]))["params"]})()
   towers = (("shared", "shared") if config.shared_encoder else ("question", "context"))
-  schedule = learning_rate_schedule(config.learning_rate, config.warmup_steps, config.num_steps,
-                                    0.0)
-  tx = optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
-                   optax.adamw(schedule, weight_decay=config.weight_decay))
-  opt_state = jax.jit(tx.init)(params)
-  params, opt_state = replicate((params, opt_state), mesh)
+  tx = optimizer.make_optimizer(config, params, frozen=lambda path: False)
+  replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  state = jax.device_put(create_train_state(None, params, tx, jax.random.key_data(dropout_key)),
+                         replicated)
 
-  def step(params, opt_state, batch, step_index):
-    key = jax.random.fold_in(dropout_key, step_index)
+  def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.dropout_key), state.step)
     kq, kc = jax.random.split(key)
 
     def loss_fn(p):
@@ -137,34 +167,30 @@ def train_retriever(questions: list[str], titles: list[str], texts: list[str], t
                         rngs={"dropout": kc}).pooler_output
       return in_batch_loss(q, d, batch["pid"])
 
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    return state.apply_gradients(grads=grads), {
+        "loss_sum": loss, "steps": jnp.ones((), jnp.float32),
+        "grad_norm": optax.global_norm(grads)}
 
-  replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  step_fn = jax.jit(step, in_shardings=(replicated, replicated, data, replicated),
-                    out_shardings=(replicated, replicated, replicated), donate_argnums=(0, 1))
-  rng = np.random.default_rng(config.seed)
-  per_epoch = len(questions) // config.batch_size
-  order = rng.permutation(len(questions))
-  losses, window = [], []
-  with tqdm(total=config.num_steps, desc="retriever", unit="step", disable=not progress,
-            dynamic_ncols=True) as bar:
-    for i in range(config.num_steps):
-      if i and i % per_epoch == 0:
-        order = rng.permutation(len(questions))
-      rows = order[(i % per_epoch) * config.batch_size:(i % per_epoch + 1) * config.batch_size]
-      batch = {"q": q_ids[rows], "p": p_ids[rows], "pid": passage_ids[rows]}
-      params, opt_state, loss = step_fn(params, opt_state, batch, i)
-      window.append(loss)
-      bar.update(1)
-      if (i + 1) % log_every == 0 or i + 1 == config.num_steps:
-        mean = float(np.mean(jax.device_get(window)))
-        losses.append((i + 1, mean))
-        window = []
-        bar.set_postfix(loss=f"{mean:.3f}")
-        logging.info("retriever step %d: in-batch loss %.4f", i + 1, mean)
-  params = jax.device_get(params)
+  step_fn = jax.jit(step, in_shardings=(replicated, data), out_shardings=(replicated, replicated),
+                    donate_argnums=0)
+
+  def train_step(state: TrainState, index: int):
+    rows = epoch_order_rows(config.seed, index, len(questions), config.batch_size)
+    return step_fn(state, {"q": q_ids[rows], "p": p_ids[rows], "pid": passage_ids[rows]})
+
+  with contextlib.ExitStack() as stack:
+    workdir = (Path(out) / "train" if out is not None
+               else Path(stack.enter_context(tempfile.TemporaryDirectory())))
+    workdir.mkdir(parents=True, exist_ok=True)
+    stack.enter_context(workdir_logging(workdir))
+    state, _ = loop.train_loop(
+        config, workdir, state, train_step, desc="retriever",
+        summarize=lambda w: {"loss": w["loss_sum"] / w["steps"]},
+        postfix=lambda r: {"loss": f"{r['loss']:.3f}"})
+    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines() if x]
+  losses = sorted({r["step"]: r["loss"] for r in records}.items())  # The last run's, per step.
+  params = jax.device_get(state.params)
   result = RetrieverResult(params[towers[0]], params[towers[1]], q_model, c_model, losses)
   if out is not None:
     save_retriever(result, tokenizer, out)

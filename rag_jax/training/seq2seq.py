@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from tqdm import tqdm
 
 from rag_jax import checkpoints
 from rag_jax.models.bart import BartForConditionalGeneration
@@ -78,7 +78,8 @@ def train_step(state: TrainState, batch: dict[str, Array], *, model: BartForCond
 
   grads, (loss, nll, correct) = jax.grad(loss_fn, has_aux=True)(state.params)
   state = state.apply_gradients(grads=grads)
-  return state, _metrics(loss, nll, correct, batch["labels"], pad)
+  return state, {**_metrics(loss, nll, correct, batch["labels"], pad),
+                 "grad_norm": optax.global_norm(grads)}
 
 
 def eval_step(params: Any, batch: dict[str, Array], *, model: BartForConditionalGeneration
@@ -155,9 +156,6 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, stop_after: int | Non
   state = jax.device_put(state, replicated)
   logging.info("BART: %d parameters, %d devices", optimizer.count_params(params), n_dev)
 
-  manager = loop.checkpoint_manager(workdir, config)
-  state = loop.restore_latest(manager, state)
-
   step_fn = jax.jit(functools.partial(train_step, model=model,
                                       label_smoothing=config.label_smoothing),
                     in_shardings=(replicated, batch_sharding),
@@ -165,36 +163,15 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, stop_after: int | Non
   eval_fn = jax.jit(functools.partial(eval_step, model=model),
                     in_shardings=(replicated, batch_sharding), out_shardings=replicated)
 
-  start = int(state.step)
-  writer = loop.MetricsWriter(workdir)
-  throughput = loop.Throughput(start, config.batch_size)
-  window: dict[str, float] = {}
   t0 = time.time()
-  with tqdm(total=config.num_train_steps, initial=start, desc="train", unit="step",
-            dynamic_ncols=True) as bar:
-    for step in range(start, config.num_train_steps):
-      state, m = step_fn(state, task.train_batch(step))
-      for k, v in m.items():
-        window[k] = window.get(k, 0.0) + v  # device scalars; synced every log_every steps
-      done = step + 1
-      bar.update(1)
-      if done % config.log_every == 0 or done == config.num_train_steps:
-        host = {k: float(v) for k, v in window.items()}
-        record = {"step": done, "loss": host["nll_sum"] / host["tokens"],
-                  "token_accuracy": host["correct"] / host["tokens"], **throughput(done)}
-        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['token_accuracy']:.3f}")
-        window = {}
-        if done % config.eval_every == 0 or done == config.num_train_steps:
-          record.update({f"eval_{k}": v for k, v in
-                         evaluate(state.params, eval_fn, task.eval_batches()).items()})
-        writer.write(record)
-      loop.save_checkpoint(manager, done, state, config)
-      if stop_after is not None and done >= stop_after:
-        break
-  manager.wait_until_finished()
-  manager.close()
-  writer.close()
-  if int(state.step) < config.num_train_steps:
+  state, finished = loop.train_loop(
+      config, workdir, state, lambda state, step: step_fn(state, task.train_batch(step)),
+      summarize=lambda w: {"loss": w["nll_sum"] / w["tokens"],
+                           "token_accuracy": w["correct"] / w["tokens"]},
+      evaluate=lambda params: evaluate(params, eval_fn, task.eval_batches()),
+      stop_after=stop_after,
+      postfix=lambda r: {"loss": f"{r['loss']:.3f}", "acc": f"{r['token_accuracy']:.3f}"})
+  if not finished:
     return None
 
   final = evaluate(state.params, eval_fn, task.eval_batches())

@@ -23,10 +23,13 @@ def _orbax_info(record: logging.LogRecord) -> bool:
   return record.levelno >= logging.WARNING or "orbax" not in record.pathname
 
 
-def _console_worthy(record: logging.LogRecord) -> bool:
-  """Warnings and errors, but not the expected handler-override note of orbax."""
-  return record.levelno >= logging.WARNING and not (
-      record.levelno < logging.ERROR and record.pathname.endswith("type_handler_registry.py"))
+class ConsoleFilter(logging.Filter):
+  """Warnings and errors, but not the expected handler-override note of orbax. One instance per
+  workdir_logging block, so a nested block's exit leaves the outer block's filter in place."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING and not (
+        record.levelno < logging.ERROR and record.pathname.endswith("type_handler_registry.py"))
 
 
 class WorkdirLogFile(logging.FileHandler):
@@ -44,8 +47,9 @@ def workdir_logging(workdir: Path, filename: str = "train.log") -> Iterator[Path
   handler.addFilter(_orbax_info)
   root = logging.getLogger()
   console = [h for h in root.handlers if not isinstance(h, WorkdirLogFile)]
+  console_filter = ConsoleFilter()
   for h in console:
-    h.addFilter(_console_worthy)
+    h.addFilter(console_filter)
   level = root.level
   root.addHandler(handler)
   root.setLevel(logging.INFO)
@@ -55,5 +59,5 @@ def workdir_logging(workdir: Path, filename: str = "train.log") -> Iterator[Path
     root.removeHandler(handler)
     root.setLevel(level)
     for h in console:
-      h.removeFilter(_console_worthy)
+      h.removeFilter(console_filter)
     handler.close()

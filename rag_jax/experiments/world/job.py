@@ -53,7 +53,7 @@ from rag_jax.retrieval.corpus import read_dpr_tsv
 from rag_jax.retrieval.encode import EncodeConfig
 from rag_jax.retrieval.pipeline import build_from_corpus
 from rag_jax.training import loop, rag_trainer, seq2seq
-from rag_jax.training.retriever_trainer import RetrieverTrainConfig, train_retriever
+from rag_jax.training.retriever_trainer import default_config, train_retriever
 from rag_jax.utils.atomic import atomic_directory, atomic_file
 from rag_jax.utils.logs import workdir_logging
 
@@ -158,13 +158,13 @@ def phase_retriever(job: Job) -> dict[str, Any]:
   lengths = job.lengths()
   result = train_retriever(
       questions, [t for t, _ in gold], [x for _, x in gold], job.tokenizer(), _encoder_config(job),
-      RetrieverTrainConfig(batch_size=c.batch_size, num_steps=c.num_steps,
-                           learning_rate=c.learning_rate, warmup_steps=c.warmup_steps,
-                           max_question_length=lengths["question"],
-                           max_passage_length=lengths["passage"], seed=job.config.seed),
+      default_config(batch_size=c.batch_size, num_train_steps=c.num_train_steps,
+                     learning_rate=c.learning_rate, warmup_steps=c.warmup_steps,
+                     max_question_length=lengths["question"],
+                     max_passage_length=lengths["passage"], seed=job.config.seed),
       out=job.workdir / "retriever")
   return {"loss_first": result.losses[0][1], "loss_last": result.losses[-1][1],
-          "chance_loss": float(np.log(c.batch_size)), "steps": c.num_steps}
+          "chance_loss": float(np.log(c.batch_size)), "steps": c.num_train_steps}
 
 
 def phase_index(job: Job) -> dict[str, Any]:
