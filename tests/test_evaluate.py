@@ -22,6 +22,7 @@ import transformers
 from configs import paper_nq
 from rag_jax.evaluation import loop, paper, runner
 from rag_jax.retrieval.pipeline import build_from_corpus
+from rag_jax.training import rag_trainer
 from tests import decoding_reference as dref
 from tests import torch_reference as ref
 
@@ -252,3 +253,29 @@ def test_evaluate_py_retrieval_only_docs_sweep_and_resume(world, tmp_path):
   with pytest.raises(ValueError, match=r"other settings \(\['checkpoint'\] differ\)"):
     runner.evaluate(paper.paper_runs(config, tmp_path), tmp_path, retrieval_only=True,
                     progress=False)
+
+
+def test_one_paper_config_trains_with_train_py_code_and_evaluates_its_export(world, tmp_path):
+  """configs/paper_nq.py is a RAG trainer config: a few steps of rag_trainer in a workdir, then
+  the evaluation of the same config in the same workdir evaluates that run's export."""
+  root, *_, models = world
+  data = tmp_path / "data"
+  data.mkdir()
+  for split in ("train", "val"):
+    (data / f"{split}.source").write_text("\n".join(QUESTIONS * 2) + "\n")
+    (data / f"{split}.target").write_text("\n".join(g[0] for g in GOLD * 2) + "\n")
+  config = nq_config(world, "token", write_qa_csv(tmp_path / "nq-test.qa.csv", GOLD))
+  config.data_dir = str(data)
+  config.n_docs, config.max_combined_length = N_DOCS, MAX_COMBINED
+  config.max_source_length, config.max_target_length = 16, 6
+  config.batch_size, config.num_train_steps, config.warmup_steps = 8, 2, 1
+  config.log_every = config.eval_every = config.checkpoint_every = 2
+  config.retrieval = "host"
+  workdir = tmp_path / "run"
+  rag_trainer.train_and_evaluate(config, str(workdir))
+  (run,) = paper.paper_runs(config, workdir)
+  assert run.checkpoint == str(workdir / "export")
+  (result,) = runner.evaluate([run], workdir, progress=False)
+  assert result["decoder"] == [f"RAG-Token, greedy, {N_DOCS} docs, max_length {MAX_LENGTH}"]
+  assert len(loop.read_predictions(workdir / "eval" / "nq-rag_token-test" / "predictions.jsonl")
+             ) == len(QUESTIONS)
