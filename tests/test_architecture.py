@@ -27,8 +27,9 @@ LAYERS = {
     "rag_jax.decoding": 4,
     "rag_jax.training": 5,
     "rag_jax.answer": 6,
-    "rag_jax.experiments": 7,
-    "rag_jax.commands": 8,
+    "rag_jax.evaluation": 7,
+    "rag_jax.experiments": 8,
+    "rag_jax.commands": 9,
 }
 
 

@@ -12,6 +12,13 @@ Everything is measured on the held-out questions (facts never asked in training)
 Each row records the decoder that produced its answers as returned by the decoding call
 (rag_jax.decoding.DecoderInfo: RAG-Token / RAG-Sequence thorough or fast / BART, beams, passages),
 next to the objective the model was trained with and its export's architecture.
+
+The RAG models' held-out answers go through evaluate.py's loop and metric
+(rag_jax.evaluation: fixed-shape batches, <model>/heldout_predictions.jsonl, SQuAD exact match;
+the world's answers are lower-cased words without articles or punctuation, on which SQuAD's
+normalization equals lower-casing). `python evaluate.py --workdir=<a finished run>` re-answers
+the same questions from the exports and the saved index (:func:`evaluation_runs`) and prints its
+EM beside the report's.
 """
 
 from __future__ import annotations
@@ -24,9 +31,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from rag_jax import checkpoints
+from rag_jax import checkpoints, metrics
 from rag_jax.answer import RagAnswerer
 from rag_jax.decoding.generation import generate
+from rag_jax.evaluation import runner, scoring
+from rag_jax.evaluation.loop import EvalExample, run_loop
 from rag_jax.retrieval.retriever import Retriever
 from rag_jax.retrieval.store import PassageStore
 
@@ -35,13 +44,13 @@ QUESTION_TOKENS = 64  # The world's encoders have 64 positions (rag_jax/experime
 
 
 def normalize(text: str) -> str:
-  """Lower-cased, whitespace-collapsed (the world's answers have no articles or punctuation)."""
-  return " ".join(text.lower().split())
+  """SQuAD's answer normalization (rag_jax.metrics), as evaluate.py scores answers."""
+  return metrics.normalize_answer(text)
 
 
 def exact_match(predictions: Sequence[str], answers: Sequence[str]) -> float:
-  hits = sum(normalize(p) == normalize(a) for p, a in zip(predictions, answers, strict=True))
-  return hits / max(len(answers), 1)
+  """SQuAD exact match against one answer per question."""
+  return metrics.exact_match(predictions, [[a] for a in answers])
 
 
 def chunked(fn: Callable[[list[str]], list[Any]], items: list[str], size: int, desc: str
@@ -55,11 +64,42 @@ def chunked(fn: Callable[[list[str]], list[Any]], items: list[str], size: int, d
 
 
 def one_decoder(decoders: Iterable[Any]) -> dict[str, Any]:
-  """The DecoderInfo shared by every output of one evaluation row, as a dict."""
-  found = set(decoders)
+  """The decoder (a DecoderInfo or its dict) shared by every output of one evaluation row."""
+  found = {json.dumps(d if isinstance(d, dict) else d.to_dict(), sort_keys=True)
+           for d in decoders}
   if len(found) != 1:
-    raise RuntimeError(f"expected one decoder per evaluation row, got {sorted(map(str, found))}")
-  return found.pop().to_dict()
+    raise RuntimeError(f"expected one decoder per evaluation row, got {sorted(found)}")
+  return json.loads(found.pop())
+
+
+def heldout_run(workdir: Path, name: str, cfg: Any, reference: dict[str, float] | None = None
+                ) -> runner.EvalRun:
+  """The held-out questions of the world in `workdir` answered by its `name` export, with the
+  job's decoding options: one evaluate.py row."""
+  world = json.loads((workdir / "world" / "world.json").read_text())
+  lines = lambda f: (workdir / "world" / f).read_text().splitlines()  # noqa: E731
+  examples = tuple(EvalExample(q, (a,), gold_ids=(g,)) for q, a, g in zip(
+      lines("val.source"), lines("val.target"), world["heldout_gold_passages"], strict=True))
+  export = workdir / name / "export"
+  return runner.EvalRun(
+      name=name, examples=examples, checkpoint=str(export), index_dir=str(workdir / "index"),
+      model_type=name, n_docs=checkpoints.read_config(export)["n_docs"],
+      generate={"num_beams": cfg.num_beams, "max_length": cfg.max_answer_tokens},
+      metrics=("exact_match",), batch_size=cfg.batch_size, recall_ks=tuple(cfg.recall_ks),
+      reference=reference or {}, reference_label="train.py's report",
+      max_question_length=QUESTION_TOKENS)
+
+
+def evaluation_runs(config: Any, workdir: str | Path) -> list[runner.EvalRun]:
+  """evaluate.py's rows for a finished default run: RAG-Sequence and RAG-Token on the held-out
+  questions, from the exports and the saved index, beside the EM in its report.json."""
+  workdir = Path(workdir)
+  if not (workdir / "report.json").exists():
+    raise FileNotFoundError(f"{workdir}: no report.json; evaluate.py --config=configs/default.py "
+                            "reads a finished `python train.py` run (give its --workdir)")
+  report = json.loads((workdir / "report.json").read_text())
+  return [heldout_run(workdir, name, config.eval, {"exact_match": report[name]["heldout_em"]})
+          for name in RAG_MODELS]
 
 
 def gold_rows(store: Any, ids: Sequence[str]) -> np.ndarray:
@@ -111,9 +151,11 @@ def evaluate_job(workdir: Path, world: dict[str, Any], cfg: Any) -> dict[str, An
     answerer = RagAnswerer(export, workdir / "index", max_question_length=QUESTION_TOKENS)
     rows = search_rows(answerer.retriever, questions, max(ks), cfg.batch_size,
                        f"recall ({name})")
-    answered = chunked(lambda qs, a=answerer: a(qs, **gen_kwargs), questions, cfg.batch_size,
-                       f"answers ({name})")
-    predicted = [a.text for a in answered]
+    run = heldout_run(workdir, name, cfg)
+    records = run_loop(run.examples, runner.answer_predictor(answerer, run),
+                       workdir / name / "heldout_predictions.jsonl", run.batch_size,
+                       correct=scoring.correct_fn(run.metrics), desc=f"answers ({name})")
+    predicted = [r["prediction"] for r in records]
     swapped_answerer = RagAnswerer(export, workdir / "index_swapped",
                                    max_question_length=QUESTION_TOKENS)
     changed_q = [questions[r] for r in changed]
@@ -127,8 +169,8 @@ def evaluate_job(workdir: Path, world: dict[str, Any], cfg: Any) -> dict[str, An
     out[name] = {
         "trained_as": json.loads((workdir / name / "report.json").read_text())["model_type"],
         "export_architecture": checkpoints.read_config(export)["architectures"][0],
-        "decoder": one_decoder(a.decoder for a in answered),
-        "em": exact_match(predicted, answers),
+        "decoder": one_decoder(r["decoder"] for r in records),
+        "em": scoring.METRICS["exact_match"](records),
         "recall_after": recall(rows, gold, ks),
         "hot_swap": {
             "changed": len(changed),

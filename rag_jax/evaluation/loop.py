@@ -1,0 +1,111 @@
+"""The evaluation loop: questions in fixed-shape batches -> predictions.jsonl, resumable.
+
+`run_loop(examples, predict, path, batch_size)` calls `predict` on batches of exactly
+`batch_size` questions (the last batch padded by repeating its last question, so that jitted
+retrieval and decoding compile once), shows a progress bar (questions/s, ETA), and appends one
+JSON line per question to `path` after each batch (flushed). A killed evaluation started again
+with the same file skips the questions already written (a partly written last line is dropped)
+and refuses a file whose questions are not the ones being evaluated. Metrics are computed from
+the file afterwards (rag_jax.evaluation.scoring), so they never depend on what stayed in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+# A batch of questions -> one record per question (JSON-ready: prediction, passages, ...).
+PredictFn = Callable[[list[str]], list[dict[str, Any]]]
+# (prediction, example) -> whether it is correct (None: the task has no per-question verdict).
+CorrectFn = Callable[[str, "EvalExample"], bool | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalExample:
+  """One evaluation question with its references.
+
+  answers: every gold output (QA: answers or CuratedTrec regexes; generation: references;
+    FEVER: the label target).
+  titles: gold Wikipedia titles when the task has them (precision@k).
+  gold_ids: gold passage ids when known (the synthetic world: id recall@k).
+  """
+
+  question: str
+  answers: tuple[str, ...]
+  id: str | None = None
+  titles: tuple[str, ...] = ()
+  gold_ids: tuple[str, ...] = ()
+
+
+def gold_fields(example: EvalExample) -> dict[str, Any]:
+  """The gold retrieval fields a record carries when the task has them."""
+  out: dict[str, Any] = {}
+  if example.titles:
+    out["gold_titles"] = list(example.titles)
+  if example.gold_ids:
+    out["gold_ids"] = list(example.gold_ids)
+  return out
+
+
+def read_predictions(path: str | os.PathLike, truncate_partial: bool = False
+                     ) -> list[dict[str, Any]]:
+  """The complete records of a predictions.jsonl ([] when absent). A last line without its
+  newline (a write cut by a kill) is left out, and with truncate_partial cut from the file."""
+  path = Path(path)
+  if not path.exists():
+    return []
+  data = path.read_bytes()
+  complete = data[:data.rfind(b"\n") + 1]
+  if truncate_partial and len(complete) != len(data):
+    with path.open("r+b") as f:
+      f.truncate(len(complete))
+  return [json.loads(line) for line in complete.decode("utf-8").splitlines() if line]
+
+
+def run_loop(examples: Sequence[EvalExample], predict: PredictFn, path: str | os.PathLike,
+             batch_size: int, *, correct: CorrectFn | None = None, desc: str = "evaluate",
+             progress: bool = True) -> list[dict[str, Any]]:
+  """Predicts every example not yet in `path` and returns all records, in order.
+
+  Each record: index, question, id, answers (gold), the predictor's fields, and `correct`
+  (correct(prediction, example) when given and the record has a prediction).
+  """
+  if batch_size <= 0:
+    raise ValueError(f"batch_size must be positive, got {batch_size}")
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  done = read_predictions(path, truncate_partial=True)
+  if len(done) > len(examples):
+    raise ValueError(f"{path} holds {len(done)} predictions for {len(examples)} questions; "
+                     "use another --workdir or delete it")
+  for i, record in enumerate(done):
+    if record.get("question") != examples[i].question:
+      raise ValueError(f"{path}:{i + 1}: written for question {record.get('question')!r}, not "
+                       f"{examples[i].question!r}: another evaluation's file; use another "
+                       "--workdir or delete it")
+  records = list(done)
+  with path.open("a", encoding="utf-8") as f, tqdm(
+      total=len(examples), initial=len(done), desc=desc, unit="question", dynamic_ncols=True,
+      disable=not progress) as bar:
+    for start in range(len(done), len(examples), batch_size):
+      chunk = list(examples[start:start + batch_size])
+      questions = [e.question for e in chunk]
+      outputs = predict(questions + [questions[-1]] * (batch_size - len(chunk)))[:len(chunk)]
+      lines = []
+      for i, (example, output) in enumerate(zip(chunk, outputs, strict=True)):
+        record = {"index": start + i, "question": example.question, "id": example.id,
+                  "answers": list(example.answers), **gold_fields(example), **output}
+        if correct is not None and "prediction" in record:
+          record["correct"] = correct(record["prediction"], example)
+        records.append(record)
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+      f.write("".join(lines))
+      f.flush()
+      bar.update(len(chunk))
+  return records

@@ -1,0 +1,312 @@
+"""evaluate.py's library side: a checkpoint + an index on a task's questions -> predictions.jsonl,
+metrics.json and a table beside a reference number (the paper's, or train.py's report).
+
+One :class:`EvalRun` says what to evaluate (questions, checkpoint, index, decoder settings,
+metrics, the number to compare with); :func:`evaluate` runs it in one of three modes, each in its
+own folder under `<workdir>/eval/<run name>/` (a killed evaluation started again resumes there):
+
+  answers         retrieval + decoding (rag_jax.answer.RagAnswerer) in fixed-shape batches:
+                  predictions.jsonl, metrics.json, the table printed and in table.md;
+  retrieval_only  the question encoder alone over the index, top max(recall_ks) passages:
+                  retrieval/predictions.jsonl and metrics.json with recall@k and precision@k;
+  docs            the paper's Figure 3: the answers mode at each number of docs
+                  (docs_<K>/...) and retrieval recall@K, written as figure3.png, figure3.md and
+                  figure3.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+from tqdm import tqdm
+
+from rag_jax import checkpoints, metrics
+from rag_jax.answer import RagAnswerer
+from rag_jax.evaluation import scoring
+from rag_jax.evaluation.loop import EvalExample, PredictFn, read_predictions, run_loop
+from rag_jax.models.rag import RagModel
+from rag_jax.retrieval.retriever import Retriever
+from rag_jax.training.rag_trainer import architecture_of
+from rag_jax.utils.atomic import atomic_file
+from rag_jax.utils.logs import workdir_logging
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalRun:
+  """One evaluation row.
+
+  name: its folder under <workdir>/eval/ (e.g. "nq-rag_sequence-test").
+  model_type: rag_sequence | rag_token, the decoder (the checkpoint's class is overridden).
+  generate: rag_jax.decoding.generate options (num_beams, max_length, decoding).
+  metrics: names of rag_jax.evaluation.scoring.METRICS; the first is the headline.
+  reference: {metric: fraction} printed beside this run's figures, under reference_label.
+  regex_answers: the answers are regular expressions (CuratedTrec).
+  question_encoder: a DPRQuestionEncoder directory for retrieval_only ("": the checkpoint's).
+  """
+
+  name: str
+  examples: tuple[EvalExample, ...]
+  checkpoint: str
+  index_dir: str
+  model_type: str
+  n_docs: int
+  generate: dict[str, Any]
+  metrics: tuple[str, ...]
+  batch_size: int
+  recall_ks: tuple[int, ...] = (1, 5, 10, 20, 50, 100)
+  reference: dict[str, float] = dataclasses.field(default_factory=dict)
+  reference_label: str = "reference"
+  regex_answers: bool = False
+  max_question_length: int = 128
+  dtype: str = "float32"
+  question_encoder: str = ""
+
+  def settings(self) -> dict[str, Any]:
+    """What decides the predictions (a folder holding other settings is refused)."""
+    return {"checkpoint": str(self.checkpoint), "index_dir": str(self.index_dir),
+            "model_type": self.model_type, "n_docs": self.n_docs, "generate": self.generate,
+            "questions": len(self.examples), "max_question_length": self.max_question_length,
+            "dtype": self.dtype}
+
+
+def check_settings(folder: Path, settings: dict[str, Any]) -> None:
+  """Records settings.json in `folder`, or refuses a folder written with other settings."""
+  folder.mkdir(parents=True, exist_ok=True)
+  path = folder / "settings.json"
+  current = json.loads(json.dumps(settings))
+  if path.exists():
+    previous = json.loads(path.read_text())
+    if previous != current:
+      diff = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+      raise ValueError(f"{folder} holds an evaluation with other settings ({diff} differ); use "
+                       "another --workdir or delete it")
+  else:
+    with atomic_file(path, "w") as f:
+      json.dump(current, f, indent=2, sort_keys=True)
+
+
+# --------------------------------------------------------------------------- predictors
+
+
+def answer_predictor(answerer: RagAnswerer, run: EvalRun) -> PredictFn:
+  """Questions -> {prediction, score, titles, passage_ids, doc_scores, decoder} per question."""
+  kwargs = dict(run.generate, architecture=architecture_of(run.model_type))
+  if run.model_type != "rag_sequence":
+    kwargs.pop("decoding", None)
+
+  def predict(questions: list[str]) -> list[dict[str, Any]]:
+    return [{"prediction": a.text, "score": a.score,
+             "titles": [h.title for h in a.passages], "passage_ids": [h.id for h in a.passages],
+             "doc_scores": [h.score for h in a.passages], "decoder": a.decoder.to_dict()}
+            for a in answerer(questions, **kwargs)]
+
+  return predict
+
+
+def retrieval_predictor(retriever: Retriever, run: EvalRun, k: int) -> PredictFn:
+  """Questions -> the top-k passages' {titles, passage_ids, doc_scores, has_answer}; has_answer
+  is DPR's answer-in-passage test of each passage (regex for CuratedTrec)."""
+  answers = {e.question: e.answers for e in run.examples}
+  match_type = "regex" if run.regex_answers else "string"
+
+  def predict(questions: list[str]) -> list[dict[str, Any]]:
+    ids, mask = retriever.tokenize(questions)
+    hits = retriever.hits(*retriever.search(ids, mask, k))
+    return [{"titles": [h.title for h in row], "passage_ids": [h.id for h in row],
+             "doc_scores": [h.score for h in row],
+             "has_answer": [metrics.has_answer(answers[q], h.text, match_type) for h in row]}
+            for q, row in zip(questions, hits, strict=True)]
+
+  return predict
+
+
+def with_n_docs(answerer: RagAnswerer, n_docs: int) -> RagAnswerer:
+  """The same loaded answerer retrieving and marginalising over n_docs passages."""
+  out = copy.copy(answerer)
+  out.model = checkpoints.replace_config(answerer.model, n_docs=n_docs)
+  return out
+
+
+def load_answerer(run: EvalRun) -> RagAnswerer:
+  return RagAnswerer(run.checkpoint, run.index_dir, n_docs=run.n_docs,
+                     dtype=jnp.dtype(run.dtype), max_question_length=run.max_question_length)
+
+
+def load_retriever(run: EvalRun) -> Retriever:
+  """The question encoder over the index, without a generator: a DPRQuestionEncoder directory
+  when given, else the RAG checkpoint's question encoder (its generator weights are read with
+  the file, then dropped; nothing of it is built or compiled)."""
+  if run.question_encoder:
+    return Retriever.load(run.index_dir, run.question_encoder,
+                          max_length=run.max_question_length)
+  model, params = checkpoints.load_pretrained(run.checkpoint, dtype=jnp.dtype(run.dtype))
+  if not isinstance(model, RagModel):
+    raise ValueError(f"{run.checkpoint}: a {type(model).__name__} checkpoint, not a RAG one")
+  tokenizers = checkpoints.load_tokenizer(run.checkpoint)
+  params = {"question_encoder": params["question_encoder"]}
+  return Retriever.over_directory(run.index_dir, model, params, tokenizers.question_encoder,
+                                  run.max_question_length)
+
+
+# --------------------------------------------------------------------------- modes
+
+
+def write_json(path: Path, value: Any) -> None:
+  with atomic_file(path, "w") as f:
+    json.dump(value, f, indent=2)
+    f.write("\n")
+
+
+def table(run: EvalRun, figures: dict[str, float], what: str) -> str:
+  """Markdown: each figure x 100 beside the reference number for it (when there is one)."""
+  lines = [f"{run.name}: {what}", "",
+           f"| metric | this run | {run.reference_label} |", "|---|---|---|"]
+  for name, value in figures.items():
+    ref = run.reference.get(name)
+    lines.append(f"| {name} | {100 * value:.2f} | {'' if ref is None else f'{100 * ref:.2f}'} |")
+  return "\n".join(lines)
+
+
+def answers_mode(run: EvalRun, folder: Path, answerer: RagAnswerer | None = None,
+                 progress: bool = True) -> dict[str, Any]:
+  """predictions.jsonl + metrics.json (+ table.md) of the run in `folder`."""
+  check_settings(folder, run.settings())
+  path = folder / "predictions.jsonl"
+  done = len(read_predictions(path))
+  if done < len(run.examples):
+    answerer = load_answerer(run) if answerer is None else answerer
+    log.info("%s: %d of %d questions already in %s", run.name, done, len(run.examples), path)
+    run_loop(run.examples, answer_predictor(answerer, run), path, run.batch_size,
+             correct=scoring.correct_fn(run.metrics), desc=f"{run.name} ({run.n_docs} docs)",
+             progress=progress)
+  records = read_predictions(path)
+  result = {"name": run.name, "questions": len(records), "n_docs": run.n_docs,
+            "decoder": sorted({r["decoder"]["name"] for r in records}),
+            "metrics": scoring.answer_metrics(records, run.metrics),
+            "reference": {"label": run.reference_label, **run.reference}}
+  write_json(folder / "metrics.json", result)
+  shown = {m: result["metrics"][m] for m in run.metrics}
+  (folder / "table.md").write_text(table(run, shown, ", ".join(result["decoder"])) + "\n")
+  return result
+
+
+def retrieval_mode(run: EvalRun, folder: Path, ks: Sequence[int] | None = None,
+                   progress: bool = True) -> dict[str, Any]:
+  """Top max(ks) passages per question -> recall@k / precision@k, in `folder`."""
+  ks = tuple(run.recall_ks if ks is None else ks)
+  retriever = None
+  path = folder / "predictions.jsonl"
+  check_settings(folder, {**run.settings(), "generate": None, "n_docs": max(ks),
+                          "question_encoder": run.question_encoder})
+  if len(read_predictions(path)) < len(run.examples):
+    retriever = load_retriever(run)
+    k = min(max(ks), len(retriever.store))
+    if k < max(ks):
+      log.warning("the index holds %d passages: recall@k for k > %d left out", k, k)
+    run_loop(run.examples, retrieval_predictor(retriever, run, k), path, run.batch_size,
+             desc=f"{run.name} retrieval", progress=progress)
+  records = read_predictions(path)
+  result = {"name": run.name, "questions": len(records),
+            "metrics": scoring.retrieval_metrics(records, ks)}
+  write_json(folder / "metrics.json", result)
+  (folder / "table.md").write_text(table(run, result["metrics"], "retrieval") + "\n")
+  return result
+
+
+def docs_mode(run: EvalRun, folder: Path, docs: Sequence[int], progress: bool = True
+              ) -> dict[str, Any]:
+  """The paper's Figure 3: the headline metric and retrieval recall against K docs."""
+  docs = sorted(set(docs))
+  retrieval = retrieval_mode(run, folder / "retrieval", docs, progress)["metrics"]
+  answerer = None
+  rows = []
+  for k in docs:
+    sub = dataclasses.replace(run, n_docs=k)
+    if len(read_predictions(folder / f"docs_{k}" / "predictions.jsonl")) < len(run.examples):
+      answerer = load_answerer(sub) if answerer is None else answerer
+    result = answers_mode(sub, folder / f"docs_{k}",
+                          None if answerer is None else with_n_docs(answerer, k), progress)
+    rows.append({"docs": k, **{m: result["metrics"][m] for m in run.metrics},
+                 "recall": retrieval.get(f"recall@{k}")})
+  headline = run.metrics[0]
+  write_json(folder / "figure3.json", rows)
+  lines = [f"| docs | {' | '.join(run.metrics)} | retrieval recall@K |",
+           "|---" * (len(run.metrics) + 2) + "|"]
+  for r in rows:
+    recall = "" if r["recall"] is None else f"{100 * r['recall']:.2f}"
+    lines.append(f"| {r['docs']} | " + " | ".join(f"{100 * r[m]:.2f}" for m in run.metrics)
+                 + f" | {recall} |")
+  (folder / "figure3.md").write_text("\n".join(lines) + "\n")
+  plot_figure3(rows, headline, run.name, folder / "figure3.png")
+  return {"name": run.name, "rows": rows, "table": "\n".join(lines)}
+
+
+def plot_figure3(rows: list[dict[str, Any]], metric: str, title: str, path: Path) -> None:
+  """Two panels as in the paper's Figure 3: the metric and retrieval recall against K."""
+  import matplotlib  # deferred: only the docs sweep draws
+
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # deferred with matplotlib
+
+  ks = [r["docs"] for r in rows]
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+  axes[0].plot(ks, [100 * r[metric] for r in rows], marker="o")
+  axes[0].set(xlabel="K retrieved docs", ylabel=metric, title=f"{title}: {metric}")
+  recall = [(r["docs"], 100 * r["recall"]) for r in rows if r["recall"] is not None]
+  if recall:
+    axes[1].plot(*zip(*recall, strict=True), marker="o", color="tab:green")
+  axes[1].set(xlabel="K retrieved docs", ylabel="answer recall@K", title="retrieval recall")
+  fig.tight_layout()
+  tmp = path.with_suffix(".tmp.png")
+  fig.savefig(tmp, dpi=100)
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
+def evaluate(runs: Sequence[EvalRun], workdir: str | os.PathLike, *, retrieval_only: bool = False,
+             docs: Sequence[int] = (), progress: bool = True) -> list[dict[str, Any]]:
+  """Runs each EvalRun in the chosen mode under <workdir>/eval/<name>/ and prints its table."""
+  if retrieval_only and docs:
+    raise ValueError("choose one of retrieval_only and docs")
+  workdir = Path(workdir)
+  (workdir / "eval").mkdir(parents=True, exist_ok=True)
+  results = []
+  with workdir_logging(workdir / "eval", "evaluate.log") as log_file:
+    tqdm.write(f"evaluating in {workdir / 'eval'} (log: {log_file})")
+    for run in runs:
+      folder = workdir / "eval" / run.name
+      if retrieval_only:
+        result = retrieval_mode(run, folder / "retrieval", progress=progress)
+        text = (folder / "retrieval" / "table.md").read_text()
+      elif docs:
+        result = docs_mode(run, folder, docs, progress)
+        text = f"{run.name}: the paper's Figure 3 ({folder / 'figure3.png'})\n\n{result['table']}"
+      else:
+        result = answers_mode(run, folder, progress=progress)
+        text = (folder / "table.md").read_text()
+      log.info("%s: %s", run.name, result)
+      print("\n" + text.rstrip() + "\n", flush=True)
+      results.append(result)
+  return results
+
+
+def ints(values: str | Sequence[int]) -> tuple[int, ...]:
+  """"5,10,20" or a sequence -> a tuple of positive ints."""
+  items = values.split(",") if isinstance(values, str) else list(values)
+  out = tuple(int(v) for v in items if str(v).strip())
+  if any(v <= 0 for v in out):
+    raise ValueError(f"expected positive numbers, got {values!r}")
+  return out
+
+
+__all__ = ["EvalRun", "evaluate", "answers_mode", "retrieval_mode", "docs_mode", "ints"]

@@ -1,0 +1,100 @@
+"""Scores from written predictions: the paper's metrics by name and the retrieval figures.
+
+Everything here reads records as rag_jax.evaluation.loop writes them to predictions.jsonl
+(`prediction`, `answers`, `titles`, `passage_ids`, `doc_scores`, ...), so a metric can always be
+recomputed from the file alone. The functions are rag_jax.metrics'; this module only picks them
+per task and per record.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from rag_jax import metrics
+from rag_jax.evaluation.loop import CorrectFn
+
+Records = Sequence[dict[str, Any]]
+
+
+def _answers(records: Records) -> list[list[str]]:
+  return [list(r["answers"]) for r in records]
+
+
+def _predictions(records: Records) -> list[str]:
+  return [r["prediction"] for r in records]
+
+
+# Metric name -> (records -> value in [0, 1]). `answers` holds every reference of a question.
+METRICS: dict[str, Callable[[Records], float]] = {
+    "exact_match": lambda rs: metrics.exact_match(_predictions(rs), _answers(rs)),
+    "token_f1": lambda rs: metrics.token_f1(_predictions(rs), _answers(rs)),
+    # CuratedTrec: a prediction is right when a gold regex matches it from its start (DrQA's
+    # regex_match_score, which scores predicted answers; the paper does not name its rule).
+    "regex_match": lambda rs: metrics.regex_exact_match(_predictions(rs), _answers(rs),
+                                                        anchored=True),
+    "bleu1": lambda rs: metrics.bleu1(_predictions(rs), _answers(rs)),
+    "rouge_l": lambda rs: metrics.rouge_l(_predictions(rs), _answers(rs)),
+    # Q-BLEU-1 scores against one reference question (the first).
+    "qbleu1": lambda rs: metrics.qbleu1(_predictions(rs), [a[0] for a in _answers(rs)]),
+    "label_accuracy": lambda rs: metrics.label_accuracy(_predictions(rs),
+                                                        [a[0] for a in _answers(rs)]),
+    "distinct_trigrams": lambda rs: metrics.distinct_trigram_ratio(_predictions(rs)),
+}
+
+# Metric name -> the per-question verdict written as `correct` in predictions.jsonl.
+CORRECT: dict[str, CorrectFn] = {
+    "exact_match": lambda p, e: bool(metrics.max_over_ground_truths(
+        metrics.exact_match_score, p, e.answers)),
+    "regex_match": lambda p, e: any(metrics.regex_match(p, g, anchored=True) for g in e.answers),
+    "label_accuracy": lambda p, e: p.strip() == e.answers[0].strip(),
+}
+
+
+def correct_fn(metric_names: Iterable[str]) -> CorrectFn | None:
+  """The verdict of the first metric that has one (None for generation tasks)."""
+  for name in metric_names:
+    if name in CORRECT:
+      return CORRECT[name]
+  return None
+
+
+def check_metric_names(names: Iterable[str]) -> None:
+  unknown = sorted(set(names) - set(METRICS))
+  if unknown:
+    raise ValueError(f"unknown metrics {unknown}; expected some of {sorted(METRICS)}")
+
+
+def answer_metrics(records: Records, names: Sequence[str]) -> dict[str, float]:
+  """The named metrics of the predictions, plus the document-prior diagnostics."""
+  check_metric_names(names)
+  out = {name: METRICS[name](records) for name in names}
+  out.update(metrics.doc_score_diagnostics(np.asarray([r["doc_scores"] for r in records])))
+  return out
+
+
+def retrieval_metrics(records: Records, ks: Sequence[int]) -> dict[str, float]:
+  """Retrieval figures of the written passages at every k in ks (k beyond the passages written
+  per question is left out):
+
+  recall@k: share of questions with a gold passage id among the top k when the records carry
+    gold ids (the synthetic world), else DPR's top-k accuracy from the per-passage `has_answer`
+    flags written with the passages (an answer string, or a CuratedTrec regex, in the text);
+  precision@k: transformers' eval_rag.py precision over titles, when the records have gold titles.
+  """
+  written = min(len(r["passage_ids"]) for r in records)
+  ks = [k for k in ks if k <= written]
+  out: dict[str, float] = {}
+  if all(r.get("gold_ids") for r in records):
+    recall = metrics.id_recall_at_k([r["passage_ids"] for r in records],
+                                    [r["gold_ids"] for r in records], ks)
+  else:
+    recall = {k: float(np.mean([any(r["has_answer"][:k]) for r in records])) for k in ks}
+  out.update({f"recall@{k}": v for k, v in recall.items()})
+  if all(r.get("gold_titles") for r in records):
+    titles = [[metrics.strip_title(t) for t in r["titles"]] for r in records]
+    gold = [r["gold_titles"] for r in records]
+    out.update({f"precision@{k}": metrics.precision_at_k(titles, gold, k) for k in ks})
+  return out
