@@ -134,7 +134,7 @@ def _strip(row: np.ndarray) -> tuple[int, ...]:
   return tuple(row)
 
 
-@pytest.mark.parametrize("decoding", ["thorough", pytest.param("fast", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("decoding", ["thorough", "fast"])
 def test_batched_decoding_equals_one_question_at_a_time(rag_sequence, decoding):
   _, model, params = rag_sequence
   batch = 3

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import pytest
 from flax import traverse_util
 
 from rag_jax.parallel import data_mesh
@@ -25,7 +24,6 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.mark.slow  # two jax.distributed processes: about a minute on 2 cores
 def test_two_processes_equal_one_device(tmp_path):
   port = _free_port()
   out = tmp_path / "params.npz"

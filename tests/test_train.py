@@ -28,7 +28,6 @@ def _config(steps=40):
   return config
 
 
-@pytest.mark.slow  # the reversal job (configs/reversal.py) is no longer the default
 def test_learns_and_resumes_exactly(tmp_path):
   assert jax.device_count() == 8
   full = reversal.train_and_evaluate(_config(), str(tmp_path / "full"))
@@ -57,7 +56,6 @@ def test_learns_and_resumes_exactly(tmp_path):
                              atol=1e-5, rtol=0)
 
 
-@pytest.mark.slow  # the reversal job (configs/reversal.py) is no longer the default
 def test_refuses_a_workdir_with_another_config(tmp_path):
   reversal.train_and_evaluate(_config(steps=2), str(tmp_path))
   other = _config(steps=2)
