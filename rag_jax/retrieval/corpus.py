@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from rag_jax.utils.errors import UserError
+
 # DPR passages fit the default 128 KiB field limit, but users' documents (unsplit) need not.
 csv.field_size_limit(sys.maxsize)
 
@@ -34,7 +36,7 @@ FORMATS = ("dpr", "tsv", "jsonl")
 DPR_HEADER = ["id", "text", "title"]
 
 
-class CorpusFormatError(ValueError):
+class CorpusFormatError(UserError, ValueError):
   """A corpus file that does not follow its format; the message names the file and line."""
 
   def __init__(self, path: str | os.PathLike, line: int, message: str):

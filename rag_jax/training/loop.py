@@ -13,6 +13,8 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from rag_jax.utils.errors import UserError
+
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
   """Records the config in workdir/config.json, or refuses a workdir holding another config."""
@@ -96,7 +98,7 @@ class Throughput:
             "elapsed_s": elapsed}
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
   """A step produced a NaN/inf loss or gradient; the run stopped before saving that state."""
 
 
