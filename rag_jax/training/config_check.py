@@ -92,7 +92,6 @@ _DTYPE = one_of("float32", "bfloat16", "float16")
 
 RAG_NUMBERS = [
     *TRAINING, _LABEL_SMOOTHING,
-    Rule("model_type", one_of("rag_sequence", "rag_token")),
     Rule("n_docs", integer(1)),
     Rule("retrieval", one_of("auto", "device", "host")),
     Rule("device_index_memory_fraction", number(0, 1, low_open=True)),
