@@ -67,7 +67,8 @@ class RagAnswerer:
       trained against.
     n_docs: passages per question (default: the checkpoint's config).
     dtype: compute dtype (bfloat16 on accelerators).
-    max_question_length: question-encoder token budget.
+    max_question_length: question-encoder token budget (more than the question
+      encoder's positions: its positions).
     index_kwargs: passed to `load_index` (e.g. mesh= for an exact index).
   """
 
@@ -76,8 +77,9 @@ class RagAnswerer:
                max_question_length: int = 128, **index_kwargs: Any):
     model, self.params = checkpoints.load_pretrained(checkpoint, dtype=dtype)
     if not isinstance(model, RagModel):
-      raise ValueError(f"{checkpoint}: a {type(model).__name__} checkpoint; answering needs a "
-                       "RAG checkpoint (RagSequenceForGeneration or RagTokenForGeneration)")
+      raise checkpoints.CheckpointError(
+          f"{checkpoint}: a {type(model).__name__} checkpoint; answering needs a "
+          "RAG checkpoint (RagSequenceForGeneration or RagTokenForGeneration)")
     tokenizers = checkpoints.load_tokenizer(checkpoint)
     if not isinstance(tokenizers, checkpoints.RagTokenizers):
       raise FileNotFoundError(f"{checkpoint}: no question_encoder_tokenizer/ and "

@@ -43,6 +43,7 @@ from rag_jax.models.bart import BartConfig, BartForConditionalGeneration
 from rag_jax.models.bert import BertConfig, DPREncoder
 from rag_jax.models.rag import RagConfig, RagModel
 from rag_jax.utils.atomic import atomic_directory
+from rag_jax.utils.errors import UserError
 
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS = "model.safetensors"
@@ -56,7 +57,7 @@ Model = BartForConditionalGeneration | DPREncoder | RagModel
 Path_ = tuple[str, ...]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
   """A checkpoint that does not fit the model: names the file and the tensor."""
 
 

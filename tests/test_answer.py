@@ -2,9 +2,12 @@
 classes: torch DPR question/context encoders, a numpy brute-force top-k, the reference's context
 strings, and `RagTokenForGeneration.generate` / `RagSequenceForGeneration.generate`."""
 
+import contextlib
 import csv
 import io
+import re
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -12,8 +15,10 @@ import transformers
 
 from rag_jax import answer as answer_lib
 from rag_jax.commands import answer as answer_command
+from rag_jax.decoding import generate
 from rag_jax.retrieval.index import IndexDimensionError
 from rag_jax.retrieval.pipeline import build_from_corpus
+from rag_jax.utils.errors import NonFiniteError
 from tests import decoding_reference as dref
 from tests import torch_reference as ref
 
@@ -133,3 +138,89 @@ def test_bad_inputs_are_named(world, tmp_path):
                     fmt="tsv", split_words=None, index_type="exact", progress=False)
   with pytest.raises(IndexDimensionError, match=r"16-d passage embeddings .* 32-d"):
     answer_lib.RagAnswerer(models["token"][1], tmp_path / "kb16")
+
+
+# ------------------------------------------------------------------ inputs checked at the door
+# The question encoder of these checkpoints has 40 positions (ref.DPR_CONFIG) while the command's
+# question budget is 128 tokens.
+
+LONG = "what does " + "alba " * 60 + "make ?"  # 71 tokens with [CLS] and [SEP]
+
+
+def _ask(models, root, *questions, extra=()):
+  """(exit code, stdout, stderr) of the answer command on `questions`."""
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stderr(err):
+    code = answer_command.main(["--checkpoint", str(models["token"][1]), "--index_dir",
+                                str(root / "kb"), "--num_beams", "1", "--max_length", "8",
+                                *extra, *questions], stdin=io.StringIO(""), stdout=out)
+  return code, out.getvalue(), err.getvalue()
+
+
+def test_command_truncates_a_long_question_to_the_encoders_positions(world):
+  root, q_tok, *_, models = world
+  assert len(q_tok(LONG)["input_ids"]) > ref.DPR_CONFIG["max_position_embeddings"]
+  code, out, err = _ask(models, root, QUESTIONS[0], LONG)
+  assert code == 0, err
+  assert "nan" not in out.lower()
+  # The other question of the call is answered exactly as when asked alone.
+  alone = _ask(models, root, QUESTIONS[0])[1]
+  assert out.split("Q: ")[1] == alone.split("Q: ")[1]
+  # The long one is retrieved with its first 40 tokens: the same rows and scores as the torch
+  # pipeline's question encoder on the truncated ids.
+  torch_rag = models["token"][0]
+  q = q_tok([LONG], truncation=True, max_length=ref.DPR_CONFIG["max_position_embeddings"],
+            return_tensors="pt")
+  _, _, _, ctx, _ = world
+  enc = q_tok(TITLES, TEXTS, padding=True, truncation=True, return_tensors="pt",
+              max_length=ref.DPR_CONFIG["max_position_embeddings"])
+  with torch.no_grad():
+    question = torch_rag.question_encoder(q["input_ids"], q["attention_mask"])[0].numpy()
+    passages = ctx(enc["input_ids"], enc["attention_mask"],
+                   torch.zeros_like(enc["input_ids"])).pooler_output.numpy()
+  scores = (question @ passages.T)[0]
+  top = np.argsort(-scores, kind="stable")[:N_DOCS]
+  got = re.findall(r"p=[\d.]+ \[ *(-?[\d.]+)\] (.*) \(id", out.split("Q: ")[2])
+  assert [t for _, t in got] == [TITLES[r] for r in top]
+  np.testing.assert_allclose([float(s) for s, _ in got], scores[top], atol=1e-3)
+  assert err.count("warning: 1 of 2 questions exceed the question encoder's 40 tokens and were "
+                   "truncated to them (question(s) 2: 71 tokens)") == 1
+
+
+def test_command_refuses_an_empty_question_in_one_line(world):
+  root, *_, models = world
+  code, out, err = _ask(models, root, QUESTIONS[0], "  ")
+  assert (code, out) == (1, "")
+  assert err == ("error: question(s) [2] of 2 are empty or blank; ask something (no question "
+                 "was answered)\n")
+
+
+def test_command_reports_unknown_tokens(world):
+  root, q_tok, *_, models = world
+  question = "what does Ωmega make ?"
+  assert q_tok(question)["input_ids"].count(q_tok.unk_token_id) == 1
+  code, out, err = _ask(models, root, QUESTIONS[0], question)
+  assert code == 0
+  assert err == ("warning: question 2: 1 unknown token(s) for the question encoder's tokenizer "
+                 "('Ωmega'); retrieval cannot use them (a word glued to punctuation? separate it "
+                 "with a space)\n")
+
+
+def test_non_finite_scores_are_a_named_error(world):
+  root, *_, models = world
+  answerer = answer_lib.RagAnswerer(models["token"][1], root / "kb")
+  broken = jax.tree.map(lambda x: x, answerer.params)
+  broken["question_encoder"] = jax.tree.map(lambda x: x * np.nan, broken["question_encoder"])
+  answerer.params = answerer.retriever.params = broken
+  with pytest.raises(NonFiniteError, match=r"^doc scores q\(x\) \. d\(z\) of the retrieved "
+                                           r"passages \(one row per question\): nan in 3 of 3 "):
+    answerer(QUESTIONS)
+  with pytest.raises(NonFiniteError, match=r"^doc_scores given to RAG generation: inf in 1 of 3"):
+    generate(answerer.model, answerer.params, context_input_ids=np.ones((3 * N_DOCS, 4), int),
+             doc_scores=np.array([[0, 1, np.inf], [0, 1, 2], [0, 1, 2]], np.float32),
+             n_docs=N_DOCS)
+  generator = {**answerer.params, "generator": jax.tree.map(lambda x: x * np.nan,
+                                                              answerer.params["generator"])}
+  with pytest.raises(NonFiniteError, match=r"^sequence scores of RAG-Token.* nan in 3 of 3"):
+    generate(answerer.model, generator, context_input_ids=np.ones((3 * N_DOCS, 4), int),
+             doc_scores=np.zeros((3, N_DOCS), np.float32), n_docs=N_DOCS, max_length=4)

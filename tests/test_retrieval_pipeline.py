@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import DPRConfig, DPRContextEncoder, DPRQuestionEncoder
+from transformers import BertTokenizerFast, DPRConfig, DPRContextEncoder, DPRQuestionEncoder
 
 from rag_jax.commands import search
 from rag_jax.retrieval.corpus import iter_passages
@@ -120,3 +120,60 @@ def test_rebuild_from_another_corpus_is_refused(world, tmp_path):
     build_from_corpus(other, out, encoder=str(root / "ctx"), encode_config=cfg, progress=False)
   with pytest.raises(ValueError, match="--encoder"):
     build_from_corpus(corpus, tmp_path / "x", progress=False)
+
+
+def test_search_command_checks_questions(world, tmp_path, capsys):
+  """A question encoder with 16 positions (the command's budget is 128 tokens): a long question is
+  truncated to 16 tokens with one warning (not NaN for the whole call), an empty one is refused
+  in one line, unknown tokens are reported."""
+  root, corpus, passages, questions, _ = world
+  out = tmp_path / "built"
+  build_from_corpus(corpus, out, encoder=str(root / "ctx"), index_type="exact",
+                    encode_config=EncodeConfig(batch_size=8, max_length=64, shard_size=8),
+                    progress=False)
+  tokenizer = BertTokenizerFast.from_pretrained(root / "qry")
+  torch.manual_seed(2)
+  short = DPRQuestionEncoder(DPRConfig(
+      vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+      intermediate_size=64, max_position_embeddings=16, initializer_range=0.5)).eval()
+  short.save_pretrained(tmp_path / "qry16")
+  tokenizer.save_pretrained(tmp_path / "qry16")
+  long_q = " ".join([questions[1]] * 6)
+  assert len(tokenizer(long_q)["input_ids"]) > 16
+  asked = [questions[0], long_q]
+  with torch.no_grad():
+    p = tokenizer([x.title for x in passages], [x.text for x in passages], truncation=True,
+                  max_length=64, padding=True, return_tensors="pt")
+    ctx = DPRContextEncoder.from_pretrained(root / "ctx").eval()
+    p_emb = ctx(input_ids=p["input_ids"], attention_mask=p["attention_mask"],
+                token_type_ids=torch.zeros_like(p["input_ids"])).pooler_output.numpy()
+    q = tokenizer(asked, truncation=True, max_length=16, padding=True, return_tensors="pt")
+    q_emb = short(input_ids=q["input_ids"], attention_mask=q["attention_mask"],
+                  token_type_ids=torch.zeros_like(q["input_ids"])).pooler_output.numpy()
+  ref_scores = q_emb @ p_emb.T
+  args = ["--dir", str(out), "--question_encoder", str(tmp_path / "qry16"), "--k", "3"]
+  capsys.readouterr()
+  assert search.main([*args, *asked], stdout=(buf := io.StringIO())) == 0
+  err = capsys.readouterr().err
+  assert "nan" not in buf.getvalue().lower()
+  n_long = len(tokenizer(long_q)["input_ids"])
+  assert err == ("warning: 1 of 2 questions exceed the question encoder's 16 tokens and were "
+                 f"truncated to them (question(s) 2: {n_long} tokens)\n")
+  for qi, block in enumerate(buf.getvalue().split("Q: ")[1:]):
+    ranked = re.findall(r"^ +\d+\. \[ *(-?[\d.]+)\] .* \(id \d+, row (\d+)\)$", block, re.M)
+    ref_rows = np.argsort(-ref_scores[qi], kind="stable")[:3]
+    assert [int(r[1]) for r in ranked] == ref_rows.tolist()
+    np.testing.assert_allclose([float(r[0]) for r in ranked], ref_scores[qi, ref_rows],
+                               atol=1e-4)
+
+  assert search.main([*args, "", questions[0]], stdout=(buf := io.StringIO())) == 1
+  assert buf.getvalue() == ""
+  assert capsys.readouterr().err == ("error: question(s) [1] of 2 are empty or blank; ask "
+                                     "something (no question was answered)\n")
+
+  unknown = "who was king of Ωmega"
+  assert tokenizer(unknown)["input_ids"].count(tokenizer.unk_token_id) == 1
+  assert search.main([*args, unknown], stdout=io.StringIO()) == 0
+  assert capsys.readouterr().err == (
+      "warning: question 1: 1 unknown token(s) for the question encoder's tokenizer ('Ωmega'); "
+      "retrieval cannot use them (a word glued to punctuation? separate it with a space)\n")

@@ -60,5 +60,6 @@ def test_refuses_a_workdir_with_another_config(tmp_path):
   reversal.train_and_evaluate(_config(steps=2), str(tmp_path))
   other = _config(steps=2)
   other.learning_rate = 1.0
-  with pytest.raises(ValueError, match=r"another config \(fields \['learning_rate'\]"):
+  with pytest.raises(ValueError, match=r"another config \(config.learning_rate: 0.002 in the "
+                                       r"workdir, 1.0 now\)"):
     reversal.train_and_evaluate(other, str(tmp_path))

@@ -10,6 +10,7 @@ rag_jax/answer.py.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -17,7 +18,9 @@ import jax.numpy as jnp
 from absl import flags
 
 from rag_jax.answer import RagAnswerer, format_answer
-from rag_jax.commands.common import ask, parse_flags
+from rag_jax.commands.common import ask, define_common_flags, parse_flags, run_command
+
+log = logging.getLogger(__name__)
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("checkpoint", None, "RAG checkpoint directory with its tokenizers.",
@@ -36,17 +39,24 @@ flags.DEFINE_enum("decoding", "thorough", ["thorough", "fast"],
 flags.DEFINE_string("dtype", "float32", "Compute dtype (bfloat16 on accelerators).",
                     flag_values=FLAGS)
 flags.DEFINE_integer("max_chars", 300, "Truncate printed passages.", flag_values=FLAGS)
+define_common_flags(FLAGS)
 
 
 def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> int:
+  """Answers the questions of `argv` (or of stdin, one a line); returns the exit code."""
   questions = parse_flags(FLAGS, "python -m rag_jax.commands.answer", __doc__, argv)
-  stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+  return run_command(lambda: _answer(questions, stdin or sys.stdin, stdout or sys.stdout), FLAGS)
+
+
+def _answer(questions: list[str], stdin, stdout) -> int:
   answerer = RagAnswerer(FLAGS.checkpoint, FLAGS.index_dir, n_docs=FLAGS.n_docs,
                          dtype=jnp.dtype(FLAGS.dtype))
   options = dict(num_beams=FLAGS.num_beams, max_length=FLAGS.max_length,
                  num_return_sequences=FLAGS.num_return_sequences, decoding=FLAGS.decoding)
 
   def answer(batch: list[str]) -> str:
+    for line in answerer.retriever.check(batch).unknown_warnings():
+      log.warning("%s", line)
     return "\n".join(format_answer(a, FLAGS.max_chars) for a in answerer(batch, **options))
 
   return ask(questions, answer, stdin, stdout)

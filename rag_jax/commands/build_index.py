@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from rag_jax.commands.common import parse_flags
+from rag_jax.commands.common import define_common_flags, parse_flags, run_command
 from rag_jax.retrieval.corpus import FORMATS
 from rag_jax.retrieval.encode import EncodeConfig
 from rag_jax.retrieval.exact import ExactConfig
@@ -57,10 +57,16 @@ flags.DEFINE_enum("reorder_dtype", "float32", ["float32", "bfloat16", "int8"],
 flags.DEFINE_enum("exact_dtype", "float32", ["float32", "bfloat16"],
                   "Device storage of an exact index.", **_F)
 flags.DEFINE_bool("quiet", False, "No progress bars.", **_F)
+define_common_flags(FLAGS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  """Builds the index of argv's flags; returns the exit code (see rag_jax/commands/common.py)."""
   parse_flags(FLAGS, "python -m rag_jax.commands.build_index", __doc__, argv)
+  return run_command(_build, FLAGS)
+
+
+def _build() -> int:
   index = build_from_corpus(
       FLAGS.corpus, FLAGS.out, encoder=FLAGS.encoder, tokenizer=FLAGS.tokenizer,
       fmt=FLAGS.format, split_words=FLAGS.split_words or None, index_type=FLAGS.index,

@@ -1,5 +1,11 @@
-"""What every command shares: absl flag parsing into a command's own FlagValues, and the
-question loop of the question-asking commands (search, answer).
+"""What every command shares: absl flag parsing into a command's own FlagValues, the error
+policy, and the question loop of the question-asking commands (search, answer).
+
+Error policy: an anticipated error (rag_jax.utils.errors.UserError: a bad corpus line, an empty
+question, an index built with another encoder, ...) prints one line `error: <message>` on
+stderr and the command exits 1; --traceback shows its traceback instead. Any other exception is
+a bug and keeps its traceback. Warnings of the library (a truncated question) print as
+`warning: <message>` lines.
 
 Each command keeps its flags in its own `flags.FlagValues` (not absl's global FLAGS), so the
 commands can be imported together (tests, notebooks) without their flag names colliding, and
@@ -8,11 +14,54 @@ commands can be imported together (tests, notebooks) without their flag names co
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TextIO
 
 from absl import flags
+
+from rag_jax.utils.errors import UserError
+
+
+def define_common_flags(flag_values: flags.FlagValues) -> None:
+  """The flags of every command: --traceback."""
+  flags.DEFINE_bool("traceback", False, "On an anticipated error, show its traceback (by "
+                    "default it prints one 'error: ...' line).", flag_values=flag_values)
+
+
+@contextlib.contextmanager
+def console_warnings() -> Iterator[None]:
+  """For the duration of the block, log records from WARNING up print on the current stderr
+  as `warning: <message>` (`error: ...` for errors)."""
+  handler = logging.StreamHandler(sys.stderr)
+  handler.setLevel(logging.WARNING)
+  handler.setFormatter(logging.Formatter("%(levelname_lower)s: %(message)s"))
+  handler.addFilter(_lower_level)
+  root = logging.getLogger()
+  root.addHandler(handler)
+  try:
+    yield
+  finally:
+    root.removeHandler(handler)
+
+
+def _lower_level(record: logging.LogRecord) -> bool:
+  record.levelname_lower = record.levelname.lower()
+  return True
+
+
+def run_command(body: Callable[[], int], flag_values: flags.FlagValues) -> int:
+  """Runs a command's body under the error policy (module docstring); returns its exit code."""
+  with console_warnings():
+    try:
+      return body()
+    except UserError as e:
+      if flag_values.is_parsed() and flag_values["traceback"].value:
+        raise
+      print(f"error: {e}", file=sys.stderr, flush=True)
+      return 1
 
 
 def parse_flags(flag_values: flags.FlagValues, program: str, doc: str,

@@ -6,14 +6,17 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import textwrap
 from collections.abc import Sequence
 
 from absl import flags
 
-from rag_jax.commands.common import ask, parse_flags
+from rag_jax.commands.common import ask, define_common_flags, parse_flags, run_command
 from rag_jax.retrieval.retriever import Hit, Retriever
+
+log = logging.getLogger(__name__)
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("dir", None, "Directory written by build_index.", flag_values=FLAGS,
@@ -24,6 +27,7 @@ flags.DEFINE_string("tokenizer", None, "Tokenizer directory (default: --question
                     flag_values=FLAGS)
 flags.DEFINE_integer("k", 5, "Passages per question.", lower_bound=1, flag_values=FLAGS)
 flags.DEFINE_integer("max_chars", 300, "Truncate printed passages.", flag_values=FLAGS)
+define_common_flags(FLAGS)
 
 
 def format_hits(question: str, hits: Sequence[Hit], max_chars: int) -> str:
@@ -36,11 +40,17 @@ def format_hits(question: str, hits: Sequence[Hit], max_chars: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> int:
+  """Searches for the questions of `argv` (or of stdin, one a line); returns the exit code."""
   questions = parse_flags(FLAGS, "python -m rag_jax.commands.search", __doc__, argv)
-  stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+  return run_command(lambda: _search(questions, stdin or sys.stdin, stdout or sys.stdout), FLAGS)
+
+
+def _search(questions: list[str], stdin, stdout) -> int:
   retriever = Retriever.load(FLAGS.dir, FLAGS.question_encoder, FLAGS.tokenizer)
 
   def search(batch: list[str]) -> str:
+    for line in retriever.check(batch).unknown_warnings():
+      log.warning("%s", line)
     return "\n".join(format_hits(q, hits, FLAGS.max_chars) for q, hits in
                      zip(batch, retriever.retrieve(batch, FLAGS.k), strict=True))
 

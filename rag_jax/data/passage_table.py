@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from rag_jax.data.contexts import ContextAssembler
 from rag_jax.utils.atomic import atomic_directory
+from rag_jax.utils.errors import UserError
 
 TABLE_FORMAT = "rag_jax.passage_table/1"
 
@@ -46,7 +47,7 @@ def tokenizer_sha(tokenizer: Any) -> str:
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-class PassageTableMismatch(ValueError):
+class PassageTableMismatch(UserError, ValueError):
   """A passage table built for another tokenizer or context format than the model's."""
 
 

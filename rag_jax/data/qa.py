@@ -16,8 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from rag_jax.utils.errors import UserError
 
-class QAFormatError(ValueError):
+
+class QAFormatError(UserError, ValueError):
   """A malformed source/target file; the message names the file and line."""
 
 

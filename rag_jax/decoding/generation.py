@@ -32,6 +32,7 @@ from rag_jax.decoding.rag_sequence import RagSequenceConfig, compiled_rag_sequen
 from rag_jax.decoding.rag_token import compiled_rag_token_search
 from rag_jax.models.bart import BartForConditionalGeneration
 from rag_jax.models.rag import RagModel
+from rag_jax.utils.errors import check_finite
 
 # GenerationConfig defaults (transformers 5.23) and the keys read from a checkpoint's config.
 FROM_CONFIG = "from_config"  # Default of forced_eos_token_id: the generator config's value.
@@ -183,6 +184,7 @@ def generate(model: Any, params: Any, input_ids=None, attention_mask=None, *,
   if context_input_ids is None or doc_scores is None:
     raise ValueError("RAG generation needs context_input_ids, context_attention_mask and "
                      "doc_scores (retrieve first, e.g. with rag_jax.retrieval)")
+  check_finite(np.asarray(doc_scores, np.float32), "doc_scores given to RAG generation")
   doc_scores = jnp.asarray(doc_scores, jnp.float32)
   if n_docs is not None and n_docs != doc_scores.shape[1]:
     raise ValueError(f"n_docs={n_docs} but doc_scores has {doc_scores.shape[1]} columns")
@@ -206,10 +208,20 @@ def generate(model: Any, params: Any, input_ids=None, attention_mask=None, *,
   seqs = np.asarray(out.sequences)
   width_from = out.candidate_lengths if decoding == "thorough" else out.lengths
   width = 1 + int(np.asarray(width_from).max(initial=0))
-  return GenerateOutput(seqs.reshape(-1, seqs.shape[-1])[:, :width],  # [B*R, T]
-                        np.asarray(out.scores).reshape(-1), ran(n_docs=n, decoding=decoding))
+  return _checked(GenerateOutput(seqs.reshape(-1, seqs.shape[-1])[:, :width],  # [B*R, T]
+                                 np.asarray(out.scores).reshape(-1),
+                                 ran(n_docs=n, decoding=decoding)))
 
 
 def _finish(sequences, scores, lengths, decoder: DecoderInfo) -> GenerateOutput:
   seqs, lens = np.asarray(sequences), np.asarray(lengths)
-  return GenerateOutput(_crop(seqs, lens), np.asarray(scores).reshape(-1), decoder)
+  return _checked(GenerateOutput(_crop(seqs, lens), np.asarray(scores).reshape(-1), decoder))
+
+
+def _checked(out: GenerateOutput) -> GenerateOutput:
+  """`out`, unless a sequence score is NaN or +inf (NaN logits: broken weights or inputs),
+  which raises NonFiniteError instead of returning text decoded from garbage. -inf is kept: a
+  beam that could not finish (every continuation masked) scores -inf in transformers too."""
+  check_finite(out.sequences_scores, f"sequence scores of {out.decoder.describe()} decoding",
+               allow_neg_inf=True)
+  return out

@@ -16,7 +16,7 @@ import numpy as np
 
 from rag_jax.models import presets
 from rag_jax.models.bart import BartForConditionalGeneration
-from rag_jax.training import seq2seq
+from rag_jax.training import config_check, seq2seq
 
 BOS, PAD, EOS = 0, 1, 2
 FIRST_SYMBOL = 3
@@ -75,4 +75,5 @@ def reversal_task(config: ml_collections.ConfigDict) -> seq2seq.Seq2SeqTask:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        stop_after: int | None = None) -> dict[str, Any] | None:
   """train.py's entry for configs/reversal.py (see rag_jax.training.seq2seq.train_and_evaluate)."""
+  config_check.validate(config, "reversal")
   return seq2seq.train_and_evaluate(config, workdir, reversal_task(config), stop_after)

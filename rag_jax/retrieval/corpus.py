@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from rag_jax.utils.errors import UserError
+
 # DPR passages fit the default 128 KiB field limit, but users' documents (unsplit) need not.
 csv.field_size_limit(sys.maxsize)
 
@@ -34,7 +36,7 @@ FORMATS = ("dpr", "tsv", "jsonl")
 DPR_HEADER = ["id", "text", "title"]
 
 
-class CorpusFormatError(ValueError):
+class CorpusFormatError(UserError, ValueError):
   """A corpus file that does not follow its format; the message names the file and line."""
 
   def __init__(self, path: str | os.PathLike, line: int, message: str):
@@ -68,8 +70,13 @@ def detect_format(path: str | os.PathLike) -> str:
   path = Path(path)
   if path.suffix.lower() in (".jsonl", ".json"):
     return "jsonl"
-  with open(path, encoding="utf-8", newline="") as f:
-    first = f.readline().rstrip("\r\n")
+  with open(path, "rb") as f:
+    raw = f.readline()
+  try:
+    first = raw.decode("utf-8").rstrip("\r\n")
+  except UnicodeDecodeError as e:
+    raise CorpusFormatError(path, 1, f"not valid UTF-8 (byte offset {e.start}: {e.reason}); "
+                            "a corpus is a UTF-8 text file") from None
   if first.split("\t") == DPR_HEADER:
     return "dpr"
   if first.lstrip().startswith("{"):
@@ -150,16 +157,18 @@ def read_title_text_tsv(path: str | os.PathLike) -> Iterator[tuple[int, str, str
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, str, str]]:
   """Streams (line, title, text) documents from JSON lines ``{"title": ..., "text": ...}``."""
   path = Path(path)
-  with open(path, encoding="utf-8") as f:
-    for line, raw in enumerate(f, start=1):
+  with open(path, "rb") as f:  # bytes: a decoding error is then reported with its line
+    for line, data in enumerate(f, start=1):
+      try:
+        raw = data.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise CorpusFormatError(path, line, f"not valid UTF-8 ({e.reason})") from None
       if not raw.strip():
         continue
       try:
         obj = json.loads(raw)
       except json.JSONDecodeError as e:
         raise CorpusFormatError(path, line, f"invalid JSON ({e.msg})") from None
-      except UnicodeDecodeError as e:
-        raise CorpusFormatError(path, line, f"not valid UTF-8 ({e.reason})") from None
       if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
         raise CorpusFormatError(path, line, 'expected an object with a string "text" field')
       title = obj.get("title")
@@ -168,6 +177,36 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, str, str]]:
       if not isinstance(title, str):
         raise CorpusFormatError(path, line, '"title" must be a string or null')
       yield line, title, obj["text"]
+
+
+class CorpusFileError(UserError, FileNotFoundError):
+  """The corpus path names no readable file."""
+
+
+def check_corpus(path: str | os.PathLike, probe_bytes: int = 1 << 20) -> None:
+  """Refuses, before anything is written, a corpus that cannot hold passages: a missing path
+  (CorpusFileError), an empty or blank file, or one whose first `probe_bytes` are not UTF-8 text
+  (a binary file; CorpusFormatError naming the line and byte offset). Later bad bytes are
+  reported by the readers with their line."""
+  path = Path(path)
+  if not path.is_file():
+    raise CorpusFileError(f"{path}: no such corpus file" if not path.exists() else
+                          f"{path}: not a file (a corpus is one TSV or JSONL file)")
+  with open(path, "rb") as f:
+    head = f.read(probe_bytes)
+  if not head.strip():
+    raise CorpusFormatError(path, 1, "empty file: no passages (nothing was written)")
+  try:
+    head.decode("utf-8")
+  except UnicodeDecodeError as e:
+    if e.start < len(head) - 3 or len(head) < probe_bytes:  # not a character cut by the probe
+      line = head.count(b"\n", 0, e.start) + 1
+      raise CorpusFormatError(path, line, f"not valid UTF-8 at byte offset {e.start} "
+                              f"({e.reason}); is it a binary file? (nothing was written)") from None
+  nul = head.find(b"\0")
+  if nul >= 0:
+    raise CorpusFormatError(path, head.count(b"\n", 0, nul) + 1, f"NUL byte at byte offset {nul}; "
+                            "is it a binary file? (nothing was written)")
 
 
 def iter_passages(path: str | os.PathLike, fmt: str = "auto",

@@ -34,6 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from rag_jax.utils.atomic import atomic_directory, atomic_file
+from rag_jax.utils.errors import UserError
 
 EMBEDDINGS_FORMAT = "rag_jax.embeddings/1"
 DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
@@ -41,11 +42,11 @@ DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
 _STORAGE = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
 
 
-class EmbeddingFormatError(ValueError):
+class EmbeddingFormatError(UserError, ValueError):
   """An embeddings directory whose files disagree with its manifest."""
 
 
-class PickleNotAllowedError(PermissionError):
+class PickleNotAllowedError(UserError, PermissionError):
   """Refusal to unpickle a file without the explicit opt-in."""
 
 

@@ -49,6 +49,7 @@ from rag_jax.retrieval.embeddings import (
   write_shard,
 )
 from rag_jax.retrieval.store import PassageStore
+from rag_jax.utils.faults import kill_point
 
 # Manifest fields that must agree for a rerun to resume instead of refusing.
 _RESUME_KEYS = ("count", "dim", "dtype", "shard_size")
@@ -220,6 +221,7 @@ def encode_passages(store: PassageStore, out: str | os.PathLike, *, model, param
       if pending is not None:
         _collect(result, *pending, bar)
       write_shard(out, i, result, config.dtype)
+      kill_point("encode:shard_written")
   bar.close()
   if len(todo_now) < len(todo):
     return None

@@ -27,15 +27,16 @@ from typing import Any, ClassVar
 import numpy as np
 
 from rag_jax.retrieval.embeddings import EmbeddingStore, write_into
+from rag_jax.utils.errors import UserError
 
 INDEX_FORMAT = "rag_jax.index/1"
 
 
-class IndexFileError(FileNotFoundError):
+class IndexFileError(UserError, FileNotFoundError):
   """A saved index directory that is missing a file it needs."""
 
 
-class IndexDimensionError(ValueError):
+class IndexDimensionError(UserError, ValueError):
   """Queries whose dimension differs from the indexed embeddings'."""
 
 

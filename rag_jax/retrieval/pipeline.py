@@ -10,17 +10,31 @@ rag_jax.retrieval.retriever searches what it builds. A built directory holds::
 
 Every stage is idempotent: a rerun reuses a complete passage store built from the same file,
 resumes encoding from the finished shards, and replaces the index atomically.
+
+Ownership: OUT/.rag_build.json (the manifest) lists every file build_index wrote there. A stage
+refuses to replace a path holding a file the manifest does not list (a user's file in OUT/index/
+is never deleted), and a directory holding any of the names above without a manifest is refused
+whole. Other files beside them are left alone.
+
+No partial output under the final name: a new OUT is built as OUT's sibling `.OUT.partial` (a
+killed build resumes there) and renamed to OUT when complete; an existing OUT of ours is updated
+in place, one atomic stage at a time. The corpus is checked (exists, not empty, UTF-8 text)
+before anything is written, and a build that fails before finishing a stage leaves no directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shutil
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from rag_jax.retrieval.backends import make_index
+from rag_jax.retrieval.backends import load_index, make_index
+from rag_jax.retrieval.corpus import check_corpus
 from rag_jax.retrieval.embeddings import convert_dpr_pickles
 from rag_jax.retrieval.encode import EncodeConfig, encode_from_checkpoint
 from rag_jax.retrieval.exact import ExactConfig
@@ -28,6 +42,8 @@ from rag_jax.retrieval.index import Index
 from rag_jax.retrieval.scann_index import ScannConfig
 from rag_jax.retrieval.store import PassageStore, build_store_from_file
 from rag_jax.utils.atomic import atomic_file
+from rag_jax.utils.errors import UserError
+from rag_jax.utils.faults import kill_point
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +56,14 @@ def _same_source(store_dir: Path, corpus: Path, fmt: str, split_words: int | Non
           and meta.get("split_words") == split_words)
 
 
+class BuildOutputError(UserError, FileExistsError):
+  """The output directory holds something build_index did not write (or another build)."""
+
+
+MANIFEST = ".rag_build.json"
+OWNED = ("passages", "embeddings", "index", "build.json")
+
+
 def build_store(corpus: str | os.PathLike, out: Path, fmt: str = "auto",
                 split_words: int | None = 100, progress: bool = True) -> PassageStore:
   """OUT/passages from `corpus`, reused when it was already built from the same file."""
@@ -48,10 +72,84 @@ def build_store(corpus: str | os.PathLike, out: Path, fmt: str = "auto",
     if _same_source(path, corpus, fmt, split_words):
       log.info("reusing passage store %s", path)
       return PassageStore(path)
-    raise FileExistsError(
+    raise BuildOutputError(
         f"{path} was built from another corpus file or with other settings; choose a new output "
         "directory (embeddings there belong to that store, nothing was overwritten)")
   return build_store_from_file(corpus, path, fmt=fmt, split_words=split_words, progress=progress)
+
+
+def _files(root: Path, name: str) -> list[str]:
+  """Relative paths of the files under root/name (or root/name itself if a file)."""
+  path = root / name
+  if path.is_file():
+    return [name]
+  return sorted(str(p.relative_to(root)) for p in path.rglob("*") if p.is_file())
+
+
+class Ownership:
+  """OUT's manifest: the files build_index wrote, and the stage being written (a kill during a
+  stage leaves files the manifest cannot list yet; that stage's path is trusted on resume)."""
+
+  def __init__(self, out: Path):
+    self.out, self.path = out, out / MANIFEST
+    _remove_leftovers(out, MANIFEST.lstrip("."))
+    if self.path.exists():
+      self.data = json.loads(self.path.read_text())
+    else:
+      ours = [n for n in OWNED if (out / n).exists()]
+      if ours:
+        raise BuildOutputError(
+            f"{out} holds {ours} but no {MANIFEST}: build_index did not write them (or an older "
+            "version did); refusing to replace them. Choose a new --out, or move them away")
+      self.data = {"files": [], "writing": []}
+
+  def _save(self) -> None:
+    with atomic_file(self.path, "w") as f:
+      json.dump(self.data, f, indent=2)
+
+  @contextlib.contextmanager
+  def stage(self, name: str) -> Iterator[None]:
+    """Refuses to touch OUT/name if it holds a file not written by build_index; records the
+    files there once the block completes. A stage a killed run left unfinished (listed in
+    `writing`) is trusted: its files are that run's, not yet recorded."""
+    writing = self.data.setdefault("writing", [])
+    _remove_leftovers(self.out, name)
+    if name not in writing:
+      foreign = sorted(set(_files(self.out, name)) - set(self.data["files"]))
+      if foreign:
+        raise BuildOutputError(
+            f"{self.out / foreign[0]} was not written by build_index ({len(foreign)} such "
+            f"file(s) under {self.out / name}); refusing to replace it. Move it away and rerun")
+      writing.append(name)
+      self._save()
+    yield
+    kept = [f for f in self.data["files"] if f != name and not f.startswith(name + "/")]
+    self.data = {"files": sorted(kept + _files(self.out, name)),
+                 "writing": [w for w in writing if w != name]}
+    self._save()
+
+
+def _remove_leftovers(out: Path, name: str) -> None:
+  """Deletes the temporaries that a killed atomic write of OUT/name left beside it (named
+  `.NAME.tmp-*` / `.NAME.old-*` by rag_jax.utils.atomic, so never a user's file)."""
+  for pattern in (f".{name}.tmp-*", f".{name}.old-*"):
+    for leftover in out.glob(pattern):
+      if leftover.is_dir():
+        shutil.rmtree(leftover, ignore_errors=True)
+      else:
+        leftover.unlink(missing_ok=True)
+
+
+def _finished_stages(work: Path) -> list[str]:
+  """The files of the finished stages recorded in `work`'s manifest (none if it has none)."""
+  try:
+    return json.loads((work / MANIFEST).read_text())["files"]
+  except (OSError, ValueError, KeyError):
+    return []
+
+
+def _staging(out: Path) -> Path:
+  return out.parent / f".{out.name}.partial"
 
 
 def build_from_corpus(corpus: str | os.PathLike, out: str | os.PathLike, *,
@@ -72,27 +170,57 @@ def build_from_corpus(corpus: str | os.PathLike, out: str | os.PathLike, *,
   Returns:
     The built index (also saved in OUT/index).
   """
-  out = Path(out)
-  out.mkdir(parents=True, exist_ok=True)
-  store = build_store(corpus, out, fmt, split_words, progress)
-  if dpr_embeddings:
-    emb = convert_dpr_pickles(dpr_embeddings, out / "embeddings", allow_pickle=allow_pickle,
-                              store=store, progress=progress)
-  elif encoder is not None:
-    emb = encode_from_checkpoint(store, out / "embeddings", encoder, tokenizer,
-                                 config=encode_config, compute_dtype=compute_dtype,
-                                 progress=progress)
-  else:
+  check_corpus(corpus)
+  if dpr_embeddings is None and encoder is None:
     raise ValueError("give a passage encoder (--encoder) or DPR embedding files (--dpr_embeddings)")
+  final = Path(out)
+  fresh = not final.exists()
+  work = _staging(final) if fresh else final
+  work.mkdir(parents=True, exist_ok=True)
+  try:
+    index = _build(corpus, work, encoder=encoder, tokenizer=tokenizer, fmt=fmt,
+                   split_words=split_words, index_type=index_type, encode_config=encode_config,
+                   compute_dtype=compute_dtype, scann_config=scann_config,
+                   exact_config=exact_config, dpr_embeddings=dpr_embeddings,
+                   allow_pickle=allow_pickle, progress=progress)
+  except BaseException:
+    if fresh and not _finished_stages(work):
+      shutil.rmtree(work, ignore_errors=True)  # nothing worth resuming: leave no directory
+    raise
+  if fresh:
+    kill_point("build_index:before_publish")
+    os.rename(work, final)  # atomic: OUT appears complete or not at all
+    index = load_index(final / "index")
+  return index
+
+
+def _build(corpus: str | os.PathLike, out: Path, *, encoder: str | None, tokenizer: str | None,
+           fmt: str, split_words: int | None, index_type: str,
+           encode_config: EncodeConfig | None, compute_dtype: str,
+           scann_config: ScannConfig | None, exact_config: ExactConfig | None,
+           dpr_embeddings: list[str] | None, allow_pickle: bool, progress: bool) -> Index:
+  """The stages, in `out` (OUT itself or its staging directory), each under the manifest."""
+  owner = Ownership(out)
+  with owner.stage("passages"):
+    store = build_store(corpus, out, fmt, split_words, progress)
+  with owner.stage("embeddings"):
+    if dpr_embeddings:
+      emb = convert_dpr_pickles(dpr_embeddings, out / "embeddings", allow_pickle=allow_pickle,
+                                store=store, progress=progress)
+    else:
+      emb = encode_from_checkpoint(store, out / "embeddings", encoder, tokenizer,
+                                   config=encode_config, compute_dtype=compute_dtype,
+                                   progress=progress)
   if emb.count != len(store):
     log.warning("%d embeddings for %d passages: rows past %d are not searchable", emb.count,
                 len(store), emb.count)
   index = make_index(emb, index_type, scann_config=scann_config, exact_config=exact_config,
-                      progress=progress)
-  index.save(out / "index")
+                     progress=progress)
+  with owner.stage("index"):
+    index.save(out / "index")
   record = {"corpus": str(Path(corpus).resolve()), "format": fmt, "split_words": split_words,
             "passages": len(store), "encoder": emb.encoder, "index_type": index_type,
             "encode_config": asdict(encode_config or EncodeConfig())}
-  with atomic_file(out / "build.json", "w") as f:
+  with owner.stage("build.json"), atomic_file(out / "build.json", "w") as f:
     json.dump(record, f, indent=2)
   return index

@@ -12,6 +12,7 @@ search command. It holds a question encoder's embedding function, its tokenizer,
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -24,8 +25,11 @@ from rag_jax import checkpoints
 from rag_jax.models.bert import DPREncoder
 from rag_jax.models.rag import RagModel
 from rag_jax.retrieval.backends import load_index
-from rag_jax.retrieval.index import Index, IndexDimensionError
+from rag_jax.retrieval.index import Index, IndexDimensionError, IndexFileError
 from rag_jax.retrieval.store import PassageStore
+from rag_jax.utils.errors import UserError, check_finite
+
+log = logging.getLogger(__name__)
 
 EmbedFn = Callable[[Any, np.ndarray, np.ndarray], jax.Array]
 
@@ -41,12 +45,80 @@ class Hit:
   text: str
 
 
+class QuestionError(UserError, ValueError):
+  """A question that cannot be asked (empty or blank); the message says which one."""
+
+
+@dataclasses.dataclass(frozen=True)
+class QuestionCheck:
+  """What the question encoder will see of each question, before it runs.
+
+  lengths: token count of each question with the tokenizer's special tokens, untruncated.
+  max_length: the budget questions are truncated to (<= the encoder's positions).
+  unknown: per question, the pieces of its text that became the tokenizer's unknown token
+    (e.g. a name glued to "?" under a whole-word tokenizer); empty where none did.
+  """
+
+  lengths: tuple[int, ...]
+  max_length: int
+  unknown: tuple[tuple[str, ...], ...]
+
+  @property
+  def truncated(self) -> list[int]:
+    """Indices of the questions longer than max_length (their tail is cut off)."""
+    return [i for i, n in enumerate(self.lengths) if n > self.max_length]
+
+  def truncation_warning(self) -> str | None:
+    """One line naming the truncated questions and their lengths, or None."""
+    if not self.truncated:
+      return None
+    return (f"{len(self.truncated)} of {len(self.lengths)} questions exceed the question "
+            f"encoder's {self.max_length} tokens and were truncated to them (question(s) "
+            f"{', '.join(str(i + 1) for i in self.truncated)}: "
+            f"{', '.join(str(self.lengths[i]) for i in self.truncated)} tokens)")
+
+  def unknown_warnings(self) -> list[str]:
+    """One line per question holding unknown tokens, naming the text they replaced."""
+    return [f"question {i + 1}: {len(pieces)} unknown token(s) for the question encoder's "
+            f"tokenizer ({', '.join(repr(p) for p in pieces)}); retrieval cannot use them "
+            "(a word glued to punctuation? separate it with a space)"
+            for i, pieces in enumerate(self.unknown) if pieces]
+
+
+def check_questions(tokenizer: Any, questions: list[str], max_length: int) -> QuestionCheck:
+  """Refuses empty or blank questions (QuestionError naming each) and measures the others: token
+  lengths against `max_length`, and the text of every unknown token."""
+  blank = [i + 1 for i, q in enumerate(questions) if not q.strip()]
+  if blank:
+    raise QuestionError(f"question(s) {blank} of {len(questions)} are empty or blank; "
+                        "ask something (no question was answered)")
+  unk = tokenizer.unk_token_id
+  try:  # fast tokenizers give offsets, so an unknown token can be shown as the text it replaced
+    enc = tokenizer(questions, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+  except (NotImplementedError, ValueError, TypeError):
+    enc, offsets = tokenizer(questions), None
+  seqs = enc["input_ids"]
+  unknown = []
+  for i, seq in enumerate(seqs):
+    if unk is None:
+      unknown.append(())
+    elif offsets is not None:
+      unknown.append(tuple(questions[i][a:b] for t, (a, b) in zip(seq, offsets[i], strict=True)
+                           if t == unk))
+    else:
+      unknown.append(tuple(str(tokenizer.unk_token) for t in seq if t == unk))
+  return QuestionCheck(tuple(len(s) for s in seqs), max_length, tuple(unknown))
+
+
 def tokenize_questions(tokenizer: Any, questions: list[str], max_length: int,
                        bucket: int = 16) -> tuple[np.ndarray, np.ndarray]:
   """Question-encoder ids and mask [Q, Lq] int32, Lq padded up to a multiple of `bucket` so
-  that a jitted encoder compiles for a few lengths only (DPR pools [CLS]: padding is masked)."""
+  that a jitted encoder compiles for a few lengths only (DPR pools [CLS]: padding is masked),
+  but never past `max_length`: a padded position beyond the encoder's position table embeds as
+  NaN, which masked attention still multiplies into every row."""
   seqs = tokenizer(questions, truncation=True, max_length=max_length)["input_ids"]
-  length = -(-max(len(s) for s in seqs) // bucket) * bucket
+  length = min(-(-max(len(s) for s in seqs) // bucket) * bucket, max_length)
   ids = np.full((len(seqs), length), tokenizer.pad_token_id or 0, np.int32)  # [Q, Lq]
   mask = np.zeros_like(ids)
   for i, s in enumerate(seqs):
@@ -75,13 +147,22 @@ class Retriever:
     tokenizer: the question encoder's tokenizer.
     embed: q(x) as made by :func:`question_embedder`.
     params: the encoder's parameters (each call may pass others, e.g. during training).
-    max_length: question token budget.
+    max_length: question token budget; None: the encoder's positions.
+    positions: the encoder's max_position_embeddings. A budget above it is lowered to it: a
+      position past the table would embed as NaN and poison every score of the batch.
   """
 
   def __init__(self, index: Index, store: PassageStore, tokenizer: Any, embed: EmbedFn,
-               params: Any = None, max_length: int = 128):
+               params: Any = None, max_length: int | None = 128, positions: int | None = None):
     self.index, self.store, self.tokenizer = index, store, tokenizer
-    self.embed_fn, self.params, self.max_length = embed, params, max_length
+    self.embed_fn, self.params = embed, params
+    if max_length is None and positions is None:
+      raise ValueError("give max_length or the encoder's positions")
+    budgets = [n for n in (max_length, positions) if n is not None]
+    self.max_length = min(budgets)
+    if max_length is not None and positions is not None and max_length > positions:
+      log.info("question budget %d lowered to the question encoder's %d positions", max_length,
+               positions)
 
   @classmethod
   def load(cls, directory: str | os.PathLike, question_encoder: str | os.PathLike,
@@ -98,10 +179,11 @@ class Retriever:
                      params: Any, tokenizer: Any, max_length: int = 128,
                      **index_kwargs: Any) -> Retriever:
     """`model`'s question encoder over directory/index and directory/passages; refuses an
-    index whose vectors have another dimension than the encoder's."""
+    index whose vectors have another dimension than the encoder's. max_length: question token
+    budget (more than the encoder's positions: its positions)."""
     directory = Path(directory)
     if not (directory / "passages" / "store.json").exists():
-      raise FileNotFoundError(
+      raise IndexFileError(
           f"{directory}: not an index directory (no passages/store.json; python -m "
           "rag_jax.commands.build_index writes passages/ and index/)")
     index = load_index(directory / "index", **index_kwargs)
@@ -112,10 +194,19 @@ class Retriever:
           f"{directory / 'index'} holds {index.dim}-d passage embeddings but the question "
           f"encoder gives {dim}-d vectors; was the index built with another encoder?")
     return cls(index, PassageStore(directory / "passages"), tokenizer, question_embedder(model),
-               params, max_length)
+               params, max_length, encoder_config.max_position_embeddings)
+
+  def check(self, questions: list[str]) -> QuestionCheck:
+    """See :func:`check_questions` (raises QuestionError for an empty or blank question)."""
+    return check_questions(self.tokenizer, questions, self.max_length)
 
   def tokenize(self, questions: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Question ids and mask [Q, Lq] int32 (see :func:`tokenize_questions`)."""
+    """Question ids and mask [Q, Lq] int32 (see :func:`tokenize_questions`), after
+    :meth:`check`: an empty question is refused, and truncation logs one warning naming how
+    many questions lost their tail."""
+    check = self.check(questions)
+    if check.truncated:
+      log.warning("%s", check.truncation_warning())
     return tokenize_questions(self.tokenizer, questions, self.max_length)
 
   def embed(self, ids: np.ndarray, mask: np.ndarray, params: Any = None) -> np.ndarray:
@@ -133,6 +224,8 @@ class Retriever:
     scores, rows = self.index.search(self.embed(ids, mask, params), k)
     if complete and (rows < 0).any():
       raise ValueError(f"the index returned fewer than k={k} passages for some question")
+    check_finite(np.where(rows >= 0, scores, 0.0),
+                 "doc scores q(x) . d(z) of the retrieved passages (one row per question)")
     return scores, rows
 
   def hits(self, scores: np.ndarray, rows: np.ndarray) -> list[list[Hit]]:

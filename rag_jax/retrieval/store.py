@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from rag_jax.retrieval.corpus import Passage, iter_passages
+from rag_jax.retrieval.corpus import CorpusFormatError, Passage, iter_passages
 from rag_jax.utils.atomic import atomic_directory
 
 STORE_FORMAT = "rag_jax.passages/1"
@@ -140,8 +140,18 @@ def build_store_from_file(corpus: str | os.PathLike, path: str | os.PathLike, *,
   st = corpus.stat()
   source = {"path": str(corpus.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
             "format": fmt, "split_words": split_words}
-  return write_store(iter_passages(corpus, fmt, split_words), path, source=source,
-                     progress=progress)
+  return write_store(_nonempty(iter_passages(corpus, fmt, split_words), corpus), path,
+                     source=source, progress=progress)
+
+
+def _nonempty(passages: Iterable[Passage], corpus: Path) -> Iterator[Passage]:
+  """`passages`, raising CorpusFormatError at their end if there were none: inside
+  write_store's atomic block, so an empty store is never committed."""
+  n = 0
+  for n, p in enumerate(passages, 1):  # noqa: B007 (n counts)
+    yield p
+  if n == 0:
+    raise CorpusFormatError(corpus, 1, "no passages in the file (nothing was written)")
 
 
 class PassageStore:

@@ -16,19 +16,52 @@ import ml_collections
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
+from rag_jax.utils.atomic import atomic_file
+from rag_jax.utils.errors import UserError
+
+
+class WorkdirConfigError(UserError, ValueError):
+  """The workdir holds a run of another config; the message names each differing field."""
+
+
+def _leaves(tree: Any, prefix: str = "config") -> dict[str, Any]:
+  """{dotted path: value} of every leaf of a JSON tree (a dict is a group, anything else a leaf)."""
+  if isinstance(tree, dict) and tree:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+      out.update(_leaves(value, f"{prefix}.{key}"))
+    return out
+  return {prefix: tree}
+
+
+def config_differences(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
+  """`config.a.b: X in the workdir, Y now` for each leaf that differs (missing: <absent>)."""
+  old, new = _leaves(previous), _leaves(current)
+  absent = "<absent>"
+  return [f"{k}: {json.dumps(old.get(k, absent))} in the workdir, {json.dumps(new.get(k, absent))}"
+          " now" for k in sorted(set(old) | set(new)) if old.get(k, absent) != new.get(k, absent)]
+
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
-  """Records the config in workdir/config.json, or refuses a workdir holding another config."""
+  """Records the config in workdir/config.json, or refuses a workdir holding another config.
+
+  Call it once the config is validated (rag_jax/training/config_check.py) and the workdir lock is
+  held: the config is recorded only by a run that starts with it, so a refused config never
+  locks the workdir out of the corrected rerun. The error names every differing leaf field with
+  both values.
+  """
   saved = workdir / "config.json"
   current = json.loads(config.to_json_best_effort())
   if saved.exists():
     previous = json.loads(saved.read_text())
     if previous != current:
-      diff = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
-      raise ValueError(f"{workdir} holds a run with another config (fields {diff} differ); "
-                       "use a new --workdir or delete it")
+      diff = config_differences(previous, current)
+      raise WorkdirConfigError(
+          f"{workdir} holds a run with another config ({'; '.join(diff)}); use a new --workdir, "
+          f"rerun with the values of {saved}, or delete {workdir}")
   else:
-    saved.write_text(json.dumps(current, indent=2, sort_keys=True) + "\n")
+    with atomic_file(saved, "w") as f:
+      f.write(json.dumps(current, indent=2, sort_keys=True) + "\n")
 
 
 class MetricsWriter:
@@ -99,7 +132,7 @@ class Throughput:
             "elapsed_s": elapsed}
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
   """A step produced a NaN/inf loss or gradient; the run stopped before saving that state."""
 
 

@@ -40,6 +40,7 @@ from jax.sharding import PartitionSpec as P
 from rag_jax.models.rag import RagModel
 from rag_jax.training.device_retrieval import DeviceRetrieval
 from rag_jax.training.state import TrainState
+from rag_jax.utils.errors import UserError
 
 Array = jax.Array
 LossFn = Callable[..., Array]  # (seq_logits, doc_scores, target, reduce_loss=False) -> [B]
@@ -48,7 +49,7 @@ BATCH_KEYS = ("input_ids", "attention_mask", "context_input_ids", "context_atten
               "doc_embeds", "labels", "weights")
 
 
-class BatchShapeError(ValueError):
+class BatchShapeError(UserError, ValueError):
   """A batch tensor whose shape disagrees with the model config; the message names it."""
 
 

@@ -41,11 +41,12 @@ from rag_jax.models.rag import RagConfig, RagModel
 from rag_jax.parallel import data_mesh, global_batch, replicate
 from rag_jax.retrieval.backends import load_index
 from rag_jax.retrieval.store import PassageStore
-from rag_jax.training import device_retrieval, loop, optimizer
+from rag_jax.training import config_check, device_retrieval, loop, optimizer
 from rag_jax.training.device_retrieval import DeviceRetrieval
 from rag_jax.training.rag_step import make_eval_step, make_train_step
 from rag_jax.training.retrieval_feed import RetrievalFeed
 from rag_jax.training.state import create_train_state
+from rag_jax.utils.lock import workdir_lock
 from rag_jax.utils.logs import workdir_logging
 
 log = logging.getLogger(__name__)
@@ -175,13 +176,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        stop_after: int | None = None) -> dict[str, Any] | None:
   """Trains or resumes RAG in `workdir` (see the module docstring). Returns the report, or
   None if `stop_after` ended the run early (as a kill would; the next call resumes)."""
+  config_check.validate(config, "rag")
   architecture_of(config.model_type)
   check_config_paths(config)
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  loop.check_workdir(config, workdir)
-  with workdir_logging(workdir):
-    return _run(config, workdir, stop_after)
+  with workdir_lock(workdir):
+    loop.check_workdir(config, workdir)
+    with workdir_logging(workdir):
+      return _run(config, workdir, stop_after)
 
 
 def check_config_paths(config: ml_collections.ConfigDict) -> None:

@@ -31,8 +31,9 @@ from jax.sharding import PartitionSpec as P
 from rag_jax import checkpoints
 from rag_jax.models.bart import BartForConditionalGeneration
 from rag_jax.parallel import data_mesh
-from rag_jax.training import loop, optimizer
+from rag_jax.training import config_check, loop, optimizer
 from rag_jax.training.state import TrainState, create_train_state
+from rag_jax.utils.lock import workdir_lock
 from rag_jax.utils.logs import workdir_logging
 
 Array = jax.Array
@@ -132,11 +133,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   report); the next call resumes. Used to test exact resumption.
   task: what to train on (model, batches by step, held-out batches).
   """
+  config_check.validate(config, "seq2seq")
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  loop.check_workdir(config, workdir)
-  with workdir_logging(workdir):
-    return _run(config, workdir, stop_after, task)
+  with workdir_lock(workdir):
+    loop.check_workdir(config, workdir)
+    with workdir_logging(workdir):
+      return _run(config, workdir, stop_after, task)
 
 
 def _run(config: ml_collections.ConfigDict, workdir: Path, stop_after: int | None,

@@ -15,6 +15,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from rag_jax.utils.faults import kill_point
+
 
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
@@ -38,6 +40,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = True) -> Iterato
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  kill_point(f"atomic_directory:{path.name}")
   old = None
   if path.exists():
     old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))

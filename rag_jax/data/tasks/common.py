@@ -9,11 +9,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from rag_jax.data import qa
+from rag_jax.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 
-class TaskFileError(ValueError):
+class TaskFileError(UserError, ValueError):
   """A malformed task file or record; the message starts with "FILE:LINE:" (or the record key)."""
 
   def __init__(self, path: str | os.PathLike, where: int | str | None, message: str):

@@ -18,9 +18,10 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from rag_jax.data.tasks.common import TaskExample, TaskSplit
+from rag_jax.utils.errors import UserError
 
 
-class TaskDataNotPrepared(FileNotFoundError):
+class TaskDataNotPrepared(UserError, FileNotFoundError):
   """The TFDS dataset is not prepared in data_dir; the message names the `tfds build` command."""
 
 

@@ -52,9 +52,10 @@ from rag_jax.models.rag import RagConfig, RagModel
 from rag_jax.retrieval.corpus import read_dpr_tsv
 from rag_jax.retrieval.encode import EncodeConfig
 from rag_jax.retrieval.pipeline import build_from_corpus
-from rag_jax.training import loop, rag_trainer, seq2seq
+from rag_jax.training import config_check, loop, rag_trainer, seq2seq
 from rag_jax.training.retriever_trainer import default_config, train_retriever
 from rag_jax.utils.atomic import atomic_directory, atomic_file
+from rag_jax.utils.lock import workdir_lock
 from rag_jax.utils.logs import workdir_logging
 
 log = logging.getLogger(__name__)
@@ -363,9 +364,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   stop_after_phase: end after that phase, as a kill would (the next call resumes).
   """
+  config_check.validate(config, "world")
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  loop.check_workdir(config, workdir)
+  with workdir_lock(workdir):
+    loop.check_workdir(config, workdir)
+    return _run(config, workdir, stop_after_phase)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: Path, stop_after_phase: str | None
+         ) -> dict[str, Any] | None:
+  """The phases, or the finished run's report, with the workdir locked and its config checked."""
   report_path = workdir / "report.json"
   if report_path.exists():
     report = json.loads(report_path.read_text())

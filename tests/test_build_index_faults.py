@@ -1,0 +1,124 @@
+"""build_index never destroys what it did not write, refuses bad corpora before writing anything,
+and survives SIGKILL at any of its stages: a rerun ends with the index an uninterrupted build
+makes, and no partial directory is ever visible under the output's name."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from rag_jax.commands import build_index
+from rag_jax.retrieval.pipeline import MANIFEST
+from rag_jax.utils.faults import KILL_ENV
+from tests.test_retrieval_pipeline import world  # noqa: F401 (the fixture: corpus + encoders)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _flags(root: Path, corpus: Path, out: Path, index: str = "exact") -> list[str]:
+  return ["--corpus", str(corpus), "--encoder", str(root / "ctx"), "--out", str(out), "--index",
+          index, "--batch_size", "8", "--max_length", "64", "--shard_size", "8", "--quiet"]
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+  return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+          if p.is_file()}
+
+
+def test_a_foreign_file_in_the_output_is_never_deleted(world, tmp_path, capsys):  # noqa: F811
+  root, corpus, *_ = world
+  out = tmp_path / "kb"
+  assert build_index.main(_flags(root, corpus, out)) == 0
+  mine = out / "index" / "my_notes.txt"
+  mine.write_text("keep me")
+  capsys.readouterr()
+  assert build_index.main(_flags(root, corpus, out, "scann")) == 1
+  assert mine.read_text() == "keep me"
+  assert capsys.readouterr().err == (
+      f"error: {mine} was not written by build_index (1 such file(s) under {out / 'index'}); "
+      "refusing to replace it. Move it away and rerun\n")
+  mine.unlink()
+  assert build_index.main(_flags(root, corpus, out, "scann")) == 0  # ours alone: replaced
+
+  # A directory holding build_index's names but no manifest was not written by it.
+  other = tmp_path / "theirs"
+  (other / "index").mkdir(parents=True)
+  (other / "index" / "data.bin").write_bytes(b"x")
+  assert build_index.main(_flags(root, corpus, other)) == 1
+  assert capsys.readouterr().err == (
+      f"error: {other} holds ['index'] but no {MANIFEST}: build_index did not write them (or an "
+      "older version did); refusing to replace them. Choose a new --out, or move them away\n")
+  assert _tree(other) == {"index/data.bin": b"x"}
+
+
+def test_bad_corpora_are_refused_before_anything_is_written(world, tmp_path, capsys):  # noqa: F811
+  root, corpus, *_ = world
+  out = tmp_path / "kb"
+  empty = tmp_path / "empty.tsv"
+  empty.write_text("")
+  binary = tmp_path / "binary.tsv"
+  binary.write_bytes(b"Title\ttext\n\x89PNG\r\n\x1a\n\x00\xff")
+  missing = tmp_path / "missing.tsv"
+  expected = {
+      empty: f"error: {empty}:1: empty file: no passages (nothing was written)\n",
+      binary: f"error: {binary}:2: not valid UTF-8 at byte offset 11 (invalid start byte); is it "
+              "a binary file? (nothing was written)\n",
+      missing: f"error: {missing}: no such corpus file\n",
+  }
+  for bad, message in expected.items():
+    capsys.readouterr()
+    assert build_index.main(_flags(root, bad, out)) == 1
+    assert capsys.readouterr().err == message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["binary.tsv", "empty.tsv"]
+  # Blank lines only: read through, no passage, nothing committed.
+  blank = tmp_path / "blank.jsonl"
+  blank.write_text("\n")
+  assert build_index.main(_flags(root, blank, out)) == 1
+  assert capsys.readouterr().err == f"error: {blank}:1: empty file: no passages (nothing was " \
+                                    "written)\n"
+  # Filled, the same file and --out build (no record of the failed tries blocks the retry).
+  empty.write_text(corpus.read_text())
+  assert build_index.main(_flags(root, empty, out)) == 0
+  assert (out / "build.json").exists()
+
+
+KILL_POINTS = ["atomic_directory:passages", "encode:shard_written", "atomic_directory:index",
+               "build_index:before_publish"]
+
+
+def test_sigkill_at_each_stage_then_rerun_equals_an_uninterrupted_build(world, tmp_path):  # noqa: F811
+  root, corpus, *_ = world
+  reference = tmp_path / "reference"
+  assert build_index.main(_flags(root, corpus, reference)) == 0
+  expected = _tree(reference)
+  out = tmp_path / "kb"
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+  def run(point: str | None, index: str = "exact") -> int:
+    cmd = [sys.executable, "-m", "rag_jax.commands.build_index", *_flags(root, corpus, out, index)]
+    res = subprocess.run(cmd, env={**env, KILL_ENV: point or ""}, cwd=tmp_path,
+                         capture_output=True, timeout=300, text=True)
+    assert res.returncode in (0, -9), res.stderr[-3000:]
+    return res.returncode
+
+  # A new output: each run is killed one stage further on; OUT never exists partially.
+  for point in KILL_POINTS:
+    assert run(point) == -9, point
+    assert not out.exists(), point
+    assert (tmp_path / ".kb.partial").is_dir(), point
+  assert run(None) == 0
+  assert not (tmp_path / ".kb.partial").exists()
+  got = _tree(out)
+  assert got.pop(MANIFEST) and expected.pop(MANIFEST)
+  assert got == expected
+
+  # An existing output rebuilt in place (another index kind), killed as the new index is about
+  # to replace the old: the old build stays whole and usable, and the rerun finishes the new one.
+  assert run("atomic_directory:index", "scann") == -9
+  got = _tree(out)
+  assert [k for k in got if k.startswith(".index.tmp-")]  # the killed save's temporary ...
+  assert {k: v for k, v in got.items() if not k.startswith(".")} == expected  # ... beside it
+  assert run(None, "scann") == 0
+  assert sorted(k for k in _tree(out) if k.startswith(".")) == [MANIFEST]  # swept by the rerun
+  assert (out / "index" / "index.json").read_text().count("scann") >= 1
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
