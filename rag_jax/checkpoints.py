@@ -33,10 +33,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 from absl import logging
 from flax import traverse_util
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
 from transformers import AutoTokenizer
 
 from rag_jax.models.bart import BartConfig, BartForConditionalGeneration
@@ -79,7 +79,7 @@ def _read_safetensors(file: Path) -> dict[str, np.ndarray]:
   if not file.is_file():
     raise FileNotFoundError(f"{file}: no such file")
   try:
-    return load_file(str(file))
+    return safetensors.numpy.load_file(str(file))
   except (SafetensorError, OSError, ValueError) as e:
     raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
 
@@ -395,12 +395,12 @@ def save_pretrained(model: Model, params: dict[str, Any], path: str | os.PathLik
     (tmp / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     shards = _shard(state, max_shard_bytes)
     if len(shards) == 1:
-      save_file(shards[0], str(tmp / SAFE_WEIGHTS), metadata={"format": "pt"})
+      safetensors.numpy.save_file(shards[0], str(tmp / SAFE_WEIGHTS), metadata={"format": "pt"})
     else:
       weight_map = {}
       for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(tmp / name), metadata={"format": "pt"})
+        safetensors.numpy.save_file(shard, str(tmp / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, name))
       total = sum(a.nbytes for a in state.values())
       (tmp / SAFE_INDEX).write_text(json.dumps(
