@@ -18,6 +18,7 @@ from ml_collections import config_flags
 
 from rag_jax.evaluation import paper, runner
 from rag_jax.experiments.world import evaluation as world_evaluation
+from rag_jax.utils.logs import quiet_console
 
 # config.trainer -> the evaluation runs of that kind of config: (config, workdir) -> [EvalRun].
 RUNS = {"world": world_evaluation.evaluation_runs, "rag": paper.paper_runs}
@@ -36,6 +37,7 @@ _DOCS = flags.DEFINE_string("docs", "", "The paper's Figure 3: evaluate at each 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a flag")
+  quiet_console()
   config = _CONFIG.value
   kind = config.get("trainer")
   if kind not in RUNS or "eval" not in config:

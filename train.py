@@ -19,6 +19,7 @@ from rag_jax.experiments import reversal
 from rag_jax.experiments.world import job as world_job
 from rag_jax.training import config_check, rag_trainer
 from rag_jax.utils.errors import UserError
+from rag_jax.utils.logs import quiet_console
 
 # config.trainer picks the job; each is train_and_evaluate(config, workdir).
 TRAINERS = {"world": world_job.train_and_evaluate, "reversal": reversal.train_and_evaluate,
@@ -50,13 +51,23 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
+def summary(report: dict, workdir: str) -> str:
+  """The finished run in one line: its scalar figures, and where the rest is."""
+  figures = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                      for k, v in report.items() if isinstance(v, int | float | str))
+  return f"done: {figures} (report.json, metrics.jsonl and train.log in {workdir})"
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a flag")
+  quiet_console()
   config = _CONFIG.value
   try:
     config_check.validate(config)
-    TRAINERS[config.trainer](config, _WORKDIR.value)
+    report = TRAINERS[config.trainer](config, _WORKDIR.value)
+    if report and config.trainer != "world":  # The world job prints its own report.
+      print(summary(report, _WORKDIR.value), flush=True)
   except UserError as e:
     if _TRACEBACK.value:
       raise

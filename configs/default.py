@@ -3,7 +3,7 @@
     python train.py                        # this config, in ./workdir
 
 No download: the world, its tokenizer, a DPR retriever, a ScaNN index, RAG-Sequence, RAG-Token
-and a closed-book BART are all built here, on CPU, in 3-8 minutes on 2 cores, and the
+and a closed-book BART are all built here, on CPU, in about 3 minutes on 2 cores, and the
 report (held-out exact match, retrieval recall before/after RAG training, index hot-swap, speed,
 phase times) is printed and written to the workdir (rag_jax/experiments/world/job.py). Model sizes
 are those of the torch feasibility run (docs/world.md). The harder world

@@ -82,7 +82,7 @@ class RagAnswerer:
           "RAG checkpoint (RagSequenceForGeneration or RagTokenForGeneration)")
     tokenizers = checkpoints.load_tokenizer(checkpoint)
     if not isinstance(tokenizers, checkpoints.RagTokenizers):
-      raise FileNotFoundError(f"{checkpoint}: no question_encoder_tokenizer/ and "
+      raise checkpoints.CheckpointNotFoundError(f"{checkpoint}: no question_encoder_tokenizer/ and "
                               "generator_tokenizer/ (save the checkpoint with its tokenizers)")
     self.model = checkpoints.replace_config(model, n_docs=n_docs or model.config.n_docs)
     self.tokenizers = tokenizers

@@ -61,6 +61,10 @@ class CheckpointError(UserError, ValueError):
   """A checkpoint that does not fit the model: names the file and the tensor."""
 
 
+class CheckpointNotFoundError(UserError, FileNotFoundError):
+  """A checkpoint directory, or a file it needs, that is not there (named)."""
+
+
 # ----------------------------------------------------------------------------- reading files
 
 
@@ -68,7 +72,8 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
   """Reads <path>/config.json; errors name the file (and the line for bad JSON)."""
   file = Path(path) / CONFIG_NAME
   if not file.is_file():
-    raise FileNotFoundError(f"{file}: no such file (a checkpoint directory needs {CONFIG_NAME})")
+    raise CheckpointNotFoundError(
+        f"{file}: no such file (a checkpoint directory needs {CONFIG_NAME})")
   try:
     return json.loads(file.read_text())
   except json.JSONDecodeError as e:
@@ -77,7 +82,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
 
 def _read_safetensors(file: Path) -> dict[str, np.ndarray]:
   if not file.is_file():
-    raise FileNotFoundError(f"{file}: no such file")
+    raise CheckpointNotFoundError(f"{file}: no such file")
   try:
     return safetensors.numpy.load_file(str(file))
   except (SafetensorError, OSError, ValueError) as e:
@@ -86,7 +91,7 @@ def _read_safetensors(file: Path) -> dict[str, np.ndarray]:
 
 def _read_torch_bin(file: Path) -> dict[str, np.ndarray]:
   if not file.is_file():
-    raise FileNotFoundError(f"{file}: no such file")
+    raise CheckpointNotFoundError(f"{file}: no such file")
   try:
     import torch  # optional: only this legacy format needs it (a test dependency)
   except ImportError:
@@ -118,7 +123,7 @@ def read_weights(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, str]]:
   for name, reader in ((SAFE_WEIGHTS, _read_safetensors), (TORCH_WEIGHTS, _read_torch_bin)):
     if (path / name).is_file():
       return {k: (v, name) for k, v in reader(path / name).items()}
-  raise FileNotFoundError(
+  raise CheckpointNotFoundError(
       f"{path}: no weights found (expected {SAFE_WEIGHTS}, {SAFE_INDEX}, {TORCH_WEIGHTS} or "
       f"{TORCH_INDEX})")
 
@@ -442,7 +447,7 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
                                       local_files_only=True),
         AutoTokenizer.from_pretrained(str(path / "generator_tokenizer"), local_files_only=True))
   if not path.is_dir():
-    raise FileNotFoundError(f"{path}: no such directory")
+    raise CheckpointNotFoundError(f"{path}: no such directory")
   return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
@@ -451,6 +456,6 @@ def replace_config(model: Model, **changes: Any) -> Model:
   return model.clone(config=dataclasses.replace(model.config, **changes))
 
 
-__all__ = ["CheckpointError", "load_pretrained", "save_pretrained", "load_tokenizer",
-           "read_config", "read_weights", "to_hf_state_dict", "model_from_config",
+__all__ = ["CheckpointError", "CheckpointNotFoundError", "load_pretrained", "save_pretrained",
+           "load_tokenizer", "read_config", "read_weights", "to_hf_state_dict", "model_from_config",
            "replace_config", "RagTokenizers"]

@@ -6,6 +6,7 @@ import contextlib
 import csv
 import io
 import re
+import shutil
 
 import jax
 import numpy as np
@@ -224,3 +225,21 @@ def test_non_finite_scores_are_a_named_error(world):
   with pytest.raises(NonFiniteError, match=r"^sequence scores of RAG-Token.* nan in 3 of 3"):
     generate(answerer.model, generator, context_input_ids=np.ones((3 * N_DOCS, 4), int),
              doc_scores=np.zeros((3, N_DOCS), np.float32), n_docs=N_DOCS, max_length=4)
+
+
+def test_command_names_a_missing_checkpoint_or_tokenizer_in_one_line(world, tmp_path, capsys):
+  root, *_, models = world
+  code = answer_command.main(["--checkpoint", str(tmp_path / "nowhere"), "--index_dir",
+                              str(root / "kb"), QUESTIONS[0]], stdout=io.StringIO())
+  err = capsys.readouterr().err
+  assert code == 1
+  assert err == (f"error: {tmp_path / 'nowhere' / 'config.json'}: no such file (a checkpoint "
+                 "directory needs config.json)\n")
+  # A RAG checkpoint saved without its tokenizers.
+  bare = tmp_path / "bare"
+  shutil.copytree(models["token"][1], bare, ignore=shutil.ignore_patterns("*_tokenizer"))
+  code = answer_command.main(["--checkpoint", str(bare), "--index_dir", str(root / "kb"),
+                              QUESTIONS[0]], stdout=io.StringIO())
+  err = capsys.readouterr().err
+  assert code == 1 and err.startswith(f"error: {bare}: no question_encoder_tokenizer/")
+  assert err.count("\n") == 1

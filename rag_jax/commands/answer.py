@@ -1,4 +1,4 @@
-"""Questions -> answers with the passages they came from (RAG end to end).
+r"""Questions -> answers with the passages they came from (RAG end to end).
 
     python -m rag_jax.commands.answer --checkpoint=runs/rag/export --index_dir=kb "who wrote X"
     python -m rag_jax.commands.answer --checkpoint=... --index_dir=... < questions.txt  # one a line

@@ -1,4 +1,4 @@
-"""Corpus file -> searchable index in one call.
+r"""Corpus file -> searchable index in one call.
 
   python -m rag_jax.commands.build_index --corpus=psgs_w100.tsv --encoder=dpr-ctx_encoder \
       --out=wiki_index [--index=scann|exact] [--batch_size=128] [--dtype=float16]

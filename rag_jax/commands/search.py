@@ -1,4 +1,4 @@
-"""Type questions, get the top passages with titles and scores.
+r"""Type questions, get the top passages with titles and scores.
 
   python -m rag_jax.commands.search --dir=wiki_index --question_encoder=dpr-question_encoder \
       [--k=5] "who wrote hamlet" "..."          # or questions on stdin, one per line

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +31,14 @@ class ConsoleFilter(logging.Filter):
   def filter(self, record: logging.LogRecord) -> bool:
     return record.levelno >= logging.WARNING and not (
         record.levelno < logging.ERROR and record.pathname.endswith("type_handler_registry.py"))
+
+
+def quiet_console() -> None:
+  """Before any workdir log file exists (config checks, device discovery): no INFO records on
+  the console either (jax's backend probing logs "Unable to initialize backend 'tpu'" at INFO).
+  Entry points call it first; `--verbosity` given on the command line still wins."""
+  if not any(arg.startswith(("--verbosity", "-v=")) for arg in sys.argv[1:]):
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
 
 
 class WorkdirLogFile(logging.FileHandler):
