@@ -15,7 +15,7 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-from rag_jax.experiments import reversal
+from rag_jax.experiments import paper_scale, reversal
 from rag_jax.experiments.world import job as world_job
 from rag_jax.training import config_check, rag_trainer
 from rag_jax.utils.errors import UserError
@@ -23,7 +23,8 @@ from rag_jax.utils.logs import quiet_console
 
 # config.trainer picks the job; each is train_and_evaluate(config, workdir).
 TRAINERS = {"world": world_job.train_and_evaluate, "reversal": reversal.train_and_evaluate,
-            "rag": rag_trainer.train_and_evaluate}
+            "rag": rag_trainer.train_and_evaluate,
+            "paper_scale": paper_scale.train_and_evaluate}
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(Path(__file__).resolve().parent / "configs" / "default.py"),

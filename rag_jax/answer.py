@@ -16,6 +16,16 @@ do with a `RagRetriever`, in rag_jax's pieces:
 
 `RagAnswerer(checkpoint, index_dir)(questions)` returns one :class:`Answer` per question, with
 its passages, their prior p(z|x) = softmax(doc scores), and the decoder that produced it.
+
+`retrieval="device"` (or "auto", where the index fits the devices' memory:
+rag_jax.retrieval.device.setup, the trainer's rule) runs steps 1-4 as one jitted program from
+question ids to answer ids: q(x), the exact top-n over the passage embeddings sharded on the
+devices, a gather of the n passages' pre-tokenized generator parts (the passage table, built
+once beside the index), the generator rows assembled from token ids with static shapes (the same
+ids as step 3's strings: rag_jax.data.passage_table), and the compiled RAG-Token or
+RAG-Sequence search (rag_jax.decoding.rag_search_fn). The host only tokenizes the questions
+(and their generator parts) and detokenizes the answers; the same ids, scores, rows and answers
+as the host path over an exact index (tests/test_device_answer.py).
 """
 
 from __future__ import annotations
@@ -23,16 +33,34 @@ from __future__ import annotations
 import dataclasses
 import os
 import textwrap
+from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from rag_jax import checkpoints
 from rag_jax.data import contexts
-from rag_jax.decoding import DecoderInfo, generate
+from rag_jax.data.passage_table import question_parts
+from rag_jax.decoding import (
+    DecoderInfo,
+    GenerateOutput,
+    GenerationPlan,
+    finish,
+    generate,
+    plan_generation,
+    rag_search_fn,
+)
 from rag_jax.models.rag import RagModel
+from rag_jax.parallel import local_data_mesh
+from rag_jax.retrieval import device
+from rag_jax.retrieval.device import DeviceRetrieval
 from rag_jax.retrieval.retriever import Hit, Retriever
+from rag_jax.utils.errors import check_finite
+
+SCORES_WHAT = "doc scores q(x) . d(z) of the retrieved passages (one row per question)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +84,27 @@ class Answer:
   decoder: DecoderInfo
 
 
+def answer_program(model: RagModel, retrieval: DeviceRetrieval, plan: GenerationPlan):
+  """Answering as one jitted program: (params, plan.search_params, question ids and mask
+  [Q, Lq], question parts [Q, W] int32 and their lengths [Q] (passage_table.question_parts),
+  retrieval.arrays) -> (generator inputs: context_input_ids / context_attention_mask [Q * n, L],
+  doc_scores / doc_ids [Q, n]; the RAG search's raw output, for rag_jax.decoding.finish).
+
+  Inside: q(x), the exact top-n over the sharded index, the cross-shard gather of the passages'
+  parts, the generator rows' assembly and the compiled RAG-Token / RAG-Sequence search (thorough:
+  per-passage beams, dedup and the teacher-forced rescoring, all in the same program)."""
+  search = rag_search_fn(model, plan)
+
+  def program(params, search_params, input_ids, attention_mask, question_tokens,
+              question_lengths, arrays):
+    inputs = retrieval.generator_inputs(model, params, input_ids, attention_mask,
+                                        question_tokens, question_lengths, arrays)
+    return inputs, search(params, search_params, inputs["context_input_ids"],
+                          inputs["context_attention_mask"], inputs["doc_scores"])
+
+  return jax.jit(program)
+
+
 class RagAnswerer:
   """A RAG checkpoint with its tokenizers, and an index directory built by rag_jax.retrieval.
 
@@ -69,12 +118,25 @@ class RagAnswerer:
     dtype: compute dtype (bfloat16 on accelerators).
     max_question_length: question-encoder token budget (more than the question
       encoder's positions: its positions).
+    retrieval: "host" (the index searched from the host, generator inputs from strings),
+      "device" (one jitted program from question ids to answer ids, see the module docstring;
+      an error if the index does not fit the devices) or "auto" (device where it fits, else
+      host, said in one log line).
+    mesh: the devices holding the index in device retrieval (default: index_kwargs' mesh, else
+      every local device).
+    device_index_dtype / device_index_memory_fraction: device retrieval's storage dtype ("auto":
+      bf16 on accelerators, float32 on CPU) and memory budget (rag_jax.retrieval.device.setup).
+    tables_dir: where the passage table is loaded from or built once (default
+      index_dir/passage_tables, shared with the trainer).
     index_kwargs: passed to `load_index` (e.g. mesh= for an exact index).
   """
 
   def __init__(self, checkpoint: str | os.PathLike, index_dir: str | os.PathLike, *,
                n_docs: int | None = None, dtype: Any = jnp.float32,
-               max_question_length: int = 128, **index_kwargs: Any):
+               max_question_length: int = 128, retrieval: str = "host",
+               mesh: Mesh | None = None, device_index_dtype: str = "auto",
+               device_index_memory_fraction: float = 0.5,
+               tables_dir: str | os.PathLike | None = None, **index_kwargs: Any):
     model, self.params = checkpoints.load_pretrained(checkpoint, dtype=dtype)
     if not isinstance(model, RagModel):
       raise checkpoints.CheckpointError(
@@ -90,6 +152,21 @@ class RagAnswerer:
                                               tokenizers.question_encoder, max_question_length,
                                               **index_kwargs)
     self.format = contexts.ContextFormat.from_rag_config(self.model.config)
+    # The token-id assembly of device retrieval (its tokenizer and format checks apply there).
+    self.assembler = (None if retrieval == "host"
+                      else contexts.ContextAssembler(tokenizers.generator, self.format))
+    mesh = mesh or index_kwargs.get("mesh") or local_data_mesh()
+    self.device: DeviceRetrieval | None = device.setup(
+        retrieval, self.retriever.index, self.retriever.store, self.assembler,
+        Path(index_dir) / "passage_tables" if tables_dir is None else tables_dir, self.n_docs,
+        mesh, dtype=device_index_dtype, memory_fraction=device_index_memory_fraction,
+        progress=False)
+    self._programs: dict[Any, Any] = {}
+
+  @property
+  def retrieval(self) -> str:
+    """The path that answers: "device" or "host"."""
+    return "host" if self.device is None else "device"
 
   @property
   def n_docs(self) -> int:
@@ -114,6 +191,37 @@ class RagAnswerer:
         [[h.text for h in row] for row in hits], decoded, self.format)  # [Q*n, L]
     return hits, ctx, ctx_mask, scores
 
+  def device_program(self, plan: GenerationPlan):
+    """The jitted answering program for `plan` (cached): (params, search_params, question ids
+    and mask [Q, Lq], question parts [Q, W] and lengths [Q], the index arrays) -> (generator
+    inputs: context_input_ids / context_attention_mask [Q * n, L], doc_scores / doc_ids [Q, n];
+    the RAG search's raw output)."""
+    key = (self.n_docs, plan.kind, plan.search, plan.rag_sequence)
+    if key not in self._programs:
+      self._programs[key] = answer_program(
+          self.model, dataclasses.replace(self.device, n_docs=self.n_docs), plan)
+    return self._programs[key]
+
+  def answer_on_devices(self, questions: list[str], **generate_kwargs: Any
+                        ) -> tuple[dict[str, np.ndarray], GenerateOutput]:
+    """Device retrieval and decoding in one program: (its generator inputs on the host:
+    context_input_ids / context_attention_mask [Q * n, L], doc_scores [Q, n] float32,
+    doc_ids [Q, n]; the decoded output). Host work: tokenizing questions, cropping outputs."""
+    if self.device is None:
+      raise ValueError("this answerer retrieves on the host (retrieval='host', or 'auto' found "
+                       "the index too large for the devices)")
+    plan = plan_generation(self.model, n_docs=self.n_docs, **generate_kwargs)
+    if plan.kind == "bart":
+      raise ValueError("device answering decodes RAG-Token or RAG-Sequence")
+    ids, mask = self.retriever.tokenize(questions)
+    q_tokens, q_lengths = question_parts(
+        self.assembler, contexts.decode_questions(self.tokenizers.question_encoder, ids))
+    inputs, out = self.device_program(plan)(self.params, plan.search_params, ids, mask,
+                                            q_tokens, q_lengths, self.device.arrays)
+    inputs = jax.device_get(inputs)
+    check_finite(inputs["doc_scores"], SCORES_WHAT)
+    return inputs, finish(plan, out)
+
   def __call__(self, questions: list[str], **generate_kwargs: Any) -> list[Answer]:
     """Answers `questions`; `generate_kwargs` are rag_jax.decoding.generate's options
     (num_beams, max_length, decoding="fast", num_return_sequences, ...). The decoder is the
@@ -121,9 +229,15 @@ class RagAnswerer:
     RAG-Sequence) unless `architecture=` names the other; each Answer records the one that ran."""
     if not questions:
       return []
-    hits, ctx, ctx_mask, scores = self.generator_inputs(questions)
-    out = generate(self.model, self.params, context_input_ids=ctx, context_attention_mask=ctx_mask,
-                   doc_scores=scores, n_docs=self.n_docs, **generate_kwargs)
+    if self.device is None:
+      hits, ctx, ctx_mask, scores = self.generator_inputs(questions)
+      out = generate(self.model, self.params, context_input_ids=ctx,
+                     context_attention_mask=ctx_mask, doc_scores=scores, n_docs=self.n_docs,
+                     **generate_kwargs)
+    else:
+      inputs, out = self.answer_on_devices(questions, **generate_kwargs)
+      scores = inputs["doc_scores"]
+      hits = self.retriever.hits(scores, inputs["doc_ids"])
     texts = self.tokenizers.generator.batch_decode(out.sequences, skip_special_tokens=True)
     per_question = len(texts) // len(questions)
     priors = np.exp(scores - scores.max(axis=1, keepdims=True))

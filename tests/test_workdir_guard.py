@@ -59,7 +59,8 @@ def test_validate_names_each_bad_field_with_its_range():
     config_check.validate(config)
   del config.trainer
   with pytest.raises(config_check.ConfigError, match=r"^config.trainer = None: must be one of "
-                                                     r"\['world', 'reversal', 'rag'\]"):
+                                                     r"\['world', 'reversal', 'rag', "
+                                                     r"'paper_scale'\]"):
     config_check.validate(config)
 
 

@@ -6,7 +6,9 @@
   bart.py          BART generation (encoder once, cross-attention K/V once)
   rag_token.py     RAG-Token: beam search over the per-step marginal over passages
   rag_sequence.py  RAG-Sequence: batched thorough decoding and fast decoding
-  generate.py      `generate(model, params, ...)`, transformers' argument names
+  generation.py    `generate(model, params, ...)`, transformers' argument names; its resolved
+                   options (`plan_generation`) and pure RAG search (`rag_search_fn`) for
+                   callers that jit retrieval and decoding together (rag_jax.answer)
 
 See docs/decoding.md for the semantics and what matches transformers.
 """
@@ -20,11 +22,20 @@ from rag_jax.decoding.beam_search import (
     gather_beams,
     greedy_search,
 )
-from rag_jax.decoding.generation import DecoderInfo, GenerateOutput, generate
+from rag_jax.decoding.generation import (
+    DecoderInfo,
+    GenerateOutput,
+    GenerationPlan,
+    finish,
+    generate,
+    plan_generation,
+    rag_search_fn,
+)
 from rag_jax.decoding.processors import ProcessorConfig, ProcessorParams, apply_processors
 
 __all__ = [
-    "DecoderInfo", "DecodingState", "GenerateOutput", "ProcessorConfig", "ProcessorParams",
-    "SearchConfig", "SearchOutput", "SearchParams", "apply_processors", "beam_search",
-    "gather_beams", "generate", "greedy_search",
+    "DecoderInfo", "DecodingState", "GenerateOutput", "GenerationPlan", "ProcessorConfig",
+    "ProcessorParams", "SearchConfig", "SearchOutput", "SearchParams", "apply_processors",
+    "beam_search", "finish", "gather_beams", "generate", "greedy_search", "plan_generation",
+    "rag_search_fn",
 ]

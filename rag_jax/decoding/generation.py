@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
@@ -28,8 +29,12 @@ import numpy as np
 from rag_jax.decoding.bart import compiled_bart_search
 from rag_jax.decoding.beam_search import SearchConfig, SearchParams
 from rag_jax.decoding.processors import ProcessorConfig, ProcessorParams
-from rag_jax.decoding.rag_sequence import RagSequenceConfig, compiled_rag_sequence_search
-from rag_jax.decoding.rag_token import compiled_rag_token_search
+from rag_jax.decoding.rag_sequence import (
+    RagSequenceConfig,
+    compiled_rag_sequence_search,
+    rag_sequence_search,
+)
+from rag_jax.decoding.rag_token import compiled_rag_token_search, rag_token_search
 from rag_jax.models.bart import BartForConditionalGeneration
 from rag_jax.models.rag import RagModel
 from rag_jax.utils.errors import check_finite
@@ -117,28 +122,37 @@ def _crop(sequences: np.ndarray, lengths: np.ndarray) -> np.ndarray:
   return sequences.reshape(-1, sequences.shape[-1])[:, :width]  # [B*R, T]
 
 
-def generate(model: Any, params: Any, input_ids=None, attention_mask=None, *,
-             context_input_ids=None, context_attention_mask=None, doc_scores=None,
-             n_docs: int | None = None, decoding: str = "thorough", max_length: int | None = None,
-             min_length: int | None = None, num_beams: int | None = None,
-             num_return_sequences: int | None = None, length_penalty: float | None = None,
-             early_stopping: bool | str | None = None, no_repeat_ngram_size: int | None = None,
-             bad_words_ids=None, forced_bos_token_id: int | None = None,
-             forced_eos_token_id=FROM_CONFIG, decoder_start_token_id: int | None = None,
-             eos_token_id=None, pad_token_id: int | None = None,
-             do_deduplication: bool | None = None, do_sample: bool = False,
-             mask_beam_contexts: bool = True, rescore_chunk: int | None = None,
-             architecture: str | None = None) -> GenerateOutput:
-  """Generates with a BART or RAG model from `rag_jax.checkpoints.load_pretrained`.
+@dataclasses.dataclass
+class GenerationPlan:
+  """One `generate` call's resolved settings, before any input is seen.
 
-  BART: input_ids [B, S], attention_mask [B, S] (None: attend everywhere).
-  RAG: context_input_ids, context_attention_mask [B * n, S] (batch-major) and doc_scores [B, n]
-    from retrieval; n_docs defaults to doc_scores.shape[1]. RAG-Sequence: decoding "thorough"
-    (transformers' rule) or "fast" (the paper's); do_deduplication defaults to the config's;
-    mask_beam_contexts / rescore_chunk: see rag_sequence.py. `architecture` overrides the
-    config's (needed for a plain "RagModel" checkpoint).
-  Generation options: transformers' names and meaning (see the module docstring).
+  kind: "bart", "rag_token" or "rag_sequence". search: the static search settings;
+  search_params: the traced ones (an argument of the compiled search); rag_sequence: the
+  RAG-Sequence settings (None otherwise); num_return: sequences returned per example; decoder:
+  the DecoderInfo reported with the output.
   """
+
+  kind: str
+  search: SearchConfig
+  search_params: SearchParams
+  rag_sequence: RagSequenceConfig | None
+  num_return: int
+  decoder: DecoderInfo
+
+
+def plan_generation(model: Any, *, n_docs: int | None = None, decoding: str = "thorough",
+                    max_length: int | None = None, min_length: int | None = None,
+                    num_beams: int | None = None, num_return_sequences: int | None = None,
+                    length_penalty: float | None = None,
+                    early_stopping: bool | str | None = None,
+                    no_repeat_ngram_size: int | None = None, bad_words_ids=None,
+                    forced_bos_token_id: int | None = None, forced_eos_token_id=FROM_CONFIG,
+                    decoder_start_token_id: int | None = None, eos_token_id=None,
+                    pad_token_id: int | None = None, do_deduplication: bool | None = None,
+                    do_sample: bool = False, mask_beam_contexts: bool = True,
+                    rescore_chunk: int | None = None,
+                    architecture: str | None = None) -> GenerationPlan:
+  """`generate`'s options resolved (see `generate`); n_docs: the passages per question (RAG)."""
   if do_sample:
     raise NotImplementedError("sampling is not implemented; rag_jax decodes greedily or by beams")
   kind = _kind(model, architecture)
@@ -169,17 +183,71 @@ def generate(model: Any, params: Any, input_ids=None, attention_mask=None, *,
   fill = (pad or eos[0]) if (eos and num_beams > 1) else pad
   cfg = SearchConfig(num_beams, max_length, start, fill, processor_cfg)
   search_params = SearchParams.make(max_length, length_penalty, early_stopping, processor_params)
-  ran = functools.partial(DecoderInfo, kind, ARCHITECTURES[kind], int(num_beams),
-                          int(max_length), int(num_return))
+  rcfg = None
+  if kind == "rag_sequence":
+    rcfg = RagSequenceConfig(
+        search=cfg, num_return_sequences=num_return, decoding=decoding,
+        do_deduplication=(model.config.do_deduplication if do_deduplication is None
+                          else do_deduplication),
+        mask_beam_contexts=mask_beam_contexts, label_smoothing=model.config.label_smoothing,
+        bos_token_id=model.config.bos_token_id or gcfg.bos_token_id, rescore_chunk=rescore_chunk)
+  info = DecoderInfo(kind, ARCHITECTURES[kind], int(num_beams), int(max_length), int(num_return),
+                     n_docs=None if kind == "bart" else n_docs,
+                     decoding=decoding if kind == "rag_sequence" else None)
+  return GenerationPlan(kind, cfg, search_params, rcfg, int(num_return), info)
 
-  if kind == "bart":
+
+def rag_search_fn(model: RagModel, plan: GenerationPlan) -> Callable[..., Any]:
+  """The plan's RAG search as a pure function, to call inside a larger jitted program:
+  f(params, search_params, context_input_ids [B * n, S], context_attention_mask [B * n, S],
+  doc_scores [B, n]) -> its raw output (pass it to `finish`)."""
+  if plan.kind == "rag_token":
+    return functools.partial(rag_token_search, model, plan.search)
+  if plan.kind == "rag_sequence":
+    return functools.partial(rag_sequence_search, model, plan.rag_sequence)
+  raise ValueError(f"not a RAG plan: {plan.kind}")
+
+
+def finish(plan: GenerationPlan, out: Any) -> GenerateOutput:
+  """A RAG search's raw output (on the devices) -> GenerateOutput on the host: sequences
+  [B * R, T] cropped as transformers crops them, scores [B * R]; NaN / +inf scores refused."""
+  if plan.kind == "rag_token":
+    r = plan.num_return
+    return _finish(out.sequences[:, :r], out.scores[:, :r], out.lengths[:, :r], plan.decoder)
+  seqs = np.asarray(out.sequences)
+  width_from = (out.candidate_lengths if plan.rag_sequence.decoding == "thorough"
+                else out.lengths)
+  width = 1 + int(np.asarray(width_from).max(initial=0))
+  return _checked(GenerateOutput(seqs.reshape(-1, seqs.shape[-1])[:, :width],  # [B*R, T]
+                                 np.asarray(out.scores).reshape(-1), plan.decoder))
+
+
+def generate(model: Any, params: Any, input_ids=None, attention_mask=None, *,
+             context_input_ids=None, context_attention_mask=None, doc_scores=None,
+             n_docs: int | None = None, **options: Any) -> GenerateOutput:
+  """Generates with a BART or RAG model from `rag_jax.checkpoints.load_pretrained`.
+
+  BART: input_ids [B, S], attention_mask [B, S] (None: attend everywhere).
+  RAG: context_input_ids, context_attention_mask [B * n, S] (batch-major) and doc_scores [B, n]
+    from retrieval; n_docs defaults to doc_scores.shape[1]. RAG-Sequence: decoding "thorough"
+    (transformers' rule) or "fast" (the paper's); do_deduplication defaults to the config's;
+    mask_beam_contexts / rescore_chunk: see rag_sequence.py. `architecture` overrides the
+    config's (needed for a plain "RagModel" checkpoint).
+  Generation options (`plan_generation`'s keywords): transformers' names and meaning (see the
+  module docstring): decoding, max_length, min_length, num_beams, num_return_sequences,
+  length_penalty, early_stopping, no_repeat_ngram_size, bad_words_ids, forced_bos_token_id,
+  forced_eos_token_id, decoder_start_token_id, eos_token_id, pad_token_id, do_deduplication,
+  do_sample, mask_beam_contexts, rescore_chunk, architecture.
+  """
+  plan = plan_generation(model, **options)
+  if plan.kind == "bart":
     if input_ids is None:
       raise ValueError("BART generation needs input_ids")
     ids = jnp.asarray(input_ids, jnp.int32)
     mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-    out = compiled_bart_search(model, cfg)(params, search_params, ids, mask)
-    return _finish(out.sequences[:, :num_return], out.scores[:, :num_return],
-                   out.lengths[:, :num_return], ran())
+    out = compiled_bart_search(model, plan.search)(params, plan.search_params, ids, mask)
+    r = plan.num_return
+    return _finish(out.sequences[:, :r], out.scores[:, :r], out.lengths[:, :r], plan.decoder)
 
   if context_input_ids is None or doc_scores is None:
     raise ValueError("RAG generation needs context_input_ids, context_attention_mask and "
@@ -188,29 +256,17 @@ def generate(model: Any, params: Any, input_ids=None, attention_mask=None, *,
   doc_scores = jnp.asarray(doc_scores, jnp.float32)
   if n_docs is not None and n_docs != doc_scores.shape[1]:
     raise ValueError(f"n_docs={n_docs} but doc_scores has {doc_scores.shape[1]} columns")
+  plan.decoder = dataclasses.replace(plan.decoder, n_docs=int(doc_scores.shape[1]))
   ctx = jnp.asarray(context_input_ids, jnp.int32)
   ctx_mask = (jnp.ones_like(ctx) if context_attention_mask is None
               else jnp.asarray(context_attention_mask, jnp.int32))
-  n = int(doc_scores.shape[1])
-  if kind == "rag_token":
-    out = compiled_rag_token_search(model, cfg)(params, search_params, ctx, ctx_mask, doc_scores)
-    return _finish(out.sequences[:, :num_return], out.scores[:, :num_return],
-                   out.lengths[:, :num_return], ran(n_docs=n))
-
-  rcfg = RagSequenceConfig(
-      search=cfg, num_return_sequences=num_return, decoding=decoding,
-      do_deduplication=(model.config.do_deduplication if do_deduplication is None
-                        else do_deduplication),
-      mask_beam_contexts=mask_beam_contexts, label_smoothing=model.config.label_smoothing,
-      bos_token_id=model.config.bos_token_id or gcfg.bos_token_id, rescore_chunk=rescore_chunk)
-  out = compiled_rag_sequence_search(model, rcfg)(params, search_params, ctx, ctx_mask,
-                                                  doc_scores)
-  seqs = np.asarray(out.sequences)
-  width_from = out.candidate_lengths if decoding == "thorough" else out.lengths
-  width = 1 + int(np.asarray(width_from).max(initial=0))
-  return _checked(GenerateOutput(seqs.reshape(-1, seqs.shape[-1])[:, :width],  # [B*R, T]
-                                 np.asarray(out.scores).reshape(-1),
-                                 ran(n_docs=n, decoding=decoding)))
+  if plan.kind == "rag_token":
+    out = compiled_rag_token_search(model, plan.search)(params, plan.search_params, ctx,
+                                                        ctx_mask, doc_scores)
+  else:
+    out = compiled_rag_sequence_search(model, plan.rag_sequence)(params, plan.search_params, ctx,
+                                                                 ctx_mask, doc_scores)
+  return finish(plan, out)
 
 
 def _finish(sequences, scores, lengths, decoder: DecoderInfo) -> GenerateOutput:

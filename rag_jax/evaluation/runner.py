@@ -52,6 +52,9 @@ class EvalRun:
   reference: {metric: fraction} printed beside this run's figures, under reference_label.
   regex_answers: the answers are regular expressions (CuratedTrec).
   question_encoder: a DPRQuestionEncoder directory for retrieval_only ("": the checkpoint's).
+  retrieval: the answering path, RagAnswerer's `retrieval` ("host", "device": retrieval and
+    decoding in one device program, or "auto"); not part of settings(): both paths give the same
+    predictions over an exact index (a ScaNN index is searched exactly on the devices).
   """
 
   name: str
@@ -70,6 +73,7 @@ class EvalRun:
   max_question_length: int = 128
   dtype: str = "float32"
   question_encoder: str = ""
+  retrieval: str = "host"
 
   def settings(self) -> dict[str, Any]:
     """What decides the predictions (a folder holding other settings is refused)."""
@@ -139,7 +143,8 @@ def with_n_docs(answerer: RagAnswerer, n_docs: int) -> RagAnswerer:
 
 def load_answerer(run: EvalRun) -> RagAnswerer:
   return RagAnswerer(run.checkpoint, run.index_dir, n_docs=run.n_docs,
-                     dtype=jnp.dtype(run.dtype), max_question_length=run.max_question_length)
+                     dtype=jnp.dtype(run.dtype), max_question_length=run.max_question_length,
+                     retrieval=run.retrieval)
 
 
 def load_retriever(run: EvalRun) -> Retriever:

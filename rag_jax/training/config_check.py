@@ -131,8 +131,14 @@ WORLD = [
     *[Rule(f"rag.{r.field}", r.check) for r in RAG_NUMBERS],
 ]
 
+PAPER_SCALE = [
+    *RAG, Rule("model.preset", one_of("tiny", "base", "large")), Rule("index_rows", integer(1)),
+    Rule("chunk_size", integer(1)),
+    Rule("device_index_dtype", one_of("auto", "float32", "bfloat16")),
+]
+
 RULES: dict[str, list[Rule]] = {"world": WORLD, "reversal": REVERSAL, "rag": RAG,
-                                "seq2seq": [*TRAINING]}
+                                "seq2seq": [*TRAINING], "paper_scale": PAPER_SCALE}
 
 
 def _get(config: ml_collections.ConfigDict, field: str) -> Any:
@@ -163,7 +169,8 @@ def problems(config: ml_collections.ConfigDict, rules: Sequence[Rule], prefix: s
 def _relations(config: ml_collections.ConfigDict, trainer: str, prefix: str) -> list[str]:
   """Checks between fields (and against the devices), on configs whose fields passed."""
   out = []
-  groups = {"world": ["rag."], "reversal": [""], "rag": [""], "seq2seq": [""]}[trainer]
+  groups = {"world": ["rag."], "reversal": [""], "rag": [""], "seq2seq": [""],
+            "paper_scale": [""]}[trainer]
   devices = jax.device_count()
   for g in groups:
     batch = _get(config, f"{g}batch_size")
@@ -189,9 +196,9 @@ def validate(config: ml_collections.ConfigDict, trainer: str | None = None,
   (default: config.trainer, which must name one of RULES; there is no default trainer)."""
   if trainer is None:
     trainer = config.get("trainer")
-    if trainer not in ("world", "reversal", "rag"):
+    if trainer not in ("world", "reversal", "rag", "paper_scale"):
       raise ConfigError(f"{prefix}.trainer = {trainer!r}: must be one of "
-                        "['world', 'reversal', 'rag'] (the config file sets it)")
+                        "['world', 'reversal', 'rag', 'paper_scale'] (the config file sets it)")
   if trainer not in RULES:
     raise ConfigError(f"no config rules for trainer {trainer!r}; known: {sorted(RULES)}")
   found = problems(config, RULES[trainer], prefix)

@@ -38,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from rag_jax.models.rag import RagModel
-from rag_jax.training.device_retrieval import DeviceRetrieval
+from rag_jax.retrieval.device import DeviceRetrieval
 from rag_jax.training.state import TrainState
 from rag_jax.utils.errors import UserError
 
@@ -158,7 +158,7 @@ def make_train_step(model: RagModel, mesh: Mesh, loss_fn: LossFn, *,
   what the trainers stop on). A batch whose shapes disagree with the config raises
   BatchShapeError when the step is traced. The state argument is donated.
 
-  With `retrieval` (rag_jax.training.device_retrieval) the step is
+  With `retrieval` (rag_jax.retrieval.device) the step is
   `train_step(state, batch, index_arrays)`: the batch holds only the questions (QUESTION_KEYS)
   and the step retrieves with the current question encoder, on the devices, before the loss.
   """

@@ -1,8 +1,10 @@
 """The default job's evaluation: exact match, retrieval recall and index hot-swapping.
 
 Everything is measured on the held-out questions (facts never asked in training):
-- exact match of RAG-Sequence, RAG-Token (rag_jax.answer.RagAnswerer: retrieval from the ScaNN
-  index with the fine-tuned question encoder, then decoding) and the closed-book BART;
+- exact match of RAG-Sequence, RAG-Token (rag_jax.answer.RagAnswerer with the fine-tuned
+  question encoder: where config.rag.retrieval resolves to the devices, as in training, exact
+  retrieval over the index's embeddings and decoding in one device program; else the ScaNN
+  index searched from the host, then decoding) and the closed-book BART;
 - recall@k of the question encoder before RAG training (the retriever's) and after it (each RAG
   export's), over the same ScaNN index: the paper's frozen-vs-fine-tuned comparison (Table 6);
 - hot-swap (paper section 4.5): each trained RAG model answers with world 2's index (same frozen
@@ -72,10 +74,11 @@ def one_decoder(decoders: Iterable[Any]) -> dict[str, Any]:
   return json.loads(found.pop())
 
 
-def heldout_run(workdir: Path, name: str, cfg: Any, reference: dict[str, float] | None = None
-                ) -> runner.EvalRun:
+def heldout_run(workdir: Path, name: str, cfg: Any, reference: dict[str, float] | None = None,
+                retrieval: str = "host") -> runner.EvalRun:
   """The held-out questions of the world in `workdir` answered by its `name` export, with the
-  job's decoding options: one evaluate.py row."""
+  job's decoding options and answering path (`retrieval`, config.rag.retrieval's value): one
+  evaluate.py row."""
   world = json.loads((workdir / "world" / "world.json").read_text())
   lines = lambda f: (workdir / "world" / f).read_text().splitlines()  # noqa: E731
   examples = tuple(EvalExample(q, (a,), gold_ids=(g,)) for q, a, g in zip(
@@ -87,7 +90,7 @@ def heldout_run(workdir: Path, name: str, cfg: Any, reference: dict[str, float] 
       generate={"num_beams": cfg.num_beams, "max_length": cfg.max_answer_tokens},
       metrics=("exact_match",), batch_size=cfg.batch_size, recall_ks=tuple(cfg.recall_ks),
       reference=reference or {}, reference_label="train.py's report",
-      max_question_length=QUESTION_TOKENS)
+      max_question_length=QUESTION_TOKENS, retrieval=retrieval)
 
 
 def evaluation_runs(config: Any, workdir: str | Path) -> list[runner.EvalRun]:
@@ -98,8 +101,8 @@ def evaluation_runs(config: Any, workdir: str | Path) -> list[runner.EvalRun]:
     raise FileNotFoundError(f"{workdir}: no report.json; evaluate.py --config=configs/default.py "
                             "reads a finished `python train.py` run (give its --workdir)")
   report = json.loads((workdir / "report.json").read_text())
-  return [heldout_run(workdir, name, config.eval, {"exact_match": report[name]["heldout_em"]})
-          for name in RAG_MODELS]
+  return [heldout_run(workdir, name, config.eval, {"exact_match": report[name]["heldout_em"]},
+                      retrieval=config.rag.get("retrieval", "host")) for name in RAG_MODELS]
 
 
 def gold_rows(store: Any, ids: Sequence[str]) -> np.ndarray:
@@ -125,8 +128,10 @@ def search_rows(retriever: Retriever, questions: list[str], k: int, batch: int, 
   return np.stack(chunked(rows, questions, batch, desc))
 
 
-def evaluate_job(workdir: Path, world: dict[str, Any], cfg: Any) -> dict[str, Any]:
-  """Every figure of the report's evaluation part (see the module docstring)."""
+def evaluate_job(workdir: Path, world: dict[str, Any], cfg: Any, retrieval: str = "host"
+                 ) -> dict[str, Any]:
+  """Every figure of the report's evaluation part (see the module docstring); `retrieval`: the
+  answering path of the RAG models (RagAnswerer's, config.rag.retrieval in the job)."""
 
   lines = lambda name: (workdir / "world" / name).read_text().splitlines()  # noqa: E731
   questions, answers = lines("val.source"), lines("val.target")
@@ -148,16 +153,17 @@ def evaluate_job(workdir: Path, world: dict[str, Any], cfg: Any) -> dict[str, An
 
   for name in RAG_MODELS:
     export = workdir / name / "export"
-    answerer = RagAnswerer(export, workdir / "index", max_question_length=QUESTION_TOKENS)
+    answerer = RagAnswerer(export, workdir / "index", max_question_length=QUESTION_TOKENS,
+                           retrieval=retrieval)
     rows = search_rows(answerer.retriever, questions, max(ks), cfg.batch_size,
                        f"recall ({name})")
-    run = heldout_run(workdir, name, cfg)
+    run = heldout_run(workdir, name, cfg, retrieval=retrieval)
     records = run_loop(run.examples, runner.answer_predictor(answerer, run),
                        workdir / name / "heldout_predictions.jsonl", run.batch_size,
                        correct=scoring.correct_fn(run.metrics), desc=f"answers ({name})")
     predicted = [r["prediction"] for r in records]
     swapped_answerer = RagAnswerer(export, workdir / "index_swapped",
-                                   max_question_length=QUESTION_TOKENS)
+                                   max_question_length=QUESTION_TOKENS, retrieval=retrieval)
     changed_q = [questions[r] for r in changed]
     swap_answered = chunked(lambda qs, a=swapped_answerer: a(qs, **gen_kwargs), changed_q,
                             cfg.batch_size, f"hot-swap ({name})")

@@ -316,7 +316,8 @@ def phase_closed_book(job: Job) -> dict[str, Any]:
 
 
 def phase_evaluation(job: Job) -> dict[str, Any]:
-  return world_eval.evaluate_job(job.workdir, job.world_meta(), job.config.eval)
+  return world_eval.evaluate_job(job.workdir, job.world_meta(), job.config.eval,
+                                 retrieval=job.config.rag.get("retrieval", "host"))
 
 
 PHASE_FUNCTIONS: dict[str, Callable[[Job], dict[str, Any]]] = {
