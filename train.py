@@ -17,6 +17,7 @@ from ml_collections import config_flags
 
 from rag_jax.experiments import paper_scale, reversal
 from rag_jax.experiments.world import job as world_job
+from rag_jax.experiments.world import paper
 from rag_jax.training import config_check, rag_trainer
 from rag_jax.utils.errors import UserError
 from rag_jax.utils.logs import quiet_console
@@ -24,7 +25,7 @@ from rag_jax.utils.logs import quiet_console
 # config.trainer picks the job; each is train_and_evaluate(config, workdir).
 TRAINERS = {"world": world_job.train_and_evaluate, "reversal": reversal.train_and_evaluate,
             "rag": rag_trainer.train_and_evaluate,
-            "paper_scale": paper_scale.train_and_evaluate}
+            "paper_scale": paper_scale.train_and_evaluate, "world_paper": paper.train_and_evaluate}
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", str(Path(__file__).resolve().parent / "configs" / "default.py"),
@@ -67,7 +68,7 @@ def main(argv):
   try:
     config_check.validate(config)
     report = TRAINERS[config.trainer](config, _WORKDIR.value)
-    if report and config.trainer != "world":  # The world job prints its own report.
+    if report and config.trainer not in ("world", "world_paper"):  # Print their own.
       print(summary(report, _WORKDIR.value), flush=True)
   except UserError as e:
     if _TRACEBACK.value:

@@ -29,6 +29,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.n_docs = 5  # Passages retrieved per question (paper: 5 or 10 for training).
   config.retrieval = "auto"  # auto | device (exact search in the jitted step) | host.
+  # dense: DPR, p(z|x) from q(x).d(z), the question encoder trained (unless frozen below);
+  # bm25: a fixed BM25 retriever (index_dir holds a bm25 index) whose scores are the logits of
+  # p(z|x), the question encoder unused and frozen (the paper's "RAG-*-BM25" rows, Table 6).
+  config.retriever_kind = "dense"
   config.device_index_dtype = "auto"  # Device copy of the index: auto = bf16 on GPU/TPU.
   config.device_index_memory_fraction = 0.5  # auto: device if index + table fit this share.
   config.max_source_length = 128  # Question tokens (question encoder).
@@ -42,6 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_train_steps = 10_000  # Optimizer steps (the schedule's length).
   config.learning_rate = 3e-5  # Peak AdamW learning rate.
   config.group_learning_rates = ml_collections.ConfigDict()  # e.g. question_encoder=1e-5.
+  # Top-level parameters never updated, e.g. ("question_encoder",): the paper's "-Frozen" rows.
+  config.frozen_groups = ()
   config.warmup_steps = 500  # Linear warm-up from 0.
   config.lr_end = 1e-7  # Polynomial decay target.
   config.lr_power = 1.0  # Polynomial decay power.

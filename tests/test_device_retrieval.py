@@ -26,9 +26,10 @@ from rag_jax.data.qa import TokenizedQA
 from rag_jax.models import presets
 from rag_jax.models.rag import RagModel
 from rag_jax.parallel import global_batch, replicate
+from rag_jax.retrieval import device as device_retrieval
+from rag_jax.retrieval.device import DeviceRetrieval
 from rag_jax.retrieval.exact import ExactConfig, ExactIndex
-from rag_jax.training import device_retrieval, optimizer
-from rag_jax.training.device_retrieval import DeviceRetrieval
+from rag_jax.training import optimizer
 from rag_jax.training.rag_step import make_train_step
 from rag_jax.training.retrieval_feed import RetrievalFeed
 from rag_jax.training.state import create_train_state

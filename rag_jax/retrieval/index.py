@@ -14,6 +14,10 @@ Ties are broken towards the smaller row id, so results are deterministic.
 A saved index is a directory holding ``index.json`` (type, dim, count, config), an
 ``embeddings/`` directory in the :mod:`~rag_jax.retrieval.embeddings` format (the exact vectors,
 hard-linked from the source when possible) and whatever the backend needs.
+
+A :class:`TextIndex` (BM25, rag_jax.retrieval.bm25_index) is queried with the questions' text
+instead: ``search_text(questions, k)``, scores its own (BM25), no embeddings (dim 0), and
+``"query": "text"`` in its ``index.json``.
 """
 
 from __future__ import annotations
@@ -148,7 +152,7 @@ def read_meta(path: str | os.PathLike, kind: str | None = None) -> dict:
     raise ValueError(f"{meta_path}: unknown index format {meta.get('format')!r}")
   if kind is not None and meta.get("type") != kind:
     raise ValueError(f"{meta_path}: a {meta.get('type')!r} index, not {kind!r}")
-  if not (path / "embeddings" / "manifest.json").exists():
+  if meta.get("query") != "text" and not (path / "embeddings" / "manifest.json").exists():
     raise IndexFileError(f"{path / 'embeddings' / 'manifest.json'} is missing")
   return meta
 
@@ -162,3 +166,26 @@ def open_index_embeddings(path: Path, meta: dict) -> EmbeddingStore:
     raise ValueError(f"{path}: embeddings are {store.count} x {store.dim} but index.json says "
                      f"{meta['count']} x {meta['dim']}")
   return store
+
+
+class TextIndex(Index):
+  """An index queried by text, not vectors (BM25): ``search_text(questions, k)``.
+
+  ``search`` on vectors and ``embeddings`` refuse; ``dim`` is 0. rag_jax.retrieval.Retriever
+  sends such an index the questions' text.
+  """
+
+  dim = 0
+
+  @abc.abstractmethod
+  def search_text(self, questions: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Questions -> (scores (Q, k) float32, ids (Q, k) int64), best first (ties: smaller id)."""
+
+  def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    raise TypeError(f"a {self.kind} index is queried with text: search_text(questions, k)")
+
+  def embeddings(self, ids: np.ndarray) -> np.ndarray:
+    raise TypeError(f"a {self.kind} index stores no passage embeddings (its scores are its own)")
+
+  def _meta(self, config: dict) -> dict:
+    return {**super()._meta(config), "query": "text"}

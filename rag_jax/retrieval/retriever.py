@@ -5,6 +5,10 @@ training (rag_jax.training.retrieval_feed, with the current parameters), evaluat
 search command. It holds a question encoder's embedding function, its tokenizer, an index
 (rag_jax.retrieval.backends) and the passage store the index's rows point into.
 
+Over a text index (BM25, rag_jax.retrieval.bm25_index) the query is the question's text, not
+q(x): `search` decodes the question ids it is given (so every caller works unchanged), the
+question encoder is not run and the scores are the index's own (BM25).
+
     retriever = Retriever.load("wiki_index", "dpr-question_encoder")
     hits = retriever.retrieve(["who wrote hamlet"], k=5)      # [[Hit, ...]] best first
 """
@@ -25,7 +29,7 @@ from rag_jax import checkpoints
 from rag_jax.models.bert import DPREncoder
 from rag_jax.models.rag import RagModel
 from rag_jax.retrieval.backends import load_index
-from rag_jax.retrieval.index import Index, IndexDimensionError, IndexFileError
+from rag_jax.retrieval.index import Index, IndexDimensionError, IndexFileError, TextIndex
 from rag_jax.retrieval.store import PassageStore
 from rag_jax.utils.errors import UserError, check_finite
 
@@ -189,7 +193,7 @@ class Retriever:
     index = load_index(directory / "index", **index_kwargs)
     encoder_config = model.config.question_encoder if isinstance(model, RagModel) else model.config
     dim = encoder_config.embedding_dim
-    if index.dim != dim:
+    if not isinstance(index, TextIndex) and index.dim != dim:
       raise IndexDimensionError(
           f"{directory / 'index'} holds {index.dim}-d passage embeddings but the question "
           f"encoder gives {dim}-d vectors; was the index built with another encoder?")
@@ -216,12 +220,18 @@ class Retriever:
 
   def search(self, ids: np.ndarray, mask: np.ndarray, k: int, params: Any = None,
              complete: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(exact scores [Q, k] float32, store rows [Q, k] int64), best first.
+    """(exact scores [Q, k] float32, store rows [Q, k] int64), best first (a text index: its
+    scores, from the decoded questions).
 
     complete: refuse a result with fewer than k passages for some question (an approximate
     index may find fewer; RAG needs exactly k).
     """
-    scores, rows = self.index.search(self.embed(ids, mask, params), k)
+    if isinstance(self.index, TextIndex):  # BM25: the questions' words, not q(x).
+      texts = self.tokenizer.batch_decode(np.where(mask > 0, ids, self.tokenizer.pad_token_id),
+                                          skip_special_tokens=True)
+      scores, rows = self.index.search_text(texts, k)
+    else:
+      scores, rows = self.index.search(self.embed(ids, mask, params), k)
     if complete and (rows < 0).any():
       raise ValueError(f"the index returned fewer than k={k} passages for some question")
     check_finite(np.where(rows >= 0, scores, 0.0),

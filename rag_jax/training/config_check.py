@@ -35,6 +35,7 @@ class Rule:
 
   field: str
   check: Callable[[Any], str | None]
+  optional: bool = False  # A missing field is allowed (the reader has a default).
 
 
 def integer(low: int | None = None, high: int | None = None) -> Callable[[Any], str | None]:
@@ -96,6 +97,9 @@ RAG_NUMBERS = [
     Rule("retrieval", one_of("auto", "device", "host")),
     Rule("device_index_memory_fraction", number(0, 1, low_open=True)),
     Rule("dtype", _DTYPE),
+    Rule("retriever_kind", one_of("dense", "bm25"), optional=True),
+    Rule("frozen_groups", lambda v: None if isinstance(v, list | tuple) and all(
+        isinstance(x, str) for x in v) else "a list of top-level parameter names", optional=True),
 ]
 # The RAG trainer on its own also reads the token lengths (the world job measures them).
 RAG = [*RAG_NUMBERS, Rule("max_source_length", integer(1)), Rule("max_target_length", integer(1)),
@@ -158,6 +162,8 @@ def problems(config: ml_collections.ConfigDict, rules: Sequence[Rule], prefix: s
     try:
       value = _get(config, rule.field)
     except KeyError:
+      if rule.optional:
+        continue
       out.append(f"{prefix}.{rule.field} is missing")
       continue
     wanted = rule.check(value)
@@ -196,9 +202,14 @@ def validate(config: ml_collections.ConfigDict, trainer: str | None = None,
   (default: config.trainer, which must name one of RULES; there is no default trainer)."""
   if trainer is None:
     trainer = config.get("trainer")
-    if trainer not in ("world", "reversal", "rag", "paper_scale"):
-      raise ConfigError(f"{prefix}.trainer = {trainer!r}: must be one of "
-                        "['world', 'reversal', 'rag', 'paper_scale'] (the config file sets it)")
+    if trainer == "world_paper":  # The paper experiment: one world job config per world.
+      for name in config.worlds:
+        validate(config.worlds[name], "world", f"{prefix}.worlds.{name}")
+      return
+    known = ["world", "reversal", "rag", "paper_scale", "world_paper"]
+    if trainer not in known:
+      raise ConfigError(f"{prefix}.trainer = {trainer!r}: must be one of {known} (the config "
+                        "file sets it)")
   if trainer not in RULES:
     raise ConfigError(f"no config rules for trainer {trainer!r}; known: {sorted(RULES)}")
   found = problems(config, RULES[trainer], prefix)

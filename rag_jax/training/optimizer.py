@@ -54,8 +54,11 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any,
   max_grad_norm (0 disables clipping), adam_b1, adam_b2, adam_eps, and optionally
   group_learning_rates: {top-level parameter name: peak learning rate} (e.g. a smaller rate for
   RAG's "question_encoder" than for its "generator"; the synthetic world's RAG training
-  needed 3e-5 against 7e-4, configs/default.py).
-  `frozen(path) -> bool` picks parameters that get no update at all.
+  needed 3e-5 against 7e-4, configs/default.py), and frozen_groups: top-level parameter names
+  whose every leaf gets no update at all (RAG's "question_encoder": the paper's "-Frozen" rows).
+  `frozen(path) -> bool` picks further parameters that get no update at all.
+  A frozen parameter's update is exactly zero (optax.set_to_zero, no weight decay), so it stays
+  bit-identical; its gradient is zeroed before clipping.
   Clipping acts on the global norm of all trained gradients together, as in the reference.
   """
 
@@ -66,13 +69,17 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any,
                        weight_decay=config.weight_decay, mask=weight_decay_mask)
 
   groups = dict(config.get("group_learning_rates", None) or {})
+  frozen_groups = set(config.get("frozen_groups", None) or ())
   flat = flax.traverse_util.flatten_dict(params)
-  if unknown := sorted(set(groups) - {path[0] for path in flat}):
-    raise ValueError(f"group_learning_rates names {unknown}, not top-level parameters "
-                     f"{sorted({path[0] for path in flat})}")
+  top = sorted({path[0] for path in flat})
+  for field, names in (("group_learning_rates", groups), ("frozen_groups", frozen_groups)):
+    if unknown := sorted(set(names) - set(top)):
+      raise ValueError(f"{field} names {unknown}, not top-level parameters {top}")
 
   def label(path: tuple[str, ...]) -> str:
-    return "frozen" if frozen(path) else path[0] if path[0] in groups else "default"
+    if frozen(path) or path[0] in frozen_groups:
+      return "frozen"
+    return path[0] if path[0] in groups else "default"
 
   labels = flax.traverse_util.unflatten_dict({path: label(path) for path in flat})
   transforms = {"frozen": optax.set_to_zero(), "default": adamw(config.learning_rate)}

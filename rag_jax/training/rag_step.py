@@ -11,6 +11,10 @@ One step for a global batch of B questions, each with its n retrieved passages:
       "weights":                                     [B]        1 real example, 0 padding
     }
 
+With a fixed retriever (BM25, the paper's "RAG-*-BM25" rows; `fixed_doc_scores=True`) the batch
+holds "doc_scores" [B, n] (the retriever's scores, taken as the logits of p(z|x)) in place of
+"doc_embeds": the question encoder is not run, so no gradient reaches it.
+
 Inside `jax.shard_map` over the mesh's "data" axis each device runs the question encoder,
 doc_scores = q(x) . d(z) (the only path by which gradients reach the question encoder; the
 passage encoder and index stay frozen, as in the paper), the generator on its n passages per
@@ -47,6 +51,13 @@ LossFn = Callable[..., Array]  # (seq_logits, doc_scores, target, reduce_loss=Fa
 
 BATCH_KEYS = ("input_ids", "attention_mask", "context_input_ids", "context_attention_mask",
               "doc_embeds", "labels", "weights")
+# A fixed retriever's batch (BM25): its scores instead of the passage embeddings.
+SCORE_BATCH_KEYS = tuple("doc_scores" if k == "doc_embeds" else k for k in BATCH_KEYS)
+
+
+def batch_keys(fixed_doc_scores: bool) -> tuple[str, ...]:
+  """The train step's batch keys: SCORE_BATCH_KEYS for a fixed retriever, else BATCH_KEYS."""
+  return SCORE_BATCH_KEYS if fixed_doc_scores else BATCH_KEYS
 
 
 class BatchShapeError(UserError, ValueError):
@@ -61,9 +72,10 @@ def check_batch(batch: dict[str, Any], model: RagModel) -> None:
   context_input_ids, T from labels, and the lengths must fit the position tables (a JAX gather
   past the end of a table would silently clamp, not fail).
   """
-  missing = [k for k in BATCH_KEYS if k not in batch]
+  keys = batch_keys("doc_scores" in batch)
+  missing = [k for k in keys if k not in batch]
   if missing:
-    raise BatchShapeError(f"batch is missing {missing} (expected keys {list(BATCH_KEYS)})")
+    raise BatchShapeError(f"batch is missing {missing} (expected keys {list(keys)})")
   cfg = model.config
   n, dim = cfg.n_docs, cfg.question_encoder.embedding_dim
   for key, rank in (("input_ids", 2), ("context_input_ids", 3), ("labels", 2)):
@@ -79,6 +91,9 @@ def check_batch(batch: dict[str, Any], model: RagModel) -> None:
       "doc_embeds": ((b, n, dim), "[B, n_docs, retrieval dim]"),
       "labels": ((b, t), "[B, T]"), "weights": ((b,), "[B]"),
   }
+  if "doc_scores" in batch:
+    del expected["doc_embeds"]
+    expected["doc_scores"] = ((b, n), "[B, n_docs]")
   for key, (want, layout) in expected.items():
     got = tuple(batch[key].shape)
     if got != want:
@@ -98,13 +113,16 @@ def _per_example_loss(params: Any, batch: dict[str, Array], key: Array, *, model
                       loss_fn: LossFn, deterministic: bool) -> tuple[Array, Array]:
   """(per-question loss [b], doc_scores [b, n]) for one device's shard of the batch."""
   b, n, length = batch["context_input_ids"].shape
+  if "doc_scores" in batch:  # A fixed retriever: its scores, no question encoder.
+    prior: dict[str, Array] = {"doc_scores": batch["doc_scores"].astype(jnp.float32)}
+  else:
+    prior = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+             "retrieved_doc_embeds": batch["doc_embeds"]}
   out = model.apply(
       {"params": params},
       batch["context_input_ids"].reshape(b * n, length),  # [b, n, L] -> [b*n, L]
       batch["context_attention_mask"].reshape(b * n, length),
-      batch["labels"], input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-      retrieved_doc_embeds=batch["doc_embeds"], deterministic=deterministic,
-      rngs={"dropout": key})
+      batch["labels"], deterministic=deterministic, rngs={"dropout": key}, **prior)
   return loss_fn(out.logits, out.doc_scores, batch["labels"], reduce_loss=False), out.doc_scores
 
 
@@ -148,7 +166,8 @@ def _per_device_grads(params: Any, batch: dict[str, Array], step: Array, dropout
 
 def make_train_step(model: RagModel, mesh: Mesh, loss_fn: LossFn, *,
                     deterministic: bool = False, donate: bool = True,
-                    retrieval: DeviceRetrieval | None = None) -> Callable[..., Any]:
+                    retrieval: DeviceRetrieval | None = None,
+                    fixed_doc_scores: bool = False) -> Callable[..., Any]:
   """A jitted `train_step(state, batch) -> (state, metrics)` over `mesh` (axis "data").
 
   loss_fn: e.g. functools.partial(losses.rag_sequence_nll, epsilon=0.1, pad_token_id=1).
@@ -161,19 +180,23 @@ def make_train_step(model: RagModel, mesh: Mesh, loss_fn: LossFn, *,
   With `retrieval` (rag_jax.retrieval.device) the step is
   `train_step(state, batch, index_arrays)`: the batch holds only the questions (QUESTION_KEYS)
   and the step retrieves with the current question encoder, on the devices, before the loss.
+  With `fixed_doc_scores` the batch holds a fixed retriever's "doc_scores" (SCORE_BATCH_KEYS).
   """
+  if fixed_doc_scores and retrieval is not None:
+    raise ValueError("a fixed retriever's scores come from the host: no device retrieval")
+  keys = batch_keys(fixed_doc_scores)
   body = functools.partial(_per_device_grads, model=model, loss_fn=loss_fn,
                            pad_token_id=model.config.generator.pad_token_id,
                            deterministic=deterministic)
   sharded = jax.shard_map(body, mesh=mesh,
-                          in_specs=(P(), {k: P("data") for k in BATCH_KEYS}, P(), P()),
+                          in_specs=(P(), {k: P("data") for k in keys}, P(), P()),
                           out_specs=(P(), P()), check_vma=False)
 
   def train_step(state: TrainState, batch: dict[str, Array], index: Any = None):
     if retrieval is not None:
       batch = retrieval.complete_batch(model, state.params, batch, index)
     check_batch(batch, model)
-    grads, metrics = sharded(state.params, {k: batch[k] for k in BATCH_KEYS}, state.step,
+    grads, metrics = sharded(state.params, {k: batch[k] for k in keys}, state.step,
                              state.dropout_key)
     return state.apply_gradients(grads=grads), metrics
 
@@ -187,12 +210,14 @@ def make_train_step(model: RagModel, mesh: Mesh, loss_fn: LossFn, *,
 
 
 def make_eval_step(model: RagModel, mesh: Mesh, loss_fn: LossFn, *,
-                   retrieval: DeviceRetrieval | None = None) -> Callable[..., Any]:
+                   retrieval: DeviceRetrieval | None = None,
+                   fixed_doc_scores: bool = False) -> Callable[..., Any]:
   """A jitted `eval_step(params, batch) -> metric sums` (no dropout, no gradient).
 
   With `retrieval`: `eval_step(params, batch, index_arrays) -> (metric sums, doc_ids [B, n])`,
-  the batch holding only the questions, as in make_train_step.
+  the batch holding only the questions, as in make_train_step; `fixed_doc_scores` as there.
   """
+  keys = batch_keys(fixed_doc_scores)
 
   def body(params, batch):
     check_batch(batch, model)
@@ -200,11 +225,11 @@ def make_eval_step(model: RagModel, mesh: Mesh, loss_fn: LossFn, *,
                                                 loss_fn=loss_fn, deterministic=True)
     return _metric_sums(per_example, doc_scores, batch, model.config.generator.pad_token_id)
 
-  sharded = jax.shard_map(body, mesh=mesh, in_specs=(P(), {k: P("data") for k in BATCH_KEYS}),
+  sharded = jax.shard_map(body, mesh=mesh, in_specs=(P(), {k: P("data") for k in keys}),
                           out_specs=P(), check_vma=False)
   replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   if retrieval is None:
-    return jax.jit(lambda params, batch: sharded(params, {k: batch[k] for k in BATCH_KEYS}),
+    return jax.jit(lambda params, batch: sharded(params, {k: batch[k] for k in keys}),
                    in_shardings=(replicated, data), out_shardings=replicated)
 
   def eval_step(params, batch, index):

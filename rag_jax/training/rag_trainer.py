@@ -4,13 +4,19 @@ paper) on question-answer pairs: `train_and_evaluate(config, workdir)`.
 Per step: the next global batch of the epoch's permutation (a pure function of seed and step, so
 a resumed run sees the same data), retrieval with the current question encoder, one
 data-parallel train step over every device (rag_jax.training.rag_step). Retrieval runs inside
-the jitted step, on the devices (rag_jax.training.device_retrieval), wherever the index and its
+the jitted step, on the devices (rag_jax.retrieval.device), wherever the index and its
 passage table fit `config.device_index_memory_fraction` of the devices' memory
 (`config.retrieval="auto"`), else on the host (rag_jax.training.retrieval_feed); both give the
 same passages and generator inputs. Workdir: config.json, train.log, metrics.jsonl (train loss per
 target token, examples/s, the prior mass of the top passage; held-out loss and answer recall of
 the retrieved passages), orbax checkpoints (async, keep-N, exact resume), and at the end
 export/ (a transformers RAG checkpoint with its tokenizers) and report.json.
+
+`config.retriever_kind` picks the prior p(z|x): "dense" (q(x) . d(z) over an exact or ScaNN
+index, gradients into the question encoder unless `config.frozen_groups` holds
+"question_encoder", the paper's "-Frozen" rows) or "bm25" (a BM25 index's scores as its logits,
+retrieved on the host, the question encoder frozen: the paper's "-BM25" rows). Same trainer,
+same step; only the batch's prior and the optimizer's frozen group differ.
 
 `config.model_type` is the one source of truth for the model's kind: it picks the loss, and the
 model that is trained, exported and decoded is RagSequenceForGeneration (rag_sequence) or
@@ -39,10 +45,12 @@ from rag_jax.data.passage_table import question_parts
 from rag_jax.data.sampling import epoch_rows
 from rag_jax.models.rag import RagConfig, RagModel
 from rag_jax.parallel import data_mesh, global_batch, replicate
+from rag_jax.retrieval import device as device_retrieval
 from rag_jax.retrieval.backends import load_index
+from rag_jax.retrieval.device import DeviceRetrieval
+from rag_jax.retrieval.index import TextIndex
 from rag_jax.retrieval.store import PassageStore
-from rag_jax.training import config_check, device_retrieval, loop, optimizer
-from rag_jax.training.device_retrieval import DeviceRetrieval
+from rag_jax.training import config_check, loop, optimizer
 from rag_jax.training.rag_step import make_eval_step, make_train_step
 from rag_jax.training.retrieval_feed import RetrievalFeed
 from rag_jax.training.state import create_train_state
@@ -221,6 +229,13 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
   store = PassageStore(Path(config.index_dir) / "passages")
   feed = RetrievalFeed(model, index, store, tokenizers.question_encoder, tokenizers.generator,
                        config.n_docs)
+  kind = config.get("retriever_kind", "dense")
+  if (kind == "bm25") != isinstance(index, TextIndex):
+    raise ValueError(f"config.retriever_kind={kind!r} but {config.index_dir}/index is a "
+                     f"{index.kind!r} index (bm25 needs a bm25 index, dense an exact or scann one)")
+  frozen_groups = tuple(config.get("frozen_groups", None) or ())
+  if feed.fixed_doc_scores and "question_encoder" not in frozen_groups:
+    frozen_groups += ("question_encoder",)  # Unused by a fixed prior: no update at all.
 
   def tokenized(split):
     questions, answers = qa.read_source_target(config.data_dir, split)
@@ -232,24 +247,29 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
   train, _ = tokenized("train")
   val, val_answers = tokenized("val")
 
-  tx = optimizer.make_optimizer(config, params)
+  opt_config = ml_collections.ConfigDict(config.to_dict())
+  opt_config.frozen_groups = frozen_groups
+  tx = optimizer.make_optimizer(opt_config, params)
   state = create_train_state(model.apply, params, tx,
                              jax.random.key_data(jax.random.key(config.seed)))
   state = replicate(state, mesh)
   loss_fn = loss_function(config, model)
   retrieval = device_retrieval.setup(
-      config.get("retrieval", "auto"), index, store, feed.assembler,
+      "host" if feed.fixed_doc_scores else config.get("retrieval", "auto"), index, store,
+      feed.assembler,
       Path(config.index_dir) / "passage_tables", config.n_docs, mesh,
       dtype=config.get("device_index_dtype", "auto"),
       memory_fraction=config.get("device_index_memory_fraction", 0.5))
   train_questions = QuestionBatches(feed, train)
-  step_fn = make_train_step(model, mesh, loss_fn, retrieval=retrieval)
-  eval_fn = make_eval_step(model, mesh, loss_fn, retrieval=retrieval)
+  step_fn = make_train_step(model, mesh, loss_fn, retrieval=retrieval,
+                            fixed_doc_scores=feed.fixed_doc_scores)
+  eval_fn = make_eval_step(model, mesh, loss_fn, retrieval=retrieval,
+                           fixed_doc_scores=feed.fixed_doc_scores)
   run_eval = functools.partial(evaluate, config, feed=feed, data=val, answers=val_answers,
                                eval_fn=eval_fn, mesh=mesh, retrieval=retrieval)
-  logging.info("RAG %s: %d parameters, %d devices, %d train / %d val examples",
-               config.model_type, optimizer.count_params(params), mesh.devices.size, len(train),
-               len(val))
+  logging.info("RAG %s: %d parameters, %d devices, %d train / %d val examples, %s retriever, "
+               "frozen groups %s", config.model_type, optimizer.count_params(params),
+               mesh.devices.size, len(train), len(val), kind, list(frozen_groups))
 
   def train_step(state, step: int):
     rows = epoch_rows(config.seed, step, len(train), config.batch_size)
@@ -277,6 +297,7 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
   export = checkpoints.save_pretrained(model, params_host, workdir / "export",
                                        tokenizer=tokenizers)
   report = {"model_type": config.model_type, "architecture": model.config.architecture,
+            "retriever_kind": kind, "frozen_groups": list(frozen_groups),
             "steps": config.num_train_steps, "retrieval": "host" if retrieval is None else "device",
             "devices": mesh.devices.size, **{f"val_{k}": v for k, v in final.items()},
             "export": str(export)}

@@ -6,6 +6,10 @@ float32, whatever the index approximated), and the generator inputs joined from 
 (rag_jax.data.contexts.ContextAssembler; each passage's part tokenized once and cached). The
 result has static shapes and enters the jitted train step as arrays; doc_scores = q(x) . d(z) are
 recomputed inside the step so that gradients reach the question encoder.
+
+Over a text index (BM25, rag_jax.retrieval.bm25_index) the batch holds the index's scores as
+"doc_scores" instead of "doc_embeds" (rag_jax.training.rag_step.SCORE_BATCH_KEYS): a fixed
+retriever whose scores are the logits of p(z|x), the paper's "RAG-*-BM25" rows.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 from rag_jax.data import contexts
 from rag_jax.data.qa import TokenizedQA
 from rag_jax.models.rag import RagModel
+from rag_jax.retrieval.index import TextIndex
 from rag_jax.retrieval.retriever import Retriever, question_embedder
 
 
@@ -33,6 +38,11 @@ class RetrievalFeed:
         generator_tokenizer, contexts.ContextFormat.from_rag_config(model.config))
     self._cache: OrderedDict[int, list[int]] = OrderedDict()
     self._cache_size = cache_size
+
+  @property
+  def fixed_doc_scores(self) -> bool:
+    """True over a text index (BM25): batches carry its scores, not passage embeddings."""
+    return isinstance(self.index, TextIndex)
 
   def _passage_ids(self, row: int) -> list[int]:
     """Token ids of passage `row`'s part of the generator input (LRU-cached)."""
@@ -56,8 +66,7 @@ class RetrievalFeed:
             weights: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The train-step batch for data rows `rows` [B], and the retrieved doc rows [B, n]."""
     ids, mask = data.input_ids[rows], data.attention_mask[rows]
-    doc_rows, _ = self.retrieve(params, ids, mask)
-    doc_embeds = self.index.embeddings(doc_rows).astype(np.float32)  # [B, n, D]
+    doc_rows, doc_scores = self.retrieve(params, ids, mask)
     questions = contexts.decode_questions(self.question_tokenizer, ids)
     ctx, ctx_mask = self.assembler.assemble(
         [[self._passage_ids(int(r)) for r in row] for row in doc_rows],
@@ -67,8 +76,12 @@ class RetrievalFeed:
         "input_ids": ids, "attention_mask": mask,
         "context_input_ids": ctx.reshape(b, n, -1),  # [B*n, L] -> [B, n, L]
         "context_attention_mask": ctx_mask.reshape(b, n, -1),
-        "doc_embeds": doc_embeds, "labels": data.labels[rows],
+        "labels": data.labels[rows],
         "weights": (np.ones(b, np.float32) if weights is None
                     else np.asarray(weights, np.float32)),
     }
+    if self.fixed_doc_scores:
+      batch["doc_scores"] = np.asarray(doc_scores, np.float32)  # [B, n]
+    else:
+      batch["doc_embeds"] = self.index.embeddings(doc_rows).astype(np.float32)  # [B, n, D]
     return batch, doc_rows

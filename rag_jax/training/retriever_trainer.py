@@ -14,6 +14,12 @@ z_i among the B passages (in-batch negatives). A passage that is also another pa
 (DPRQuestionEncoder / DPRContextEncoder); the passage input is DPR's `title [SEP] text`
 (rag_jax.retrieval.encode.tokenize_passages, the tokenization the index builder uses).
 
+With `config.hard_negatives` each pair also brings one hard negative passage, DPR's recipe
+(Karpukhin et al. 2020, section 3.2: "the top passage returned by BM25 which does not contain
+the answer", :func:`bm25_hard_negatives`): the B hard negatives join the B in-batch passages, so
+each question picks its positive among 2B passages (DPR's best setting: gold + in-batch + one
+BM25 negative per question).
+
 The loop is rag_jax.training.loop.train_loop (resume, NaN stop, metrics, checkpoints), the
 optimizer rag_jax.training.optimizer.make_optimizer, as for the other trainers. The step is one
 jit with explicit shardings over a one-device mesh: the retriever is small (the world's
@@ -44,6 +50,7 @@ from rag_jax import checkpoints
 from rag_jax.models.bert import BertConfig, DPREncoder
 from rag_jax.parallel import data_mesh
 from rag_jax.retrieval.encode import tokenize_passages
+from rag_jax.retrieval.index import TextIndex
 from rag_jax.training import loop, optimizer
 from rag_jax.training.state import TrainState, create_train_state
 from rag_jax.utils.logs import workdir_logging
@@ -70,6 +77,9 @@ def default_config(**overrides: Any) -> ml_collections.ConfigDict:
   # both sides, and matching names is learned in a fraction of the steps); False: DPR's two
   # encoders. Either way two checkpoints are written.
   config.shared_encoder = True
+  # One BM25 hard negative per pair beside the in-batch negatives (DPR's recipe; give
+  # train_retriever's hard_negatives).
+  config.hard_negatives = False
   config.log_every = 100  # Steps between metric lines.
   config.eval_every = 10**9  # No held-out evaluation inside the loop.
   config.checkpoint_every = 100  # Steps between orbax checkpoints (a kill resumes).
@@ -110,23 +120,56 @@ def _pad(seqs: list[list[int]], pad_id: int, length: int | None = None) -> np.nd
   return out
 
 
-def in_batch_loss(q: jax.Array, d: jax.Array, passage_ids: jax.Array) -> jax.Array:
+def in_batch_loss(q: jax.Array, d: jax.Array, passage_ids: jax.Array,
+                  negatives: jax.Array | None = None,
+                  negative_ids: jax.Array | None = None) -> jax.Array:
   """Mean in-batch-negative cross-entropy. q, d: [B, D]; passage_ids [B] (equal ids = the same
-  passage, not a negative for the other's question)."""
-  scores = q @ d.T  # [B, B]
-  same = passage_ids[:, None] == passage_ids[None, :]
-  scores = jnp.where(same & ~jnp.eye(len(q), dtype=bool), -1e9, scores)
+  passage, not a negative for the other's question). With hard `negatives` [M, D] (ids
+  [M]): question i picks d_i among the B positives and the M negatives; a negative that is
+  question i's own positive passage is not counted against it."""
+  cands, ids = d, passage_ids
+  if negatives is not None:
+    cands = jnp.concatenate([d, negatives])  # [B + M, D]
+    ids = jnp.concatenate([passage_ids, negative_ids])
+  scores = q @ cands.T  # [B, B + M]
+  target = jnp.eye(len(q), cands.shape[0], dtype=bool)
+  same = passage_ids[:, None] == ids[None, :]
+  scores = jnp.where(same & ~target, -1e9, scores)
   return -jnp.mean(jnp.diagonal(jax.nn.log_softmax(scores, axis=-1)))
+
+
+def bm25_hard_negatives(index: TextIndex, questions: list[str], answers: list[str],
+                        gold_rows: np.ndarray, passage_text: Any, depth: int = 20) -> np.ndarray:
+  """DPR's hard negative per question: the row of BM25's best passage that is not the gold one
+  and does not contain the answer (case-insensitive); -1 where none of the top `depth` does.
+
+  passage_text(row) -> the passage's "title text"."""
+  _, rows = index.search_text(questions, min(depth, index.count))
+  out = np.full(len(questions), -1, np.int64)
+  for i, (answer, gold, cands) in enumerate(zip(answers, gold_rows, rows, strict=True)):
+    needle = answer.strip().lower()
+    for r in cands:
+      if r != gold and needle not in passage_text(int(r)).lower():
+        out[i] = r
+        break
+  return out
 
 
 def train_retriever(questions: list[str], titles: list[str], texts: list[str], tokenizer: Any,
                     encoder_config: BertConfig, config: ml_collections.ConfigDict | None = None,
-                    out: str | os.PathLike | None = None) -> RetrieverResult:
+                    out: str | os.PathLike | None = None,
+                    hard_negatives: tuple[list[str], list[str]] | None = None
+                    ) -> RetrieverResult:
   """Trains question and passage encoders from scratch on aligned lists (pair i = questions[i]
   with passage (titles[i], texts[i])). With `out`, saves both as DPR checkpoints there and keeps
   the loop's metrics and checkpoints in out/train (a rerun resumes); without it they go to a
-  temporary directory."""
+  temporary directory. hard_negatives: (titles, texts) aligned with the pairs, one negative
+  passage each (e.g. from :func:`bm25_hard_negatives`); used when config.hard_negatives."""
   config = config or default_config()
+  use_negatives = bool(config.get("hard_negatives", False))
+  if use_negatives and (hard_negatives is None or len(hard_negatives[0]) != len(questions)):
+    raise ValueError("config.hard_negatives needs hard_negatives=(titles, texts) with one "
+                     f"passage per pair ({len(questions)})")
   if not len(questions) == len(titles) == len(texts):
     raise ValueError(f"questions ({len(questions)}), titles ({len(titles)}) and texts "
                      f"({len(texts)}) must be aligned pairs")
@@ -139,6 +182,15 @@ def train_retriever(questions: list[str], titles: list[str], texts: list[str], t
   p_ids = _pad(tokenize_passages(tokenizer, titles, texts, config.max_passage_length), pad)
   keys = {(t, x): i for i, (t, x) in enumerate(zip(titles, texts, strict=True))}
   passage_ids = np.asarray([keys[(t, x)] for t, x in zip(titles, texts, strict=True)], np.int32)
+  if use_negatives:
+    n_titles, n_texts = hard_negatives
+    n_seqs = tokenize_passages(tokenizer, n_titles, n_texts, config.max_passage_length)
+    width = max(p_ids.shape[1], max(len(x) for x in n_seqs))
+    n_ids = _pad(n_seqs, pad, width)
+    p_ids = np.pad(p_ids, ((0, 0), (0, width - p_ids.shape[1])), constant_values=pad)
+    # A negative that is some pair's positive gets that passage's id (masked for that pair).
+    n_pids = np.asarray([keys.get((t, x), len(keys) + i) for i, (t, x) in
+                         enumerate(zip(n_titles, n_texts, strict=True))], np.int32)
 
   q_cfg = dataclasses.replace(encoder_config, architecture="DPRQuestionEncoder")
   c_cfg = dataclasses.replace(encoder_config, architecture="DPRContextEncoder")
@@ -163,8 +215,12 @@ def train_retriever(questions: list[str], titles: list[str], texts: list[str], t
     def loss_fn(p):
       q = q_model.apply({"params": p[towers[0]]}, batch["q"], deterministic=False,
                         rngs={"dropout": kq}).pooler_output
-      d = c_model.apply({"params": p[towers[1]]}, batch["p"], deterministic=False,
+      passages = (jnp.concatenate([batch["p"], batch["n"]]) if use_negatives else batch["p"])
+      d = c_model.apply({"params": p[towers[1]]}, passages, deterministic=False,
                         rngs={"dropout": kc}).pooler_output
+      if use_negatives:
+        b = batch["q"].shape[0]
+        return in_batch_loss(q, d[:b], batch["pid"], d[b:], batch["nid"])
       return in_batch_loss(q, d, batch["pid"])
 
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
@@ -177,7 +233,10 @@ def train_retriever(questions: list[str], titles: list[str], texts: list[str], t
 
   def train_step(state: TrainState, index: int):
     rows = epoch_order_rows(config.seed, index, len(questions), config.batch_size)
-    return step_fn(state, {"q": q_ids[rows], "p": p_ids[rows], "pid": passage_ids[rows]})
+    batch = {"q": q_ids[rows], "p": p_ids[rows], "pid": passage_ids[rows]}
+    if use_negatives:
+      batch.update(n=n_ids[rows], nid=n_pids[rows])
+    return step_fn(state, batch)
 
   with contextlib.ExitStack() as stack:
     workdir = (Path(out) / "train" if out is not None

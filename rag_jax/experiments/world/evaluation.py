@@ -190,6 +190,17 @@ def evaluate_job(workdir: Path, world: dict[str, Any], cfg: Any, retrieval: str 
     }
 
   # Closed book: the same BART size and steps, question -> answer, no retrieval.
+  em, decoder = closed_book_answers(workdir, cfg)
+  out["closed_book"] = {"decoder": decoder, "em": em,
+                        "train_examples_em_note": "see closed_book/report.json"}
+  return out
+
+
+def closed_book_answers(workdir: Path, cfg: Any) -> tuple[float, dict[str, Any]]:
+  """(held-out EM, decoder) of workdir/closed_book's export: question -> answer, no retrieval."""
+  lines = lambda name: (workdir / "world" / name).read_text().splitlines()  # noqa: E731
+  questions, answers = lines("val.source"), lines("val.target")
+  gen_kwargs = dict(num_beams=cfg.num_beams, max_length=cfg.max_answer_tokens)
   model, params = checkpoints.load_pretrained(workdir / "closed_book" / "export")
   tok = checkpoints.load_tokenizer(workdir / "closed_book" / "export")
 
@@ -203,6 +214,9 @@ def evaluate_job(workdir: Path, world: dict[str, Any], cfg: Any, retrieval: str 
     return tok.batch_decode(result.sequences, skip_special_tokens=True)
 
   predicted = chunked(closed_book, questions, cfg.batch_size, "answers (closed book)")
-  out["closed_book"] = {"decoder": one_decoder(decoders), "em": exact_match(predicted, answers),
-                        "train_examples_em_note": "see closed_book/report.json"}
-  return out
+  return exact_match(predicted, answers), one_decoder(decoders)
+
+
+def closed_book_em(workdir: Path, cfg: Any) -> float:
+  """The closed book's held-out EM (see :func:`closed_book_answers`)."""
+  return closed_book_answers(workdir, cfg)[0]

@@ -49,11 +49,12 @@ from rag_jax.experiments.world.tokenizer import train_tokenizer, world_texts
 from rag_jax.models import presets
 from rag_jax.models.bart import BartForConditionalGeneration, shift_tokens_right
 from rag_jax.models.rag import RagConfig, RagModel
+from rag_jax.retrieval.backends import load_index
 from rag_jax.retrieval.corpus import read_dpr_tsv
 from rag_jax.retrieval.encode import EncodeConfig
 from rag_jax.retrieval.pipeline import build_from_corpus
 from rag_jax.training import config_check, loop, rag_trainer, seq2seq
-from rag_jax.training.retriever_trainer import default_config, train_retriever
+from rag_jax.training.retriever_trainer import bm25_hard_negatives, default_config, train_retriever
 from rag_jax.utils.atomic import atomic_directory, atomic_file
 from rag_jax.utils.lock import workdir_lock
 from rag_jax.utils.logs import workdir_logging
@@ -157,15 +158,33 @@ def phase_retriever(job: Job) -> dict[str, Any]:
   questions = (job.world_dir / "train.source").read_text().splitlines()
   gold = [passages[pid] for pid in job.world_meta()["train_gold_passages"]]
   lengths = job.lengths()
+  negatives = None
+  if c.get("hard_negatives", False):  # DPR's recipe; the BM25 index of the paper experiment.
+    negatives = _bm25_negatives(job, questions, passages)
   result = train_retriever(
       questions, [t for t, _ in gold], [x for _, x in gold], job.tokenizer(), _encoder_config(job),
       default_config(batch_size=c.batch_size, num_train_steps=c.num_train_steps,
                      learning_rate=c.learning_rate, warmup_steps=c.warmup_steps,
                      max_question_length=lengths["question"],
-                     max_passage_length=lengths["passage"], seed=job.config.seed),
-      out=job.workdir / "retriever")
+                     max_passage_length=lengths["passage"], seed=job.config.seed,
+                     hard_negatives=negatives is not None),
+      out=job.workdir / "retriever", hard_negatives=negatives)
   return {"loss_first": result.losses[0][1], "loss_last": result.losses[-1][1],
           "chance_loss": float(np.log(c.batch_size)), "steps": c.num_train_steps}
+
+
+def _bm25_negatives(job: Job, questions: list[str], passages: dict[str, tuple[str, str]]
+                    ) -> tuple[list[str], list[str]]:
+  """(titles, texts) of each training question's BM25 hard negative (workdir/index_bm25)."""
+  index = load_index(job.workdir / "index_bm25" / "index")
+  ids = list(passages)  # Store rows = corpus order (read_dpr_tsv).
+  text = lambda r: " ".join(passages[ids[r]])  # noqa: E731
+  row_of = {pid: r for r, pid in enumerate(ids)}
+  gold = np.asarray([row_of[p] for p in job.world_meta()["train_gold_passages"]])
+  answers = (job.world_dir / "train.target").read_text().splitlines()
+  rows = bm25_hard_negatives(index, questions, answers, gold, text)
+  rows = np.where(rows < 0, (gold + 1) % len(ids), rows)  # None found: a neighbouring passage.
+  return [passages[ids[r]][0] for r in rows], [passages[ids[r]][1] for r in rows]
 
 
 def phase_index(job: Job) -> dict[str, Any]:
@@ -236,12 +255,18 @@ def _init_rag_checkpoint(job: Job) -> None:
                               tokenizer=checkpoints.RagTokenizers(tok, tok))
 
 
-def _train_rag(job: Job, model_type: str) -> dict[str, Any]:
+def train_rag_row(job: Job, model_type: str, name: str | None = None,
+                  **overrides: Any) -> dict[str, Any]:
+  """Trains one RAG model of the job into workdir/<name> (default: model_type) from rag_init,
+  with config.rag's fields replaced by `overrides` (e.g. retriever_kind="bm25",
+  index_dir=..., frozen_groups=("question_encoder",)): the paper experiment's rows."""
   _init_rag_checkpoint(job)
-  report = rag_trainer.train_and_evaluate(_rag_config(job, model_type),
-                                          str(job.workdir / model_type))
+  name = name or model_type
+  config = _rag_config(job, model_type)
+  config.update(overrides)
+  report = rag_trainer.train_and_evaluate(config, str(job.workdir / name))
   metrics = [json.loads(x) for x in
-             (job.workdir / model_type / "metrics.jsonl").read_text().splitlines() if x]
+             (job.workdir / name / "metrics.jsonl").read_text().splitlines() if x]
   return {**report, "loss_first": metrics[0]["loss"], "loss_last": metrics[-1]["loss"],
           "steps_per_s": _steps_per_s(metrics)}
 
@@ -262,11 +287,11 @@ def _steps_per_s(metrics: list[dict[str, Any]]) -> float:
 
 
 def phase_rag_sequence(job: Job) -> dict[str, Any]:
-  return _train_rag(job, "rag_sequence")
+  return train_rag_row(job, "rag_sequence")
 
 
 def phase_rag_token(job: Job) -> dict[str, Any]:
-  return _train_rag(job, "rag_token")
+  return train_rag_row(job, "rag_token")
 
 
 def _closed_book_config(job: Job) -> ml_collections.ConfigDict:
