@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +62,18 @@ def test_the_block_restores_the_root_level_and_handlers(console, tmp_path):
   assert root.level == level and root.handlers == handlers
   logging.getLogger("rag_jax.test").warning("after")
   assert console.getvalue() == "after\n"
+
+
+def test_no_pytorch_advice_on_a_torch_less_install():
+  """rag_jax needs no PyTorch: transformers' import-time "PyTorch was not found" advice must not
+  reach a user who installed requirements.txt only (torch hidden here from the import system)."""
+  hide_torch = ("import importlib.util, sys\n"
+                "real = importlib.util.find_spec\n"
+                "importlib.util.find_spec = lambda n, *a, **k: (None if n.split('.')[0] == 'torch'"
+                " else real(n, *a, **k))\n"
+                "import rag_jax.checkpoints\n")
+  env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+  result = subprocess.run([sys.executable, "-c", hide_torch], capture_output=True, text=True,
+                          env=env, cwd=Path(__file__).resolve().parents[1], timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "PyTorch was not found" not in result.stderr
