@@ -103,10 +103,18 @@ def index_dir(workdir: Path, retriever: str, swapped: bool = False) -> Path:
 
 
 def _answers(answerer: RagAnswerer, questions: list[str], cfg: Any, desc: str,
-             n_docs: int | None = None) -> list[str]:
+             batch_size: int | None = None) -> list[str]:
   gen = dict(num_beams=cfg.num_beams, max_length=cfg.max_answer_tokens)
   return world_eval.chunked(lambda qs: [a.text for a in answerer(qs, **gen)], questions,
-                            cfg.batch_size, desc)
+                            batch_size or cfg.batch_size, desc)
+
+
+def sweep_batch_size(batch_size: int, n_docs: int, reference_docs: int = 5) -> int:
+  """Questions per decoding batch at `n_docs` passages: RAG-Sequence thorough decoding rescores
+  every candidate (up to one per passage) on every passage, n_docs^2 generator rows per
+  question, so the batch shrinks with n_docs^2 to keep the rows of `reference_docs` (at 50
+  passages and 100 questions in one batch the rescoring needed over 20 GB)."""
+  return max(1, min(batch_size, batch_size * reference_docs ** 2 // n_docs ** 2))
 
 
 def _matches(predicted: list[str], gold: list[str]) -> float:
@@ -203,7 +211,8 @@ def phase_evaluation(job: world_job.Job, paper_cfg: Any, world: str) -> dict[str
       answerer = RagAnswerer(workdir / name / "export", workdir / "index", n_docs=k,
                              max_question_length=world_eval.QUESTION_TOKENS)
       em.append(world_eval.exact_match(
-          _answers(answerer, questions[:sweep_n], cfg, f"docs={k} ({name})"), answers[:sweep_n]))
+          _answers(answerer, questions[:sweep_n], cfg, f"docs={k} ({name})",
+                   sweep_batch_size(cfg.batch_size, k)), answers[:sweep_n]))
       if k == max(paper_cfg.docs):
         rows = world_eval.search_rows(answerer.retriever, questions[:sweep_n], k, cfg.batch_size,
                                       f"recall sweep ({name})")
