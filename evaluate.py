@@ -11,11 +11,13 @@ Modes and files: docs/evaluation.md. Runs from any directory: the default config
 beside this file.
 """
 
+import sys
 from pathlib import Path
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from rag_jax.commands.common import one_line_errors
 from rag_jax.evaluation import paper, runner
 from rag_jax.experiments.world import evaluation as world_evaluation
 from rag_jax.utils.logs import quiet_console
@@ -30,6 +32,8 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Where eval/ goes (a finish
                                "for configs/default.py).")
 _RETRIEVAL_ONLY = flags.DEFINE_bool("retrieval_only", False, "Only the question encoder and the "
                                     "index: recall@k and precision@k (config.eval.recall_ks).")
+_TRACEBACK = flags.DEFINE_bool("traceback", False, "On an anticipated error (a missing file, a "
+                                "bad setting), show its traceback instead of one 'error:' line.")
 _DOCS = flags.DEFINE_string("docs", "", "The paper's Figure 3: evaluate at each of these numbers "
                             "of docs, e.g. 5,10,20,30,40,50 (table and PNG plot).")
 
@@ -44,8 +48,12 @@ def main(argv):
     raise app.UsageError(f"{flags.FLAGS['config'].config_filename}: not an evaluation config "
                          f"(config.trainer {kind!r}, expected one of {sorted(RUNS)}, and an "
                          "`eval` group); use configs/paper_<task>.py or configs/default.py")
-  runner.evaluate(RUNS[kind](config, _WORKDIR.value), _WORKDIR.value,
-                  retrieval_only=_RETRIEVAL_ONLY.value, docs=runner.ints(_DOCS.value))
+  code = one_line_errors(
+      lambda: runner.evaluate(RUNS[kind](config, _WORKDIR.value), _WORKDIR.value,
+                              retrieval_only=_RETRIEVAL_ONLY.value,
+                              docs=runner.ints(_DOCS.value)), _TRACEBACK.value)
+  if code:
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,11 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
+from rag_jax.commands.common import one_line_errors
 from rag_jax.experiments import paper_scale, reversal
 from rag_jax.experiments.world import job as world_job
 from rag_jax.experiments.world import paper
 from rag_jax.training import config_check, rag_trainer
-from rag_jax.utils.errors import UserError
 from rag_jax.utils.logs import quiet_console
 
 # config.trainer picks the job; each is train_and_evaluate(config, workdir).
@@ -65,16 +65,15 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a flag")
   quiet_console()
   config = _CONFIG.value
-  try:
+
+  def run() -> None:
     config_check.validate(config)
     report = TRAINERS[config.trainer](config, _WORKDIR.value)
     if report and config.trainer not in ("world", "world_paper"):  # Print their own.
       print(summary(report, _WORKDIR.value), flush=True)
-  except UserError as e:
-    if _TRACEBACK.value:
-      raise
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(1)
+
+  if code := one_line_errors(run, _TRACEBACK.value):
+    sys.exit(code)
 
 
 if __name__ == "__main__":

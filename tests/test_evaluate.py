@@ -279,3 +279,19 @@ def test_one_paper_config_trains_with_train_py_code_and_evaluates_its_export(wor
   assert result["decoder"] == [f"RAG-Token, greedy, {N_DOCS} docs, max_length {MAX_LENGTH}"]
   assert len(loop.read_predictions(workdir / "eval" / "nq-rag_token-test" / "predictions.jsonl")
              ) == len(QUESTIONS)
+
+
+def test_evaluate_py_names_missing_inputs_in_one_line(tmp_path):
+  """No finished run in the workdir, and a paper config without an index: one `error:` line
+  each, exit 1, nothing written."""
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  cases = [(["--workdir", str(tmp_path / "no_run")],
+            f"error: {tmp_path / 'no_run'}: no report.json; "),
+           (["--config=configs/paper_nq.py", "--workdir", str(tmp_path / "nq")],
+            "error: config.index_dir (or config.eval.index_dir) is empty; ")]
+  for args, message in cases:
+    proc = subprocess.run([sys.executable, "evaluate.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.startswith(message) and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+  assert not any(tmp_path.iterdir())

@@ -52,16 +52,23 @@ def _lower_level(record: logging.LogRecord) -> bool:
   return True
 
 
+def one_line_errors(body: Callable[[], int | None], show_traceback: bool) -> int:
+  """Runs `body`; an anticipated error (UserError) prints one `error: ...` line and gives exit
+  code 1 (raised with its traceback when `show_traceback`). Returns body's code (None: 0)."""
+  try:
+    return body() or 0
+  except UserError as e:
+    if show_traceback:
+      raise
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    return 1
+
+
 def run_command(body: Callable[[], int], flag_values: flags.FlagValues) -> int:
   """Runs a command's body under the error policy (module docstring); returns its exit code."""
   with console_warnings():
-    try:
-      return body()
-    except UserError as e:
-      if flag_values.is_parsed() and flag_values["traceback"].value:
-        raise
-      print(f"error: {e}", file=sys.stderr, flush=True)
-      return 1
+    return one_line_errors(
+        body, flag_values.is_parsed() and flag_values["traceback"].value)
 
 
 def parse_flags(flag_values: flags.FlagValues, program: str, doc: str,

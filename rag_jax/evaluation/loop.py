@@ -20,6 +20,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from rag_jax.utils.errors import InputError
+
 # A batch of questions -> one record per question (JSON-ready: prediction, passages, ...).
 PredictFn = Callable[[list[str]], list[dict[str, Any]]]
 # (prediction, example) -> whether it is correct (None: the task has no per-question verdict).
@@ -82,11 +84,11 @@ def run_loop(examples: Sequence[EvalExample], predict: PredictFn, path: str | os
   path.parent.mkdir(parents=True, exist_ok=True)
   done = read_predictions(path, truncate_partial=True)
   if len(done) > len(examples):
-    raise ValueError(f"{path} holds {len(done)} predictions for {len(examples)} questions; "
+    raise InputError(f"{path} holds {len(done)} predictions for {len(examples)} questions; "
                      "use another --workdir or delete it")
   for i, record in enumerate(done):
     if record.get("question") != examples[i].question:
-      raise ValueError(f"{path}:{i + 1}: written for question {record.get('question')!r}, not "
+      raise InputError(f"{path}:{i + 1}: written for question {record.get('question')!r}, not "
                        f"{examples[i].question!r}: another evaluation's file; use another "
                        "--workdir or delete it")
   records = list(done)

@@ -18,6 +18,7 @@ import ml_collections
 from rag_jax.data import tasks
 from rag_jax.evaluation.loop import EvalExample
 from rag_jax.evaluation.runner import EvalRun, ints
+from rag_jax.utils.errors import InputError
 
 # eval.reader -> (file, eval config) -> TaskSplit.
 READERS = {
@@ -36,14 +37,14 @@ def read_examples(config: ml_collections.ConfigDict) -> tuple[EvalExample, ...]:
   """The evaluation split named by config.eval (reader, test_file), limited to eval.limit."""
   ev = config.eval
   if ev.reader not in READERS:
-    raise ValueError(f"config.eval.reader={ev.reader!r}; expected one of {sorted(READERS)}")
+    raise InputError(f"config.eval.reader={ev.reader!r}; expected one of {sorted(READERS)}")
   if ev.reader != "tfds" and not ev.test_file:
-    raise ValueError(f"config.eval.test_file is empty; point it at the {ev.task} file "
+    raise InputError(f"config.eval.test_file is empty; point it at the {ev.task} file "
                      f"({ev.test_file_hint})")
   split = READERS[ev.reader](ev.test_file, ev)
   examples = tuple(EvalExample(e.source, e.targets, e.id, e.titles) for e in split)
   if not examples:
-    raise ValueError(f"{ev.test_file}: no examples")
+    raise InputError(f"{ev.test_file}: no examples")
   return examples[:ev.limit] if ev.limit > 0 else examples
 
 
@@ -57,7 +58,7 @@ def checkpoint_of(config: ml_collections.ConfigDict, workdir: str | os.PathLike)
     return str(export)
   if config.rag_checkpoint:
     return config.rag_checkpoint
-  raise ValueError("no checkpoint to evaluate: set config.eval.checkpoint (or rag_checkpoint), "
+  raise InputError("no checkpoint to evaluate: set config.eval.checkpoint (or rag_checkpoint), "
                    "or train one with train.py in this --workdir")
 
 
@@ -65,12 +66,12 @@ def paper_runs(config: ml_collections.ConfigDict, workdir: str | os.PathLike) ->
   """The one EvalRun of a paper-row config, with config.model_type's test-time settings."""
   ev = config.eval
   if config.model_type not in ev:
-    raise ValueError(f"config.model_type={config.model_type!r}; expected one of "
+    raise InputError(f"config.model_type={config.model_type!r}; expected one of "
                      "rag_sequence, rag_token")
   row = ev[config.model_type]
   index_dir = ev.index_dir or config.index_dir
   if not index_dir:
-    raise ValueError("config.index_dir (or config.eval.index_dir) is empty; point it at a "
+    raise InputError("config.index_dir (or config.eval.index_dir) is empty; point it at a "
                      "directory written by python -m rag_jax.commands.build_index")
   generate: dict[str, Any] = {"num_beams": row.num_beams, "max_length": ev.max_length}
   if config.model_type == "rag_sequence":

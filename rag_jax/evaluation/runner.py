@@ -36,6 +36,7 @@ from rag_jax.models.rag import RagModel
 from rag_jax.retrieval.retriever import Retriever
 from rag_jax.training.rag_trainer import architecture_of
 from rag_jax.utils.atomic import atomic_file
+from rag_jax.utils.errors import InputError
 from rag_jax.utils.logs import workdir_logging
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def check_settings(folder: Path, settings: dict[str, Any]) -> None:
     previous = json.loads(path.read_text())
     if previous != current:
       diff = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
-      raise ValueError(f"{folder} holds an evaluation with other settings ({diff} differ); use "
+      raise InputError(f"{folder} holds an evaluation with other settings ({diff} differ); use "
                        "another --workdir or delete it")
   else:
     with atomic_file(path, "w") as f:
@@ -156,7 +157,7 @@ def load_retriever(run: EvalRun) -> Retriever:
                           max_length=run.max_question_length)
   model, params = checkpoints.load_pretrained(run.checkpoint, dtype=jnp.dtype(run.dtype))
   if not isinstance(model, RagModel):
-    raise ValueError(f"{run.checkpoint}: a {type(model).__name__} checkpoint, not a RAG one")
+    raise InputError(f"{run.checkpoint}: a {type(model).__name__} checkpoint, not a RAG one")
   tokenizers = checkpoints.load_tokenizer(run.checkpoint)
   params = {"question_encoder": params["question_encoder"]}
   return Retriever.over_directory(run.index_dir, model, params, tokenizers.question_encoder,
@@ -310,7 +311,7 @@ def ints(values: str | Sequence[int]) -> tuple[int, ...]:
   items = values.split(",") if isinstance(values, str) else list(values)
   out = tuple(int(v) for v in items if str(v).strip())
   if any(v <= 0 for v in out):
-    raise ValueError(f"expected positive numbers, got {values!r}")
+    raise InputError(f"expected positive numbers, got {values!r}")
   return out
 
 

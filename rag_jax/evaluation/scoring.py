@@ -15,6 +15,7 @@ import numpy as np
 
 from rag_jax import metrics
 from rag_jax.evaluation.loop import CorrectFn
+from rag_jax.utils.errors import InputError
 
 Records = Sequence[dict[str, Any]]
 
@@ -64,7 +65,7 @@ def correct_fn(metric_names: Iterable[str]) -> CorrectFn | None:
 def check_metric_names(names: Iterable[str]) -> None:
   unknown = sorted(set(names) - set(METRICS))
   if unknown:
-    raise ValueError(f"unknown metrics {unknown}; expected some of {sorted(METRICS)}")
+    raise InputError(f"unknown metrics {unknown}; expected some of {sorted(METRICS)}")
 
 
 def answer_metrics(records: Records, names: Sequence[str]) -> dict[str, float]:

@@ -16,6 +16,14 @@ class UserError(Exception):
   """An anticipated failure whose message alone tells the user what to fix."""
 
 
+class InputError(UserError, ValueError):
+  """A setting or an input file that cannot be used as given (named, with what to do)."""
+
+
+class InputNotFoundError(UserError, FileNotFoundError):
+  """A file or directory the user named (or a finished run it needs) that is not there."""
+
+
 class NonFiniteError(UserError, FloatingPointError):
   """NaN or inf where a finite number is required (retrieval scores, decoding scores)."""
 

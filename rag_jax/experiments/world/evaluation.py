@@ -40,6 +40,7 @@ from rag_jax.evaluation import runner, scoring
 from rag_jax.evaluation.loop import EvalExample, run_loop
 from rag_jax.retrieval.retriever import Retriever
 from rag_jax.retrieval.store import PassageStore
+from rag_jax.utils.errors import InputNotFoundError
 
 RAG_MODELS = ("rag_sequence", "rag_token")
 QUESTION_TOKENS = 64  # The world's encoders have 64 positions (rag_jax/experiments/world/job.py).
@@ -98,7 +99,7 @@ def evaluation_runs(config: Any, workdir: str | Path) -> list[runner.EvalRun]:
   questions, from the exports and the saved index, beside the EM in its report.json."""
   workdir = Path(workdir)
   if not (workdir / "report.json").exists():
-    raise FileNotFoundError(f"{workdir}: no report.json; evaluate.py --config=configs/default.py "
+    raise InputNotFoundError(f"{workdir}: no report.json; evaluate.py --config=configs/default.py "
                             "reads a finished `python train.py` run (give its --workdir)")
   report = json.loads((workdir / "report.json").read_text())
   return [heldout_run(workdir, name, config.eval, {"exact_match": report[name]["heldout_em"]},
