@@ -16,7 +16,7 @@ import ast
 import csv
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +162,18 @@ def _json_records(path: Path) -> list[tuple[str | int, Any, str | None]]:
   return [(f"record {i}", r, None) for i, r in enumerate(items)]
 
 
+def _json_objects(path: Path, out: Collector) -> Iterator[tuple[str | int, dict]]:
+  """(where, record) of each JSON object of `path`; an unreadable record or one that is not an
+  object is reported to `out` as malformed (naming where) and skipped."""
+  for where, record, error in _json_records(path):
+    if error is not None:
+      out.malformed(where, error)
+    elif not isinstance(record, dict):
+      out.malformed(where, f"expected a JSON object, got {type(record).__name__}")
+    else:
+      yield where, record
+
+
 def read_searchqa_jeopardy(path: str | os.PathLike, skip_malformed: bool = False) -> TaskSplit:
   """Jeopardy question generation from SearchQA records: source = answer, target = question.
 
@@ -172,13 +184,7 @@ def read_searchqa_jeopardy(path: str | os.PathLike, skip_malformed: bool = False
   """
   path = Path(path)
   out = Collector(path, skip_malformed)
-  for where, record, error in _json_records(path):
-    if error is not None:
-      out.malformed(where, error)
-      continue
-    if not isinstance(record, dict):
-      out.malformed(where, f"expected a JSON object, got {type(record).__name__}")
-      continue
+  for where, record in _json_objects(path, out):
     question, answer = record.get("question"), record.get("answer")
     if not (isinstance(question, str) and question.strip()
             and isinstance(answer, str) and answer.strip()):
@@ -224,13 +230,7 @@ def read_fever(path: str | os.PathLike, num_classes: int = 3,
     raise ValueError(f"label_targets has no target for {missing}")
   path = Path(path)
   out = Collector(path, skip_malformed)
-  for where, record, error in _json_records(path):
-    if error is not None:
-      out.malformed(where, error)
-      continue
-    if not isinstance(record, dict):
-      out.malformed(where, f"expected a JSON object, got {type(record).__name__}")
-      continue
+  for where, record in _json_objects(path, out):
     claim = record.get("input", record.get("claim"))
     label, titles = _fever_label(record)
     if not isinstance(claim, str) or not claim.strip():
