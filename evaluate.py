@@ -48,11 +48,12 @@ def main(argv):
     raise app.UsageError(f"{flags.FLAGS['config'].config_filename}: not an evaluation config "
                          f"(config.trainer {kind!r}, expected one of {sorted(RUNS)}, and an "
                          "`eval` group); use configs/paper_<task>.py or configs/default.py")
-  code = one_line_errors(
-      lambda: runner.evaluate(RUNS[kind](config, _WORKDIR.value), _WORKDIR.value,
-                              retrieval_only=_RETRIEVAL_ONLY.value,
-                              docs=runner.ints(_DOCS.value)), _TRACEBACK.value)
-  if code:
+
+  def run() -> None:
+    runner.evaluate(RUNS[kind](config, _WORKDIR.value), _WORKDIR.value,
+                    retrieval_only=_RETRIEVAL_ONLY.value, docs=runner.ints(_DOCS.value))
+
+  if code := one_line_errors(run, _TRACEBACK.value):
     sys.exit(code)
 
 
