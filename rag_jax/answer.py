@@ -39,7 +39,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from rag_jax import checkpoints
 from rag_jax.data import contexts
@@ -57,6 +58,7 @@ from rag_jax.models.rag import RagModel
 from rag_jax.parallel import local_data_mesh
 from rag_jax.retrieval import device
 from rag_jax.retrieval.device import DeviceRetrieval
+from rag_jax.retrieval.exact import ExactIndex
 from rag_jax.retrieval.retriever import Hit, Retriever
 from rag_jax.utils.errors import check_finite
 
@@ -92,13 +94,24 @@ def answer_program(model: RagModel, retrieval: DeviceRetrieval, plan: Generation
 
   Inside: q(x), the exact top-n over the sharded index, the cross-shard gather of the passages'
   parts, the generator rows' assembly and the compiled RAG-Token / RAG-Sequence search (thorough:
-  per-passage beams, dedup and the teacher-forced rescoring, all in the same program)."""
+  per-passage beams, dedup and the teacher-forced rescoring, all in the same program).
+
+  Decoding is split over the mesh's devices by questions when Q is a multiple of their number
+  (RagAnswerer pads the batch to one): the generator rows and doc scores are constrained to
+  be sharded by rows, and XLA partitions the search's loops accordingly, so each device decodes
+  Q / devices questions (tests/test_device_answer.py compares the per-device FLOPs). Otherwise
+  every device decodes the whole batch (the same result)."""
   search = rag_search_fn(model, plan)
+  devices = retrieval.mesh.devices.size
+  split = NamedSharding(retrieval.mesh, P(retrieval.axis))
 
   def program(params, search_params, input_ids, attention_mask, question_tokens,
               question_lengths, arrays):
     inputs = retrieval.generator_inputs(model, params, input_ids, attention_mask,
                                         question_tokens, question_lengths, arrays)
+    if devices > 1 and input_ids.shape[0] % devices == 0:
+      # Rows b * n + j of question b stay together: [Q * n, L] splits into whole questions.
+      inputs = {k: jax.lax.with_sharding_constraint(v, split) for k, v in inputs.items()}
     return inputs, search(params, search_params, inputs["context_input_ids"],
                           inputs["context_attention_mask"], inputs["doc_scores"])
 
@@ -169,6 +182,16 @@ class RagAnswerer:
     return "host" if self.device is None else "device"
 
   @property
+  def search(self) -> str:
+    """What decides the retrieved passages: "exact <dtype>" (exact search of embeddings stored
+    in dtype, on the host or the devices: the same passages and scores), else the index kind
+    ("scann": approximate; "bm25")."""
+    if self.device is not None:
+      return f"exact {self.device.arrays['embeddings'].dtype}"
+    index = self.retriever.index
+    return f"exact {index.db.dtype}" if isinstance(index, ExactIndex) else index.kind
+
+  @property
   def n_docs(self) -> int:
     return self.model.config.n_docs
 
@@ -216,9 +239,19 @@ class RagAnswerer:
     ids, mask = self.retriever.tokenize(questions)
     q_tokens, q_lengths = question_parts(
         self.assembler, contexts.decode_questions(self.tokenizers.question_encoder, ids))
-    inputs, out = self.device_program(plan)(self.params, plan.search_params, ids, mask,
-                                            q_tokens, q_lengths, self.device.arrays)
-    inputs = jax.device_get(inputs)
+    count = len(questions)
+    # Pad the batch to a multiple of the devices (copies of the last question), so that
+    # decoding splits over them (answer_program); the copies are cropped below.
+    padded = -count % self.device.mesh.devices.size
+    args = [np.concatenate([a, np.repeat(a[-1:], padded, axis=0)])
+            for a in (ids, mask, q_tokens, q_lengths)]
+    inputs, out = self.device_program(plan)(self.params, plan.search_params, *args,
+                                            self.device.arrays)
+    inputs, out = jax.device_get((inputs, out))
+    n = self.n_docs
+    inputs = {k: v[:count * n] if k.startswith("context_") else v[:count]  # [Q*n, L] / [Q, n]
+              for k, v in inputs.items()}
+    out = jax.tree.map(lambda a: a[:count], out)  # every output is [Q, ...]
     check_finite(inputs["doc_scores"], SCORES_WHAT)
     return inputs, finish(plan, out)
 

@@ -64,3 +64,44 @@ def test_device_answering_equals_the_host_path(world, kind, options, devices):  
   # Two calls with the same shapes: one compilation.
   plan = plan_generation(dev.model, n_docs=dev.n_docs, **options)
   assert dev.device_program(plan)._cache_size() == 1
+
+
+@pytest.mark.parametrize("kind", ["token", "sequence"])
+def test_decoding_is_split_over_the_devices(world, kind):  # noqa: F811
+  """On 8 devices each device decodes its eighth of the questions: XLA's per-device FLOPs of the
+  answering program are about an eighth of the one-device program's (a replicated decode
+  would be about the same as one device's)."""
+  root, *_, models = world
+  path = models[kind][1]
+  questions = ASKED * 2  # 8 questions
+  flops = {}
+  for devices in (1, 8):
+    dev = answer_lib.RagAnswerer(path, root / "kb", retrieval="device", mesh=mesh_of(devices))
+    plan = plan_generation(dev.model, n_docs=dev.n_docs, num_beams=2, max_length=10)
+    ids, mask = dev.retriever.tokenize(questions)
+    q_tokens, q_lengths = answer_lib.question_parts(
+        dev.assembler, answer_lib.contexts.decode_questions(dev.tokenizers.question_encoder, ids))
+    compiled = dev.device_program(plan).lower(
+        dev.params, plan.search_params, ids, mask, q_tokens, q_lengths, dev.device.arrays
+    ).compile()
+    flops[devices] = compiled.cost_analysis()["flops"]
+  assert flops[8] < 0.25 * flops[1], flops
+
+
+def test_an_index_re_placed_for_the_devices_is_held_once(world):  # noqa: F811
+  """Device retrieval in bf16 over an index loaded in float32: the index's embeddings are on the
+  devices once (re-placed in bf16), and the host-side search runs on that same copy."""
+  root, *_, models = world
+  dev = answer_lib.RagAnswerer(models["token"][1], root / "kb", retrieval="device",
+                               device_index_dtype="bfloat16", mesh=mesh_of(8))
+  index = dev.retriever.index
+  db = dev.device.arrays["embeddings"]
+  assert db is index.db and db.dtype == np.dtype("bfloat16") and dev.search == "exact bfloat16"
+  alive = [a for a in jax.live_arrays() if a.shape == db.shape and a.ndim == 2
+           and not a.is_deleted()]
+  assert len(alive) == 1, [a.dtype for a in alive]
+  ids, mask = dev.retriever.tokenize(ASKED)
+  inputs, _ = dev.answer_on_devices(ASKED, num_beams=1, max_length=4)
+  scores, rows = dev.retriever.search(ids, mask, dev.n_docs)
+  np.testing.assert_array_equal(rows, inputs["doc_ids"])
+  np.testing.assert_allclose(scores, inputs["doc_scores"], rtol=1e-6)

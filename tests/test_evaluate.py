@@ -20,6 +20,7 @@ import torch
 import transformers
 
 from configs import paper_nq
+from rag_jax import answer as answer_lib
 from rag_jax.evaluation import loop, paper, runner
 from rag_jax.retrieval.pipeline import build_from_corpus
 from rag_jax.training import rag_trainer
@@ -250,9 +251,40 @@ def test_evaluate_py_retrieval_only_docs_sweep_and_resume(world, tmp_path):
   assert path.read_text() == full
   # Another checkpoint in the same folder is refused.
   config.rag_checkpoint = str(models["sequence"][1])
-  with pytest.raises(ValueError, match=r"other settings \(\['checkpoint'\] differ\)"):
+  with pytest.raises(ValueError, match=r"other settings \(\['checkpoint'\] differ"):
     runner.evaluate(paper.paper_runs(config, tmp_path), tmp_path, retrieval_only=True,
                     progress=False)
+
+
+def test_a_resumed_evaluation_keeps_its_search(world, tmp_path):
+  """A folder begun on the host (exact float32 search) resumes on the devices with the same
+  exact search and writes the same answers; a search that gives other passages and scores (bf16
+  embeddings on the devices; on a real corpus, ScaNN on the host) is refused by name."""
+  run, = paper.paper_runs(nq_config(world, "token", write_qa_csv(tmp_path / "qa.csv", GOLD)),
+                          tmp_path)
+  folder = tmp_path / "eval" / run.name
+  host = runner.load_answerer(run)
+  runner.answers_mode(run, folder, host, progress=False)
+  path = folder / "predictions.jsonl"
+  full = path.read_text()
+  assert json.loads((folder / "settings.json").read_text())["search"] == "exact float32"
+
+  path.write_text("".join(full.splitlines(keepends=True)[:2]))  # killed after 2 questions
+  bf16 = answer_lib.RagAnswerer(run.checkpoint, run.index_dir, n_docs=run.n_docs,
+                                retrieval="device", device_index_dtype="bfloat16")
+  with pytest.raises(ValueError, match=r"\['search'\] differ; search: 'exact float32' there, "
+                     r"'exact bfloat16' now"):
+    runner.answers_mode(run, folder, bf16, progress=False)
+  device = answer_lib.RagAnswerer(run.checkpoint, run.index_dir, n_docs=run.n_docs,
+                                  retrieval="device")
+  runner.answers_mode(run, folder, device, progress=False)
+  got, want = loop.read_predictions(path), [json.loads(x) for x in full.splitlines()]
+  assert got[:2] == want[:2]
+  for g, w in zip(got, want, strict=True):  # the same answers; scores to float32 rounding
+    assert {k: v for k, v in g.items() if "score" not in k} == {
+        k: v for k, v in w.items() if "score" not in k}
+    np.testing.assert_allclose(g["doc_scores"], w["doc_scores"], rtol=1e-5)
+    np.testing.assert_allclose(g["score"], w["score"], rtol=1e-5, atol=1e-5)
 
 
 def test_one_paper_config_trains_with_train_py_code_and_evaluates_its_export(world, tmp_path):

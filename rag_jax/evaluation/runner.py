@@ -54,8 +54,11 @@ class EvalRun:
   regex_answers: the answers are regular expressions (CuratedTrec).
   question_encoder: a DPRQuestionEncoder directory for retrieval_only ("": the checkpoint's).
   retrieval: the answering path, RagAnswerer's `retrieval` ("host", "device": retrieval and
-    decoding in one device program, or "auto"); not part of settings(): both paths give the same
-    predictions over an exact index (a ScaNN index is searched exactly on the devices).
+    decoding in one device program, or "auto"). Not part of settings() itself: what decides the
+    predictions is the search that ran (RagAnswerer.search: "exact float32" on the host or the
+    devices alike, "exact bfloat16", "scann", "bm25"), recorded in settings.json by the first
+    answering call, so that a folder begun over a ScaNN index on the host is not resumed with
+    exact search on the devices.
   """
 
   name: str
@@ -84,20 +87,27 @@ class EvalRun:
             "dtype": self.dtype}
 
 
-def check_settings(folder: Path, settings: dict[str, Any]) -> None:
-  """Records settings.json in `folder`, or refuses a folder written with other settings."""
+def check_settings(folder: Path, settings: dict[str, Any], *, add: bool = False) -> None:
+  """Records settings.json in `folder`, or refuses a folder written with other settings.
+
+  add: `settings` are more keys of the same evaluation (the search, known once the answerer is
+  loaded): the ones not yet recorded are added; a recorded one that differs is refused."""
   folder.mkdir(parents=True, exist_ok=True)
   path = folder / "settings.json"
   current = json.loads(json.dumps(settings))
-  if path.exists():
-    previous = json.loads(path.read_text())
-    if previous != current:
-      diff = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
-      raise InputError(f"{folder} holds an evaluation with other settings ({diff} differ); use "
-                       "another --workdir or delete it")
-  else:
-    with atomic_file(path, "w") as f:
-      json.dump(current, f, indent=2, sort_keys=True)
+  previous = json.loads(path.read_text()) if path.exists() else None
+  if previous is not None:
+    diff = sorted(k for k in current if k in previous and previous[k] != current[k]
+                  or not add and k not in previous)
+    if diff:
+      detail = "; ".join(f"{k}: {previous.get(k)!r} there, {current.get(k)!r} now" for k in diff
+                         if not isinstance(current.get(k), dict | list))
+      raise InputError(f"{folder} holds an evaluation with other settings ({diff} differ"
+                       f"{'; ' + detail if detail else ''}); use another --workdir or delete it")
+    if all(k in previous for k in current):
+      return
+  with atomic_file(path, "w") as f:
+    json.dump({**(previous or {}), **current}, f, indent=2, sort_keys=True)
 
 
 # --------------------------------------------------------------------------- predictors
@@ -191,6 +201,7 @@ def answers_mode(run: EvalRun, folder: Path, answerer: RagAnswerer | None = None
   done = len(read_predictions(path))
   if done < len(run.examples):
     answerer = load_answerer(run) if answerer is None else answerer
+    check_settings(folder, {"search": answerer.search}, add=True)
     log.info("%s: %d of %d questions already in %s", run.name, done, len(run.examples), path)
     run_loop(run.examples, answer_predictor(answerer, run), path, run.batch_size,
              correct=scoring.correct_fn(run.metrics), desc=f"{run.name} ({run.n_docs} docs)",

@@ -246,6 +246,8 @@ def setup(mode: str, index: Any, store: Any, assembler: Any, tables_dir: Any, n_
   accelerators, float32 on CPU) plus the passage table fit in `memory_fraction` of the devices'
   memory (summed over the mesh: the rows are sharded), else the host path, said in one log line.
   The passage table is loaded from, or built once into, `tables_dir` (one per tokenizer).
+  An exact `index` in another dtype or on another mesh is re-placed in place
+  (ExactIndex.place), so its embeddings are on the devices once.
   """
   if mode not in RETRIEVAL_MODES:
     raise ValueError(f"config.retrieval={mode!r}: expected one of {RETRIEVAL_MODES}")
@@ -269,9 +271,13 @@ def setup(mode: str, index: Any, store: Any, assembler: Any, tables_dir: Any, n_
   table = load_or_build(tables_dir, store.titles_and_texts, index.count, assembler,
                         progress=progress)
   exact = index
-  if not (isinstance(index, ExactIndex) and index.config.dtype == dtype
-          and index.mesh.devices.tolist() == mesh.devices.tolist()):
+  if not isinstance(index, ExactIndex):  # ScaNN: its embeddings, exactly, on the devices
     exact = ExactIndex.build(index.source, ExactConfig(dtype=dtype), mesh=mesh)
+  elif (index.config.dtype != dtype
+        or index.mesh.devices.tolist() != mesh.devices.tolist()):
+    # Re-placed in place (one device copy, not two): the host-side searches of the same
+    # index (Retriever.search) then run on the same embeddings as the step's.
+    index.place(dataclasses.replace(index.config, dtype=dtype), mesh)
   logging.info("retrieval: on the devices (%.1f GiB of %.1f GiB budget)", need / 2**30,
                budget / 2**30)
   return DeviceRetrieval.build(exact, table, n_docs)

@@ -205,16 +205,24 @@ class ExactIndex(Index):
 
   def __init__(self, embeddings: Embeddings, config: ExactConfig | None = None,
                mesh: Mesh | None = None):
-    self.config = config or ExactConfig()
-    self.mesh = mesh or local_data_mesh(self.config.axis)
     self.source = embeddings
     self.count, self.dim = embeddings_shape(embeddings)
-    shards = self.mesh.shape[self.config.axis]
+    self.place(config or ExactConfig(), mesh)
+
+  def place(self, config: ExactConfig, mesh: Mesh | None = None) -> None:
+    """Lays the database out on `mesh` (default: every local device) as `config` says (dtype,
+    chunks), in place. The current device copy is dropped before the new one is read from the
+    source, so re-placing (float32 -> bf16 for retrieval inside the step) never holds the index
+    twice: at 21M x 768 that is 60 GiB in float32 and 30 GiB in bf16."""
+    self.db = None  # the previous layout's buffers go before the new ones are made
+    self.config = config
+    self.mesh = mesh or local_data_mesh(config.axis)
+    shards = self.mesh.shape[config.axis]
     per_shard = math.ceil(self.count / shards)
-    self.chunk_size = max(1, min(self.config.chunk_size, per_shard))
+    self.chunk_size = max(1, min(config.chunk_size, per_shard))
     # Per-device rows: a whole number of chunks; the tail of the last device is padding.
     self.rows_per_shard = math.ceil(per_shard / self.chunk_size) * self.chunk_size
-    self.db = self._place(embeddings, shards)
+    self.db = self._place(self.source, shards)
     self._fns: dict[int, callable] = {}
 
   def _place(self, embeddings: Embeddings, shards: int) -> jax.Array:
