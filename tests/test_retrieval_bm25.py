@@ -122,3 +122,30 @@ def test_hard_negatives_are_bm25s_best_passage_without_the_answer():
     want = next(r for r in rows[0] if r != g and a not in CORPUS[r])
     assert neg == want and a not in CORPUS[neg]
   assert negatives[0] != 2
+
+
+@pytest.mark.parametrize("method", ["lucene", "bm25+"])
+def test_top_k_selection_equals_sorting_every_passage(method):
+  """search_text selects the top k in linear time; it equals the full sort of
+  bm25s' dense scores of every passage (bit for bit, ties to the smaller row), for small k on a
+  corpus of 3,000 passages over a small vocabulary (many ties), with a constant per-passage term
+  (bm25+) and with queries matching fewer than k passages."""
+  rng = np.random.default_rng(0)
+  words = [f"w{i}" for i in range(60)] + [f"rare{i}" for i in range(5)]
+  corpus = [" ".join(rng.choice(words[:60], rng.integers(3, 12))) for _ in range(3000)]
+  corpus[17] += " rare0"
+  corpus[2500] += " rare0 rare1"
+  index = Bm25Index.build_text(corpus, Bm25Config(method=method))
+  queries = [" ".join(rng.choice(words[:60], 3)) for _ in range(20)] + [
+      "rare0", "rare1 rare0 w3", "nothing known here", "w5 w5 w7"]
+  rows = np.arange(len(corpus))
+  for k in (1, 5, 50):
+    scores, ids = index.search_text(queries, k)
+    for q, sc, row in zip(queries, scores, ids, strict=True):
+      dense = index.scores(q)
+      want = np.lexsort((rows, -dense))[:k]
+      np.testing.assert_array_equal(row, want)
+      np.testing.assert_array_equal(sc, dense[want])
+  _, ids = index.search_text(["rare0"], 4)
+  # The 2 passages with the word, then the lowest-numbered of the tied rest.
+  assert set(ids[0][:2]) == {17, 2500} and list(ids[0][2:]) == [0, 1]

@@ -20,8 +20,13 @@ idf(t) * tf(t, d) / (tf(t, d) + k1 (1 - b + b |d| / avgdl)), with k1 = 0.9 and b
 (Pyserini's defaults, those of DPR's BM25 baseline), English stop words removed, lower-cased
 tokens of two or more word characters (bm25s' tokenizer). A passage is indexed as
 ``title text`` (DPR's BM25 indexes both fields). Ties go to the smaller row, as in the other
-indexes. Search scores every passage per query (fine for the synthetic world; bm25s' own top-k
-does the same).
+indexes.
+
+Search scores the passages with bm25s (its per-word score columns, summed over the postings of
+the query's words only) and selects the top k in linear time: a partition finds the k-th best
+score, the passages above it and the lowest-numbered ones tied with it are sorted (k log k). A
+full sort of every passage's score per query (N log N) was 4x slower than the selection at
+200k passages and grows faster with the corpus (21M on the paper's).
 """
 
 from __future__ import annotations
@@ -97,15 +102,28 @@ class Bm25Index(TextIndex):
       return np.zeros(self.count, np.float32)
     return np.asarray(self.model.get_scores(words), np.float32)
 
+  def top_k(self, question: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """One question's k best passages: (scores [k] float32, rows [k] int64), score descending,
+    ties to the smaller row; selected in linear time (the module docstring)."""
+    scores = self.scores(question)  # [N]
+    n = len(scores)
+    candidates = np.arange(n)
+    if k < n:
+      kth = np.partition(scores, n - k)[n - k]  # the k-th best score
+      above = np.flatnonzero(scores > kth)
+      tied = np.flatnonzero(scores == kth)[:k - len(above)]  # ascending rows
+      candidates = np.concatenate([above, tied])
+    best = candidates[np.lexsort((candidates, -scores[candidates]))]  # score desc, row asc
+    return scores[best], best.astype(np.int64)
+
   def search_text(self, questions: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
     if self.model is None:
       self.scores("")  # Raises IndexNotBuiltError.
     if not 1 <= k <= self.count:
       raise ValueError(f"k={k} must lie in [1, {self.count}] (the number of indexed passages)")
-    all_scores = np.stack([self.scores(q) for q in questions])  # [Q, N]
-    rows = np.arange(self.count)
-    order = np.stack([np.lexsort((rows, -s))[:k] for s in all_scores])  # score desc, row asc
-    return np.take_along_axis(all_scores, order, 1), order.astype(np.int64)
+    best = [self.top_k(q, k) for q in questions]
+    return (np.stack([s for s, _ in best]).reshape(len(questions), k),  # [Q, k]
+            np.stack([r for _, r in best]).reshape(len(questions), k))
 
   def save(self, path: str | os.PathLike, overwrite: bool = True) -> None:
     if self.model is None:
