@@ -80,6 +80,9 @@ def default_config(**overrides: Any) -> ml_collections.ConfigDict:
   # One BM25 hard negative per pair beside the in-batch negatives (DPR's recipe; give
   # train_retriever's hard_negatives).
   config.hard_negatives = False
+  # EDA noise on the training questions (Wei & Zou 2019): per step, each question's words are
+  # deleted, swapped and joined by random training words at this rate (0: off). See eda().
+  config.question_eda = 0.0
   config.log_every = 100  # Steps between metric lines.
   config.eval_every = 10**9  # No held-out evaluation inside the loop.
   config.checkpoint_every = 100  # Steps between orbax checkpoints (a kill resumes).
@@ -136,6 +139,23 @@ def in_batch_loss(q: jax.Array, d: jax.Array, passage_ids: jax.Array,
   same = passage_ids[:, None] == ids[None, :]
   scores = jnp.where(same & ~target, -1e9, scores)
   return -jnp.mean(jnp.diagonal(jax.nn.log_softmax(scores, axis=-1)))
+
+
+def eda(question: str, rng: np.random.Generator, alpha: float, words: list[str]) -> str:
+  """Easy data augmentation (Wei & Zou 2019), applied at once: each word deleted with
+  probability alpha (one is kept), then n = max(1, round(alpha * len)) random swaps of two
+  words and n insertions of random `words` at random positions. It moves the question's
+  entity and varies the words around it, so the encoder cannot key on one template's word
+  positions."""
+  tokens = question.split()
+  kept = [w for w in tokens if rng.random() >= alpha] or [tokens[rng.integers(len(tokens))]]
+  n = max(1, round(alpha * len(tokens)))
+  for _ in range(n):
+    i, j = rng.integers(len(kept), size=2)
+    kept[i], kept[j] = kept[j], kept[i]
+  for _ in range(n):
+    kept.insert(int(rng.integers(len(kept) + 1)), words[rng.integers(len(words))])
+  return " ".join(kept)
 
 
 def bm25_hard_negatives(index: TextIndex, questions: list[str], answers: list[str],
@@ -231,9 +251,20 @@ def train_retriever(questions: list[str], titles: list[str], texts: list[str], t
   step_fn = jax.jit(step, in_shardings=(replicated, data), out_shardings=(replicated, replicated),
                     donate_argnums=0)
 
+  alpha = float(config.get("question_eda", 0.0))
+  vocabulary = sorted({w for q in questions for w in q.split()})
+
+  def question_batch(rows: np.ndarray, index: int) -> np.ndarray:
+    if not alpha:
+      return q_ids[rows]
+    rng = np.random.default_rng((config.seed, index))  # a pure function of the step
+    noisy = [eda(questions[r], rng, alpha, vocabulary) for r in rows]
+    return _pad(tokenizer(noisy, truncation=True, max_length=config.max_question_length)
+                ["input_ids"], pad, q_ids.shape[1])  # [B, Lq]: the static width
+
   def train_step(state: TrainState, index: int):
     rows = epoch_order_rows(config.seed, index, len(questions), config.batch_size)
-    batch = {"q": q_ids[rows], "p": p_ids[rows], "pid": passage_ids[rows]}
+    batch = {"q": question_batch(rows, index), "p": p_ids[rows], "pid": passage_ids[rows]}
     if use_negatives:
       batch.update(n=n_ids[rows], nid=n_pids[rows])
     return step_fn(state, batch)

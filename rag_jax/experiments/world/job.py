@@ -167,7 +167,8 @@ def phase_retriever(job: Job) -> dict[str, Any]:
                      learning_rate=c.learning_rate, warmup_steps=c.warmup_steps,
                      max_question_length=lengths["question"],
                      max_passage_length=lengths["passage"], seed=job.config.seed,
-                     hard_negatives=negatives is not None),
+                     hard_negatives=negatives is not None,
+                     question_eda=c.get("question_eda", 0.0)),
       out=job.workdir / "retriever", hard_negatives=negatives)
   return {"loss_first": result.losses[0][1], "loss_last": result.losses[-1][1],
           "chance_loss": float(np.log(c.batch_size)), "steps": c.num_train_steps}
