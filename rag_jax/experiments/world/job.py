@@ -218,14 +218,15 @@ def _rag_config(job: Job, model_type: str) -> ml_collections.ConfigDict:
   return cfg
 
 
-def _generator_config(job: Job):
-  """The fresh BART. Its decoder starts from <s> (id 0) and writes `<s> answer </s>`; with
-  config.rag.prepend_decoder_start the RAG phases train on `<s> <s> answer </s>`, reading the
-  decoder as generation does (BART's usual start </s>, id 2, did not learn to copy; see
-  docs/world.md)."""
+def _generator_config(job: Job, vocab_size: int | None = None):
+  """The fresh BART (vocab_size: the world tokenizer's unless given). Its decoder starts from
+  <s> (id 0) and writes `<s> answer </s>`; with config.rag.prepend_decoder_start the RAG phases
+  train on `<s> <s> answer </s>`, reading the decoder as generation does (BART's usual start
+  </s>, id 2, did not learn to copy; see docs/world.md)."""
   g = job.config.generator
   return presets.generator_config(
-      "tiny", vocab_size=job.phases.result("tokenizer")["vocab_size"], d_model=g.d_model,
+      "tiny", vocab_size=vocab_size or job.phases.result("tokenizer")["vocab_size"],
+      d_model=g.d_model,
       encoder_layers=g.layers, decoder_layers=g.layers, encoder_attention_heads=g.heads,
       decoder_attention_heads=g.heads, encoder_ffn_dim=g.ffn_dim, decoder_ffn_dim=g.ffn_dim,
       dropout=g.dropout, attention_dropout=0.0, activation_dropout=0.0,
@@ -233,17 +234,21 @@ def _generator_config(job: Job):
       decoder_start_token_id=0, forced_eos_token_id=2)
 
 
-def _init_rag_checkpoint(job: Job) -> None:
-  """workdir/rag_init: the trained question encoder + a fresh BART, as one RAG checkpoint.
+def init_rag_checkpoint(job: Job, path: Path | None = None, generator_tokenizer: Any = None
+                        ) -> None:
+  """path (default workdir/rag_init): the trained question encoder + a fresh BART, as one RAG
+  checkpoint.
 
   Both RAG phases start from it. It is saved as transformers' RagModel (the question encoder and
   generator without a generation kind); each phase trains, exports and decodes it as its own
-  objective's class (rag_jax.training.rag_trainer.load_model)."""
-  path = job.workdir / "rag_init"
+  objective's class (rag_jax.training.rag_trainer.load_model). generator_tokenizer: the world
+  tokenizer with added tokens (the FEVER rows' label words), whose length sets BART's vocabulary;
+  the question encoder keeps the world tokenizer."""
+  path = path or job.workdir / "rag_init"
   if (path / "config.json").exists():
     return
   q_model, q_params = checkpoints.load_pretrained(job.workdir / "retriever" / "question_encoder")
-  gen = _generator_config(job)
+  gen = _generator_config(job, len(generator_tokenizer) if generator_tokenizer else None)
   config = RagConfig(question_encoder=q_model.config, generator=gen, n_docs=job.config.rag.n_docs,
                      retrieval_vector_size=q_model.config.embedding_dim,
                      architecture="RagModel")
@@ -253,7 +258,7 @@ def _init_rag_checkpoint(job: Job) -> None:
   g_params = jax.jit(bart.init)(jax.random.key(job.config.seed), ids, ids, ids)["params"]
   tok = job.tokenizer()
   checkpoints.save_pretrained(model, {"question_encoder": q_params, "generator": g_params}, path,
-                              tokenizer=checkpoints.RagTokenizers(tok, tok))
+                              tokenizer=checkpoints.RagTokenizers(tok, generator_tokenizer or tok))
 
 
 def train_rag_row(job: Job, model_type: str, name: str | None = None,
@@ -261,7 +266,7 @@ def train_rag_row(job: Job, model_type: str, name: str | None = None,
   """Trains one RAG model of the job into workdir/<name> (default: model_type) from rag_init,
   with config.rag's fields replaced by `overrides` (e.g. retriever_kind="bm25",
   index_dir=..., frozen_groups=("question_encoder",)): the paper experiment's rows."""
-  _init_rag_checkpoint(job)
+  init_rag_checkpoint(job)
   name = name or model_type
   config = _rag_config(job, model_type)
   config.update(overrides)

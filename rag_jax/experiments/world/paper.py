@@ -17,6 +17,9 @@ machinery (rag_jax.experiments.world.job: PhaseLog, resumable phases) runs
   evaluation         held-out EM and recall@k of every row; the hot-swap 2x2 of every row; the
                      docs-at-test-time sweep of the learned rows (Figure 3); RAG-Token's
                      posterior over the retrieved passages per generated token (Figure 2)
+  fever_*            where `config.fever.worlds` names the world: the six rows again, fine-tuned
+                     on FEVER-like claims -> label word, and their held-out label accuracy
+                     (rag_jax.experiments.world.fever; the paper's FEVER column of Table 6)
 
 then writes workdir/report.md, report.json and the PNGs (figure2_<world>.png, figure3_<world>.png).
 """
@@ -36,7 +39,16 @@ import numpy as np
 
 from rag_jax.answer import RagAnswerer
 from rag_jax.experiments.world import evaluation as world_eval
+from rag_jax.experiments.world import fever
 from rag_jax.experiments.world import job as world_job
+from rag_jax.experiments.world.rows import (
+  MODELS,
+  RETRIEVERS,
+  ROW_NAMES,
+  index_dir,
+  retriever_overrides,
+  row_name,
+)
 from rag_jax.retrieval.backends import make_text_index
 from rag_jax.retrieval.bm25_index import Bm25Config
 from rag_jax.retrieval.store import PassageStore, build_store_from_file
@@ -50,12 +62,6 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the headless backend is ch
 
 log = logging.getLogger(__name__)
 
-RETRIEVERS = ("bm25", "frozen", "learned")
-MODELS = ("rag_sequence", "rag_token")
-ROW_NAMES = {("bm25", "rag_sequence"): "RAG-Sequence-BM25", ("bm25", "rag_token"): "RAG-Token-BM25",
-             ("frozen", "rag_sequence"): "RAG-Sequence-Frozen",
-             ("frozen", "rag_token"): "RAG-Token-Frozen",
-             ("learned", "rag_sequence"): "RAG-Sequence", ("learned", "rag_token"): "RAG-Token"}
 # The paper's NQ dev EM of each row (Table 6) and NQ test EM (Table 1).
 PAPER_TABLE6_NQ = {"RAG-Token-BM25": 29.7, "RAG-Sequence-BM25": 31.8, "RAG-Token-Frozen": 37.8,
                    "RAG-Sequence-Frozen": 41.2, "RAG-Token": 43.5, "RAG-Sequence": 44.0}
@@ -63,10 +69,6 @@ PAPER_TABLE1_NQ = {"RAG-Token": 44.1, "RAG-Sequence": 44.5}
 # Paper section 4.5, hot-swapping (% of answers matching each year's leaders).
 PAPER_HOT_SWAP = {"index 1": {"facts 1": 70, "facts 2": 4}, "index 2": {"facts 1": 12,
                                                                          "facts 2": 68}}
-
-
-def row_name(retriever: str, model: str) -> str:
-  return f"{model}_{retriever}"
 
 
 # --------------------------------------------------------------------------- phases
@@ -88,18 +90,9 @@ def phase_bm25(job: world_job.Job) -> dict[str, Any]:
 
 def _row_phase(retriever: str, model: str):
   def run(job: world_job.Job) -> dict[str, Any]:
-    overrides: dict[str, Any] = {}
-    if retriever == "bm25":
-      overrides = {"retriever_kind": "bm25", "index_dir": str(job.workdir / "index_bm25")}
-    elif retriever == "frozen":
-      overrides = {"frozen_groups": ("question_encoder",)}
-    return world_job.train_rag_row(job, model, row_name(retriever, model), **overrides)
+    return world_job.train_rag_row(job, model, row_name(retriever, model),
+                                   **retriever_overrides(job.workdir, retriever))
   return run
-
-
-def index_dir(workdir: Path, retriever: str, swapped: bool = False) -> Path:
-  base = "index_bm25" if retriever == "bm25" else "index"
-  return workdir / (base + ("_swapped" if swapped else ""))
 
 
 def _answers(answerer: RagAnswerer, questions: list[str], cfg: Any, desc: str,
@@ -238,13 +231,16 @@ def phase_evaluation(job: world_job.Job, paper_cfg: Any, world: str) -> dict[str
   return out
 
 
-def phases(paper_cfg: Any, world: str) -> list[tuple[str, Any]]:
+def phases(paper_cfg: Any, world: str, fever_cfg: Any = None) -> list[tuple[str, Any]]:
+  """The world's phases in order; the FEVER-like ones last, where fever_cfg.worlds has it."""
   out = [("world", world_job.phase_world), ("tokenizer", world_job.phase_tokenizer),
          ("bm25", phase_bm25), ("retriever", world_job.phase_retriever),
          ("index", world_job.phase_index)]
   out += [(row_name(r, m), _row_phase(r, m)) for r in RETRIEVERS for m in MODELS]
   out += [("closed_book", world_job.phase_closed_book),
           ("evaluation", lambda job: phase_evaluation(job, paper_cfg, world))]
+  if fever_cfg is not None and world in fever_cfg.worlds:
+    out += fever.phases(fever_cfg)
   return out
 
 
@@ -277,7 +273,10 @@ def markdown(report: dict[str, Any]) -> str:
       parts.append(f"| {row['row']} | {_pct(row['em'])} | {_pct(rec['recall@1'])} | "
                    f"{_pct(rec['recall@5'])} | {_pct(rec['recall@20'])} | "
                    f"{PAPER_TABLE6_NQ[row['row']]} |")
-    parts += ["", f"Hot-swap 2x2 ({ev['changed_facts']} changed held-out facts; % of answers "
+    parts.append("")
+    if "fever" in r:
+      parts += fever.markdown(r["fever"], r["fever_steps"])
+    parts += [f"Hot-swap 2x2 ({ev['changed_facts']} changed held-out facts; % of answers "
               "matching each world's facts; paper: 2016/2018 world leaders)", "",
               "| row | index | world-1 facts | world-2 facts | paper (2016 / 2018 leaders) |",
               "|---|---|---|---|---|"]
@@ -306,6 +305,9 @@ def markdown(report: dict[str, Any]) -> str:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) every world's phases in workdir/<world>, then the report."""
   config_check.validate(config)
+  if config.get("fever") and (unknown := set(config.fever.worlds) - set(config.worlds)):
+    raise config_check.ConfigError(f"config.fever.worlds names {sorted(unknown)}, not worlds of "
+                                   f"config.worlds ({list(config.worlds)})")
   workdir = Path(workdir)
   with workdir_lock(workdir):
     loop.check_workdir(config, workdir)
@@ -317,7 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         sub.mkdir(parents=True, exist_ok=True)
         phase_log = world_job.PhaseLog(sub)
         job = world_job.Job(wcfg, sub, phase_log)
-        for name, fn in phases(config.paper, world):
+        for name, fn in phases(config.paper, world, config.get("fever")):
           if phase_log.done(name):
             continue
           start = time.time()
@@ -331,6 +333,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                    "steps": wcfg.rag.num_train_steps,
                                    "batch_size": wcfg.rag.batch_size,
                                    "closed_book_report": closed}
+        if phase_log.done("fever_evaluation"):
+          report["worlds"][world]["fever"] = phase_log.result("fever_evaluation")
+          report["worlds"][world]["fever_steps"] = config.fever.num_train_steps
   with atomic_file(workdir / "report.json", "w") as f:
     json.dump(report, f, indent=2)
   (workdir / "report.md").write_text(markdown(report))
