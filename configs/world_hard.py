@@ -19,6 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.world.hard = True  # Two-word names, multi-word values, unseen question templates.
   config.tokenizer.kind = "bpe"  # Byte-level BPE trained on the world.
   config.tokenizer.vocab_size = 1000  # Subword vocabulary.
+  # EDA word noise on the retriever's training questions (Wei & Zou 2019): the held-out
+  # template's entity position and words are never seen in training; docs/world.md.
+  config.retriever.question_eda = 0.1
   config.rag.num_train_steps = 600  # Optimizer steps of each RAG model and the closed book.
   config.rag.warmup_steps = 60  # Linear warm-up, then linear decay.
   config.rag.checkpoint_every = 200  # Steps between orbax checkpoints.

@@ -31,6 +31,9 @@ def get_config(size: str | None = None) -> ml_collections.ConfigDict:
   for name, module in (("default", default), ("hard", world_hard)):
     world = module.get_config()
     world.retriever.hard_negatives = True  # One BM25 hard negative per question (DPR).
+    # DPR's recipe as the paper used it, no question noise (configs/world_hard.py adds EDA;
+    # its effect with hard negatives: docs/world.md).
+    world.retriever.question_eda = 0.0
     world.rag.num_train_steps = rag_steps[name]
     world.rag.warmup_steps = rag_steps[name] // 10
     world.rag.checkpoint_every = rag_steps[name]
