@@ -6,15 +6,16 @@ from a fresh anonymous mmap (above its mmap threshold, or larger than a thread a
 heap), so every step page-faults and zeroes the whole block again and unmaps it on the way
 out: measured with `perf` at about a quarter of the default job's step on 2 CPU cores (kernel
 time in clear_page / the page-fault path / munmap; docs/benchmarks.md). With one arena, no
-mmap-served blocks and no trimming, the freed block stays in the process's heap and the next
-step reuses its pages.
+mmap-served blocks and a high trim threshold, the freed block stays in the process's heap and
+the next step reuses its pages.
 
-The price is that memory freed at the top of the heap is kept by the process (up to
-TRIM_THRESHOLD_BYTES) instead of going back to the system, and that all threads share one
-malloc arena. That suits a process that runs XLA on the host CPU; where an accelerator plugin is
-installed (host memory holds indexes and feeds, XLA's temporaries live on the device) nothing is
-changed. It has to run before jax starts its CPU client: a thread keeps the arena it first
-allocated from.
+The price: memory freed at the top of the heap is kept by the process (up to
+TRIM_THRESHOLD_BYTES) instead of going back to the system, a large block freed below a live one
+(a big numpy array, say) stays with the process until the heap above it is freed, and all
+threads share one malloc arena. That suits a process that runs XLA on the host CPU; where an
+accelerator plugin is installed (host memory holds indexes and feeds, XLA's temporaries live on
+the device) nothing is changed. It has to run before jax starts its CPU client: a thread keeps
+the arena it first allocated from.
 """
 
 from __future__ import annotations
