@@ -24,7 +24,6 @@ import ctypes
 import ctypes.util
 import importlib.metadata
 import importlib.util
-import logging
 import os
 import sys
 
@@ -73,7 +72,7 @@ def configure_host_allocator() -> bool:
     return False
   mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
   settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+  # No log record here: the entry points call this before their log file exists, and the
+  # console shows no INFO lines.
   _applied = all(mallopt(param, value) == 1 for param, value in settings)
-  logging.info("host allocator for XLA on CPU (one arena, no mmap blocks): %s",
-               "applied" if _applied else "refused by mallopt")
   return _applied
