@@ -25,6 +25,7 @@ from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
 from benchmarks import runner  # noqa: E402
+from rag_jax.utils.host_memory import configure_host_allocator  # noqa: E402
 
 _PRESET = flags.DEFINE_enum("preset", "tiny", ["tiny", "world", "base", "paper"], "Shapes.")
 _WORKLOADS = flags.DEFINE_list("workloads", ["train", "retrieval", "generate", "encode"],
@@ -53,6 +54,7 @@ _CHILD_OUT = flags.DEFINE_string("child_out", None, "Internal: the child's resul
 
 def main(argv):
   del argv
+  configure_host_allocator()  # As train.py does; before jax starts its CPU client.
   options = {"preset": _PRESET.value, "dtype": _DTYPE.value, "repeats": _REPEATS.value,
              "warmup": _WARMUP.value, "n_docs": [int(n) for n in _N_DOCS.value],
              "peers": _PEERS.value, "workdir": _WORKDIR.value,

@@ -20,6 +20,7 @@ from ml_collections import config_flags
 from rag_jax.commands.common import one_line_errors
 from rag_jax.evaluation import paper, runner
 from rag_jax.experiments.world import evaluation as world_evaluation
+from rag_jax.utils.host_memory import configure_host_allocator
 from rag_jax.utils.logs import quiet_console
 
 # config.trainer -> the evaluation runs of that kind of config: (config, workdir) -> [EvalRun].
@@ -41,6 +42,7 @@ _DOCS = flags.DEFINE_string("docs", "", "The paper's Figure 3: evaluate at each 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a flag")
+  configure_host_allocator()  # Before jax starts its CPU client.
   quiet_console()
   config = _CONFIG.value
   kind = config.get("trainer")

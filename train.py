@@ -20,6 +20,7 @@ from rag_jax.experiments import paper_scale, reversal
 from rag_jax.experiments.world import job as world_job
 from rag_jax.experiments.world import paper
 from rag_jax.training import config_check, rag_trainer
+from rag_jax.utils.host_memory import configure_host_allocator
 from rag_jax.utils.logs import quiet_console
 
 # config.trainer picks the job; each is train_and_evaluate(config, workdir).
@@ -63,6 +64,7 @@ def summary(report: dict, workdir: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a flag")
+  configure_host_allocator()  # Before jax starts its CPU client.
   quiet_console()
   config = _CONFIG.value
 

@@ -26,12 +26,22 @@ Dtype = jnp.dtype | type
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
 
+def _gelu_erf(x: Array) -> Array:
+  """Exact GELU as transformers computes it: x * 0.5 * (1 + erf(x / sqrt(2))).
+
+  jax.nn.gelu(approximate=False) writes it with erfc, which XLA's CPU backend expands into two
+  branches with an exp each; erf is a single clamped rational polynomial (and is what torch's
+  CPU kernel evaluates). The two agree to float32 rounding.
+  """
+  return x * (0.5 + 0.5 * jax.lax.erf(x * jnp.asarray(0.5**0.5, x.dtype)))
+
+
 def _quick_gelu(x: Array) -> Array:
   return x * jax.nn.sigmoid(1.702 * x)
 
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),  # transformers: exact erf GELU
+    "gelu": _gelu_erf,  # transformers: exact erf GELU
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),

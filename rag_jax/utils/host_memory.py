@@ -1,0 +1,78 @@
+"""The host allocator setting the entry points apply for XLA's CPU backend.
+
+XLA's CPU runtime allocates each execution's temporaries as one block (166 MB for the default
+job's RAG training step) and frees it when the execution ends. glibc serves a block that large
+from a fresh anonymous mmap (above its mmap threshold, or larger than a thread arena's 64 MB
+heap), so every step page-faults and zeroes the whole block again and unmaps it on the way
+out: measured with `perf` at about a quarter of the default job's step on 2 CPU cores (kernel
+time in clear_page / the page-fault path / munmap; docs/benchmarks.md). With one arena, no
+mmap-served blocks and a high trim threshold, the freed block stays in the process's heap and
+the next step reuses its pages.
+
+The price: memory freed at the top of the heap is kept by the process (up to
+TRIM_THRESHOLD_BYTES) instead of going back to the system, a large block freed below a live one
+(a big numpy array, say) stays with the process until the heap above it is freed, and all
+threads share one malloc arena. That suits a process that runs XLA on the host CPU; where an
+accelerator plugin is installed (host memory holds indexes and feeds, XLA's temporaries live on
+the device) nothing is changed. It has to run before jax starts its CPU client: a thread keeps
+the arena it first allocated from.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import importlib.metadata
+import importlib.util
+import os
+import sys
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
+
+# Free memory at the top of the heap beyond this is still returned to the system (mallopt takes
+# an int: 2 GiB is the largest).
+TRIM_THRESHOLD_BYTES = 2**31 - 1
+
+_applied: bool | None = None
+
+
+def _accelerator_plugin_installed() -> bool:
+  """Whether jax may pick an accelerator: a jax_plugins entry point or namespace module (CUDA,
+  ROCm) or libtpu, found without initialising any backend."""
+  if importlib.metadata.entry_points(group="jax_plugins"):
+    return True
+  return any(importlib.util.find_spec(name) is not None for name in ("jax_plugins", "libtpu"))
+
+
+def jax_runs_on_cpu() -> bool:
+  """JAX_PLATFORMS' first entry is cpu, or (unset) no accelerator plugin is installed."""
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  if platforms:
+    return platforms.split(",")[0].strip() == "cpu"
+  return not _accelerator_plugin_installed()
+
+
+def configure_host_allocator() -> bool:
+  """On Linux with glibc, where jax will run on the CPU: one malloc arena, no mmap-served blocks
+  and a 2 GiB trim threshold (see the module docstring). Returns whether it was applied; safe to
+  call more than once (the first call decides)."""
+  global _applied
+  if _applied is not None:
+    return _applied
+  _applied = False
+  if not sys.platform.startswith("linux") or not jax_runs_on_cpu():
+    return False
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    mallopt = libc.mallopt
+  except (OSError, AttributeError):  # Not glibc (musl has no mallopt).
+    return False
+  mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+  settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+  # No log record here: the entry points call this before their log file exists, and the
+  # console shows no INFO lines.
+  _applied = all(mallopt(param, value) == 1 for param, value in settings)
+  return _applied
