@@ -230,6 +230,8 @@ class RagAnswerer:
     """Device retrieval and decoding in one program: (its generator inputs on the host:
     context_input_ids / context_attention_mask [Q * n, L], doc_scores [Q, n] float32,
     doc_ids [Q, n]; the decoded output). Host work: tokenizing questions, cropping outputs."""
+    if not questions:
+      raise ValueError("answer_on_devices needs at least one question")
     if self.device is None:
       raise ValueError("this answerer retrieves on the host (retrieval='host', or 'auto' found "
                        "the index too large for the devices)")

@@ -327,3 +327,11 @@ def test_evaluate_py_names_missing_inputs_in_one_line(tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert proc.stderr.startswith(message) and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
   assert not any(tmp_path.iterdir())
+
+
+def test_a_damaged_settings_file_is_named_and_kept(tmp_path):
+  """A settings.json cut by a crash: an error naming the file; nothing is overwritten."""
+  (tmp_path / "settings.json").write_text('{"checkpoint": "ck')
+  with pytest.raises(ValueError, match=r"settings.json: not a settings file"):
+    runner.check_settings(tmp_path, {"checkpoint": "ck"})
+  assert (tmp_path / "settings.json").read_text() == '{"checkpoint": "ck'

@@ -33,6 +33,10 @@ def test_eda_deletes_swaps_and_inserts_by_the_rate(alpha):
     assert sorted(w for w in out if w not in WORDS) == sorted(words)
 
 
+def test_eda_leaves_an_empty_question_alone():
+  assert eda("", np.random.default_rng(0), 0.3, WORDS) == ""
+
+
 def _tokenizer(tmp_path, words):
   vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(words))]
   (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")

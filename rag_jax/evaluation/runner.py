@@ -95,7 +95,13 @@ def check_settings(folder: Path, settings: dict[str, Any], *, add: bool = False)
   folder.mkdir(parents=True, exist_ok=True)
   path = folder / "settings.json"
   current = json.loads(json.dumps(settings))
-  previous = json.loads(path.read_text()) if path.exists() else None
+  previous = None
+  if path.exists():
+    try:
+      previous = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+      raise InputError(f"{path}: not a settings file ({e}); delete the folder {folder} to "
+                       "evaluate again") from e
   if previous is not None:
     diff = sorted(k for k in current if k in previous and previous[k] != current[k]
                   or not add and k not in previous)

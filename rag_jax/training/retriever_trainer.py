@@ -148,6 +148,8 @@ def eda(question: str, rng: np.random.Generator, alpha: float, words: list[str])
   entity and varies the words around it, so the encoder cannot key on one template's word
   positions."""
   tokens = question.split()
+  if not tokens:  # nothing to delete, swap or move
+    return question
   kept = [w for w in tokens if rng.random() >= alpha] or [tokens[rng.integers(len(tokens))]]
   n = max(1, round(alpha * len(tokens)))
   for _ in range(n):

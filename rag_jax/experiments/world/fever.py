@@ -61,7 +61,8 @@ def add_label_tokens(tokenizer: Any) -> Any:
   for word in world_claims.LABEL_WORDS.values():
     ids = tokenizer(word, add_special_tokens=False)["input_ids"]
     if len(ids) != 1 or tokenizer.decode(ids).strip() != word:
-      raise AssertionError(f"label {word!r} encodes to {ids}, not one token")
+      raise ValueError(f"label {word!r} encodes to {ids} with the generator tokenizer, not one "
+                       "token")
   return tokenizer
 
 
