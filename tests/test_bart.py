@@ -8,6 +8,7 @@ import torch
 import transformers
 
 from rag_jax.checkpoints import load_pretrained, save_pretrained
+from rag_jax.decoding.bart import expand_self_attention
 from tests import torch_reference as ref
 
 TOL = 1e-5
@@ -96,9 +97,62 @@ def test_cached_decoding_equals_teacher_forcing(tmp_path, prefill):
   got, cache = _step_by_step_logits(model, params, ids, mask, dec, prefill)
   np.testing.assert_allclose(got, expected, atol=TOL, rtol=0)
   assert int(cache["cache"]["decoder"]["cache_index"]) == dec.shape[1]
-  # The cross-attention K/V were projected once, at init_cache, and are [B, S, H, Dh].
+  # The cross-attention K/V were projected once, at init_cache: keys [B, H, Dh, S].
   cross = cache["cache"]["decoder"]["layers_0"]["encoder_attn"]["cross_key"]
-  assert cross.shape == (3, 10, 2, 16)
+  assert cross.shape == (3, 2, 16, 10)
+
+
+# (outer A, shared by G, inner C): decoder row (a*G + g)*C + c reads encoder row a*C + c.
+# Beam search (C = 1), RAG-Token's beams x passages (C = n), RAG-Sequence rescoring (A = 1).
+SHARED_LAYOUTS = [(3, 2, 1), (1, 4, 3), (2, 2, 2)]
+
+
+def _encoder_row_of_each_decoder_row(outer: int, group: int, inner: int) -> np.ndarray:
+  return np.array([a * inner + c for a in range(outer) for _ in range(group)
+                   for c in range(inner)])
+
+
+@pytest.mark.parametrize("outer,group,inner", SHARED_LAYOUTS)
+def test_decoder_rows_sharing_encoder_rows_match_repeated_rows(tmp_path, outer, group, inner):
+  """Shared encoder rows (teacher forcing and the cached step) give transformers' logits with
+  each decoder row's encoder input written out."""
+  torch_model, path = ref.bart(tmp_path, "plain_untied")
+  model, params = load_pretrained(path)
+  rng = np.random.default_rng(4)
+  shared = outer * inner
+  ids, mask = ref.padded_batch(rng, shared, 9, model.config.vocab_size, pad=1,
+                               right={0: 3, shared - 1: 2})
+  rows = _encoder_row_of_each_decoder_row(outer, group, inner)
+  dec = rng.integers(3, model.config.vocab_size, (len(rows), 5))
+  dec[:, 0] = model.config.decoder_start_token_id
+  with torch.no_grad():
+    expected = torch_model(input_ids=ref.to_torch(ids[rows]),
+                           attention_mask=ref.to_torch(mask[rows]),
+                           decoder_input_ids=ref.to_torch(dec)).logits.numpy()
+  enc = model.apply({"params": params}, ids, mask, method=model.encode)  # [E, S, d]
+  forced = model.apply({"params": params}, dec, enc, mask, method=model.decode,
+                       cross_inner_rows=inner)
+  np.testing.assert_allclose(forced, expected, atol=TOL, rtol=0)
+  # Cached: the cross K/V keep E rows, the self-attention buffers are expanded to the B rows.
+  _, cache = model.apply({"params": params}, enc, dec.shape[1], method=model.init_cache,
+                         mutable=["cache"])
+  cache = expand_self_attention(cache, lambda x: x[rows])
+  logits = []
+  for t in range(dec.shape[1]):
+    out, cache = model.apply({"params": params, **cache}, dec[:, t:t + 1], None, mask,
+                             decode=True, method=model.decode, mutable=["cache"],
+                             cross_inner_rows=inner)
+    logits.append(out)
+  np.testing.assert_allclose(jnp.concatenate(logits, axis=1), expected, atol=TOL, rtol=0)
+  assert cache["cache"]["decoder"]["layers_0"]["encoder_attn"]["cross_key"].shape[0] == shared
+
+
+def test_decoder_rows_that_cannot_share_encoder_rows_are_an_error(tmp_path):
+  _, path = ref.bart(tmp_path)
+  model, params = load_pretrained(path)
+  enc = jnp.zeros((2, 4, model.config.d_model))
+  with pytest.raises(ValueError, match="cannot serve 3 decoder rows"):
+    model.apply({"params": params}, jnp.zeros((3, 2), jnp.int32), enc, method=model.decode)
 
 
 def test_decode_without_cache_is_an_error(tmp_path):

@@ -1,11 +1,12 @@
 """BART generation over the generic search: encoder once, cross-attention K/V projected once.
 
 `bart_search(model, cfg, params, search_params, input_ids, attention_mask)` encodes the B inputs
-once, builds the decode cache on those B rows (cross-attention K/V projected once per example)
-and repeats it over the beams (rows b * beams + i), then runs `beam_search` (num_beams > 1) or
-`greedy_search` (num_beams == 1). Beam reordering gathers only the self-attention buffers: the
-cross-attention K/V are equal across an example's beams, so gathering them is a no-op that
-transformers nevertheless pays for.
+once, builds the decode cache on those B rows (cross-attention K/V projected once per example),
+repeats its self-attention buffers over the beams (rows b * beams + i), then runs `beam_search`
+(num_beams > 1) or `greedy_search` (num_beams == 1). The cross-attention K/V stay one copy per
+example, shared by its beams (`grouped_cross_attention` in rag_jax/models/bart.py): each step
+reads them once per example instead of once per beam, and beam reordering never touches them
+(transformers repeats and gathers them every step).
 
 The jitted entry is cached per (model definition, SearchConfig), so a setting compiles once per
 input shape; the traced SearchParams (length penalty, early stopping, min length, forced ids)
@@ -15,6 +16,7 @@ never recompile.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -42,9 +44,18 @@ def reorder_self_attention(cache: Any, rows: Array) -> Any:
   return gather_beams(cache, rows, static_leaves=CROSS_ATTENTION_LEAVES)
 
 
-def repeat_rows(tree: Any, repeats: int) -> Any:
-  """Repeats every non-scalar leaf's rows: [R, ...] -> [R * repeats, ...] (row r * repeats + i)."""
-  return jax.tree.map(lambda x: x if x.ndim == 0 else jnp.repeat(x, repeats, axis=0), tree)
+def expand_self_attention(cache: Any, expand: Callable[[Array], Array]) -> Any:
+  """Applies `expand` (a row expansion over the beams) to the self-attention buffers of a decode
+  cache; the cross-attention K/V and the scalar index are left as they are (shared rows)."""
+  def leaf(path, x):
+    name = getattr(path[-1], "key", None) if path else None
+    return x if x.ndim == 0 or name in CROSS_ATTENTION_LEAVES else expand(x)
+  return jax.tree_util.tree_map_with_path(leaf, cache)
+
+
+def repeat_over_beams(cache: Any, beams: int) -> Any:
+  """Self-attention buffers [R, ...] -> [R * beams, ...] (row r * beams + i); cross K/V shared."""
+  return expand_self_attention(cache, lambda x: jnp.repeat(x, beams, axis=0))
 
 
 def init_decode_cache(model: BartForConditionalGeneration, params: Any, encoder_states: Array,
@@ -57,7 +68,9 @@ def init_decode_cache(model: BartForConditionalGeneration, params: Any, encoder_
 
 def decode_step_fn(model: BartForConditionalGeneration, params: Any,
                    encoder_attention_mask: Array | None):
-  """tokens_to_logits for BART: one cached decoder step, logits [N, V] float32."""
+  """tokens_to_logits for BART: one cached decoder step, logits [N, V] float32.
+
+  encoder_attention_mask has the cross cache's rows (one per example, shared by its beams)."""
   def tokens_to_logits(state: DecodingState) -> tuple[Array, Any]:
     logits, variables = model.apply(
         {"params": params, "cache": state.cache}, state.cur_token, None, encoder_attention_mask,
@@ -82,9 +95,8 @@ def bart_search(model: BartForConditionalGeneration, cfg: SearchConfig, params: 
   if attention_mask is None:
     attention_mask = jnp.ones_like(input_ids)
   enc = model.apply({"params": params}, input_ids, attention_mask, method=model.encode)
-  cache = repeat_rows(init_decode_cache(model, params, enc, cfg.max_length), cfg.num_beams)
-  mask = jnp.repeat(attention_mask, cfg.num_beams, axis=0)  # [B*k, S], row b*k + i
-  step = decode_step_fn(model, params, mask)
+  cache = repeat_over_beams(init_decode_cache(model, params, enc, cfg.max_length), cfg.num_beams)
+  step = decode_step_fn(model, params, attention_mask)  # [B, S]: shared by each example's beams
   return run_search(step, cache, batch, cfg, search_params)
 
 

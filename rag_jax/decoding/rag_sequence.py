@@ -8,11 +8,12 @@ generator; greedy when num_beams == 1), so C = n * k candidates per question, pa
 
 thorough (transformers' `RagSequenceForGeneration.generate` without its Python loop):
   dedup (exact token match, first occurrence kept, when do_deduplication), then one batched
-  teacher-forced pass of every candidate under every passage (encoder states reused, not
-  recomputed) and `rag_sequence_nll` with exclude_bos_score=True and the config's
-  label_smoothing; the score is -loss and the top num_return_sequences are returned. The BOS
-  exclusion flag is computed per question over its C candidates, as the reference computes it
-  over its per-question batch (duplicates do not change it: they equal a kept candidate).
+  teacher-forced pass of every candidate under every passage (encoder states and their
+  cross-attention K/V computed once per passage, shared by the candidates) and
+  `rag_sequence_nll` with exclude_bos_score=True and the config's label_smoothing; the score is
+  -loss and the top num_return_sequences are returned. The BOS exclusion flag is computed per
+  question over its C candidates, as the reference computes it over its per-question batch
+  (duplicates do not change it: they equal a kept candidate).
 fast (paper section 2.5; ParlAI's `fast_generation`; no transformers equivalent):
   score(y) = logsumexp over passages j whose beam holds y of [log p(z_j|x) + s_j(y)], where
   s_j(y) is the search's sum of processed log-probs of y under passage j (no length penalty);
@@ -39,7 +40,7 @@ import jax.numpy as jnp
 from rag_jax.decoding.bart import (
     decode_step_fn,
     init_decode_cache,
-    repeat_rows,
+    repeat_over_beams,
     run_search,
 )
 from rag_jax.decoding.beam_search import SearchConfig, SearchParams
@@ -107,9 +108,10 @@ def _rescore(model: RagModel, rcfg: RagSequenceConfig, gparams: Any, cands: Arra
     cand, states, ctx_mask, scores = args  # [C, L], [n, S, d], [n, S], [n]
     c, n_docs = cand.shape[0], scores.shape[0]
     dec = jnp.repeat(cand, n_docs, axis=0)  # [C*n, L], row c*n + j
-    states = jnp.tile(states, (c, 1, 1))  # [C*n, S, d], row c*n + j is passage j
-    ctx_mask = jnp.tile(ctx_mask, (c, 1))  # [C*n, S]
-    logits = gen.apply({"params": gparams}, dec, states, ctx_mask, method=gen.decode)
+    # Row c*n + j reads passage j: the C candidates share each passage's states, so its
+    # cross-attention K/V are projected once, not once per candidate.
+    logits = gen.apply({"params": gparams}, dec, states, ctx_mask, method=gen.decode,
+                       cross_inner_rows=n_docs)
     return rag_sequence_nll(
         logits, jnp.tile(scores[None, :], (c, 1)), cand, epsilon=rcfg.label_smoothing,
         exclude_bos_score=True, reduce_loss=False, pad_token_id=gcfg.pad_token_id,
@@ -147,8 +149,8 @@ def rag_sequence_search(model: RagModel, rcfg: RagSequenceConfig, params: Any,
                else jnp.ones_like(context_attention_mask))
   enc = gen.apply({"params": gparams}, context_input_ids, beam_mask,
                   method=gen.encode)  # [B*n, S, d]
-  cache = repeat_rows(init_decode_cache(gen, gparams, enc, cfg.max_length), cfg.num_beams)
-  step = decode_step_fn(gen, gparams, jnp.repeat(beam_mask, cfg.num_beams, axis=0))
+  cache = repeat_over_beams(init_decode_cache(gen, gparams, enc, cfg.max_length), cfg.num_beams)
+  step = decode_step_fn(gen, gparams, beam_mask)  # [B*n, S]: shared by each passage's beams
   out = run_search(step, cache, batch * n_docs, cfg, search_params)  # B*n examples
   k = out.sequences.shape[1]  # num_beams (beam search) or 1 (greedy)
   c = n_docs * k

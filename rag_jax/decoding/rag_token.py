@@ -3,8 +3,9 @@
     p(y_t | x, y_<t) = sum_j p(z_j | x) p(y_t | x, z_j, y_<t)
 
 transformers' `RagTokenForGeneration.generate` semantics: the generator encoder runs once over
-the B * n contexts; encoder states, context mask and decode cache are laid out batch -> beam ->
-doc (row (b * beams + i) * n + j); each step feeds every hypothesis' last token to its n
+the B * n contexts; the decode cache's self-attention buffers are laid out batch -> beam ->
+doc (row (b * beams + i) * n + j), its cross-attention K/V and the context mask stay one row
+per context (b * n + j), shared by the beams; each step feeds every hypothesis' last token to its n
 passages, marginalises with the doc prior (`rag_jax.losses.marginalize`, log_softmax of the doc
 scores) and hands the [B * beams, V] marginal log-probs to the generic search, which applies
 log_softmax again and the logits processors as transformers' `_beam_search` / `_sample` do.
@@ -20,7 +21,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rag_jax.decoding.bart import init_decode_cache, reorder_self_attention, run_search
+from rag_jax.decoding.bart import (
+    expand_self_attention,
+    init_decode_cache,
+    reorder_self_attention,
+    run_search,
+)
 from rag_jax.decoding.beam_search import DecodingState, SearchConfig, SearchOutput, SearchParams
 from rag_jax.losses import marginalize
 from rag_jax.models.bart import BartForConditionalGeneration
@@ -63,16 +69,18 @@ def rag_token_search(model: RagModel, cfg: SearchConfig, params: Any,
                      f"batch {batch} x n_docs {n_docs}")
   enc = gen.apply({"params": gparams}, context_input_ids, context_attention_mask,
                   method=gen.encode)  # [B*n, S, d]
-  cache = expand_over_beams(init_decode_cache(gen, gparams, enc, cfg.max_length), batch, n_docs,
-                            beams)  # leaves [B*k*n, ...]
-  mask = expand_over_beams(context_attention_mask, batch, n_docs, beams)  # [B*k*n, S]
+  # Self-attention buffers [B*k*n, ...]; the cross K/V stay [B*n, ...], row b*n + j shared by
+  # the k beams of question b (decoder rows (b*k + i)*n + j: cross_inner_rows = n).
+  cache = expand_self_attention(init_decode_cache(gen, gparams, enc, cfg.max_length),
+                                lambda x: expand_over_beams(x, batch, n_docs, beams))
   prior_scores = jnp.repeat(doc_scores, beams, axis=0)  # [B*k, n], row b*k + i
 
   def tokens_to_logits(state: DecodingState) -> tuple[Array, Any]:
     tokens = jnp.repeat(state.cur_token, n_docs, axis=0)  # [B*k*n, 1]
     logits, variables = gen.apply(
-        {"params": gparams, "cache": state.cache}, tokens, None, mask, decode=True,
-        method=gen.decode, mutable=["cache"])  # [B*k*n, 1, V]
+        {"params": gparams, "cache": state.cache}, tokens, None, context_attention_mask,
+        decode=True, method=gen.decode, mutable=["cache"],
+        cross_inner_rows=n_docs)  # [B*k*n, 1, V]
     return marginalize(logits, prior_scores)[:, -1], variables["cache"]  # [B*k, V]
 
   return run_search(tokens_to_logits, cache, batch, cfg, search_params, reorder_self_attention)

@@ -11,8 +11,8 @@ Three entry points:
 
 Incremental decoding (for beam search): `init_cache(encoder_hidden_states, max_decode_length)`,
 applied with `mutable=["cache"]`, returns a "cache" collection holding, per decoder layer, a
-preallocated self-attention K/V buffer [B, max_len, H, Dh] and the cross-attention K/V
-[B, S, H, Dh] projected once from the encoder states, plus one scalar `cache_index`. Each
+preallocated self-attention K/V buffer and the cross-attention K/V projected once from the
+encoder states (layouts in `BartAttention`), plus one scalar `cache_index`. Each
 `decode(..., decode=True)` step (applied with the cache and `mutable=["cache"]`) writes the new
 keys/values with `lax.dynamic_update_slice` and advances the index; shapes never change, so a
 decoding loop compiles once. Every cache array except `cache_index` has the batch as its leading
@@ -124,9 +124,10 @@ def shift_tokens_right(input_ids: Array, pad_token_id: int, decoder_start_token_
 class BartAttention(nn.Module):
   """Multi-head attention (q/k/v/out projections) for self- and cross-attention, with caching.
 
-  Cache variables (collection "cache"), created by `init_self_cache` / `init_cross_cache`:
-    cached_key, cached_value [B, max_len, H, Dh]  (decoder self-attention)
-    cross_key, cross_value  [B, S, H, Dh]          (cross-attention, projected once)
+  Cache variables (collection "cache"), created by `init_self_cache` / `init_cross_cache`,
+  laid out as a decode step multiplies them (keys transposed, heads leading): no per-step copy.
+    cached_key [B, H, Dh, max_len], cached_value [B, H, max_len, Dh]  (decoder self-attention)
+    cross_key [B, H, Dh, S], cross_value [B, H, S, Dh]  (cross-attention, projected once)
   """
 
   config: BartConfig
@@ -148,23 +149,28 @@ class BartAttention(nn.Module):
 
   def init_self_cache(self, batch: int, max_len: int) -> None:
     head_dim = self.config.d_model // self.num_heads
-    shape = (batch, max_len, self.num_heads, head_dim)
-    self.put_variable("cache", "cached_key", jnp.zeros(shape, self.dtype))
-    self.put_variable("cache", "cached_value", jnp.zeros(shape, self.dtype))
+    self.put_variable("cache", "cached_key",
+                      jnp.zeros((batch, self.num_heads, head_dim, max_len), self.dtype))
+    self.put_variable("cache", "cached_value",
+                      jnp.zeros((batch, self.num_heads, max_len, head_dim), self.dtype))
 
   def init_cross_cache(self, encoder_hidden_states: Array) -> None:
     k, v = self._project_kv(encoder_hidden_states)
-    self.put_variable("cache", "cross_key", k)
-    self.put_variable("cache", "cross_value", v)
+    self.put_variable("cache", "cross_key", k.transpose(0, 2, 3, 1))  # [B, H, Dh, S]
+    self.put_variable("cache", "cross_value", v.transpose(0, 2, 1, 3))  # [B, H, S, Dh]
 
   def __call__(self, hidden: Array, *, key_value_states: Array | None = None,
                mask: Array | None = None, decode: bool = False,
-               cache_index: Array | None = None, deterministic: bool = True) -> Array:
+               cache_index: Array | None = None, deterministic: bool = True,
+               cross_inner_rows: int = 1) -> Array:
     """hidden [B, T, d] -> [B, T, d].
 
     Self-attention when key_value_states is None, cross-attention otherwise. With decode=True
     the keys/values come from (and, for self-attention, are written into) the cache, and the
     self-attention mask is causal over the cache up to `cache_index` + T.
+
+    Cross-attention may hold fewer key/value rows E than query rows B (shared encoder rows;
+    see `grouped_cross_attention`): keys, values and `mask` then have E rows.
     """
     head_dim = self.config.d_model // self.num_heads
     q = layers.split_heads(self.q_proj(hidden), self.num_heads)  # [B, T, H, Dh]
@@ -179,19 +185,53 @@ class BartAttention(nn.Module):
         raise ValueError("decode=True needs a cache from init_cache (no cached_key found)")
       if mask is not None:
         raise ValueError("self-attention masks are built from the cache index in decode mode")
-      k_new, v_new = self._project_kv(hidden)
-      start = (0, cache_index, 0, 0)
-      k, v = (jax.lax.dynamic_update_slice(
-          buffer, new.astype(buffer.dtype), start) for buffer, new in (
-              (self.get_variable("cache", "cached_key"), k_new),
-              (self.get_variable("cache", "cached_value"), v_new)))
+      k_new, v_new = self._project_kv(hidden)  # [B, T, H, Dh]
+      k, v = (jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), start)
+              for buffer, new, start in (
+                  (self.get_variable("cache", "cached_key"),
+                   k_new.transpose(0, 2, 3, 1), (0, 0, 0, cache_index)),  # [B, H, Dh, T]
+                  (self.get_variable("cache", "cached_value"),
+                   v_new.transpose(0, 2, 1, 3), (0, 0, cache_index, 0))))  # [B, H, T, Dh]
       self.put_variable("cache", "cached_key", k)
       self.put_variable("cache", "cached_value", v)
-      mask = layers.causal_mask(hidden.shape[1], k.shape[1], offset=cache_index)  # [1,1,T,L]
+      mask = layers.causal_mask(hidden.shape[1], v.shape[2], offset=cache_index)  # [1,1,T,L]
     else:
       k, v = self._project_kv(key_value_states if is_cross else hidden)
-    out = self.core(q, k, v, mask, head_dim**-0.5, deterministic)
+    if is_cross and k.shape[0] != q.shape[0]:
+      out = grouped_cross_attention(self.core, q, k, v, mask, head_dim**-0.5, deterministic,
+                                    cross_inner_rows, cache_layout=decode)
+    else:
+      out = self.core(q, k, v, mask, head_dim**-0.5, deterministic, cache_layout=decode)
     return self.out_proj(layers.merge_heads(out))
+
+
+def grouped_cross_attention(core: layers.DotProductAttention, q: Array, k: Array, v: Array,
+                            mask: Array | None, scale: float, deterministic: bool,
+                            inner: int, cache_layout: bool = False) -> Array:
+  """Cross-attention of B query rows over E < B encoder rows, each shared by G = B / E rows.
+
+  Decoder rows are laid out [A, G, C] (C = `inner`) and encoder rows [A, C]: decoder row
+  (a * G + g) * C + c reads encoder row a * C + c. Beam search over B examples has C = 1
+  (row b * beams + i reads example b); RAG-Token's rows (b * beams + i) * n + j have C = n;
+  RAG-Sequence's rescoring rows (candidate c * n + passage j) have A = 1, C = n. The G query
+  rows of one encoder row become one longer query sequence (cross-attention has no causal
+  mask, so this is exact), which projects each encoder row's keys and values once and reads
+  them once per step instead of G times.
+
+  q [B, T, H, Dh]; k, v [E, S, H, Dh] (or the decode cache's layout with cache_layout, see
+  `DotProductAttention`); mask broadcastable to [E, 1, 1, S] -> [B, T, H, Dh].
+  """
+  rows, t, heads, head_dim = q.shape
+  shared = k.shape[0]
+  if rows % shared or shared % inner:
+    raise ValueError(f"cross-attention over {shared} encoder rows cannot serve {rows} decoder "
+                     f"rows in groups of {inner} (both must divide)")
+  group, outer = rows // shared, shared // inner
+  q = q.reshape(outer, group, inner, t, heads, head_dim)  # [A, G, C, T, H, Dh]
+  q = q.transpose(0, 2, 1, 3, 4, 5).reshape(shared, group * t, heads, head_dim)  # [E, G*T, H, Dh]
+  out = core(q, k, v, mask, scale, deterministic, cache_layout)  # [E, G*T, H, Dh]
+  out = out.reshape(outer, inner, group, t, heads, head_dim)  # [A, C, G, T, H, Dh]
+  return out.transpose(0, 2, 1, 3, 4, 5).reshape(rows, t, heads, head_dim)  # [B, T, H, Dh]
 
 
 def _token_embedding(cfg: BartConfig, dtype, param_dtype, name: str | None) -> nn.Embed:
@@ -259,14 +299,14 @@ class BartDecoderLayer(nn.Module):
 
   def __call__(self, h: Array, encoder_hidden_states: Array | None, self_mask: Array | None,
                cross_mask: Array | None, decode: bool, cache_index: Array | None,
-               deterministic: bool) -> Array:
+               deterministic: bool, cross_inner_rows: int = 1) -> Array:
     a = self.self_attn(h, mask=self_mask, decode=decode, cache_index=cache_index,
                        deterministic=deterministic)
     h = self.self_attn_layer_norm(h + self.drop(a, deterministic=deterministic))
     # In decode mode the cross K/V come from the cache; a dummy marks the call as cross-attention.
     kv = encoder_hidden_states if encoder_hidden_states is not None else h
     c = self.encoder_attn(h, key_value_states=kv, mask=cross_mask, decode=decode,
-                          deterministic=deterministic)
+                          deterministic=deterministic, cross_inner_rows=cross_inner_rows)
     h = self.encoder_attn_layer_norm(h + self.drop(c, deterministic=deterministic))
     return self.final_layer_norm(h + self.drop(_ffn(self, h, deterministic),
                                                deterministic=deterministic))
@@ -329,7 +369,8 @@ class BartDecoder(nn.Module):
 
   def __call__(self, decoder_input_ids: Array, encoder_hidden_states: Array | None,
                encoder_attention_mask: Array | None, decoder_attention_mask: Array | None,
-               embed_tokens: nn.Embed | None, decode: bool, deterministic: bool) -> Array:
+               embed_tokens: nn.Embed | None, decode: bool, deterministic: bool,
+               cross_inner_rows: int = 1) -> Array:
     cfg = self.config
     if embed_tokens is None:
       embed_tokens = self.embed_tokens
@@ -350,7 +391,7 @@ class BartDecoder(nn.Module):
     cross_mask = layers.padding_mask(encoder_attention_mask)
     for layer in self.layers:
       h = layer(h, encoder_hidden_states, self_mask, cross_mask, decode,
-                index if decode else None, deterministic)
+                index if decode else None, deterministic, cross_inner_rows)
     return h
 
 
@@ -394,18 +435,23 @@ class BartForConditionalGeneration(nn.Module):
   def decode(self, decoder_input_ids: Array, encoder_hidden_states: Array | None = None,
              encoder_attention_mask: Array | None = None,
              decoder_attention_mask: Array | None = None, decode: bool = False,
-             deterministic: bool = True) -> Array:
+             deterministic: bool = True, cross_inner_rows: int = 1) -> Array:
     """decoder_input_ids [B, T] -> logits [B, T, V] float32.
 
     decode=False: teacher forcing over the whole prefix (causal + decoder_attention_mask).
     decode=True: T new tokens at the cache's position, attending to everything cached so far;
     encoder_hidden_states may be None (the cross K/V are cached); decoder_attention_mask is not
     supported (generation prompts carry no padding).
+
+    The encoder side (states or cached cross K/V, and encoder_attention_mask) may have E < B
+    rows, each shared by B / E decoder rows laid out as `grouped_cross_attention` describes
+    (`cross_inner_rows` = its C): beams and rescored candidates then reuse one projection.
     """
     if decode and decoder_attention_mask is not None:
       raise ValueError("decoder_attention_mask is not supported with decode=True")
     h = self.decoder(decoder_input_ids, encoder_hidden_states, encoder_attention_mask,
-                     decoder_attention_mask, self._tied_embedding(), decode, deterministic)
+                     decoder_attention_mask, self._tied_embedding(), decode, deterministic,
+                     cross_inner_rows)
     if self.config.tie_word_embeddings:
       logits = self.shared.attend(h)
     else:
