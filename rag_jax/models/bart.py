@@ -453,6 +453,10 @@ class BartForConditionalGeneration(nn.Module):
                      decoder_attention_mask, self._tied_embedding(), decode, deterministic,
                      cross_inner_rows)
     if self.config.tie_word_embeddings:
+      table = self.shared.embedding.astype(self.dtype)  # [V, d]
+      if layers.use_accumulating_matmul(h, table):  # float32 logits straight from the product
+        return (layers.accumulating_matmul(h, table.T, jnp.float32)
+                + layers.at_least_f32(self.final_logits_bias))
       logits = self.shared.attend(h)
     else:
       logits = self.lm_head(h)
