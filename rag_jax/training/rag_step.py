@@ -158,7 +158,8 @@ def _per_device_grads(params: Any, batch: dict[str, Array], step: Array, dropout
     return (per_example * weights).sum() / total, (per_example, doc_scores)
 
   (_, (per_example, doc_scores)), grads = jax.value_and_grad(objective, has_aux=True)(params)
-  grads = jax.lax.psum(grads, "data")
+  if jax.lax.axis_size("data") > 1:  # On one device XLA would copy the whole gradient tree.
+    grads = jax.lax.psum(grads, "data")
   metrics = _metric_sums(per_example, doc_scores, batch, pad_token_id)
   metrics["grad_norm"] = optax.global_norm(grads)  # Of the global gradient (already summed).
   return grads, metrics
