@@ -153,6 +153,9 @@ def test_decoder_rows_that_cannot_share_encoder_rows_are_an_error(tmp_path):
   enc = jnp.zeros((2, 4, model.config.d_model))
   with pytest.raises(ValueError, match="cannot serve 3 decoder rows"):
     model.apply({"params": params}, jnp.zeros((3, 2), jnp.int32), enc, method=model.decode)
+  with pytest.raises(ValueError, match="encoder_attention_mask has 4 rows"):  # one per decoder row
+    model.apply({"params": params}, jnp.zeros((4, 2), jnp.int32), enc, jnp.ones((4, 4)),
+                method=model.decode)
 
 
 def test_decode_without_cache_is_an_error(tmp_path):

@@ -226,6 +226,9 @@ def grouped_cross_attention(core: layers.DotProductAttention, q: Array, k: Array
   if rows % shared or shared % inner:
     raise ValueError(f"cross-attention over {shared} encoder rows cannot serve {rows} decoder "
                      f"rows in groups of {inner} (both must divide)")
+  if mask is not None and mask.shape[0] not in (1, shared):
+    raise ValueError(f"encoder_attention_mask has {mask.shape[0]} rows; with {shared} shared "
+                     f"encoder rows it needs {shared} (one per encoder row, not per decoder row)")
   group, outer = rows // shared, shared // inner
   q = q.reshape(outer, group, inner, t, heads, head_dim)  # [A, G, C, T, H, Dh]
   q = q.transpose(0, 2, 1, 3, 4, 5).reshape(shared, group * t, heads, head_dim)  # [E, G*T, H, Dh]
@@ -455,9 +458,9 @@ class BartForConditionalGeneration(nn.Module):
     if self.config.tie_word_embeddings:
       table = self.shared.embedding.astype(self.dtype)  # [V, d]
       if layers.use_accumulating_matmul(h, table):  # float32 logits straight from the product
-        return (layers.accumulating_matmul(h, table.T, jnp.float32)
-                + layers.at_least_f32(self.final_logits_bias))
-      logits = self.shared.attend(h)
+        logits = layers.accumulating_matmul(h, table.T, jnp.float32)
+      else:
+        logits = self.shared.attend(h)
     else:
       logits = self.lm_head(h)
     return layers.at_least_f32(logits) + layers.at_least_f32(self.final_logits_bias)
