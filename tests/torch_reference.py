@@ -102,17 +102,45 @@ def padded_batch(rng: np.random.Generator, batch: int, length: int, vocab: int, 
   return ids, mask
 
 
+def wordpiece_vocabulary(corpus: list[str], size: int, special_tokens: list[str]) -> dict[str, int]:
+  """A WordPiece vocabulary built deterministically from `corpus`: the special tokens, every
+  word-initial character, every inner character as a "##" continuation, then whole words by
+  descending count (ties alphabetical) up to `size` entries, ids in that order.
+
+  `tokenizers`' WordPieceTrainer is not used because its ids (and, on ties, its tokens) follow
+  Rust's per-process hash order: a seeded model would then see other token ids in each run.
+  """
+  import collections
+
+  from tokenizers import normalizers, pre_tokenizers
+
+  normalizer = normalizers.BertNormalizer(lowercase=True)
+  pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  words = collections.Counter(word for text in corpus for word, _ in
+                              pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+  tokens = list(special_tokens)
+  tokens += sorted({word[0] for word in words} - set(tokens))
+  tokens += sorted({"##" + char for word in words for char in word[1:]})
+  for word, _ in sorted(words.items(), key=lambda item: (-item[1], item[0])):
+    if len(tokens) >= size:
+      break
+    if word not in tokens:
+      tokens.append(word)
+  return {token: i for i, token in enumerate(tokens)}
+
+
 def train_tokenizers(corpus: list[str], question_vocab: int = 80, generator_vocab: int = 64):
-  """An uncased WordPiece (DPR question encoder) and a byte-level BPE (BART) tokenizer, trained
-  offline on `corpus` with the `tokenizers` library, wrapped in transformers' fast classes."""
+  """An uncased WordPiece (DPR question encoder) and a byte-level BPE (BART) tokenizer built
+  offline from `corpus`, wrapped in transformers' fast classes; both are the same in every
+  process (same tokens, same ids)."""
   import tokenizers
   from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-  wp = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
+  vocab = wordpiece_vocabulary(corpus, question_vocab,
+                               ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+  wp = tokenizers.Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
   wp.normalizer = normalizers.BertNormalizer(lowercase=True)
   wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-  wp.train_from_iterator(corpus, trainers.WordPieceTrainer(
-      vocab_size=question_vocab, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
   wp.post_processor = processors.BertProcessing(("[SEP]", wp.token_to_id("[SEP]")),
                                                 ("[CLS]", wp.token_to_id("[CLS]")))
   wp.decoder = decoders.WordPiece()
