@@ -1,5 +1,6 @@
 """bf16 products on the CPU: float32 accumulation, against float64 products of the same values."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,7 +33,7 @@ def test_accumulating_matmul_and_its_gradients_match_float64(rows):
   rng = np.random.default_rng(0)
   x, w = _bf16(rng, (rows, 3, 96)), _bf16(rng, (96, 40), 0.1)
   g = _bf16(rng, (rows, 3, 40))
-  out, vjp = jax.vjp(lambda x, w: layers.accumulating_matmul(x, w, jnp.bfloat16), x, w)
+  out, vjp = jax.vjp(lambda x, w: layers.accumulating_matmul(x, w, None, jnp.bfloat16), x, w)
   dx, dw = vjp(g)
   assert out.dtype == dx.dtype == dw.dtype == jnp.bfloat16
   x64, w64, g64 = _f64(x), _f64(w), _f64(g)
@@ -44,7 +45,7 @@ def test_accumulating_matmul_and_its_gradients_match_float64(rows):
 def test_float32_output_is_not_rounded_to_bf16():
   rng = np.random.default_rng(1)
   x, w = _bf16(rng, (4, 64)), _bf16(rng, (64, 300))
-  out = layers.accumulating_matmul(x, w, jnp.float32)
+  out = layers.accumulating_matmul(x, w, None, jnp.float32)
   assert out.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(out, np.float64), _f64(x) @ _f64(w), rtol=1e-5,
                              atol=1e-4)
@@ -58,6 +59,45 @@ def test_dense_in_bf16_on_cpu_takes_the_accumulating_product():
   assert "bf16" in text and "-> tensor<2x4xf32>" in text  # a float32-valued bf16 product
   assert layers.use_accumulating_matmul(x, x) == (jax.default_backend() == "cpu")
   assert not layers.use_accumulating_matmul(x.astype(jnp.float32), x.astype(jnp.float32))
+
+
+def test_bias_joins_the_float32_sum_before_the_one_rounding():
+  """bf16 Dense with a float32 bias: out = round_bf16(x.w + b) and the bias gradient is the
+  float32 sum of the cotangent, against float64 of the same values."""
+  rng = np.random.default_rng(3)
+  x, g = _bf16(rng, (6, 5, 64)), _bf16(rng, (6, 5, 48))
+  layer = layers.dense(48, 0.05, jnp.bfloat16, jnp.float32, "d")
+  params = layer.init(jax.random.key(0), x)
+  # A bias whose float32 digits a bf16 bias would lose (bf16 keeps 8 significant bits).
+  bias = jnp.asarray(rng.standard_normal(48) * 3 + 1 / 3, jnp.float32)
+  params = {"params": {**params["params"], "bias": bias}}
+  out, vjp = jax.vjp(lambda p: layer.apply(p, x), params)
+  (grads,) = vjp(g)
+  kernel = _f64(params["params"]["kernel"].astype(jnp.bfloat16))
+  want = _f64(x) @ kernel + np.asarray(bias, np.float64)
+  assert out.dtype == jnp.bfloat16 and grads["params"]["bias"].dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)),
+                                np.asarray(jnp.asarray(want, jnp.float32).astype(jnp.bfloat16)
+                                           .astype(jnp.float32)))
+  np.testing.assert_allclose(np.asarray(grads["params"]["bias"], np.float64),
+                             _f64(g).sum(axis=(0, 1)), rtol=1e-6, atol=1e-5)
+  _close_to_bf16_rounding(grads["params"]["kernel"],
+                          _f64(x).reshape(-1, 64).T @ _f64(g).reshape(-1, 48))
+
+
+def test_dense_matches_flax_dense_in_float32():
+  """Same parameter names, shapes and initial values as nn.Dense, and the same product."""
+  x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 7, 16)), jnp.float32)
+  ours = layers.dense(24, 0.02, jnp.float32, jnp.float32, "d")
+  flax_dense = nn.Dense(24, kernel_init=nn.initializers.normal(0.02),
+                        bias_init=nn.initializers.normal(1.0))
+  params = flax_dense.init(jax.random.key(5), x)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(5), x)) == jax.tree.map(jnp.shape,
+                                                                                 params)
+  np.testing.assert_array_equal(ours.init(jax.random.key(5), x)["params"]["kernel"],
+                                params["params"]["kernel"])
+  np.testing.assert_allclose(ours.apply(params, x), flax_dense.apply(params, x), rtol=1e-6,
+                             atol=1e-6)
 
 
 def test_bf16_bart_gradients_follow_the_float32_gradients(tmp_path):

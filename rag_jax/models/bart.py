@@ -458,7 +458,7 @@ class BartForConditionalGeneration(nn.Module):
     if self.config.tie_word_embeddings:
       table = self.shared.embedding.astype(self.dtype)  # [V, d]
       if layers.use_accumulating_matmul(h, table):  # float32 logits straight from the product
-        logits = layers.accumulating_matmul(h, table.T, jnp.float32)
+        logits = layers.accumulating_matmul(h, table.T, None, jnp.float32)
       else:
         logits = self.shared.attend(h)
     else:

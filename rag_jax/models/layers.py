@@ -70,27 +70,36 @@ def get_activation(name: str) -> Callable[[Array], Array]:
 LOW_PRECISION = (jnp.bfloat16, jnp.float16)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def accumulating_matmul(x: Array, w: Array, out_dtype: Dtype) -> Array:
-  """x [..., K] . w [K, N] -> [..., N] in `out_dtype`, accumulated in float32, for bf16/fp16
-  operands on the CPU (see `mixed_precision_dot_general`).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def accumulating_matmul(x: Array, w: Array, bias: Array | None, out_dtype: Dtype) -> Array:
+  """x [..., K] . w [K, N] + bias [N] -> [..., N] in `out_dtype`, accumulated in float32 with
+  the bias (float32, or None) added before the one rounding; for bf16/fp16 operands on the CPU
+  (see `use_accumulating_matmul`).
 
   Its backward pass is written out so that the two gradient products keep the layouts XLA's
   CPU backend runs on its bf16 instructions: dx contracts g's and w's last dimensions; dw
   contracts the rows in four (or two) blocks, since a single contraction over the leading
   dimension of both operands ran at half the speed (about 200 against 380 GFLOP/s on 2 cores
-  with avx512_bf16, [8192, 768] x [8192, 3072]).
+  with avx512_bf16, [8192, 768] x [8192, 3072]). The bias gradient is a float32 sum: XLA's CPU
+  backend rewrites a large bf16 sum into a tree of `reduce-window` steps, which took 7 % of
+  the bf16 training step when the bias was added in bf16.
   """
-  return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32).astype(out_dtype)
+  y = jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())),
+                          preferred_element_type=jnp.float32)
+  if bias is not None:
+    y = y + bias.astype(jnp.float32)
+  return y.astype(out_dtype)
 
 
-def _accumulating_matmul_fwd(x, w, out_dtype):
-  return accumulating_matmul(x, w, out_dtype), (x, w)
+def _accumulating_matmul_fwd(x, w, bias, out_dtype):
+  return accumulating_matmul(x, w, bias, out_dtype), (x, w, bias)
 
 
 def _accumulating_matmul_bwd(out_dtype, residuals, g):
-  x, w = residuals
+  x, w, bias = residuals
+  db = None
+  if bias is not None:
+    db = jnp.sum(g, axis=tuple(range(g.ndim - 1)), dtype=jnp.float32).astype(bias.dtype)  # [N]
   g = g.astype(x.dtype)
   dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())),
                            preferred_element_type=jnp.float32).astype(x.dtype)  # [..., K]
@@ -99,7 +108,7 @@ def _accumulating_matmul_bwd(out_dtype, residuals, g):
   xs = x.reshape(blocks, rows // blocks, x.shape[-1])  # [blocks, rows / blocks, K]
   gs = g.reshape(blocks, rows // blocks, g.shape[-1])  # [blocks, rows / blocks, N]
   dw = jnp.einsum("brk,brn->kn", xs, gs, preferred_element_type=jnp.float32)  # [K, N]
-  return dx, dw.astype(w.dtype)
+  return dx, dw.astype(w.dtype), db
 
 
 accumulating_matmul.defvjp(_accumulating_matmul_fwd, _accumulating_matmul_bwd)
@@ -117,27 +126,39 @@ def use_accumulating_matmul(x: Array, w: Array) -> bool:
           and jax.default_backend() == "cpu")
 
 
-def mixed_precision_dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None,
-                                preferred_element_type=None) -> Array:
-  """nn.Dense's dot_general: `accumulating_matmul` for bf16/fp16 on the CPU, else lax's."""
-  if (use_accumulating_matmul(lhs, rhs) and rhs.ndim == 2 and preferred_element_type is None
-      and dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ()))):
-    return accumulating_matmul(lhs, rhs, lhs.dtype)
-  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                             preferred_element_type=preferred_element_type)
+class Dense(nn.Module):
+  """A dense layer initialised like transformers' Linear (normal(init_std) kernel, zero bias).
 
-
-def dense(features: int, init_std: float, dtype: Dtype, param_dtype: Dtype, name: str,
-          use_bias: bool = True) -> nn.Dense:
-  """A Dense layer initialised like transformers' Linear (normal(init_std) kernel, zero bias).
-
-  The kernel is [in, out], the transpose of a torch Linear weight [out, in]. In bf16 on the
-  CPU its product accumulates in float32 (`mixed_precision_dot_general`).
+  Parameters and results are nn.Dense's: kernel [in, out] (the transpose of a torch Linear
+  weight [out, in]) and bias [out] in `param_dtype`, the product in `dtype`. In bf16/fp16 on
+  the CPU the product accumulates in float32 and the float32 bias joins it before the one
+  rounding (`accumulating_matmul`).
   """
-  return nn.Dense(
-      features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-      kernel_init=nn.initializers.normal(stddev=init_std), bias_init=nn.initializers.zeros,
-      dot_general=mixed_precision_dot_general)
+
+  features: int
+  init_std: float
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param("kernel", nn.initializers.normal(stddev=self.init_std),
+                        (x.shape[-1], self.features), self.param_dtype)
+    bias = (self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    if use_accumulating_matmul(x, kernel):
+      return accumulating_matmul(x, kernel, bias, self.dtype)
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))  # [..., out]
+    return y if bias is None else y + bias.astype(self.dtype)
+
+
+def dense(features: int, init_std: float, dtype: Dtype, param_dtype: Dtype, name: str | None,
+          use_bias: bool = True) -> Dense:
+  """`Dense(features, init_std, ...)` under `name`."""
+  return Dense(features, init_std, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias,
+               name=name)
 
 
 def padding_mask(attention_mask: Array | None) -> Array | None:
