@@ -16,8 +16,7 @@ CORPUS = ["Cora makes figs near the river.", "Brio is south of Alba.", "what doe
           "Dune and Gale trade goods; Elm makes nets.", "where is brio ?"]
 
 PROGRAM = """
-import json, sys
-sys.path.insert(0, {root!r})
+import json
 from tests import torch_reference as ref
 q, g = ref.train_tokenizers({corpus!r}, question_vocab=60, generator_vocab=300)
 print(json.dumps([sorted(q.get_vocab().items()), sorted(g.get_vocab().items())]))
@@ -28,10 +27,11 @@ def test_tokenizers_are_identical_across_processes():
   root = str(Path(__file__).resolve().parents[1])
   runs = []
   for hash_seed in ("1", "2", "3"):  # Python's hash seed too, though Rust's hashing is its own
-    proc = subprocess.run([sys.executable, "-c", PROGRAM.format(root=root, corpus=CORPUS)],
-                          capture_output=True, text=True, check=True,
-                          env={"PYTHONHASHSEED": hash_seed, "TOKENIZERS_PARALLELISM": "false",
-                               "HF_HUB_OFFLINE": "1", "PATH": ""})
+    proc = subprocess.run([sys.executable, "-c", PROGRAM.format(corpus=CORPUS)],
+                          capture_output=True, text=True, check=True, cwd=root,
+                          env={"PYTHONHASHSEED": hash_seed, "PYTHONPATH": root,
+                               "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+                               "PATH": ""})
     runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
   assert runs[0] == runs[1] == runs[2]
 
