@@ -7,6 +7,7 @@ with the directory. Tests then load the directory through rag_jax's loader and c
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 
 import numpy as np
@@ -102,30 +103,23 @@ def padded_batch(rng: np.random.Generator, batch: int, length: int, vocab: int, 
   return ids, mask
 
 
-def wordpiece_vocabulary(corpus: list[str], size: int, special_tokens: list[str]) -> dict[str, int]:
-  """A WordPiece vocabulary built deterministically from `corpus`: the special tokens, every
-  word-initial character, every inner character as a "##" continuation, then whole words by
-  descending count (ties alphabetical) up to `size` entries, ids in that order.
+def wordpiece_vocabulary(corpus: list[str], size: int, special_tokens: list[str], normalizer,
+                         pre_tokenizer) -> dict[str, int]:
+  """A WordPiece vocabulary built deterministically from `corpus` (split into words by the
+  tokenizer's own `normalizer` and `pre_tokenizer`): the special tokens, every word-initial
+  character, every inner character as a "##" continuation, then whole words by descending count
+  (ties alphabetical) up to `size` entries, ids in that order.
 
   `tokenizers`' WordPieceTrainer is not used because its ids (and, on ties, its tokens) follow
   Rust's per-process hash order: a seeded model would then see other token ids in each run.
   """
-  import collections
-
-  from tokenizers import normalizers, pre_tokenizers
-
-  normalizer = normalizers.BertNormalizer(lowercase=True)
-  pre_tokenizer = pre_tokenizers.BertPreTokenizer()
   words = collections.Counter(word for text in corpus for word, _ in
                               pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
   tokens = list(special_tokens)
   tokens += sorted({word[0] for word in words} - set(tokens))
   tokens += sorted({"##" + char for word in words for char in word[1:]})
-  for word, _ in sorted(words.items(), key=lambda item: (-item[1], item[0])):
-    if len(tokens) >= size:
-      break
-    if word not in tokens:
-      tokens.append(word)
+  by_count = sorted(words.items(), key=lambda item: (-item[1], item[0]))
+  tokens += [word for word, _ in by_count if word not in set(tokens)][:max(0, size - len(tokens))]
   return {token: i for i, token in enumerate(tokens)}
 
 
@@ -136,11 +130,14 @@ def train_tokenizers(corpus: list[str], question_vocab: int = 80, generator_voca
   import tokenizers
   from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+  normalizer = normalizers.BertNormalizer(lowercase=True)
+  pre_tokenizer = pre_tokenizers.BertPreTokenizer()
   vocab = wordpiece_vocabulary(corpus, question_vocab,
-                               ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+                               ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], normalizer,
+                               pre_tokenizer)
   wp = tokenizers.Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
-  wp.normalizer = normalizers.BertNormalizer(lowercase=True)
-  wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  wp.normalizer = normalizer
+  wp.pre_tokenizer = pre_tokenizer
   wp.post_processor = processors.BertProcessing(("[SEP]", wp.token_to_id("[SEP]")),
                                                 ("[CLS]", wp.token_to_id("[CLS]")))
   wp.decoder = decoders.WordPiece()
