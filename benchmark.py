@@ -48,6 +48,11 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdir/benchmark", "Where the JSON a
 _BUDGET = flags.DEFINE_float("time_budget_s", 3600.0, "Groups starting later are skipped.")
 _ISOLATE = flags.DEFINE_enum("isolate", "auto", ["auto", "yes", "no"],
                              "One child process per group (auto: on accelerators).")
+_PROFILE = flags.DEFINE_integer(
+    "profile", 0, "Trace this many more calls of each training step (and of the largest device "
+    "search) with jax.profiler and add a per-op summary to the JSON (benchmarks/profile.py).")
+_TRAIN_KINDS = flags.DEFINE_list("train_kinds", ["rag_sequence", "rag_token"],
+                                 "RAG models of the train workload.")
 _GROUP = flags.DEFINE_string("group", None, "Internal: run one group and write --child_out.")
 _CHILD_OUT = flags.DEFINE_string("child_out", None, "Internal: the child's result file.")
 
@@ -60,7 +65,8 @@ def main(argv):
              "peers": _PEERS.value, "workdir": _WORKDIR.value,
              "time_budget_s": _BUDGET.value, "isolate": _ISOLATE.value,
              "index_rows": _INDEX_ROWS.value, "scann": _SCANN.value,
-             "faiss_ef": [int(v) for v in _FAISS_EF.value], "hnsw_m": _HNSW_M.value}
+             "faiss_ef": [int(v) for v in _FAISS_EF.value], "hnsw_m": _HNSW_M.value,
+             "profile": _PROFILE.value, "train_kinds": _TRAIN_KINDS.value}
   Path(options["workdir"]).mkdir(parents=True, exist_ok=True)
   # Library INFO lines go to the workdir's log; the console keeps warnings, phases and results.
   handler = logging.FileHandler(Path(options["workdir"]) / "benchmark.log")

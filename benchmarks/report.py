@@ -42,7 +42,8 @@ def render(report: dict[str, Any]) -> str:
   m, c = report["machine"], report.get("ceilings") or {}
   lines = [f"`{report['command']}` ({report['date'][:10]}; {m['devices']}, {m['cpu_count']} host "
            f"CPUs; jax {m['jax']}, flax {m['flax']}, torch {m.get('torch', '-')}, "
-           f"transformers {m['transformers']}; compute {c.get('compute_dtype', '-')})", ""]
+           f"transformers {m['transformers']}; compute {c.get('compute_dtype', '-')}"
+           f"{'; XLA_FLAGS=' + m['xla_flags'] if m.get('xla_flags') else ''})", ""]
   if c:
     lines += [f"Ceilings measured in the same run: {c['matmul_size']}^3 matmul "
               f"{_num(c.get('jax_matmul_flops', 0) / 1e12)} TFLOP/s (jax), "
@@ -71,7 +72,32 @@ def render(report: dict[str, Any]) -> str:
         f"{_memory(ours)} / {_memory(peer)} |")
   for err in report.get("errors", []):
     lines.append(f"\n{err['group']}: {err['error']}")
+  for row in report["results"]:
+    summary = (row.get("rag_jax") or {}).get("profile")
+    if summary and "by_category" in summary:
+      lines += ["", *render_profile(row["case"], summary)]
   return "\n".join(lines)
+
+
+def render_profile(case: str, summary: dict[str, Any], components: int = 12) -> list[str]:
+  """Where one case's time went (benchmarks/profile.py): per category, then per component."""
+  head = (f"Profile of {case} ({summary['calls']} traced calls, {summary['where']}): "
+          f"{summary['wall_ms_per_call']:.1f} ms per call, ops {summary['op_ms_per_call']:.1f} "
+          f"ms, busy {_pct(summary.get('busy_fraction'))} of the wall time, "
+          f"{summary['events_per_call']:.0f} ops per call")
+  unattributed = sum(part["share"] for label, part in summary["by_category"].items()
+                     if label.startswith("not in the program"))
+  if unattributed > 0.5:  # kernels inside CUDA graphs carry the graph's name only
+    return [head + f"; {_pct(unattributed)} of the op time not attributed to instructions "
+            "(kernels inside CUDA graphs: trace with XLA_FLAGS=--xla_gpu_enable_command_buffer= "
+            "to attribute them)."]
+  lines = [head + ".", "", "| where | ms per call | share of op time |", "|---|---:|---:|"]
+  for label, part in summary["by_category"].items():
+    lines.append(f"| {label} | {part['ms_per_call']:.2f} | {_pct(part['share'])} |")
+  lines.append("| *by component (forward, backward, outside the gradient)* | | |")
+  for label, part in list(summary.get("by_component", {}).items())[:components]:
+    lines.append(f"| {label} | {part['ms_per_call']:.2f} | {_pct(part['share'])} |")
+  return lines
 
 
 def update(markdown: Path, reports: list[Path]) -> None:

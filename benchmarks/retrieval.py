@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import flops, timing
+from benchmarks import flops, profile, timing
 from benchmarks.presets import Preset
 from rag_jax.parallel import data_mesh
 from rag_jax.retrieval.exact import ExactConfig, ExactIndex, make_search_fn
@@ -147,9 +147,10 @@ def _device_db(rows_padded: int, dim: int, block: int) -> jax.Array:
   return make(keys).reshape(rows_padded, dim)  # [blocks, block, d] -> [rows, d]
 
 
-def device_data(preset: Preset, repeats: int, peer: bool,
+def device_data(preset: Preset, repeats: int, peer: bool, profile_calls: int = 0,
                 chunks: tuple[int, ...] = (16_384, 131_072, 524_288)) -> list[dict[str, Any]]:
-  """Exact search over a device-resident bf16 table against torch on the same device."""
+  """Exact search over a device-resident bf16 table against torch on the same device; with
+  `profile_calls`, a per-op profile of the last variant (bf16 matmul, largest chunk)."""
   n, dim = preset.retrieval_rows(True), preset.index_dim
   block = max(chunks)
   rows = math.ceil(n / block) * block
@@ -179,6 +180,10 @@ def device_data(preset: Preset, repeats: int, peer: bool,
              "flops_hand": flops.retrieval(b, n, dim), "bytes_per_pass": db_bytes,
              "copy_bandwidth": bandwidth, "rag_jax": t,
              "peer": torch_rows.get(b)}
+      if profile_calls and (matmul, chunk) == variants[-1]:
+        t["profile"] = profile.profile(
+            lambda search=search, q=q: jax.block_until_ready(search(q, db)), profile_calls,
+            search.lower(q, db).compile().as_text())
       results.append(row)
   return results
 
@@ -220,8 +225,9 @@ def _torch_exact(n: int, dim: int, queries: dict[int, np.ndarray], batches, repe
   return out
 
 
-def run(preset: Preset, repeats: int, peer: bool, **host_options: Any) -> list[dict[str, Any]]:
+def run(preset: Preset, repeats: int, peer: bool, profile_calls: int = 0,
+        **host_options: Any) -> list[dict[str, Any]]:
   """Device data for an accelerator's full-size index, else host data (see the docstring)."""
   if timing.on_accelerator() and preset.retrieval_rows(True) > 1_000_000:
-    return device_data(preset, repeats, peer)
+    return device_data(preset, repeats, peer, profile_calls)
   return host_data(preset, repeats, peer, **host_options)

@@ -47,13 +47,15 @@ def run_group(group: str, options: dict[str, Any]) -> Any:
       out["jax_matmul_flops_float32"] = timing.jax_matmul_peak(models.jnp_dtype("float32"), size)
     return out
   if group == "train":
-    return [train_step.run_case(preset, kind, n, dtype, reps, warm, peer)
-            for n in preset.n_docs for kind in ("rag_sequence", "rag_token")]
+    return [train_step.run_case(preset, kind, n, dtype, reps, warm, peer,
+                                options.get("profile", 0))
+            for n in preset.n_docs for kind in options.get("train_kinds") or train_step.KINDS]
   if group == "generate":
     return [generation.run_case(preset, kind, decoding, preset.n_docs[0], dtype, reps, warm,
                                 peer) for kind, decoding in generation.MODES]
   if group == "retrieval":
-    return retrieval.run(preset, reps, peer, rows=options.get("index_rows") or None,
+    return retrieval.run(preset, reps, peer, profile_calls=options.get("profile", 0),
+                         rows=options.get("index_rows") or None,
                          scann_specs=tuple(options.get("scann") or ("2:0.03",)),
                          faiss_ef=tuple(options.get("faiss_ef") or (128,)),
                          hnsw_m=options.get("hnsw_m", 128))
@@ -98,7 +100,9 @@ def _child(group: str, options: dict[str, Any], timeout: float) -> Any:
            f"--warmup={options['warmup']}", f"--peers={options['peers']}",
            f"--workdir={options['workdir']}", f"--n_docs={','.join(map(str, options['n_docs']))}",
            f"--index_rows={options['index_rows']}", *[f"--scann={s}" for s in options["scann"]],
-           f"--faiss_ef={','.join(map(str, options['faiss_ef']))}", f"--hnsw_m={options['hnsw_m']}"]
+           f"--faiss_ef={','.join(map(str, options['faiss_ef']))}", f"--hnsw_m={options['hnsw_m']}",
+           f"--profile={options.get('profile', 0)}",
+           f"--train_kinds={','.join(options.get('train_kinds') or [])}"]
     env = dict(os.environ)
     if group == "max_batch_jax":  # jax alone on the device: let it take nearly all of it.
       env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = "0.95"

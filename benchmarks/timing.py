@@ -158,7 +158,7 @@ def machine() -> dict[str, Any]:
          "transformers": transformers.__version__, "backend": jax.default_backend(),
          "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
          "host": platform.platform(), "cpu_count": os.cpu_count(),
-         "python": platform.python_version()}
+         "python": platform.python_version(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
   try:
     import torch
     out["torch"] = torch.__version__

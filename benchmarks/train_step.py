@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from benchmarks import flops, models, timing
+from benchmarks import flops, models, profile, timing
 from benchmarks.presets import Preset
 from rag_jax import losses
 from rag_jax.parallel import data_mesh, global_batch, replicate
@@ -29,6 +29,7 @@ from rag_jax.training.rag_step import make_train_step
 from rag_jax.training.state import create_train_state
 
 LOSSES = {"rag_sequence": losses.rag_sequence_nll, "rag_token": losses.rag_token_nll}
+KINDS = tuple(LOSSES)
 
 
 def optimizer_config() -> ml_collections.ConfigDict:
@@ -76,8 +77,9 @@ def torch_side(torch_model, batch: dict[str, np.ndarray], dtype: str, repeats: i
 
 
 def jax_side(model, params, batch: dict[str, np.ndarray], kind: str, repeats: int,
-             warmup: int) -> dict[str, Any]:
-  """Compiles and times rag_jax's step; returns timing, compile time, XLA FLOPs and memory."""
+             warmup: int, profile_calls: int = 0) -> dict[str, Any]:
+  """Compiles and times rag_jax's step; returns timing, compile time, XLA FLOPs and memory,
+  and with `profile_calls` a per-op profile of that many more steps (benchmarks/profile.py)."""
   mesh = data_mesh()
   loss_fn = functools.partial(LOSSES[kind], epsilon=0.0, pad_token_id=1)  # as the peer
   timing.reset_host_peak()
@@ -104,11 +106,13 @@ def jax_side(model, params, batch: dict[str, np.ndarray], kind: str, repeats: in
                 host_peak_mib=timing.host_peak_mb(), xla_flops=timing.compiled_flops(compiled),
                 memory_plan=timing.compiled_memory_gib(compiled),
                 device=timing.jax_device_memory())
+  if profile_calls:
+    result["profile"] = profile.profile(run, profile_calls, compiled.as_text())
   return result
 
 
 def run_case(preset: Preset, kind: str, n_docs: int, dtype: str, repeats: int, warmup: int,
-             peer: bool) -> dict[str, Any]:
+             peer: bool, profile_calls: int = 0) -> dict[str, Any]:
   """One (RAG kind, n_docs) case at the preset's batch: both sides, FLOPs, ratio."""
   batch = models.train_inputs(preset, preset.batch, n_docs)
   torch_model = models.torch_rag(preset, kind, n_docs)
@@ -116,7 +120,7 @@ def run_case(preset: Preset, kind: str, n_docs: int, dtype: str, repeats: int, w
   theirs = torch_side(torch_model, batch, dtype, repeats, warmup) if peer else None
   torch_model = None  # released before rag_jax allocates
   _release_torch()
-  ours = jax_side(model, params, batch, kind, repeats, warmup)
+  ours = jax_side(model, params, batch, kind, repeats, warmup, profile_calls)
   hand = flops.rag_train_step(preset.question_encoder, preset.generator, preset.batch, n_docs,
                               preset.question_length, preset.context_length,
                               preset.target_length)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import flops, presets
+from benchmarks import flops, presets, profile
+from benchmarks import report as report_md
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,7 +21,8 @@ def report(tmp_path_factory) -> dict:
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user
   proc = subprocess.run(
       [sys.executable, "benchmark.py", "--preset=tiny", "--repeats=2", "--warmup=1",
-       f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+       "--profile=1", f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True,
+      timeout=600, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "rag_jax/s" in proc.stdout  # the console table
   return json.loads((workdir / "tiny.json").read_text())
@@ -71,3 +73,48 @@ def test_hand_count_of_a_bert_layer():
   cfg = dict(presets.BERT_BASE, num_hidden_layers=1)
   expected = 4 * 2 * 128 * 768**2 + 2 * 2 * 128 * 768 * 3072 + 2 * 2 * 128**2 * 768
   assert flops.bert_forward(cfg, 1, 128) == expected
+
+
+def test_profile_maps_every_traced_op_to_the_program(report):
+  # On the CPU every thunk the trace saw is an instruction of the compiled step: none may fall
+  # into "not in the program", the matmuls must be found, and the gradient's ops must be told
+  # apart from the forward's by their op_name metadata.
+  for row in [r for r in report["results"] if r["workload"] == "train"]:
+    summary = row["rag_jax"]["profile"]
+    assert summary["where"] == "host thunks" and summary["calls"] == 1
+    assert summary["op_ms_per_call"] > 0 and 0 < summary["busy_fraction"] <= 1.0 + 1e-6
+    categories = summary["by_category"]
+    assert not any(label.startswith("not in the program") for label in categories)
+    assert {"matmul", "matmul fusion"} & set(categories)
+    assert sum(c["share"] for c in categories.values()) == pytest.approx(1.0)
+    components = set(summary["by_component"])
+    assert any(c.startswith("backward: RagModel/generator") for c in components)
+    assert any(c.startswith("forward: RagModel/generator") for c in components)
+    assert summary["top_ops"][0]["share"] >= summary["top_ops"][-1]["share"]
+    assert "Profile of " + row["case"] in report_md.render(report)
+
+
+# A small GPU-style program: a Triton matmul fusion, a cuBLAS custom call, a loop fusion.
+HLO = (ROOT / "tests" / "data" / "profile_step.hlo").read_text()
+
+
+def test_profile_classifies_hlo_instructions_by_hand():
+  instructions, computations = profile.parse_hlo(HLO)
+  assert set(computations) == {"fused_dot", "fused_add", "main.9"}
+  assert profile.category(instructions["gemm_fusion_dot.3"], computations) == "matmul fusion"
+  assert profile.category(instructions["custom-call.4"], computations) == "matmul (library)"
+  assert profile.category(instructions["loop_add_fusion.5"], computations) == (
+      "elementwise fusion")
+  assert profile.category(instructions["copy.6"], computations) == "copy / transpose"
+  assert profile.category(None, computations).startswith("not in the program")
+  assert profile.component("jit(step)/transpose(jvp(RagModel))/generator/decoder/layers_3/fc1/"
+                           "dot_general") == "backward: RagModel/generator/decoder/layers_*/fc1"
+  assert profile.component("jit(step)/jvp(RagModel)/generator/decoder/layers_11/fc2/"
+                           "dot_general") == "forward: RagModel/generator/decoder/layers_*/fc2"
+  assert profile.component("jit(step)/add") == "outside grad: (top level)"
+  # Inside a CUDA graph every kernel carries the graph's name; the kernel name finds the fusion.
+  assert profile._instruction_of("command_buffer_1", "loop_add_fusion_5", instructions) == (
+      "loop_add_fusion.5")
+  assert profile._instruction_of("command_buffer_1", "nvjet_sm90_tst_128x256", instructions) == (
+      "nvjet_sm90_tst_128x256")
+  assert profile._instruction_of("copy.6", "copy_6", instructions) == "copy.6"
