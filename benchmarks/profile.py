@@ -203,7 +203,7 @@ def summarize(trace_dir: str, hlo_text: str, wall_s: float, calls: int,
   busy = _union_ns([(s, s + d) for _, s, d in events])
   return {
       "where": "device kernels" if on_device else "host thunks",
-      "calls": calls, "wall_ms_per_call": 1e3 * wall_s / calls,
+      "calls": calls, "wall_ms_per_call": 1e3 * wall_s / calls,  # calls = program runs
       "op_ms_per_call": total / 1e6 / calls,
       "busy_ms_per_call": busy / 1e6 / calls,
       "busy_fraction": busy / 1e9 / wall_s if wall_s else None,
@@ -218,9 +218,10 @@ def summarize(trace_dir: str, hlo_text: str, wall_s: float, calls: int,
   }
 
 
-def profile(fn: Callable[[], Any], calls: int, hlo_text: str,
-            trace_dir: str | None = None) -> dict[str, Any]:
-  """Traces `calls` calls of fn (each blocks until its work is done) and summarises them."""
+def profile(fn: Callable[[], Any], calls: int, hlo_text: str, trace_dir: str | None = None,
+            steps: int = 1) -> dict[str, Any]:
+  """Traces `calls` calls of fn (each blocks until its work is done) and summarises them per
+  step: fn runs `steps` steps of the program per call (e.g. dispatched back to back)."""
   with tempfile.TemporaryDirectory() as tmp:
     where = trace_dir or tmp
     jax.profiler.start_trace(where)
@@ -231,4 +232,4 @@ def profile(fn: Callable[[], Any], calls: int, hlo_text: str,
     finally:
       wall = time.perf_counter() - start
       jax.profiler.stop_trace()
-    return summarize(where, hlo_text, wall, calls)
+    return summarize(where, hlo_text, wall, calls * steps)

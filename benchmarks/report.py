@@ -36,6 +36,16 @@ def _memory(side: dict[str, Any]) -> str:
   return f"{side['host_peak_mib'] / 1024:.1f} GiB host" if side.get("host_peak_mib") else "-"
 
 
+def _copies(ceilings: dict[str, Any]) -> str:
+  """'2.5e+03 GB/s (jax), 4.1e+03 GB/s (torch)', or the one figure older reports hold."""
+  if "jax_copy_bandwidth" not in ceilings:
+    return f"{_num(ceilings['copy_bandwidth'] / 1e9)} GB/s"
+  parts = [f"{_num(ceilings['jax_copy_bandwidth'] / 1e9)} GB/s (jax)"]
+  if ceilings.get("torch_copy_bandwidth"):
+    parts.append(f"{_num(ceilings['torch_copy_bandwidth'] / 1e9)} GB/s (torch)")
+  return ", ".join(parts)
+
+
 def render(report: dict[str, Any]) -> str:
   """One markdown block: what ran, the ceilings, one table row per case."""
   derive(report)
@@ -48,7 +58,7 @@ def render(report: dict[str, Any]) -> str:
     lines += [f"Ceilings measured in the same run: {c['matmul_size']}^3 matmul "
               f"{_num(c.get('jax_matmul_flops', 0) / 1e12)} TFLOP/s (jax), "
               f"{_num((c.get('torch_matmul_flops') or 0) / 1e12)} TFLOP/s (torch); device copy "
-              f"{_num(c['copy_bandwidth'] / 1e9)} GB/s (read + write). \"of peak\" = hand-counted "
+              f"{_copies(c)} (read + write). \"of peak\" = hand-counted "
               f"matmul FLOPs / time / the faster matmul.", ""]
   lines += ["| workload | case | rag_jax /s | peer | peer /s | rag_jax vs peer | rag_jax of peak "
             "| peer of peak | rag_jax compile s | memory rag_jax / peer |",

@@ -150,6 +150,36 @@ def jax_copy_bandwidth(gib: float = 2.0) -> float:
   return 2 * n * 2 / t.median_s
 
 
+def torch_copy_bandwidth(gib: float = 2.0) -> float | None:
+  """Bytes/s of torch's device copy (`dst.copy_(src)`, bf16): bytes read + bytes written; None
+  without torch."""
+  try:
+    import torch
+  except ImportError:
+    return None
+  dev = torch_device()
+  n = int(gib * 2**30 / 2)
+  src = torch.ones(n, dtype=torch.bfloat16, device=dev)
+  dst = torch.empty_like(src)
+  sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+  def run():
+    dst.copy_(src)
+    sync()
+
+  return 2 * n * 2 / measure(run, repeats=10, warmup=2).median_s
+
+
+def copy_bandwidth(gib: float, peer: bool) -> dict[str, float]:
+  """The device's copy ceiling: jax's and (with `peer`) torch's, the faster as `copy_bandwidth`
+  (the fraction-of-bandwidth figures divide by it, like the matmul peak)."""
+  out = {"jax_copy_bandwidth": jax_copy_bandwidth(gib)}
+  if peer and (torch_rate := torch_copy_bandwidth(gib)):
+    out["torch_copy_bandwidth"] = torch_rate
+  out["copy_bandwidth"] = max(out.values())
+  return out
+
+
 def machine() -> dict[str, Any]:
   """What ran: devices, host, library versions."""
   import flax

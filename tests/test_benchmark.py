@@ -32,8 +32,12 @@ def test_json_has_every_field(report):
   assert report["errors"] == []
   assert {"jax", "flax", "transformers", "torch", "devices", "host"} <= set(report["machine"])
   ceilings = report["ceilings"]
-  for key in ("jax_matmul_flops", "torch_matmul_flops", "copy_bandwidth", "matmul_peak_flops"):
+  for key in ("jax_matmul_flops", "torch_matmul_flops", "copy_bandwidth", "matmul_peak_flops",
+              "jax_copy_bandwidth", "torch_copy_bandwidth"):
     assert ceilings[key] > 0
+  # The bandwidth ceiling is the faster library's copy, as the matmul peak is the faster matmul.
+  assert ceilings["copy_bandwidth"] == max(ceilings["jax_copy_bandwidth"],
+                                           ceilings["torch_copy_bandwidth"])
   workloads = {row["workload"] for row in report["results"]}
   assert workloads == {"train", "retrieval", "generate", "encode"}
   for row in report["results"]:
@@ -118,3 +122,20 @@ def test_profile_classifies_hlo_instructions_by_hand():
   assert profile._instruction_of("command_buffer_1", "nvjet_sm90_tst_128x256", instructions) == (
       "nvjet_sm90_tst_128x256")
   assert profile._instruction_of("copy.6", "copy_6", instructions) == "copy.6"
+
+
+def test_max_batch_reads_this_runs_train_row_only(tmp_path):
+  # --max_batch predicts from the train group's memory plan in this run's JSON; a file left by
+  # an earlier run in the same workdir is replaced when the run starts, never read.
+  from benchmarks import runner
+  preset = presets.get("tiny")
+  options = {"workdir": str(tmp_path), "preset": "tiny", "time_budget_s": 0.0,
+             "isolate": "no"}
+  row = {"workload": "train", "kind": "rag_sequence", "n_docs": preset.n_docs[0],
+         "batch": preset.batch, "dtype": "float32",
+         "rag_jax": {"memory_plan": {"temp_gib": 1.0}}}
+  (tmp_path / "tiny.json").write_text(json.dumps({"results": [row]}))
+  assert runner._train_row(options, preset, "float32") == row
+  assert runner._train_row(options, preset, "bfloat16") is None  # another compute dtype
+  runner.run(options, ["train"], "test")  # no time budget: nothing runs, the file is this run's
+  assert runner._train_row(options, preset, "float32") is None
