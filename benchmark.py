@@ -53,6 +53,10 @@ _PROFILE = flags.DEFINE_integer(
     "search) with jax.profiler and add a per-op summary to the JSON (benchmarks/profile.py).")
 _TRAIN_KINDS = flags.DEFINE_list("train_kinds", ["rag_sequence", "rag_token"],
                                  "RAG models of the train workload.")
+_ATTENTION = flags.DEFINE_enum(
+    "attention", "xla", ["xla", "cudnn"],
+    "rag_jax's BART attention: the XLA core, or cuDNN's fused attention where it applies "
+    "(NVIDIA GPUs; rag_jax.models.layers.DotProductAttention).")
 _GROUP = flags.DEFINE_string("group", None, "Internal: run one group and write --child_out.")
 _CHILD_OUT = flags.DEFINE_string("child_out", None, "Internal: the child's result file.")
 
@@ -66,7 +70,8 @@ def main(argv):
              "time_budget_s": _BUDGET.value, "isolate": _ISOLATE.value,
              "index_rows": _INDEX_ROWS.value, "scann": _SCANN.value,
              "faiss_ef": [int(v) for v in _FAISS_EF.value], "hnsw_m": _HNSW_M.value,
-             "profile": _PROFILE.value, "train_kinds": _TRAIN_KINDS.value}
+             "profile": _PROFILE.value, "train_kinds": _TRAIN_KINDS.value,
+             "attention": _ATTENTION.value}
   Path(options["workdir"]).mkdir(parents=True, exist_ok=True)
   # Library INFO lines go to the workdir's log; the console keeps warnings, phases and results.
   handler = logging.FileHandler(Path(options["workdir"]) / "benchmark.log")

@@ -43,11 +43,11 @@ def _agreement(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run_case(preset: Preset, kind: str, decoding: str, n_docs: int, dtype: str, repeats: int,
-             warmup: int, peer: bool) -> dict[str, Any]:
+             warmup: int, peer: bool, attention: str = "xla") -> dict[str, Any]:
   inputs = _inputs(preset, n_docs)
   opts = _options(preset)
   torch_model = models.torch_rag(preset, kind, n_docs).eval()
-  model, params = models.to_rag_jax(torch_model, models.jnp_dtype(dtype))
+  model, params = models.to_rag_jax(torch_model, models.jnp_dtype(dtype), attention)
   theirs, their_tokens = None, None
   if peer and decoding != "fast":
     import torch
@@ -85,7 +85,8 @@ def run_case(preset: Preset, kind: str, decoding: str, n_docs: int, dtype: str, 
                             "thorough" if decoding == "thorough" else "beam")
   label = {"beam": "RAG-Token beam", "thorough": "RAG-Sequence thorough",
            "fast": "RAG-Sequence fast"}[decoding]
-  result = {"workload": "generate", "case": f"{label} n_docs={n_docs}", "kind": kind,
+  case = models.case_label(f"{label} n_docs={n_docs}", attention)
+  result = {"workload": "generate", "case": case, "kind": kind, "attention": attention,
             "decoding": decoding, "n_docs": n_docs, "batch": preset.batch,
             "num_beams": preset.num_beams, "tokens": preset.target_length, "dtype": dtype,
             "unit": "questions", "items": preset.batch, "flops_hand": hand, "rag_jax": ours,

@@ -8,6 +8,7 @@ two implementations time identical weights. Inputs are seeded numpy arrays.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 import tempfile
 from pathlib import Path
@@ -50,13 +51,23 @@ def torch_context_encoder(preset: Preset):
     return tf.DPRContextEncoder(tf.DPRConfig(projection_dim=0, **preset.question_encoder))
 
 
-def to_rag_jax(torch_model, dtype: Any) -> tuple[Any, Any]:
-  """(module, params) of rag_jax holding the torch model's weights (through a checkpoint)."""
+def to_rag_jax(torch_model, dtype: Any, attention: str = "xla") -> tuple[Any, Any]:
+  """(module, params) of rag_jax holding the torch model's weights (through a checkpoint);
+  `attention` sets a RAG model's generator attention_implementation (layers.py)."""
   import transformers
   transformers.utils.logging.disable_progress_bar()  # The console shows the benchmark's own.
   with tempfile.TemporaryDirectory(dir=_tmp_root()) as tmp:
     torch_model.save_pretrained(tmp)
-    return load_pretrained(tmp, dtype=dtype)
+    model, params = load_pretrained(tmp, dtype=dtype)
+  if attention != "xla":
+    generator = dataclasses.replace(model.config.generator, attention_implementation=attention)
+    model = model.clone(config=dataclasses.replace(model.config, generator=generator))
+  return model, params
+
+
+def case_label(label: str, attention: str) -> str:
+  """A case's name, with the attention implementation when it is not the default."""
+  return label if attention == "xla" else f"{label}, {attention} attention"
 
 
 def compute_dtype(name: str, on_accelerator: bool, preset: Preset) -> str:

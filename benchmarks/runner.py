@@ -36,6 +36,7 @@ def run_group(group: str, options: dict[str, Any]) -> Any:
   accel = timing.on_accelerator()
   dtype = models.compute_dtype(options["dtype"], accel, preset)
   reps, warm, peer = options["repeats"], options["warmup"], options["peers"]
+  attention = options.get("attention", "xla")
   if group == "ceilings":
     size = 8192 if accel else 2048
     out = {"compute_dtype": dtype, "matmul_size": size,
@@ -48,11 +49,11 @@ def run_group(group: str, options: dict[str, Any]) -> Any:
     return out
   if group == "train":
     return [train_step.run_case(preset, kind, n, dtype, reps, warm, peer,
-                                options.get("profile", 0))
+                                options.get("profile", 0), attention)
             for n in preset.n_docs for kind in options.get("train_kinds") or train_step.KINDS]
   if group == "generate":
     return [generation.run_case(preset, kind, decoding, preset.n_docs[0], dtype, reps, warm,
-                                peer) for kind, decoding in generation.MODES]
+                                peer, attention) for kind, decoding in generation.MODES]
   if group == "retrieval":
     return retrieval.run(preset, reps, peer, profile_calls=options.get("profile", 0),
                          rows=options.get("index_rows") or None,
@@ -64,10 +65,11 @@ def run_group(group: str, options: dict[str, Any]) -> Any:
   if group == "max_batch_jax":
     # The train group's row (already in this run's JSON) holds the memory plan the prediction
     # needs; only without it is the preset-batch step compiled again.
-    first = _train_row(options, preset, dtype) or train_step.run_case(
-        preset, "rag_sequence", preset.n_docs[0], dtype, reps, warm, peer=False)
+    first = _train_row(options, preset, dtype, attention) or train_step.run_case(
+        preset, "rag_sequence", preset.n_docs[0], dtype, reps, warm, peer=False,
+        attention=attention)
     largest = train_step.largest_jax_batch(preset, "rag_sequence", preset.n_docs[0], dtype,
-                                           first["rag_jax"], reps)
+                                           first["rag_jax"], reps, attention)
     return [_max_batch_row(preset, dtype, "rag_jax", largest)]
   if group == "max_batch_torch":
     largest = train_step.largest_torch_batch(preset, "rag_sequence", preset.n_docs[0], dtype,
@@ -76,7 +78,8 @@ def run_group(group: str, options: dict[str, Any]) -> Any:
   raise ValueError(f"unknown group {group!r}; choose from {GROUPS}")
 
 
-def _train_row(options: dict[str, Any], preset, dtype: str) -> dict[str, Any] | None:
+def _train_row(options: dict[str, Any], preset, dtype: str,
+               attention: str = "xla") -> dict[str, Any] | None:
   """This run's RAG-Sequence train row at the preset's batch and first n_docs, if the train
   group wrote one with a memory plan into <workdir>/<preset>.json."""
   path = Path(options["workdir"]) / f"{options['preset']}.json"
@@ -86,7 +89,8 @@ def _train_row(options: dict[str, Any], preset, dtype: str) -> dict[str, Any] | 
     ours = row.get("rag_jax") or {}
     if (row.get("workload") == "train" and row.get("kind") == "rag_sequence"
         and row.get("n_docs") == preset.n_docs[0] and row.get("batch") == preset.batch
-        and row.get("dtype") == dtype and ours.get("memory_plan")):
+        and row.get("dtype") == dtype and row.get("attention", "xla") == attention
+        and ours.get("memory_plan")):
       return row
   return None
 
@@ -119,7 +123,8 @@ def _child(group: str, options: dict[str, Any], timeout: float) -> Any:
            f"--index_rows={options['index_rows']}", *[f"--scann={s}" for s in options["scann"]],
            f"--faiss_ef={','.join(map(str, options['faiss_ef']))}", f"--hnsw_m={options['hnsw_m']}",
            f"--profile={options.get('profile', 0)}",
-           f"--train_kinds={','.join(options.get('train_kinds') or [])}"]
+           f"--train_kinds={','.join(options.get('train_kinds') or [])}",
+           f"--attention={options.get('attention', 'xla')}"]
     env = dict(os.environ)
     if group == "max_batch_jax":  # jax alone on the device: let it take nearly all of it.
       env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = "0.95"

@@ -117,11 +117,11 @@ def jax_side(model, params, batch: dict[str, np.ndarray], kind: str, repeats: in
 
 
 def run_case(preset: Preset, kind: str, n_docs: int, dtype: str, repeats: int, warmup: int,
-             peer: bool, profile_calls: int = 0) -> dict[str, Any]:
+             peer: bool, profile_calls: int = 0, attention: str = "xla") -> dict[str, Any]:
   """One (RAG kind, n_docs) case at the preset's batch: both sides, FLOPs, ratio."""
   batch = models.train_inputs(preset, preset.batch, n_docs)
   torch_model = models.torch_rag(preset, kind, n_docs)
-  model, params = models.to_rag_jax(torch_model, models.jnp_dtype(dtype))
+  model, params = models.to_rag_jax(torch_model, models.jnp_dtype(dtype), attention)
   theirs = torch_side(torch_model, batch, dtype, repeats, warmup) if peer else None
   torch_model = None  # released before rag_jax allocates
   _release_torch()
@@ -129,7 +129,8 @@ def run_case(preset: Preset, kind: str, n_docs: int, dtype: str, repeats: int, w
   hand = flops.rag_train_step(preset.question_encoder, preset.generator, preset.batch, n_docs,
                               preset.question_length, preset.context_length,
                               preset.target_length)
-  return {"workload": "train", "case": f"{kind} n_docs={n_docs}", "kind": kind,
+  return {"workload": "train", "case": models.case_label(f"{kind} n_docs={n_docs}", attention),
+          "kind": kind, "attention": attention,
           "n_docs": n_docs, "batch": preset.batch, "dtype": dtype, "unit": "questions",
           "items": preset.batch, "flops_hand": hand, "rag_jax": ours,
           "peer": theirs and {"name": f"transformers {models.RAG_CLASSES[kind]} + torch AdamW",
@@ -151,7 +152,7 @@ def _is_oom(error: BaseException) -> bool:
 
 
 def largest_jax_batch(preset: Preset, kind: str, n_docs: int, dtype: str, first: dict[str, Any],
-                      repeats: int) -> dict[str, Any]:
+                      repeats: int, attention: str = "xla") -> dict[str, Any]:
   """The largest batch (a multiple of the preset's) whose step compiles and runs, predicted
   from the preset-batch program's memory plan (temporaries grow linearly with the batch; the
   state does not) and confirmed by running it; 25 % smaller on each out-of-memory."""
@@ -164,7 +165,7 @@ def largest_jax_batch(preset: Preset, kind: str, n_docs: int, dtype: str, first:
   guess = int((0.92 * limit - fixed) / per_question) // unit * unit
   tried = []
   torch_model = models.torch_rag(preset, kind, n_docs)
-  model, params = models.to_rag_jax(torch_model, models.jnp_dtype(dtype))
+  model, params = models.to_rag_jax(torch_model, models.jnp_dtype(dtype), attention)
   del torch_model
   _release_torch()
   host_params = jax.device_get(params)

@@ -75,8 +75,12 @@ class BartConfig:
   tie_word_embeddings: bool = True  # Output projection = shared token embedding.
   architecture: str = "BartForConditionalGeneration"  # Written to config.json on export.
   hf_extra: str = "{}"  # JSON of the other config.json fields, written back on export.
+  # rag_jax's own (not in config.json): "xla", or "cudnn" for cuDNN's fused attention on NVIDIA
+  # GPUs where it applies (layers.DotProductAttention).
+  attention_implementation: str = "xla"
 
   def __post_init__(self):
+    layers.check_attention_implementation(self.attention_implementation)
     for heads in (self.encoder_attention_heads, self.decoder_attention_heads):
       if self.d_model % heads:
         raise ValueError(f"d_model {self.d_model} is not divisible by {heads} attention heads")
@@ -140,7 +144,8 @@ class BartAttention(nn.Module):
     mk = lambda name: layers.dense(d, std, self.dtype, self.param_dtype, name)  # noqa: E731
     self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
         mk("q_proj"), mk("k_proj"), mk("v_proj"), mk("out_proj"))
-    self.core = layers.DotProductAttention(self.config.attention_dropout, self.dtype)
+    self.core = layers.DotProductAttention(self.config.attention_dropout, self.dtype,
+                                           self.config.attention_implementation)
 
   def _project_kv(self, states: Array) -> tuple[Array, Array]:
     """[B, S, d] -> keys, values [B, S, H, Dh]."""

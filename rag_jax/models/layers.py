@@ -196,6 +196,33 @@ def merge_heads(x: Array) -> Array:
   return x.reshape(x.shape[:-2] + (x.shape[-2] * x.shape[-1],))
 
 
+# "xla": the einsum / softmax / einsum core below (every backend). "cudnn": cuDNN's fused
+# flash attention on NVIDIA GPUs where it applies (see `DotProductAttention`).
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+def check_attention_implementation(name: str) -> None:
+  if name not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"attention_implementation={name!r}; choose one of "
+                     f"{ATTENTION_IMPLEMENTATIONS}")
+
+
+def fused_attention(query: Array, key: Array, value: Array, mask: Array | None, scale: float,
+                    implementation: str) -> Array:
+  """softmax(q k^T * scale + mask) v through `jax.nn.dot_product_attention`.
+
+  With implementation="cudnn" this is one fused kernel forward and one backward (flash
+  attention): the [B, H, T, S] scores never reach device memory. query [B, T, H, Dh], key and
+  value [B, S, H, Dh], mask boolean broadcastable to [B, H, T, S]; it is broadcast over the
+  queries ([B or 1, H or 1, T, S]), since cuDNN takes a mask only as a bias with both lengths.
+  Returns [B, T, H, Dh] in query's dtype.
+  """
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, mask.shape[:2] + (query.shape[1], key.shape[1]))
+  return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale,
+                                      implementation=implementation)
+
+
 class DotProductAttention(nn.Module):
   """softmax(q k^T * scale + mask) v with fp32 logits and softmax, dropout on the probabilities.
 
@@ -203,14 +230,36 @@ class DotProductAttention(nn.Module):
   [B, H, T, S] (True = attend). Output [B, T, H, Dh] in `dtype`. With cache_layout=True the key
   is [B, H, Dh, S] and the value [B, H, S, Dh]: the layout decode caches keep, so that a step
   multiplies them as they lie (a transposed key made the one-token logits 3x slower on CPU).
+
+  implementation="cudnn" (NVIDIA GPUs only) sends the calls cuDNN's fused attention supports to
+  it (`fused_attention`): bf16/fp16, no dropout on the probabilities (BART's default
+  attention_dropout is 0), head width a multiple of 8 up to 128, even query and key lengths (a
+  mask becomes a bias, which cuDNN's backward needs even), no decode cache. The others (e.g. 25
+  target tokens, decoding) take the core below.
   """
 
   dropout_rate: float
   dtype: Dtype = jnp.float32
+  implementation: str = "xla"
+
+  def _fusable(self, query: Array, key: Array, deterministic: bool,
+               cache_layout: bool) -> bool:
+    if self.implementation != "cudnn":
+      return False
+    if jax.default_backend() != "gpu":
+      raise ValueError("attention_implementation='cudnn' needs an NVIDIA GPU; jax's backend "
+                       f"here is {jax.default_backend()!r} (use 'xla')")
+    head = query.shape[-1]
+    return (not cache_layout and (deterministic or self.dropout_rate == 0.0)
+            and query.dtype in LOW_PRECISION and key.dtype == query.dtype
+            and head % 8 == 0 and head <= 128
+            and query.shape[1] % 2 == 0 and key.shape[1] % 2 == 0)
 
   @nn.compact
   def __call__(self, query: Array, key: Array, value: Array, mask: Array | None,
                scale: float, deterministic: bool, cache_layout: bool = False) -> Array:
+    if self._fusable(query, key, deterministic, cache_layout):
+      return fused_attention(query, key, value.astype(query.dtype), mask, scale, "cudnn")
     accumulate = jnp.promote_types(query.dtype, jnp.float32)
     # Heads-major operands ([B, T, H, Dh] -> [B, H, T, Dh]) make both products plain batched
     # matmuls over contiguous [T, Dh] / [S, Dh] blocks; left to itself, XLA's CPU backend picks
