@@ -24,7 +24,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
-from benchmarks import runner  # noqa: E402
+from benchmarks import runner, train_step  # noqa: E402
 from rag_jax.utils.host_memory import configure_host_allocator  # noqa: E402
 
 _PRESET = flags.DEFINE_enum("preset", "tiny", ["tiny", "world", "base", "paper"], "Shapes.")
@@ -63,6 +63,9 @@ _CHILD_OUT = flags.DEFINE_string("child_out", None, "Internal: the child's resul
 
 def main(argv):
   del argv
+  unknown = sorted(set(_TRAIN_KINDS.value) - set(train_step.KINDS))
+  if unknown:
+    raise app.UsageError(f"--train_kinds: unknown {unknown}; choose from {list(train_step.KINDS)}")
   configure_host_allocator()  # As train.py does; before jax starts its CPU client.
   options = {"preset": _PRESET.value, "dtype": _DTYPE.value, "repeats": _REPEATS.value,
              "warmup": _WARMUP.value, "n_docs": [int(n) for n in _N_DOCS.value],
