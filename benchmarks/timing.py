@@ -23,13 +23,16 @@ import numpy as np
 
 @dataclasses.dataclass
 class Timing:
-  """Seconds of one workload: first call (compile + run for jax) and the timed repeats."""
+  """Seconds of one workload: first call (compile + run for jax) and the timed repeats;
+  `system_s`, the median kernel CPU time of the process per timed call (page faults, zeroing
+  and unmapping of host memory show up there, not in the profile of the program)."""
 
   first_s: float
   median_s: float
   min_s: float
   max_s: float
   repeats: int
+  system_s: float
 
   def as_dict(self) -> dict[str, float]:
     return dataclasses.asdict(self)
@@ -43,13 +46,14 @@ def measure(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> Timing:
   first = time.perf_counter() - start
   for _ in range(max(0, warmup - 1)):
     fn()
-  times = []
+  times, system = [], []
   for _ in range(repeats):
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), os.times()
     fn()
     times.append(time.perf_counter() - start)
+    system.append(os.times().system - cpu.system)
   return Timing(first, float(np.median(times)), float(np.min(times)), float(np.max(times)),
-                repeats)
+                repeats, float(np.median(system)))
 
 
 def on_accelerator() -> bool:

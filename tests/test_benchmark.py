@@ -44,6 +44,7 @@ def test_json_has_every_field(report):
     ours = row["rag_jax"]
     for key in ("first_s", "median_s", "min_s", "max_s", "items_per_s"):
       assert ours[key] > 0, (row["case"], key)
+    assert ours["system_s"] >= 0, row["case"]  # kernel CPU time per call
     if row["workload"] in ("train", "encode"):
       assert row["ratio_to_peer"] > 0 and 0 < ours["fraction_of_peak"]
       assert row["peer"]["median_s"] > 0 and row["peer"]["host_peak_mib"] > 0

@@ -6,16 +6,19 @@ from a fresh anonymous mmap (above its mmap threshold, or larger than a thread a
 heap), so every step page-faults and zeroes the whole block again and unmaps it on the way
 out: measured with `perf` at about a quarter of the default job's step on 2 CPU cores (kernel
 time in clear_page / the page-fault path / munmap; docs/benchmarks.md). With one arena, no
-mmap-served blocks and a high trim threshold, the freed block stays in the process's heap and
-the next step reuses its pages.
+mmap-served blocks and no trimming, the freed block stays in the process's heap and the next
+step reuses its pages. Trimming is off, not merely high: at BART-base's training step the
+temporaries are 2.6 GiB, above the largest threshold mallopt takes (2 GiB), and with that
+threshold glibc gave the freed block back to the system after some steps and the next step
+page-faulted it in again: 6-10 s of kernel time, such steps taking 11-14 s instead of 8
+(docs/benchmarks.md).
 
-The price: memory freed at the top of the heap is kept by the process (up to
-TRIM_THRESHOLD_BYTES) instead of going back to the system, a large block freed below a live one
-(a big numpy array, say) stays with the process until the heap above it is freed, and all
-threads share one malloc arena. That suits a process that runs XLA on the host CPU; where an
-accelerator plugin is installed (host memory holds indexes and feeds, XLA's temporaries live on
-the device) nothing is changed. It has to run before jax starts its CPU client: a thread keeps
-the arena it first allocated from.
+The price: memory freed by the process stays with it instead of going back to the system (its
+resident size stays at its peak, as with the caching allocators of torch and of jax on
+accelerators), and all threads share one malloc arena. That suits a process that runs XLA on the
+host CPU; where an accelerator plugin is installed (host memory holds indexes and feeds, XLA's
+temporaries live on the device) nothing is changed. It has to run before jax starts its CPU
+client: a thread keeps the arena it first allocated from.
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
-# Free memory at the top of the heap beyond this is still returned to the system (mallopt takes
-# an int: 2 GiB is the largest).
-TRIM_THRESHOLD_BYTES = 2**31 - 1
+# mallopt(M_TRIM_THRESHOLD, -1): never return free memory at the top of the heap to the system
+# (mallopt(3): "Setting M_TRIM_THRESHOLD to -1 disables trimming completely").
+NO_TRIMMING = -1
 
 _applied: bool | None = None
 
@@ -57,7 +60,7 @@ def jax_runs_on_cpu() -> bool:
 
 def configure_host_allocator() -> bool:
   """On Linux with glibc, where jax will run on the CPU: one malloc arena, no mmap-served blocks
-  and a 2 GiB trim threshold (see the module docstring). Returns whether it was applied; safe to
+  and no trimming (see the module docstring). Returns whether it was applied; safe to
   call more than once (the first call decides)."""
   global _applied
   if _applied is not None:
@@ -71,7 +74,7 @@ def configure_host_allocator() -> bool:
   except (OSError, AttributeError):  # Not glibc (musl has no mallopt).
     return False
   mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-  settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+  settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, NO_TRIMMING))
   # No log record here: the entry points call this before their log file exists, and the
   # console shows no INFO lines.
   _applied = all(mallopt(param, value) == 1 for param, value in settings)
