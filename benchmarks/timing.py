@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rag_jax.utils import host_memory
+
 
 @dataclasses.dataclass
 class Timing:
@@ -62,7 +64,11 @@ def on_accelerator() -> bool:
 
 def reset_host_peak() -> None:
   """Resets the process's peak resident set (Linux clear_refs 5) so the next `host_peak_mb`
-  covers only what follows; a no-op where the kernel refuses it."""
+  covers only what follows; a no-op where the kernel refuses it. The heap's free memory goes
+  back to the system first: the host allocator setting keeps it (rag_jax/utils/host_memory.py),
+  and it would count in every later peak (and later allocations would reuse pages faulted in
+  small instead of fresh, transparent-huge-page backed ones)."""
+  host_memory.release_free_memory()
   try:
     with open("/proc/self/clear_refs", "w") as f:
       f.write("5")
