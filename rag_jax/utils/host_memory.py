@@ -10,7 +10,7 @@ mmap-served blocks and no trimming, the freed block stays in the process's heap 
 step reuses its pages. Trimming is off, not merely high: at BART-base's training step the
 temporaries are 2.6 GiB, above the largest threshold mallopt takes (2 GiB), and with that
 threshold glibc gave the freed block back to the system after some steps and the next step
-page-faulted it in again: 6-10 s of kernel time, such steps taking 11-14 s instead of 8
+page-faulted it in again: 6-7 s of kernel time, such steps taking 10.5-11.5 s instead of 7.3-9.8
 (docs/benchmarks.md).
 
 The price: memory freed by the process stays with it instead of going back to the system (its
