@@ -29,6 +29,8 @@ import importlib.metadata
 import importlib.util
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -58,6 +60,19 @@ def jax_runs_on_cpu() -> bool:
   return not _accelerator_plugin_installed()
 
 
+def _glibc_function(name: str, argtypes: tuple, restype: Any) -> Callable[..., int] | None:
+  """glibc's `name` with its C signature, or None off Linux or without glibc (musl has neither
+  mallopt nor malloc_trim)."""
+  if not sys.platform.startswith("linux"):
+    return None
+  try:
+    function = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+  except (OSError, AttributeError):
+    return None
+  function.argtypes, function.restype = argtypes, restype
+  return function
+
+
 def configure_host_allocator() -> bool:
   """On Linux with glibc, where jax will run on the CPU: one malloc arena, no mmap-served blocks
   and no trimming (see the module docstring). Returns whether it was applied; safe to
@@ -66,14 +81,10 @@ def configure_host_allocator() -> bool:
   if _applied is not None:
     return _applied
   _applied = False
-  if not sys.platform.startswith("linux") or not jax_runs_on_cpu():
+  mallopt = jax_runs_on_cpu() and _glibc_function("mallopt", (ctypes.c_int, ctypes.c_int),
+                                                   ctypes.c_int)
+  if not mallopt:
     return False
-  try:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    mallopt = libc.mallopt
-  except (OSError, AttributeError):  # Not glibc (musl has no mallopt).
-    return False
-  mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
   settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, NO_TRIMMING))
   # No log record here: the entry points call this before their log file exists, and the
   # console shows no INFO lines.
@@ -85,11 +96,5 @@ def release_free_memory() -> bool:
   """Gives the heap's free memory back to the system now (glibc's malloc_trim(0)), which the
   setting above otherwise keeps: between phases of a process whose peaks differ, e.g. before
   measuring the next phase's peak memory. Returns whether anything was released."""
-  if not sys.platform.startswith("linux"):
-    return False
-  try:
-    malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-  except (OSError, AttributeError):
-    return False
-  malloc_trim.argtypes, malloc_trim.restype = (ctypes.c_size_t,), ctypes.c_int
-  return bool(malloc_trim(0))
+  malloc_trim = _glibc_function("malloc_trim", (ctypes.c_size_t,), ctypes.c_int)
+  return bool(malloc_trim and malloc_trim(0))
