@@ -51,10 +51,13 @@ def _finish(ll: Array, smooth: Array, epsilon: float, vocab: int, reduce_loss: b
 def rag_sequence_nll(seq_logits: Array, doc_scores: Array, target: Array, *,
                      epsilon: float = 0.0, exclude_bos_score: bool = False,
                      reduce_loss: bool = False, pad_token_id: int = 1,
-                     bos_token_id: int | None = 0) -> Array:
+                     bos_token_id: int | None = 0, use_bos: Array | None = None) -> Array:
   """RAG-Sequence negative log marginal likelihood, -log sum_j p(z_j|x) prod_t p(y_t|x,z_j,y<t).
 
   Returns [B] (or a scalar with reduce_loss). See the module docstring for the semantics.
+  use_bos [B] bool, with exclude_bos_score: the BOS flag per row instead of the batch-wide one,
+  for a caller whose rows come from several of the reference's batches (thorough rescoring
+  packs the candidates of several questions into one pass).
   """
   batch, n_docs = doc_scores.shape
   tgt = _shift_left(target, pad_token_id)  # [B, T]
@@ -71,7 +74,10 @@ def rag_sequence_nll(seq_logits: Array, doc_scores: Array, target: Array, *,
   ll, smooth = jnp.where(keep, ll, 0.0), jnp.where(keep, smooth, 0.0)
   ll_sum = ll.sum(axis=2)  # [B, n]
   if exclude_bos_score and bos_token_id is not None:
-    use_bos = jnp.all(tgt[:, 0] == bos_token_id)
+    if use_bos is None:
+      use_bos = jnp.all(tgt[:, 0] == bos_token_id)
+    else:
+      use_bos = use_bos[:, None]  # [B, 1]
     ll_sum = jnp.where(use_bos, ll[:, :, 1:].sum(axis=2), ll_sum)
   return _finish(jax.nn.logsumexp(ll_sum, axis=1), jax.nn.logsumexp(smooth.sum(axis=2), axis=1),
                  epsilon, vocab, reduce_loss)

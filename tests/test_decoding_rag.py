@@ -88,8 +88,13 @@ def _torch_thorough_scores(torch_model, ids, mask, doc_scores, sequences, per_qu
     (1, [dict(forced_bos_token_id=0)]),
     (3, [dict(num_return_sequences=2, forced_bos_token_id=0, length_penalty=0.6,
               early_stopping=True, min_length=3),
-         dict(num_return_sequences=2)]),
-    (2, [dict(num_return_sequences=2, do_deduplication=False, forced_bos_token_id=0)]),
+         dict(num_return_sequences=2),
+         # Passes of 2 and 4 distinct candidates, across the two questions' boundary.
+         dict(num_return_sequences=2, forced_bos_token_id=0, rescore_candidates=2),
+         dict(num_return_sequences=3, rescore_candidates=4)]),
+    (2, [dict(num_return_sequences=2, do_deduplication=False, forced_bos_token_id=0),
+         dict(num_return_sequences=2, do_deduplication=False, forced_bos_token_id=0,
+              rescore_candidates=4)]),
 ])
 def test_rag_sequence_thorough_matches_transformers(rag_sequence, num_beams, settings):
   """Padded contexts: transformers 5.23's per-passage beams attend to the padding, which
@@ -98,10 +103,13 @@ def test_rag_sequence_thorough_matches_transformers(rag_sequence, num_beams, set
   assert model.config.label_smoothing == 0.1
   ids, mask, doc_scores = _retrieval_inputs(model.config.generator.vocab_size, seed=1)
   for setting in settings:
+    setting = dict(setting)
+    rescore = setting.pop("rescore_candidates", None)
     kwargs = dref.generation_kwargs(num_beams=num_beams, **setting)
     expected = _torch_rag_generate(torch_model, ids, mask, doc_scores, **kwargs).numpy()
     got = generate(model, params, context_input_ids=ids, context_attention_mask=mask,
-                   doc_scores=doc_scores, n_docs=N_DOCS, mask_beam_contexts=False, **kwargs)
+                   doc_scores=doc_scores, n_docs=N_DOCS, mask_beam_contexts=False,
+                   rescore_candidates=rescore, **kwargs)
     np.testing.assert_array_equal(got.sequences, expected, err_msg=str(setting))
     assert got.decoder.architecture == type(torch_model).__name__ == "RagSequenceForGeneration"
     assert (got.decoder.kind, got.decoder.decoding, got.decoder.num_beams,
@@ -113,6 +121,27 @@ def test_rag_sequence_thorough_matches_transformers(rag_sequence, num_beams, set
           got.sequences_scores,
           _torch_thorough_scores(torch_model, ids, mask, doc_scores, expected, per_question),
           atol=SCORE_TOL, rtol=0)
+
+
+@pytest.mark.parametrize("rescore", [None, 2, 5])
+def test_rag_sequence_thorough_with_duplicate_hypotheses_matches_transformers(rag_sequence,
+                                                                             rescore):
+  """A passage retrieved twice gives the same beams twice: transformers drops the duplicates
+  before its forward pass and rag_jax skips them (passes of `rescore` distinct candidates)."""
+  torch_model, model, params = rag_sequence
+  ids, mask, doc_scores = _retrieval_inputs(model.config.generator.vocab_size, seed=4)
+  ids[1], mask[1] = ids[0], mask[0]  # Question 0: passages 0 and 1 are one passage.
+  ids[4], mask[4] = ids[3], mask[3]  # Question 1: passages 0, 1 and 2 are one passage.
+  ids[5], mask[5] = ids[3], mask[3]
+  kwargs = dref.generation_kwargs(num_beams=3, num_return_sequences=3, forced_bos_token_id=0)
+  expected = _torch_rag_generate(torch_model, ids, mask, doc_scores, **kwargs).numpy()
+  got = generate(model, params, context_input_ids=ids, context_attention_mask=mask,
+                 doc_scores=doc_scores, mask_beam_contexts=False, rescore_candidates=rescore,
+                 **kwargs)
+  np.testing.assert_array_equal(got.sequences, expected)
+  np.testing.assert_allclose(
+      got.sequences_scores, _torch_thorough_scores(torch_model, ids, mask, doc_scores, expected, 3),
+      atol=SCORE_TOL, rtol=0)
 
 
 def test_rag_sequence_masked_beams_match_transformers_on_unpadded_contexts(rag_sequence):
@@ -134,15 +163,15 @@ def _strip(row: np.ndarray) -> tuple[int, ...]:
   return tuple(row)
 
 
-@pytest.mark.parametrize("decoding", ["thorough", "fast"])
-def test_batched_decoding_equals_one_question_at_a_time(rag_sequence, decoding):
+@pytest.mark.parametrize("decoding,rescore", [("thorough", None), ("thorough", 5), ("fast", None)])
+def test_batched_decoding_equals_one_question_at_a_time(rag_sequence, decoding, rescore):
   _, model, params = rag_sequence
   batch = 3
   ids, mask, doc_scores = _retrieval_inputs(model.config.generator.vocab_size, seed=3,
                                             batch=batch)
   kwargs = dref.generation_kwargs(num_beams=3, num_return_sequences=2, decoding=decoding)
   together = generate(model, params, context_input_ids=ids, context_attention_mask=mask,
-                      doc_scores=doc_scores, **kwargs)
+                      doc_scores=doc_scores, rescore_candidates=rescore, **kwargs)
   for q in range(batch):
     rows = slice(q * N_DOCS, (q + 1) * N_DOCS)
     alone = generate(model, params, context_input_ids=ids[rows], context_attention_mask=mask[rows],

@@ -79,6 +79,29 @@ def test_rag_sequence_nll_matches_get_nll(torch_rag, style, epsilon, exclude_bos
   _assert_close(ours, theirs)
 
 
+def test_per_row_bos_flag_equals_get_nll_on_each_batch(torch_rag):
+  """Rows of two reference batches scored in one call: 'generated' rows (BOS after the start
+  token, excluded) and 'train' rows (not excluded); use_bos carries each batch's own flag."""
+  logits, scores, rng = _random(1)
+  generated, train = _targets("generated", rng), _targets("train", rng)
+  mixed = np.concatenate([generated[:2], train[:1]])  # [B, T]: batch 1, batch 1, batch 2
+  theirs = np.concatenate([
+      _reference(torch_rag["sequence"], "sequence", logits[rows], scores[batch], target,
+                 epsilon=0.1, exclude_bos_score=True)[0]
+      for rows, batch, target in ((slice(0, 2 * N), slice(0, 2), mixed[:2]),
+                                  (slice(2 * N, 3 * N), slice(2, 3), mixed[2:]))])
+  ours = losses.rag_sequence_nll(
+      jnp.asarray(logits), jnp.asarray(scores), jnp.asarray(mixed), epsilon=0.1,
+      exclude_bos_score=True, pad_token_id=PAD, bos_token_id=BOS,
+      use_bos=jnp.array([True, True, False]))
+  np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-6, atol=1e-5)
+  # The batch-wide rule differs here (one row without BOS turns it off for all three).
+  batch_wide = losses.rag_sequence_nll(
+      jnp.asarray(logits), jnp.asarray(scores), jnp.asarray(mixed), epsilon=0.1,
+      exclude_bos_score=True, pad_token_id=PAD, bos_token_id=BOS)
+  assert np.abs(np.asarray(batch_wide)[:2] - theirs[:2]).max() > 1e-2
+
+
 @pytest.mark.parametrize("style,epsilon,reduce", list(itertools.product(
     ["train", "generated"], [0.0, 0.1], [False, True])))
 def test_rag_token_nll_matches_get_nll(torch_rag, style, epsilon, reduce):

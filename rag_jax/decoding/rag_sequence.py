@@ -7,13 +7,15 @@ generator; greedy when num_beams == 1), so C = n * k candidates per question, pa
 (candidate j * k + i is beam i of passage j, transformers' order).
 
 thorough (transformers' `RagSequenceForGeneration.generate` without its Python loop):
-  dedup (exact token match, first occurrence kept, when do_deduplication), then one batched
-  teacher-forced pass of every candidate under every passage (encoder states and their
+  dedup (exact token match, first occurrence kept, when do_deduplication), then a
+  teacher-forced pass of every distinct candidate under every passage (encoder states and their
   cross-attention K/V computed once per passage, shared by the candidates) and
   `rag_sequence_nll` with exclude_bos_score=True and the config's label_smoothing; the score is
-  -loss and the top num_return_sequences are returned. The BOS exclusion flag is computed per
-  question over its C candidates, as the reference computes it over its per-question batch
-  (duplicates do not change it: they equal a kept candidate).
+  -loss and the top num_return_sequences are returned. The distinct candidates of the whole
+  batch are packed together and scored `rescore_candidates` at a time, so duplicates cost
+  nothing, as in the reference, where they are dropped before its forward pass. The BOS
+  exclusion flag is computed per question over its C candidates, as the reference computes it
+  over its per-question batch (duplicates do not change it: they equal a kept candidate).
 fast (paper section 2.5; ParlAI's `fast_generation`; no transformers equivalent):
   score(y) = logsumexp over passages j whose beam holds y of [log p(z_j|x) + s_j(y)], where
   s_j(y) is the search's sum of processed log-probs of y under passage j (no length penalty);
@@ -38,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from rag_jax.decoding.bart import (
+    CROSS_ATTENTION_LEAVES,
     decode_step_fn,
     init_decode_cache,
     repeat_over_beams,
@@ -57,8 +60,10 @@ class RagSequenceConfig:
 
   search: the per-passage search (num_beams = k).
   decoding: "thorough" or "fast".
-  rescore_chunk: questions per teacher-forced rescoring pass (None: the whole batch at once);
-    a pass holds chunk * C * n * max_length * V logits.
+  rescore_candidates: distinct candidates G per teacher-forced rescoring pass (None: C / 2
+    rounded up, half a question's worth); a pass holds G * n * max_length * V logits, and the
+    passes stop after the last distinct candidate of the batch, so at most G - 1 candidate
+    slots are wasted. Larger passes keep an accelerator busier; smaller ones waste less.
   """
 
   search: SearchConfig
@@ -68,7 +73,7 @@ class RagSequenceConfig:
   mask_beam_contexts: bool = True
   label_smoothing: float = 0.0
   bos_token_id: int | None = 0
-  rescore_chunk: int | None = None
+  rescore_candidates: int | None = None
 
   def __post_init__(self):
     if self.decoding not in ("thorough", "fast"):
@@ -97,28 +102,71 @@ def _earlier(c: int) -> Array:
   return jnp.arange(c)[None, :] < jnp.arange(c)[:, None]
 
 
+def _rescoring_cache(model: Any, gparams: Any, enc: Array, length: int) -> Any:
+  """Decode cache over the B * n passages for teacher-forcing `length` tokens from position 0:
+  the cross-attention K/V of every passage, projected once for all candidates."""
+  return init_decode_cache(model, gparams, enc, length + 1)
+
+
+def _chunk_cache(cache: Any, passage_rows: Array) -> Any:
+  """The rescoring cache of one pass: cross K/V gathered at passage_rows [R] (row r reads
+  passage passage_rows[r]); fresh self-attention buffers with R rows; the index at 0."""
+  def leaf(path, x):
+    name = getattr(path[-1], "key", None) if path else None
+    if x.ndim == 0:
+      return jnp.zeros_like(x)
+    if name in CROSS_ATTENTION_LEAVES:
+      return jnp.take(x, passage_rows, axis=0)
+    return jnp.zeros((passage_rows.shape[0],) + x.shape[1:], x.dtype)
+  return jax.tree_util.tree_map_with_path(leaf, cache)
+
+
 def _rescore(model: RagModel, rcfg: RagSequenceConfig, gparams: Any, cands: Array,
-             enc: Array, mask: Array, doc_scores: Array) -> Array:
-  """Thorough rescoring. cands [B, C, L], enc [B, n, S, d], mask [B, n, S], doc_scores [B, n]
-  -> loss [B, C] under transformers' get_nll (exclude_bos_score=True)."""
+             enc: Array, mask: Array, doc_scores: Array, skip: Array) -> Array:
+  """Thorough rescoring. cands [B, C, L], enc [B * n, S, d], mask [B * n, S], doc_scores [B, n],
+  skip [B, C] (duplicates) -> loss [B, C] under transformers' get_nll (exclude_bos_score=True);
+  skipped candidates' entries are unspecified (the caller masks them).
+
+  The kept candidates of the whole batch are packed to the front (original order) and scored G
+  = `rescore_candidates` at a time by a loop that stops after the last kept one, so the work
+  follows the number of distinct hypotheses, as the reference's deduplication makes it; each
+  pass teacher-forces G * n rows (candidate g under passage j is row g * n + j) against the
+  passages' cross-attention K/V, projected once for the batch and gathered per pass.
+  """
   gen = generator_of(model)
   gcfg = model.config.generator
+  batch, c, length = cands.shape
+  n_docs = doc_scores.shape[1]
+  group = rcfg.rescore_candidates or -(-c // 2)
+  passes_max = -(-batch * c // group)
+  flat = cands.reshape(batch * c, length)  # [B*C, L], candidate b * C + i
+  keep = ~skip.reshape(batch * c)  # [B*C]
+  order = jnp.argsort(~keep, stable=True)  # kept first, each group in its original order
+  order = jnp.pad(order, (0, passes_max * group - batch * c))  # [P*G]; padding re-scores row 0
+  passes = (jnp.sum(keep) + group - 1) // group
+  # transformers' BOS rule is one flag per rescoring call, i.e. per question over its C
+  # candidates (duplicates equal a kept candidate, so they do not change it).
+  use_bos = jnp.all(cands[:, :, 1] == rcfg.bos_token_id, axis=1) if (
+      rcfg.bos_token_id is not None and length >= 2) else jnp.zeros((batch,), bool)  # [B]
+  cache = _rescoring_cache(gen, gparams, enc, length)
 
-  def one_question(args):
-    cand, states, ctx_mask, scores = args  # [C, L], [n, S, d], [n, S], [n]
-    c, n_docs = cand.shape[0], scores.shape[0]
-    dec = jnp.repeat(cand, n_docs, axis=0)  # [C*n, L], row c*n + j
-    # Row c*n + j reads passage j: the C candidates share each passage's states, so its
-    # cross-attention K/V are projected once, not once per candidate.
-    logits = gen.apply({"params": gparams}, dec, states, ctx_mask, method=gen.decode,
-                       cross_inner_rows=n_docs)
-    return rag_sequence_nll(
-        logits, jnp.tile(scores[None, :], (c, 1)), cand, epsilon=rcfg.label_smoothing,
+  def one_pass(p, losses):
+    slots = jax.lax.dynamic_slice(order, (p * group,), (group,))  # [G] candidate ids
+    question = slots // c  # [G]
+    rows = (question[:, None] * n_docs + jnp.arange(n_docs)[None, :]).reshape(-1)  # [G*n]
+    target = flat[slots]  # [G, L]
+    logits, _ = gen.apply(
+        {"params": gparams, "cache": _chunk_cache(cache, rows)}, jnp.repeat(target, n_docs, 0),
+        None, mask[rows], decode=True, method=gen.decode, mutable=["cache"])  # [G*n, L, V]
+    loss = rag_sequence_nll(
+        logits, doc_scores[question], target, epsilon=rcfg.label_smoothing,
         exclude_bos_score=True, reduce_loss=False, pad_token_id=gcfg.pad_token_id,
-        bos_token_id=rcfg.bos_token_id)  # [C]
+        bos_token_id=rcfg.bos_token_id, use_bos=use_bos[question])  # [G]
+    return jax.lax.dynamic_update_slice(losses, loss, (p * group,))
 
-  return jax.lax.map(one_question, (cands, enc, mask, doc_scores), batch_size=rcfg.rescore_chunk
-                     or cands.shape[0])
+  packed = jax.lax.fori_loop(0, passes, one_pass, jnp.zeros((passes_max * group,), jnp.float32))
+  losses = jnp.zeros((batch * c,), jnp.float32).at[order[:batch * c]].set(packed[:batch * c])
+  return losses.reshape(batch, c)  # [B, C]
 
 
 def _fast_scores(sum_logprobs: Array, finished: Array, equal: Array, doc_scores: Array,
@@ -167,11 +215,10 @@ def rag_sequence_search(model: RagModel, rcfg: RagSequenceConfig, params: Any,
     if not rcfg.mask_beam_contexts:  # The reference rescores with the context mask.
       enc = gen.apply({"params": gparams}, context_input_ids, context_attention_mask,
                       method=gen.encode)
-    states = enc.reshape((batch, n_docs) + enc.shape[1:])  # [B, n, S, d]
-    ctx_mask = context_attention_mask.reshape(batch, n_docs, -1)  # [B, n, S]
-    scores = -_rescore(model, rcfg, gparams, cands, states, ctx_mask, doc_scores)
-    if rcfg.do_deduplication:
-      scores = jnp.where(duplicate, -jnp.inf, scores)
+    skip = duplicate if rcfg.do_deduplication else jnp.zeros_like(duplicate)
+    scores = -_rescore(model, rcfg, gparams, cands, enc, context_attention_mask, doc_scores,
+                       skip)
+    scores = jnp.where(skip, -jnp.inf, scores)
   top_scores, top = jax.lax.top_k(scores, rcfg.num_return_sequences)  # [B, R]
   return RagSequenceOutput(
       sequences=jnp.take_along_axis(cands, top[:, :, None], axis=1),
