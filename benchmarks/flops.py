@@ -68,13 +68,14 @@ def beam_decode(generator: dict[str, Any], rows: int, beams: int, steps: int,
 
 
 def rag_generate(generator: dict[str, Any], batch: int, n_docs: int, beams: int, steps: int,
-                 source: int, mode: str) -> float:
+                 source: int, mode: str, candidates: int | None = None) -> float:
   """RAG-Token: one beam search over the marginal (every hypothesis on all n passages).
-  RAG-Sequence: a beam search per passage; "thorough" adds a teacher-forced pass scoring up to
-  n x beams candidates per question under each of the n passages."""
+  RAG-Sequence: a beam search per passage; "thorough" adds a teacher-forced pass scoring the
+  batch's `candidates` distinct hypotheses (None: all n x beams per question) under each of
+  their question's n passages (the work the result needs: duplicates are scored once)."""
   total = beam_decode(generator, batch * n_docs, beams, steps, source)
   if mode == "thorough":
-    candidates = batch * n_docs * beams * n_docs
+    candidates = (batch * n_docs * beams if candidates is None else candidates) * n_docs
     total += bart_decoder_forward(generator, candidates, steps, source, cross_kv=False)
   return total
 

@@ -80,9 +80,11 @@ def run_case(preset: Preset, kind: str, decoding: str, n_docs: int, dtype: str, 
   ours["compile_s"] = ours["first_s"] - ours["median_s"]  # first call = compile + one run
   ours["host_peak_mib"] = timing.host_peak_mb()
   ours["device"] = timing.jax_device_memory()
+  rescored = holder["out"].num_candidates
   hand = flops.rag_generate(preset.generator, preset.batch, n_docs, preset.num_beams,
                             preset.target_length, preset.context_length,
-                            "thorough" if decoding == "thorough" else "beam")
+                            "thorough" if decoding == "thorough" else "beam",
+                            None if rescored is None else int(rescored.sum()))
   label = {"beam": "RAG-Token beam", "thorough": "RAG-Sequence thorough",
            "fast": "RAG-Sequence fast"}[decoding]
   case = models.case_label(f"{label} n_docs={n_docs}", attention)
@@ -92,6 +94,8 @@ def run_case(preset: Preset, kind: str, decoding: str, n_docs: int, dtype: str, 
             "unit": "questions", "items": preset.batch, "flops_hand": hand, "rag_jax": ours,
             "peer": theirs and {"name": f"transformers {models.RAG_CLASSES[kind]}.generate",
                                 **theirs}}
+  if rescored is not None:
+    result["rescored_candidates"] = int(rescored.sum())
   if their_tokens is not None:
     result["token_agreement"] = _agreement(holder["out"].sequences, their_tokens)
   return result

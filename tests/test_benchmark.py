@@ -60,6 +60,10 @@ def test_json_has_every_field(report):
   # float32 on CPU: rag_jax decodes exactly transformers' tokens.
   assert generate["beam"]["token_agreement"] == 1.0
   assert generate["thorough"]["token_agreement"] == 1.0
+  # The hand count of thorough decoding counts the distinct candidates the rescoring scored.
+  thorough = generate["thorough"]
+  assert 1 <= thorough["rescored_candidates"] <= (
+      thorough["batch"] * thorough["n_docs"] * thorough["num_beams"])
   recall = [r for r in report["results"] if r["workload"] == "retrieval"]
   assert recall[0]["rag_jax"]["recall@100"] == 1.0  # exact search against numpy's truth
 

@@ -142,6 +142,17 @@ def test_rag_sequence_thorough_with_duplicate_hypotheses_matches_transformers(ra
   np.testing.assert_allclose(
       got.sequences_scores, _torch_thorough_scores(torch_model, ids, mask, doc_scores, expected, 3),
       atol=SCORE_TOL, rtol=0)
+  # The candidates rescored: the distinct rows of the per-passage beams transformers' RAG
+  # generate asks its generator for (unmasked contexts, k returned per passage).
+  distinct = []
+  for q in range(BATCH):
+    with torch.no_grad():
+      beams = torch_model.generator.generate(
+          ref.to_torch(ids[q * N_DOCS:(q + 1) * N_DOCS]), attention_mask=None,
+          **dref.torch_kwargs(kwargs))
+    distinct.append(len({tuple(row) for row in beams.numpy().tolist()}))
+  assert all(d < N_DOCS * 3 for d in distinct)  # Both questions do have duplicates.
+  np.testing.assert_array_equal(got.num_candidates, distinct)
 
 
 def test_rag_sequence_masked_beams_match_transformers_on_unpadded_contexts(rag_sequence):

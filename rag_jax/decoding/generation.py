@@ -87,11 +87,14 @@ class DecoderInfo:
 @dataclasses.dataclass
 class GenerateOutput:
   """sequences [B * R, T] int32; sequences_scores [B * R] float32 (R = num_return_sequences);
-  decoder: the decoder that produced them."""
+  decoder: the decoder that produced them; num_candidates [B] (RAG-Sequence thorough only): the
+  hypotheses each question's teacher-forced pass scored, transformers' `num_candidates` (the
+  distinct ones with do_deduplication, all n x beams without)."""
 
   sequences: np.ndarray
   sequences_scores: np.ndarray
   decoder: DecoderInfo
+  num_candidates: np.ndarray | None = None
 
 
 def _defaults(model: Any) -> dict[str, Any]:
@@ -219,8 +222,10 @@ def finish(plan: GenerationPlan, out: Any) -> GenerateOutput:
   width_from = (out.candidate_lengths if plan.rag_sequence.decoding == "thorough"
                 else out.lengths)
   width = 1 + int(np.asarray(width_from).max(initial=0))
+  rescored = (np.asarray(out.num_candidates) if plan.rag_sequence.decoding == "thorough"
+              else None)
   return _checked(GenerateOutput(seqs.reshape(-1, seqs.shape[-1])[:, :width],  # [B*R, T]
-                                 np.asarray(out.scores).reshape(-1), plan.decoder))
+                                 np.asarray(out.scores).reshape(-1), plan.decoder, rescored))
 
 
 def generate(model: Any, params: Any, input_ids=None, attention_mask=None, *,

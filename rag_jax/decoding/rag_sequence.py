@@ -84,12 +84,15 @@ class RagSequenceConfig:
 class RagSequenceOutput:
   """sequences [B, R, L] (pad after the end), scores [B, R] (thorough: -loss, i.e. the log
   marginal likelihood with the label-smoothing mix; fast: the merged log-probability),
-  lengths [B, R] generated tokens, candidate_lengths [B, C] of every per-passage hypothesis."""
+  lengths [B, R] generated tokens, candidate_lengths [B, C] of every per-passage hypothesis,
+  num_candidates [B] the distinct hypotheses (all C without do_deduplication), which thorough
+  decoding rescores."""
 
   sequences: Array
   scores: Array
   lengths: Array
   candidate_lengths: Array
+  num_candidates: Array
 
 
 def _equal_pairs(cands: Array) -> Array:
@@ -206,6 +209,7 @@ def rag_sequence_search(model: RagModel, rcfg: RagSequenceConfig, params: Any,
   lengths = out.lengths.reshape(batch, c)  # [B, C]
   equal = _equal_pairs(cands)  # [B, C, C]
   duplicate = jnp.any(equal & _earlier(c)[None], axis=-1)  # [B, C]
+  skip = duplicate if rcfg.do_deduplication else jnp.zeros_like(duplicate)
 
   if rcfg.decoding == "fast":
     scores = _fast_scores(out.sum_logprobs.reshape(batch, c), out.finished.reshape(batch, c),
@@ -215,7 +219,6 @@ def rag_sequence_search(model: RagModel, rcfg: RagSequenceConfig, params: Any,
     if not rcfg.mask_beam_contexts:  # The reference rescores with the context mask.
       enc = gen.apply({"params": gparams}, context_input_ids, context_attention_mask,
                       method=gen.encode)
-    skip = duplicate if rcfg.do_deduplication else jnp.zeros_like(duplicate)
     scores = -_rescore(model, rcfg, gparams, cands, enc, context_attention_mask, doc_scores,
                        skip)
     scores = jnp.where(skip, -jnp.inf, scores)
@@ -223,7 +226,7 @@ def rag_sequence_search(model: RagModel, rcfg: RagSequenceConfig, params: Any,
   return RagSequenceOutput(
       sequences=jnp.take_along_axis(cands, top[:, :, None], axis=1),
       scores=top_scores, lengths=jnp.take_along_axis(lengths, top, axis=1),
-      candidate_lengths=lengths)
+      candidate_lengths=lengths, num_candidates=jnp.sum(~skip, axis=1))
 
 
 @functools.lru_cache(maxsize=64)
