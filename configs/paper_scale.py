@@ -39,8 +39,8 @@ def get_config(model_type: str = "rag_sequence") -> ml_collections.ConfigDict:
   config.eval.num_beams = 1  # Paper: greedy for open-domain QA.
   config.eval.max_length = 20  # Answer tokens, the decoder start included.
   config.eval.decoding = "thorough"  # RAG-Sequence: the paper's QA test decoding.
-  # RAG-Sequence thorough rescoring: distinct candidates G per teacher-forced pass; 0 = half a
-  # question's C = n_docs x num_beams (a pass holds G x docs x max_length x vocab logits:
-  # 25 x 50 x 20 x 50265 x 4 B = 4.7 GiB at G = 25).
-  config.eval.rescore_candidates = 0
+  # RAG-Sequence thorough rescoring: distinct candidates G of each question per teacher-forced
+  # pass (0: a quarter of C = n_docs x num_beams); a pass holds batch x G x docs x max_length x
+  # vocab logits: 8 x 1 x 50 x 20 x 50265 x 4 B = 1.5 GiB at G = 1.
+  config.eval.rescore_candidates = 1
   return config

@@ -11,9 +11,9 @@ thorough (transformers' `RagSequenceForGeneration.generate` without its Python l
   teacher-forced pass of every distinct candidate under every passage (encoder states and their
   cross-attention K/V computed once per passage, shared by the candidates) and
   `rag_sequence_nll` with exclude_bos_score=True and the config's label_smoothing; the score is
-  -loss and the top num_return_sequences are returned. The distinct candidates of the whole
-  batch are packed together and scored `rescore_candidates` at a time, so duplicates cost
-  nothing, as in the reference, where they are dropped before its forward pass. The BOS
+  -loss and the top num_return_sequences are returned. Each question's distinct candidates are
+  packed together and scored `rescore_candidates` per question per pass, so duplicates cost
+  (almost) nothing, as in the reference, where they are dropped before its forward pass. The BOS
   exclusion flag is computed per question over its C candidates, as the reference computes it
   over its per-question batch (duplicates do not change it: they equal a kept candidate).
 fast (paper section 2.5; ParlAI's `fast_generation`; no transformers equivalent):
@@ -40,8 +40,8 @@ import jax
 import jax.numpy as jnp
 
 from rag_jax.decoding.bart import (
-    CROSS_ATTENTION_LEAVES,
     decode_step_fn,
+    expand_self_attention,
     init_decode_cache,
     repeat_over_beams,
     run_search,
@@ -60,10 +60,10 @@ class RagSequenceConfig:
 
   search: the per-passage search (num_beams = k).
   decoding: "thorough" or "fast".
-  rescore_candidates: distinct candidates G per teacher-forced rescoring pass (None: C / 2
-    rounded up, half a question's worth); a pass holds G * n * max_length * V logits, and the
-    passes stop after the last distinct candidate of the batch, so at most G - 1 candidate
-    slots are wasted. Larger passes keep an accelerator busier; smaller ones waste less.
+  rescore_candidates: distinct candidates G of each question per teacher-forced rescoring pass
+    (None: C / 4 rounded up); a pass holds B * G * n * max_length * V logits, and the passes
+    stop once the question with the most distinct candidates is done (ceil(max / G) passes).
+    Larger passes keep an accelerator busier; smaller ones waste fewer slots.
   """
 
   search: SearchConfig
@@ -105,71 +105,62 @@ def _earlier(c: int) -> Array:
   return jnp.arange(c)[None, :] < jnp.arange(c)[:, None]
 
 
-def _rescoring_cache(model: Any, gparams: Any, enc: Array, length: int) -> Any:
-  """Decode cache over the B * n passages for teacher-forcing `length` tokens from position 0:
-  the cross-attention K/V of every passage, projected once for all candidates."""
-  return init_decode_cache(model, gparams, enc, length + 1)
-
-
-def _chunk_cache(cache: Any, passage_rows: Array) -> Any:
-  """The rescoring cache of one pass: cross K/V gathered at passage_rows [R] (row r reads
-  passage passage_rows[r]); fresh self-attention buffers with R rows; the index at 0."""
-  def leaf(path, x):
-    name = getattr(path[-1], "key", None) if path else None
-    if x.ndim == 0:
-      return jnp.zeros_like(x)
-    if name in CROSS_ATTENTION_LEAVES:
-      return jnp.take(x, passage_rows, axis=0)
-    return jnp.zeros((passage_rows.shape[0],) + x.shape[1:], x.dtype)
-  return jax.tree_util.tree_map_with_path(leaf, cache)
-
-
 def _rescore(model: RagModel, rcfg: RagSequenceConfig, gparams: Any, cands: Array,
              enc: Array, mask: Array, doc_scores: Array, skip: Array) -> Array:
   """Thorough rescoring. cands [B, C, L], enc [B * n, S, d], mask [B * n, S], doc_scores [B, n],
   skip [B, C] (duplicates) -> loss [B, C] under transformers' get_nll (exclude_bos_score=True);
   skipped candidates' entries are unspecified (the caller masks them).
 
-  The kept candidates of the whole batch are packed to the front (original order) and scored G
-  = `rescore_candidates` at a time by a loop that stops after the last kept one, so the work
-  follows the number of distinct hypotheses, as the reference's deduplication makes it; each
-  pass teacher-forces G * n rows (candidate g under passage j is row g * n + j) against the
-  passages' cross-attention K/V, projected once for the batch and gathered per pass.
+  Each question's kept candidates are packed to its front (original order) and scored G =
+  `rescore_candidates` per question per pass, by a loop that stops once every question's kept
+  candidates are done: the work follows the distinct hypotheses, as the reference's
+  deduplication makes it. A pass teacher-forces the decoder over B * G * n rows (candidate slot
+  i of question b under passage j is row (b * G + i) * n + j) against the passages'
+  cross-attention K/V, projected once for all passes and shared by the G slots
+  (`grouped_cross_attention`). Every array keeps the question axis leading, so a batch split
+  over devices by questions stays split.
   """
   gen = generator_of(model)
   gcfg = model.config.generator
   batch, c, length = cands.shape
   n_docs = doc_scores.shape[1]
-  group = rcfg.rescore_candidates or -(-c // 2)
-  passes_max = -(-batch * c // group)
-  flat = cands.reshape(batch * c, length)  # [B*C, L], candidate b * C + i
-  keep = ~skip.reshape(batch * c)  # [B*C]
-  order = jnp.argsort(~keep, stable=True)  # kept first, each group in its original order
-  order = jnp.pad(order, (0, passes_max * group - batch * c))  # [P*G]; padding re-scores row 0
-  passes = (jnp.sum(keep) + group - 1) // group
+  group = min(rcfg.rescore_candidates or -(-c // 4), c)
+  passes_max = -(-c // group)
+  order = jnp.argsort(skip, axis=1, stable=True)  # [B, C]: kept first, in their order
+  order = jnp.pad(order, ((0, 0), (0, passes_max * group - c)))  # [B, P*G]; pads score cand 0
+  passes = (jnp.max(jnp.sum(~skip, axis=1)) + group - 1) // group
   # transformers' BOS rule is one flag per rescoring call, i.e. per question over its C
   # candidates (duplicates equal a kept candidate, so they do not change it).
-  use_bos = jnp.all(cands[:, :, 1] == rcfg.bos_token_id, axis=1) if (
-      rcfg.bos_token_id is not None and length >= 2) else jnp.zeros((batch,), bool)  # [B]
-  cache = _rescoring_cache(gen, gparams, enc, length)
+  use_bos = (jnp.all(cands[:, :, 1] == rcfg.bos_token_id, axis=1)
+             if rcfg.bos_token_id is not None and length >= 2
+             else jnp.zeros((batch,), bool))  # [B]
+  # Cross K/V of the B * n passages, projected once; the self-attention buffers are replaced
+  # by zeroed ones of B * G * n rows (teacher forcing from position 0) in every pass.
+  cache = expand_self_attention(
+      init_decode_cache(gen, gparams, enc, length + 1),
+      lambda x: jnp.zeros((batch * group * n_docs,) + x.shape[1:], x.dtype))
+  doc_scores_rows = jnp.repeat(doc_scores, group, axis=0)  # [B*G, n], row b * G + i
+  use_bos_rows = jnp.repeat(use_bos, group)  # [B*G]
 
-  def one_pass(p, losses):
-    slots = jax.lax.dynamic_slice(order, (p * group,), (group,))  # [G] candidate ids
-    question = slots // c  # [G]
-    rows = (question[:, None] * n_docs + jnp.arange(n_docs)[None, :]).reshape(-1)  # [G*n]
-    target = flat[slots]  # [G, L]
+  def one_pass(p, packed):
+    slots = jax.lax.dynamic_slice_in_dim(order, p * group, group, axis=1)  # [B, G]
+    target = jnp.take_along_axis(cands, slots[:, :, None], axis=1)  # [B, G, L]
+    dec = jnp.broadcast_to(target[:, :, None], (batch, group, n_docs, length))  # [B, G, n, L]
     logits, _ = gen.apply(
-        {"params": gparams, "cache": _chunk_cache(cache, rows)}, jnp.repeat(target, n_docs, 0),
-        None, mask[rows], decode=True, method=gen.decode, mutable=["cache"])  # [G*n, L, V]
+        {"params": gparams, "cache": cache}, dec.reshape(-1, length), None, mask,
+        decode=True, method=gen.decode, mutable=["cache"],
+        cross_inner_rows=n_docs)  # [B*G*n, L, V], row (b * G + i) * n + j
     loss = rag_sequence_nll(
-        logits, doc_scores[question], target, epsilon=rcfg.label_smoothing,
+        logits, doc_scores_rows, target.reshape(-1, length), epsilon=rcfg.label_smoothing,
         exclude_bos_score=True, reduce_loss=False, pad_token_id=gcfg.pad_token_id,
-        bos_token_id=rcfg.bos_token_id, use_bos=use_bos[question])  # [G]
-    return jax.lax.dynamic_update_slice(losses, loss, (p * group,))
+        bos_token_id=rcfg.bos_token_id, use_bos=use_bos_rows)  # [B*G]
+    return jax.lax.dynamic_update_slice_in_dim(packed, loss.reshape(batch, group), p * group,
+                                               axis=1)
 
-  packed = jax.lax.fori_loop(0, passes, one_pass, jnp.zeros((passes_max * group,), jnp.float32))
-  losses = jnp.zeros((batch * c,), jnp.float32).at[order[:batch * c]].set(packed[:batch * c])
-  return losses.reshape(batch, c)  # [B, C]
+  packed = jax.lax.fori_loop(0, passes, one_pass,
+                             jnp.zeros((batch, passes_max * group), jnp.float32))
+  rows = jnp.arange(batch)[:, None]  # [B, 1]
+  return jnp.zeros((batch, c), jnp.float32).at[rows, order[:, :c]].set(packed[:, :c])
 
 
 def _fast_scores(sum_logprobs: Array, finished: Array, equal: Array, doc_scores: Array,
