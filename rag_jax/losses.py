@@ -21,6 +21,8 @@ Everything runs in float32 (float64 if given float64) whatever the logits' dtype
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -83,6 +85,19 @@ def rag_sequence_nll(seq_logits: Array, doc_scores: Array, target: Array, *,
                  epsilon, vocab, reduce_loss)
 
 
+def logsumexp_over_docs(x: Array) -> Array:
+  """[B, n, ...] -> [B, ...]: logsumexp over the passages (axis 1), as n elementwise terms.
+
+  jax.nn.logsumexp's value to float rounding (the same max shift, held out of the gradient).
+  XLA's CPU backend reduces a short non-minor axis of a large array element by element: for
+  RAG-Token's [16, 5, 50,265] marginal per decoding step that took 30 ms against 6 ms for the
+  five slices, which fuse into one vectorised loop."""
+  parts = [x[:, j] for j in range(x.shape[1])]
+  top = functools.reduce(jnp.maximum, parts)
+  top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
+  return jnp.log(functools.reduce(jnp.add, [jnp.exp(p - top) for p in parts])) + top
+
+
 def marginalize(seq_logits: Array, doc_scores: Array) -> Array:
   """RAG-Token per-step marginal: log sum_j p(z_j|x) p(y_t = v|x,z_j,y<t).
 
@@ -91,7 +106,7 @@ def marginalize(seq_logits: Array, doc_scores: Array) -> Array:
   n_docs = doc_scores.shape[1]
   logp = _per_doc_logprobs(seq_logits, n_docs)  # [B, n, T, V]
   doc_logp = jax.nn.log_softmax(at_least_f32(doc_scores), axis=1)
-  return jax.nn.logsumexp(logp + doc_logp[:, :, None, None], axis=1)
+  return logsumexp_over_docs(logp + doc_logp[:, :, None, None])
 
 
 def rag_token_nll(seq_logits: Array, doc_scores: Array, target: Array, *,

@@ -214,3 +214,27 @@ def _end_to_end(tmp_path, kind, precision):
 def _hf_grads(model, grads):
   """Our gradient pytree under transformers' names (same layout as the parameters)."""
   return to_hf_state_dict(model, grads, dtype=np.float64)
+
+
+def test_logsumexp_over_docs_equals_float64_logsumexp():
+  """The unrolled passage logsumexp against numpy in float64, with a column whose passages are
+  all -inf (probability 0 everywhere) and a +inf one; its gradient is the passage posterior."""
+  rng = np.random.default_rng(2)
+  x = (rng.normal(size=(3, 5, 4, 7)) * 30).astype(np.float32)
+  x[0, :, 0, 0] = -np.inf
+  x[1, 2, 1, 3] = np.inf
+  got = np.asarray(losses.logsumexp_over_docs(jnp.asarray(x)))
+  x64 = x.astype(np.float64)
+  top = np.max(x64, axis=1, keepdims=True)
+  top = np.where(np.isfinite(top), top, 0.0)
+  with np.errstate(divide="ignore"):  # log(0) = -inf is the expected value there
+    want = np.log(np.sum(np.exp(x64 - top), axis=1)) + top[:, 0]
+  assert got[0, 0, 0] == -np.inf and got[1, 1, 3] == np.inf
+  finite = np.isfinite(want)
+  np.testing.assert_allclose(got[finite], want[finite], rtol=1e-6, atol=1e-5)
+  y = jnp.asarray(np.where(np.isfinite(x), x, 0.0))
+  grad = np.asarray(jax.grad(lambda v: losses.logsumexp_over_docs(v).sum())(y))
+  y64 = np.asarray(y, np.float64)
+  posterior = np.exp(y64 - np.log(np.sum(np.exp(y64 - y64.max(1, keepdims=True)), 1,
+                                         keepdims=True)) - y64.max(1, keepdims=True))
+  np.testing.assert_allclose(grad, posterior, rtol=1e-5, atol=1e-6)
