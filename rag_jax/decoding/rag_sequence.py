@@ -78,6 +78,8 @@ class RagSequenceConfig:
   def __post_init__(self):
     if self.decoding not in ("thorough", "fast"):
       raise ValueError(f"decoding must be 'thorough' or 'fast', got {self.decoding!r}")
+    if self.rescore_candidates is not None and self.rescore_candidates < 1:
+      raise ValueError(f"rescore_candidates must be None or >= 1, got {self.rescore_candidates}")
 
 
 @flax.struct.dataclass
