@@ -79,6 +79,9 @@ def rag_sequence_nll(seq_logits: Array, doc_scores: Array, target: Array, *,
     if use_bos is None:
       use_bos = jnp.all(tgt[:, 0] == bos_token_id)
     else:
+      if use_bos.shape != (batch,):
+        raise ValueError(f"use_bos has shape {use_bos.shape}; expected ({batch},), one flag per "
+                         "row of target")
       use_bos = use_bos[:, None]  # [B, 1]
     ll_sum = jnp.where(use_bos, ll[:, :, 1:].sum(axis=2), ll_sum)
   return _finish(jax.nn.logsumexp(ll_sum, axis=1), jax.nn.logsumexp(smooth.sum(axis=2), axis=1),

@@ -100,6 +100,9 @@ def test_per_row_bos_flag_equals_get_nll_on_each_batch(torch_rag):
       jnp.asarray(logits), jnp.asarray(scores), jnp.asarray(mixed), epsilon=0.1,
       exclude_bos_score=True, pad_token_id=PAD, bos_token_id=BOS)
   assert np.abs(np.asarray(batch_wide)[:2] - theirs[:2]).max() > 1e-2
+  with pytest.raises(ValueError, match=r"use_bos has shape \(2,\); expected \(3,\)"):
+    losses.rag_sequence_nll(jnp.asarray(logits), jnp.asarray(scores), jnp.asarray(mixed),
+                            exclude_bos_score=True, use_bos=jnp.array([True, False]))
 
 
 @pytest.mark.parametrize("style,epsilon,reduce", list(itertools.product(
