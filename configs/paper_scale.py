@@ -40,7 +40,9 @@ def get_config(model_type: str = "rag_sequence") -> ml_collections.ConfigDict:
   config.eval.max_length = 20  # Answer tokens, the decoder start included.
   config.eval.decoding = "thorough"  # RAG-Sequence: the paper's QA test decoding.
   # RAG-Sequence thorough rescoring: distinct candidates G of each question per teacher-forced
-  # pass (0: a quarter of C = n_docs x num_beams); a pass holds batch x G x docs x max_length x
-  # vocab logits: 8 x 1 x 50 x 20 x 50265 x 4 B = 1.5 GiB at G = 1.
+  # pass (0: a quarter of C = n_docs x num_beams), W decoder positions per call of a pass (0: a
+  # quarter of the max_length - 1 scored positions, here 5); a call holds batch x G x docs x W x
+  # vocab logits: 8 x 1 x 50 x 5 x 50265 x 4 B = 0.4 GiB at G = 1.
   config.eval.rescore_candidates = 1
+  config.eval.rescore_positions = 0
   return config

@@ -31,7 +31,7 @@ from rag_jax.models.layers import at_least_f32
 Array = jax.Array
 
 
-def _shift_left(target: Array, pad_token_id: int) -> Array:
+def shift_targets_left(target: Array, pad_token_id: int) -> Array:
   """[B, T] -> [B, T]: target[:, 1:] then one pad column."""
   return jnp.concatenate([target[:, 1:], jnp.full_like(target[:, :1], pad_token_id)], axis=1)
 
@@ -50,25 +50,35 @@ def _finish(ll: Array, smooth: Array, epsilon: float, vocab: int, reduce_loss: b
   return (1.0 - epsilon) * nll + (epsilon / vocab) * smooth_loss
 
 
-def rag_sequence_nll(seq_logits: Array, doc_scores: Array, target: Array, *,
-                     epsilon: float = 0.0, exclude_bos_score: bool = False,
-                     reduce_loss: bool = False, pad_token_id: int = 1,
-                     bos_token_id: int | None = 0, use_bos: Array | None = None) -> Array:
-  """RAG-Sequence negative log marginal likelihood, -log sum_j p(z_j|x) prod_t p(y_t|x,z_j,y<t).
+def sequence_token_scores(seq_logits: Array, tgt: Array) -> tuple[Array, Array]:
+  """The token terms of RAG-Sequence's loss, row by row, before the prior and the marginal.
 
-  Returns [B] (or a scalar with reduce_loss). See the module docstring for the semantics.
-  use_bos [B] bool, with exclude_bos_score: the BOS flag per row instead of the batch-wide one,
-  for a caller whose rows come from several of the reference's batches (thorough rescoring
-  packs the candidates of several questions into one pass).
+  seq_logits [R, T, V] (any columns of the generator's output), tgt [R, T] the shifted targets
+  of those columns -> ll [R, T] log p(tgt_t) and smooth [R, T] sum_v log p(v), float32. Split
+  out so that a caller can score a sequence's columns in pieces (thorough rescoring stops at the
+  longest hypothesis) and finish with `rag_sequence_nll_from_token_scores`.
   """
+  logp = jax.nn.log_softmax(at_least_f32(seq_logits), axis=-1)  # [R, T, V]
+  ll = jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]  # [R, T]
+  return ll, logp.sum(axis=-1)
+
+
+def rag_sequence_nll_from_token_scores(ll: Array, smooth: Array, doc_scores: Array, tgt: Array,
+                                       vocab: int, *, epsilon: float = 0.0,
+                                       exclude_bos_score: bool = False,
+                                       reduce_loss: bool = False, pad_token_id: int = 1,
+                                       bos_token_id: int | None = 0,
+                                       use_bos: Array | None = None) -> Array:
+  """`rag_sequence_nll` from `sequence_token_scores`' terms: ll, smooth [B*n, T] (row b * n + j),
+  doc_scores [B, n], tgt [B, T] shifted targets, vocab V -> [B] (or a scalar with reduce_loss).
+
+  Columns whose shifted target is pad count 0, so their terms may hold anything (a caller that
+  stopped early leaves them unset)."""
   batch, n_docs = doc_scores.shape
-  tgt = _shift_left(target, pad_token_id)  # [B, T]
-  logp = _per_doc_logprobs(seq_logits, n_docs)  # [B, n, T, V]
-  vocab, length = logp.shape[-1], logp.shape[2]
+  ll = ll.reshape(batch, n_docs, -1)  # [B, n, T]
+  smooth = smooth.reshape(batch, n_docs, -1)  # [B, n, T]
+  length = ll.shape[2]
   doc_logp = jax.nn.log_softmax(at_least_f32(doc_scores), axis=1)  # [B, n]
-  idx = jnp.broadcast_to(tgt[:, None, :, None], (batch, n_docs, length, 1))
-  ll = jnp.take_along_axis(logp, idx, axis=-1)[..., 0]  # [B, n, T]
-  smooth = logp.sum(axis=-1)  # [B, n, T]
   if length >= 2:  # The prior joins every vocabulary entry of position 1.
     ll = ll.at[:, :, 1].add(doc_logp)
     smooth = smooth.at[:, :, 1].add(vocab * doc_logp)
@@ -86,6 +96,26 @@ def rag_sequence_nll(seq_logits: Array, doc_scores: Array, target: Array, *,
     ll_sum = jnp.where(use_bos, ll[:, :, 1:].sum(axis=2), ll_sum)
   return _finish(jax.nn.logsumexp(ll_sum, axis=1), jax.nn.logsumexp(smooth.sum(axis=2), axis=1),
                  epsilon, vocab, reduce_loss)
+
+
+def rag_sequence_nll(seq_logits: Array, doc_scores: Array, target: Array, *,
+                     epsilon: float = 0.0, exclude_bos_score: bool = False,
+                     reduce_loss: bool = False, pad_token_id: int = 1,
+                     bos_token_id: int | None = 0, use_bos: Array | None = None) -> Array:
+  """RAG-Sequence negative log marginal likelihood, -log sum_j p(z_j|x) prod_t p(y_t|x,z_j,y<t).
+
+  Returns [B] (or a scalar with reduce_loss). See the module docstring for the semantics.
+  use_bos [B] bool, with exclude_bos_score: the BOS flag per row instead of the batch-wide one,
+  for a caller whose rows come from several of the reference's batches (thorough rescoring
+  packs the candidates of several questions into one pass).
+  """
+  n_docs = doc_scores.shape[1]
+  tgt = shift_targets_left(target, pad_token_id)  # [B, T]
+  ll, smooth = sequence_token_scores(seq_logits, jnp.repeat(tgt, n_docs, axis=0))  # [B*n, T]
+  return rag_sequence_nll_from_token_scores(
+      ll, smooth, doc_scores, tgt, seq_logits.shape[-1], epsilon=epsilon,
+      exclude_bos_score=exclude_bos_score, reduce_loss=reduce_loss, pad_token_id=pad_token_id,
+      bos_token_id=bos_token_id, use_bos=use_bos)
 
 
 def logsumexp_over_docs(x: Array) -> Array:
@@ -119,7 +149,7 @@ def rag_token_nll(seq_logits: Array, doc_scores: Array, target: Array, *,
 
   Returns [B] (or a scalar with reduce_loss). No BOS exclusion exists for RAG-Token.
   """
-  tgt = _shift_left(target, pad_token_id)  # [B, T]
+  tgt = shift_targets_left(target, pad_token_id)  # [B, T]
   logp = marginalize(seq_logits, doc_scores)  # [B, T, V]
   ll = jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]  # [B, T]
   smooth = logp.sum(axis=-1)  # [B, T]

@@ -21,9 +21,10 @@ INIT_STD = 0.3
 EOS_BIAS = 2.0
 
 
-def _bias_eos(model: torch.nn.Module, bias_owner: torch.nn.Module, path: Path, eos: int = 2):
+def _bias_eos(model: torch.nn.Module, bias_owner: torch.nn.Module, path: Path, eos: int = 2,
+              bias: float = EOS_BIAS):
   with torch.no_grad():
-    bias_owner.final_logits_bias[0, eos] += EOS_BIAS
+    bias_owner.final_logits_bias[0, eos] += bias
   model.save_pretrained(path)
 
 
@@ -34,12 +35,14 @@ def bart(tmp: Path, name: str = "scaled_odd_heads", seed: int = 0):
   return model, path
 
 
-def rag(tmp: Path, kind: str, n_docs: int = 3, seed: int = 0, label_smoothing: float = 0.0):
+def rag(tmp: Path, kind: str, n_docs: int = 3, seed: int = 0, label_smoothing: float = 0.0,
+        eos_bias: float = EOS_BIAS):
   """(torch RagTokenForGeneration / RagSequenceForGeneration, checkpoint dir); label_smoothing
-  is saved in the config (RAG-Sequence thorough decoding ranks by the smoothed loss)."""
+  is saved in the config (RAG-Sequence thorough decoding ranks by the smoothed loss); eos_bias
+  is added to the EOS logit (larger: shorter hypotheses)."""
   model, path = ref.rag(tmp, kind, n_docs=n_docs, seed=seed, init_std=INIT_STD)
   model.config.label_smoothing = label_smoothing
-  _bias_eos(model, model.rag.generator, path)
+  _bias_eos(model, model.rag.generator, path, bias=eos_bias)
   return model, path
 
 

@@ -89,8 +89,10 @@ def _torch_thorough_scores(torch_model, ids, mask, doc_scores, sequences, per_qu
     (3, [dict(num_return_sequences=2, forced_bos_token_id=0, length_penalty=0.6,
               early_stopping=True, min_length=3),
          dict(num_return_sequences=2),
-         # Passes of 2 and 4 distinct candidates, across the two questions' boundary.
-         dict(num_return_sequences=2, forced_bos_token_id=0, rescore_candidates=2),
+         # Passes of 2 and 4 distinct candidates, across the two questions' boundary; calls of
+         # 4 positions (of 9: the last call's start is clamped back to position 5).
+         dict(num_return_sequences=2, forced_bos_token_id=0, rescore_candidates=2,
+              rescore_positions=4),
          dict(num_return_sequences=3, rescore_candidates=4)]),
     (2, [dict(num_return_sequences=2, do_deduplication=False, forced_bos_token_id=0),
          dict(num_return_sequences=2, do_deduplication=False, forced_bos_token_id=0,
@@ -104,12 +106,12 @@ def test_rag_sequence_thorough_matches_transformers(rag_sequence, num_beams, set
   ids, mask, doc_scores = _retrieval_inputs(model.config.generator.vocab_size, seed=1)
   for setting in settings:
     setting = dict(setting)
-    rescore = setting.pop("rescore_candidates", None)
+    rescore = {k: setting.pop(k, None) for k in ("rescore_candidates", "rescore_positions")}
     kwargs = dref.generation_kwargs(num_beams=num_beams, **setting)
     expected = _torch_rag_generate(torch_model, ids, mask, doc_scores, **kwargs).numpy()
     got = generate(model, params, context_input_ids=ids, context_attention_mask=mask,
                    doc_scores=doc_scores, n_docs=N_DOCS, mask_beam_contexts=False,
-                   rescore_candidates=rescore, **kwargs)
+                   **rescore, **kwargs)
     np.testing.assert_array_equal(got.sequences, expected, err_msg=str(setting))
     assert got.decoder.architecture == type(torch_model).__name__ == "RagSequenceForGeneration"
     assert (got.decoder.kind, got.decoder.decoding, got.decoder.num_beams,
@@ -154,6 +156,39 @@ def test_rag_sequence_thorough_with_duplicate_hypotheses_matches_transformers(ra
     distinct.append(len({tuple(row) for row in beams.numpy().tolist()}))
   assert all(d < N_DOCS * 3 for d in distinct)  # Both questions do have duplicates.
   np.testing.assert_array_equal(got.num_candidates, distinct)
+
+
+@pytest.fixture(scope="module")
+def rag_sequence_short(tmp_path_factory):
+  """A RAG-Sequence model whose hypotheses end early, at lengths from 1 token to max_length."""
+  torch_model, path = dref.rag(tmp_path_factory.mktemp("rag_seq_short"), "sequence", N_DOCS,
+                               label_smoothing=0.1, eos_bias=dref.EOS_BIAS + 2.0)
+  return (torch_model, *load_pretrained(path))
+
+
+def test_rag_sequence_thorough_with_short_hypotheses_matches_transformers(rag_sequence_short):
+  """Hypotheses of varied lengths, most far shorter than max_length: rescoring stops after each
+  pass's longest one (W positions per call, the last call's start clamped), where transformers
+  crops its labels to the question's longest; tokens and scores must not change."""
+  torch_model, model, params = rag_sequence_short
+  ids, mask, doc_scores = _retrieval_inputs(model.config.generator.vocab_size, seed=1)
+  kwargs = dref.generation_kwargs(num_beams=3, num_return_sequences=3, max_length=12,
+                                  forced_bos_token_id=0)
+  expected = _torch_rag_generate(torch_model, ids, mask, doc_scores, **kwargs).numpy()
+  reference = _torch_thorough_scores(torch_model, ids, mask, doc_scores, expected, 3)
+  lengths = []
+  for candidates, positions in [(None, None), (2, 1), (2, 3), (9, 4), (1, 11)]:
+    got = generate(model, params, context_input_ids=ids, context_attention_mask=mask,
+                   doc_scores=doc_scores, mask_beam_contexts=False, rescore_candidates=candidates,
+                   rescore_positions=positions, **kwargs)
+    setting = f"rescore_candidates={candidates}, rescore_positions={positions}"
+    np.testing.assert_array_equal(got.sequences, expected, err_msg=setting)
+    np.testing.assert_allclose(got.sequences_scores, reference, atol=SCORE_TOL, rtol=0,
+                               err_msg=setting)
+    lengths.append([len(_strip(r)) for r in got.sequences])
+  # Both questions answer in under half of max_length, so passes holding only short candidates
+  # stop early (the full-length candidates of passage 2 rank below them).
+  assert max(max(row) for row in lengths) < 6
 
 
 def test_rag_sequence_masked_beams_match_transformers_on_unpadded_contexts(rag_sequence):
@@ -249,9 +284,10 @@ def test_rag_sequence_fast_equals_numpy_paper_rule(rag_sequence):
   assert len(expected[0]) < N_DOCS * num_beams
 
 
-def test_rescore_candidates_below_one_is_refused(rag_sequence):
+@pytest.mark.parametrize("option", ["rescore_candidates", "rescore_positions"])
+def test_rescore_settings_below_one_are_refused(rag_sequence, option):
   _, model, params = rag_sequence
   ids, mask, doc_scores = _retrieval_inputs(model.config.generator.vocab_size)
-  with pytest.raises(ValueError, match="rescore_candidates must be None or >= 1, got 0"):
+  with pytest.raises(ValueError, match=f"{option} must be None or >= 1, got 0"):
     generate(model, params, context_input_ids=ids, context_attention_mask=mask,
-             doc_scores=doc_scores, rescore_candidates=0)
+             doc_scores=doc_scores, **{option: 0})

@@ -53,6 +53,16 @@ def expand_self_attention(cache: Any, expand: Callable[[Array], Array]) -> Any:
   return jax.tree_util.tree_map_with_path(leaf, cache)
 
 
+def set_cache_index(cache: Any, index: Array | int) -> Any:
+  """The decode cache with its write position (`cache_index`) set to `index`: the next call
+  writes its tokens there and attends to the positions before it (later ones are masked, so
+  stale entries need no clearing)."""
+  def leaf(path, x):
+    name = getattr(path[-1], "key", None) if path else None
+    return jnp.asarray(index, x.dtype) if name == "cache_index" else x
+  return jax.tree_util.tree_map_with_path(leaf, cache)
+
+
 def repeat_over_beams(cache: Any, beams: int) -> Any:
   """Self-attention buffers [R, ...] -> [R * beams, ...] (row r * beams + i); cross K/V shared."""
   return expand_self_attention(cache, lambda x: jnp.repeat(x, beams, axis=0))

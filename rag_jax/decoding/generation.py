@@ -154,6 +154,7 @@ def plan_generation(model: Any, *, n_docs: int | None = None, decoding: str = "t
                     pad_token_id: int | None = None, do_deduplication: bool | None = None,
                     do_sample: bool = False, mask_beam_contexts: bool = True,
                     rescore_candidates: int | None = None,
+                    rescore_positions: int | None = None,
                     architecture: str | None = None) -> GenerationPlan:
   """`generate`'s options resolved (see `generate`); n_docs: the passages per question (RAG)."""
   if do_sample:
@@ -194,7 +195,7 @@ def plan_generation(model: Any, *, n_docs: int | None = None, decoding: str = "t
                           else do_deduplication),
         mask_beam_contexts=mask_beam_contexts, label_smoothing=model.config.label_smoothing,
         bos_token_id=model.config.bos_token_id or gcfg.bos_token_id,
-        rescore_candidates=rescore_candidates)
+        rescore_candidates=rescore_candidates, rescore_positions=rescore_positions)
   info = DecoderInfo(kind, ARCHITECTURES[kind], int(num_beams), int(max_length), int(num_return),
                      n_docs=None if kind == "bart" else n_docs,
                      decoding=decoding if kind == "rag_sequence" else None)
@@ -237,13 +238,13 @@ def generate(model: Any, params: Any, input_ids=None, attention_mask=None, *,
   RAG: context_input_ids, context_attention_mask [B * n, S] (batch-major) and doc_scores [B, n]
     from retrieval; n_docs defaults to doc_scores.shape[1]. RAG-Sequence: decoding "thorough"
     (transformers' rule) or "fast" (the paper's); do_deduplication defaults to the config's;
-    mask_beam_contexts / rescore_candidates: see rag_sequence.py. `architecture` overrides the
-    config's (needed for a plain "RagModel" checkpoint).
+    mask_beam_contexts / rescore_candidates / rescore_positions: see rag_sequence.py.
+    `architecture` overrides the config's (needed for a plain "RagModel" checkpoint).
   Generation options (`plan_generation`'s keywords): transformers' names and meaning (see the
   module docstring): decoding, max_length, min_length, num_beams, num_return_sequences,
   length_penalty, early_stopping, no_repeat_ngram_size, bad_words_ids, forced_bos_token_id,
   forced_eos_token_id, decoder_start_token_id, eos_token_id, pad_token_id, do_deduplication,
-  do_sample, mask_beam_contexts, rescore_candidates, architecture.
+  do_sample, mask_beam_contexts, rescore_candidates, rescore_positions, architecture.
   """
   plan = plan_generation(model, **options)
   if plan.kind == "bart":

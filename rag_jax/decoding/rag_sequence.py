@@ -45,10 +45,15 @@ from rag_jax.decoding.bart import (
     init_decode_cache,
     repeat_over_beams,
     run_search,
+    set_cache_index,
 )
 from rag_jax.decoding.beam_search import SearchConfig, SearchParams
 from rag_jax.decoding.rag_token import generator_of
-from rag_jax.losses import rag_sequence_nll
+from rag_jax.losses import (
+    rag_sequence_nll_from_token_scores,
+    sequence_token_scores,
+    shift_targets_left,
+)
 from rag_jax.models.rag import RagModel
 
 Array = jax.Array
@@ -64,6 +69,10 @@ class RagSequenceConfig:
     (None: C / 4 rounded up); a pass holds B * G * n * max_length * V logits, and the passes
     stop once the question with the most distinct candidates is done (ceil(max / G) passes).
     Larger passes keep an accelerator busier; smaller ones waste fewer slots.
+  rescore_positions: decoder positions W teacher-forced per call within a pass (None: a quarter
+    of the max_length - 1 scored positions, rounded up); a pass stops after the call holding
+    its longest hypothesis's last token, so smaller W wastes fewer positions on short answers
+    and larger W makes fewer, bigger calls. Its logits are B * G * n * W * V.
   """
 
   search: SearchConfig
@@ -74,12 +83,15 @@ class RagSequenceConfig:
   label_smoothing: float = 0.0
   bos_token_id: int | None = 0
   rescore_candidates: int | None = None
+  rescore_positions: int | None = None
 
   def __post_init__(self):
     if self.decoding not in ("thorough", "fast"):
       raise ValueError(f"decoding must be 'thorough' or 'fast', got {self.decoding!r}")
     if self.rescore_candidates is not None and self.rescore_candidates < 1:
       raise ValueError(f"rescore_candidates must be None or >= 1, got {self.rescore_candidates}")
+    if self.rescore_positions is not None and self.rescore_positions < 1:
+      raise ValueError(f"rescore_positions must be None or >= 1, got {self.rescore_positions}")
 
 
 @flax.struct.dataclass
@@ -119,50 +131,77 @@ def _rescore(model: RagModel, rcfg: RagSequenceConfig, gparams: Any, cands: Arra
   deduplication makes it. A pass teacher-forces the decoder over B * G * n rows (candidate slot
   i of question b under passage j is row (b * G + i) * n + j) against the passages'
   cross-attention K/V, projected once for all passes and shared by the G slots
-  (`grouped_cross_attention`). Every array keeps the question axis leading, so a batch split
-  over devices by questions stays split.
+  (`grouped_cross_attention`). Within a pass the decoder runs `rescore_positions` columns per
+  call through its self-attention cache and stops after the last column whose target is a
+  token of one of the pass's hypotheses, so short answers cost what their length needs (the
+  reference crops its labels to the longest hypothesis). Every array keeps the question axis
+  leading, so a batch split over devices by questions stays split.
   """
   gen = generator_of(model)
-  gcfg = model.config.generator
+  gcfg, pad = model.config.generator, model.config.generator.pad_token_id
   batch, c, length = cands.shape
   n_docs = doc_scores.shape[1]
   group = min(rcfg.rescore_candidates or -(-c // 4), c)
+  rows = batch * group * n_docs  # decoder rows of a pass
   passes_max = -(-c // group)
+  # Column t is scored against token t + 1, so the last column never counts: L - 1 columns,
+  # `width` per decoder call, the last call's start clamped so it ends at column L - 2.
+  columns = max(length - 1, 1)
+  width = min(rcfg.rescore_positions or -(-columns // 4), columns)
   order = jnp.argsort(skip, axis=1, stable=True)  # [B, C]: kept first, in their order
   order = jnp.pad(order, ((0, 0), (0, passes_max * group - c)))  # [B, P*G]; pads score cand 0
-  passes = (jnp.max(jnp.sum(~skip, axis=1)) + group - 1) // group
+  kept = jnp.sum(~skip, axis=1)  # [B]
+  passes = (jnp.max(kept) + group - 1) // group
   # transformers' BOS rule is one flag per rescoring call, i.e. per question over its C
   # candidates (duplicates equal a kept candidate, so they do not change it).
   use_bos = (jnp.all(cands[:, :, 1] == rcfg.bos_token_id, axis=1)
              if rcfg.bos_token_id is not None and length >= 2
              else jnp.zeros((batch,), bool))  # [B]
   # Cross K/V of the B * n passages, projected once; the self-attention buffers are replaced
-  # by zeroed ones of B * G * n rows (teacher forcing from position 0) in every pass.
+  # by zeroed ones of B * G * n rows, written from position 0 again in every pass.
   cache = expand_self_attention(
-      init_decode_cache(gen, gparams, enc, length + 1),
-      lambda x: jnp.zeros((batch * group * n_docs,) + x.shape[1:], x.dtype))
+      init_decode_cache(gen, gparams, enc, columns + 1),
+      lambda x: jnp.zeros((rows,) + x.shape[1:], x.dtype))
   doc_scores_rows = jnp.repeat(doc_scores, group, axis=0)  # [B*G, n], row b * G + i
   use_bos_rows = jnp.repeat(use_bos, group)  # [B*G]
 
   def one_pass(p, packed):
     slots = jax.lax.dynamic_slice_in_dim(order, p * group, group, axis=1)  # [B, G]
     target = jnp.take_along_axis(cands, slots[:, :, None], axis=1)  # [B, G, L]
-    dec = jnp.broadcast_to(target[:, :, None], (batch, group, n_docs, length))  # [B, G, n, L]
-    logits, _ = gen.apply(
-        {"params": gparams, "cache": cache}, dec.reshape(-1, length), None, mask,
-        decode=True, method=gen.decode, mutable=["cache"],
-        cross_inner_rows=n_docs)  # [B*G*n, L, V], row (b * G + i) * n + j
-    loss = rag_sequence_nll(
-        logits, doc_scores_rows, target.reshape(-1, length), epsilon=rcfg.label_smoothing,
-        exclude_bos_score=True, reduce_loss=False, pad_token_id=gcfg.pad_token_id,
-        bos_token_id=rcfg.bos_token_id, use_bos=use_bos_rows)  # [B*G]
+    tgt = shift_targets_left(target.reshape(-1, length), pad)  # [B*G, L]
+    # The pass's columns: up to the last scored token of its real (not padding) slots.
+    real = (p * group + jnp.arange(group))[None, :] < kept[:, None]  # [B, G]
+    scored = (tgt != pad) & real.reshape(-1, 1)  # [B*G, L]
+    needed = jnp.max(jnp.where(scored, jnp.arange(length) + 1, 0))
+    dec = jnp.repeat(target.reshape(-1, length), n_docs, axis=0)  # [B*G*n, L]
+    tgt_rows = jnp.repeat(tgt, n_docs, axis=0)  # [B*G*n, L], row (b * G + i) * n + j
+
+    def one_call(k, carry):
+      call_cache, ll, smooth = carry
+      begin = jnp.minimum(k * width, columns - width)
+      logits, variables = gen.apply(
+          {"params": gparams, "cache": set_cache_index(call_cache, begin)},
+          jax.lax.dynamic_slice_in_dim(dec, begin, width, axis=1), None, mask, decode=True,
+          method=gen.decode, mutable=["cache"], cross_inner_rows=n_docs)  # [B*G*n, W, V]
+      ll_k, smooth_k = sequence_token_scores(
+          logits, jax.lax.dynamic_slice_in_dim(tgt_rows, begin, width, axis=1))  # [B*G*n, W]
+      return (variables["cache"], jax.lax.dynamic_update_slice_in_dim(ll, ll_k, begin, axis=1),
+              jax.lax.dynamic_update_slice_in_dim(smooth, smooth_k, begin, axis=1))
+
+    zeros = jnp.zeros((rows, length), jnp.float32)
+    _, ll, smooth = jax.lax.fori_loop(0, (needed + width - 1) // width, one_call,
+                                      (cache, zeros, zeros))
+    loss = rag_sequence_nll_from_token_scores(
+        ll, smooth, doc_scores_rows, tgt, gcfg.vocab_size, epsilon=rcfg.label_smoothing,
+        exclude_bos_score=True, pad_token_id=pad, bos_token_id=rcfg.bos_token_id,
+        use_bos=use_bos_rows)  # [B*G]
     return jax.lax.dynamic_update_slice_in_dim(packed, loss.reshape(batch, group), p * group,
                                                axis=1)
 
   packed = jax.lax.fori_loop(0, passes, one_pass,
                              jnp.zeros((batch, passes_max * group), jnp.float32))
-  rows = jnp.arange(batch)[:, None]  # [B, 1]
-  return jnp.zeros((batch, c), jnp.float32).at[rows, order[:, :c]].set(packed[:, :c])
+  question = jnp.arange(batch)[:, None]  # [B, 1]
+  return jnp.zeros((batch, c), jnp.float32).at[question, order[:, :c]].set(packed[:, :c])
 
 
 def _fast_scores(sum_logprobs: Array, finished: Array, equal: Array, doc_scores: Array,

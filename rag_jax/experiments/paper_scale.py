@@ -160,7 +160,8 @@ def _run(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
   ev = config.eval
   options = dict(n_docs=ev.n_docs, num_beams=ev.num_beams, max_length=ev.max_length)
   if config.model_type == "rag_sequence":
-    options.update(decoding=ev.decoding, rescore_candidates=ev.rescore_candidates or None)
+    options.update(decoding=ev.decoding, rescore_candidates=ev.rescore_candidates or None,
+                   rescore_positions=ev.rescore_positions or None)
   gen_plan = plan_generation(model, **options)
   program = answer_program(model, dataclasses.replace(retrieval, n_docs=ev.n_docs), gen_plan)
   questions = question_batch(rng, config, ev.batch_size, model, spec)
