@@ -9,15 +9,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import jax  # noqa: E402
-
-jax.config.update("jax_default_matmul_precision", "highest")
-
-# One persistent compilation cache per test session: the trainers' tests compile the same train
-# and eval steps in each (killed, resumed, uninterrupted) run; XLA compiles each program once.
+# One persistent compilation cache per test session, shared with the subprocesses the tests
+# start (train.py / evaluate.py / build-index runs inherit the environment): the trainers' tests
+# compile the same train and eval steps in each (killed, resumed, uninterrupted) run and process;
+# XLA compiles each program once. The cache key includes XLA_FLAGS and the devices, so a
+# subprocess on one CPU device never reads an 8-device program.
 if os.environ.get("RAG_JAX_TEST_COMPILE_CACHE", "1") == "1":
   import tempfile
 
-  jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="rag_jax_xla_cache_"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="rag_jax_xla_cache_")
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
