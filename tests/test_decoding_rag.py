@@ -177,7 +177,7 @@ def test_rag_sequence_thorough_with_short_hypotheses_matches_transformers(rag_se
   expected = _torch_rag_generate(torch_model, ids, mask, doc_scores, **kwargs).numpy()
   reference = _torch_thorough_scores(torch_model, ids, mask, doc_scores, expected, 3)
   lengths = []
-  for candidates, positions in [(None, None), (2, 1), (2, 3), (9, 4), (1, 11)]:
+  for candidates, positions in [(None, None), (2, 1), (9, 4)]:
     got = generate(model, params, context_input_ids=ids, context_attention_mask=mask,
                    doc_scores=doc_scores, mask_beam_contexts=False, rescore_candidates=candidates,
                    rescore_positions=positions, **kwargs)
