@@ -47,7 +47,8 @@ _HNSW_M = flags.DEFINE_integer("hnsw_m", 128, "faiss HNSW links per node.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/benchmark", "Where the JSON and log go.")
 _BUDGET = flags.DEFINE_float("time_budget_s", 3600.0, "Groups starting later are skipped.")
 _ISOLATE = flags.DEFINE_enum("isolate", "auto", ["auto", "yes", "no"],
-                             "One child process per group (auto: on accelerators).")
+                             "One child process per group (auto: yes, except the tiny preset "
+                             "on CPU).")
 _PROFILE = flags.DEFINE_integer(
     "profile", 0, "Trace this many more calls of each training step (and of the largest device "
     "search) with jax.profiler and add a per-op summary to the JSON (benchmarks/profile.py).")

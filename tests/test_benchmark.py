@@ -15,12 +15,16 @@ from benchmarks import report as report_md
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _user_env() -> dict[str, str]:
+  """One CPU device and no compilation cache, as a user runs it (compile_s is a compile)."""
+  return {k: v for k, v in os.environ.items()
+          if k != "XLA_FLAGS" and not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT"))}
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
   workdir = tmp_path_factory.mktemp("bench")
-  # One CPU device and no compilation cache, as a user runs it (compile_s is a compile).
-  env = {k: v for k, v in os.environ.items()
-         if k != "XLA_FLAGS" and not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT"))}
+  env = _user_env()
   proc = subprocess.run(
       [sys.executable, "benchmark.py", "--preset=tiny", "--repeats=2", "--warmup=1",
        "--profile=1", f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True,
@@ -146,3 +150,19 @@ def test_max_batch_reads_this_runs_train_row_only(tmp_path):
   assert runner._train_row(options, preset, "bfloat16") is None  # another compute dtype
   runner.run(options, ["train"], "test")  # no time budget: nothing runs, the file is this run's
   assert runner._train_row(options, preset, "float32") is None
+
+
+def test_groups_run_in_child_processes(tmp_path):
+  # The default for every preset but tiny on CPU: each group in a child process of its own,
+  # its rows and the ceilings collected into the parent's JSON.
+  proc = subprocess.run(
+      [sys.executable, "benchmark.py", "--preset=tiny", "--workloads=encode", "--isolate=yes",
+       "--repeats=1", "--warmup=1", f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True,
+      text=True, timeout=600, env=_user_env())
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads((tmp_path / "tiny.json").read_text())
+  assert report["errors"] == [] and report["options"]["isolate"] == "yes"
+  assert report["ceilings"]["matmul_peak_flops"] > 0
+  (row,) = report["results"]
+  assert row["workload"] == "encode" and row["rag_jax"]["median_s"] > 0
+  assert row["ratio_to_peer"] > 0
