@@ -189,13 +189,20 @@ def table(report: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def isolates(options: dict[str, Any], on_accelerator: bool) -> bool:
+  """Whether each group runs in a child process: `--isolate`, where auto means yes except for the
+  tiny preset on CPU (see the module docstring)."""
+  if options["isolate"] != "auto":
+    return options["isolate"] == "yes"
+  return on_accelerator or options["preset"] != "tiny"
+
+
 def run(options: dict[str, Any], groups: list[str], command: str) -> dict[str, Any]:
   """Runs `groups` in order within options['time_budget_s']; writes <workdir>/<preset>.json
   after each group (so a stopped run keeps what finished)."""
   workdir = Path(options["workdir"])
   workdir.mkdir(parents=True, exist_ok=True)
-  isolate = options["isolate"] == "yes" or (options["isolate"] == "auto" and (
-      timing.on_accelerator() or options["preset"] != "tiny"))
+  isolate = isolates(options, timing.on_accelerator())
   report = {"preset": options["preset"], "command": command,
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "machine": timing.machine(), "options": options,

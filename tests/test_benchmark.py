@@ -152,6 +152,17 @@ def test_max_batch_reads_this_runs_train_row_only(tmp_path):
   assert runner._train_row(options, preset, "float32") is None
 
 
+def test_auto_isolation_runs_every_preset_but_tiny_on_cpu_in_child_processes():
+  # A group measured in the process after the training group ran slower for rag_jax alone, so
+  # on CPU every preset but tiny (kept in one process for its one-minute run) isolates groups.
+  from benchmarks import runner
+  for preset in ("tiny", "world", "base", "paper"):
+    assert runner.isolates({"isolate": "auto", "preset": preset}, True)
+    assert runner.isolates({"isolate": "auto", "preset": preset}, False) == (preset != "tiny")
+    assert runner.isolates({"isolate": "yes", "preset": preset}, False)
+    assert not runner.isolates({"isolate": "no", "preset": preset}, True)
+
+
 def test_groups_run_in_child_processes(tmp_path):
   # The default for every preset but tiny on CPU: each group in a child process of its own,
   # its rows and the ceilings collected into the parent's JSON.

@@ -88,10 +88,10 @@ class RagSequenceConfig:
   def __post_init__(self):
     if self.decoding not in ("thorough", "fast"):
       raise ValueError(f"decoding must be 'thorough' or 'fast', got {self.decoding!r}")
-    if self.rescore_candidates is not None and self.rescore_candidates < 1:
-      raise ValueError(f"rescore_candidates must be None or >= 1, got {self.rescore_candidates}")
-    if self.rescore_positions is not None and self.rescore_positions < 1:
-      raise ValueError(f"rescore_positions must be None or >= 1, got {self.rescore_positions}")
+    for name in ("rescore_candidates", "rescore_positions"):
+      value = getattr(self, name)
+      if value is not None and value < 1:
+        raise ValueError(f"{name} must be None or >= 1, got {value}")
 
 
 @flax.struct.dataclass
