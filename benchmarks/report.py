@@ -3,8 +3,9 @@
   python -m benchmarks.report --markdown=docs/benchmarks.md docs/benchmark_results/*.json
 
 For each JSON file NAME.json the section between `<!-- begin NAME -->` and `<!-- end NAME -->`
-of the markdown file is replaced (appended at the end if the markers are missing), so the figures
-in the docs are always the JSON's.
+of the markdown file is replaced (appended at the end if the markers are missing; a missing file
+is created), so the figures in the docs are always the JSON's. The file is replaced whole, never
+left half-written.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from absl import app, flags
 
 from benchmarks.runner import derive
+from rag_jax.utils.atomic import atomic_file
 
 
 def _num(value: Any, fmt: str = "{:.3g}") -> str:
@@ -111,7 +113,8 @@ def render_profile(case: str, summary: dict[str, Any], components: int = 12) -> 
 
 
 def update(markdown: Path, reports: list[Path]) -> None:
-  text = markdown.read_text()
+  """Writes each report's tables between its markers in `markdown` (created if missing)."""
+  text = markdown.read_text() if markdown.exists() else ""
   for path in reports:
     name = path.stem
     block = f"<!-- begin {name} -->\n{render(json.loads(path.read_text()))}\n<!-- end {name} -->"
@@ -119,7 +122,8 @@ def update(markdown: Path, reports: list[Path]) -> None:
                          re.S)
     text = (pattern.sub(lambda _, b=block: b, text) if pattern.search(text)
             else text + "\n" + block)
-  markdown.write_text(text)
+  with atomic_file(markdown, "w") as f:
+    f.write(text)
 
 
 _MARKDOWN = flags.DEFINE_string("markdown", "docs/benchmarks.md", "The markdown file to update.")

@@ -135,6 +135,21 @@ def test_profile_classifies_hlo_instructions_by_hand():
   assert profile._instruction_of("copy.6", "copy_6", instructions) == "copy.6"
 
 
+def test_report_writes_tables_into_a_new_or_existing_markdown_file(report, tmp_path):
+  # The docs' tables are regenerated from the JSON between markers; a markdown file that does
+  # not exist yet is created (it raised FileNotFoundError), and a second run replaces the block.
+  (tmp_path / "tiny.json").write_text(json.dumps(report))
+  markdown = tmp_path / "new" / "bench.md"
+  report_md.update(markdown, [tmp_path / "tiny.json"])
+  first = markdown.read_text()
+  assert first.count("<!-- begin tiny -->") == 1 and "| workload | case |" in first
+  markdown.write_text("# Title\n\nkept\n" + first)
+  report_md.update(markdown, [tmp_path / "tiny.json"])
+  second = markdown.read_text()
+  assert second.startswith("# Title\n\nkept\n") and second.count("<!-- begin tiny -->") == 1
+  assert sorted(p.name for p in markdown.parent.iterdir()) == ["bench.md"]  # no temporaries
+
+
 def test_max_batch_reads_this_runs_train_row_only(tmp_path):
   # --max_batch predicts from the train group's memory plan in this run's JSON; a file left by
   # an earlier run in the same workdir is replaced when the run starts, never read.
