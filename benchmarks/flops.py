@@ -55,28 +55,31 @@ def rag_train_step(question_encoder: dict[str, Any], generator: dict[str, Any], 
   return 3.0 * forward
 
 
-def beam_decode(generator: dict[str, Any], rows: int, beams: int, steps: int,
+def beam_decode(generator: dict[str, Any], rows: int, beams: int, max_length: int,
                 source: int) -> float:
-  """Encoder once per row, then `steps` incremental decoder steps for rows x beams hypotheses,
-  self-attention over the cache (counted at its full `steps` width, as a static-shape cache is
-  read whole), cross-attention K/V projected once per row."""
+  """Encoder once per row, then max_length - 1 incremental decoder steps (the sequences hold
+  the decoder start token and max_length - 1 generated tokens) for rows x beams hypotheses,
+  self-attention over the cache (counted at its full max_length width, as a static-shape cache
+  is read whole), cross-attention K/V projected once per row."""
   encoder = bart_encoder_forward(generator, rows, source)
   cross_kv = rows * generator["decoder_layers"] * 4 * source * generator["d_model"] ** 2
-  step = bart_decoder_forward(generator, rows * beams, 1, source, kv_length=steps,
+  step = bart_decoder_forward(generator, rows * beams, 1, source, kv_length=max_length,
                               cross_kv=False)
-  return float(encoder + cross_kv + steps * step)
+  return float(encoder + cross_kv + (max_length - 1) * step)
 
 
-def rag_generate(generator: dict[str, Any], batch: int, n_docs: int, beams: int, steps: int,
-                 source: int, mode: str, candidates: int | None = None) -> float:
+def rag_generate(generator: dict[str, Any], batch: int, n_docs: int, beams: int,
+                 max_length: int, source: int, mode: str, candidates: int | None = None) -> float:
   """RAG-Token: one beam search over the marginal (every hypothesis on all n passages).
   RAG-Sequence: a beam search per passage; "thorough" adds a teacher-forced pass scoring the
   batch's `candidates` distinct hypotheses (None: all n x beams per question) under each of
-  their question's n passages (the work the result needs: duplicates are scored once)."""
-  total = beam_decode(generator, batch * n_docs, beams, steps, source)
+  their question's n passages, at the max_length - 1 positions that have a token to score (the
+  work the result needs: duplicates are scored once, the decoder start token is not scored;
+  transformers' pass feeds all max_length positions)."""
+  total = beam_decode(generator, batch * n_docs, beams, max_length, source)
   if mode == "thorough":
     candidates = (batch * n_docs * beams if candidates is None else candidates) * n_docs
-    total += bart_decoder_forward(generator, candidates, steps, source, cross_kv=False)
+    total += bart_decoder_forward(generator, candidates, max_length - 1, source, cross_kv=False)
   return total
 
 

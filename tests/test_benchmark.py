@@ -82,6 +82,27 @@ def test_hand_flop_count_agrees_with_xla(report):
       assert 1.0 <= row["xla_flops_over_hand"] < 1.3, row["case"]
 
 
+def test_hand_count_of_decoding_scores_only_generated_positions():
+  # max_length 6 holds the decoder start token and 5 generated tokens: 5 decoder steps per
+  # hypothesis, and thorough rescoring scores those 5 positions (the start token has no score),
+  # written out here for a one-layer BART (d 8, feed-forward 16, vocabulary 50, 7 source tokens).
+  cfg = dict(d_model=8, decoder_ffn_dim=16, vocab_size=50, decoder_layers=1, encoder_layers=1,
+             encoder_ffn_dim=16)
+  d, f, v, src, length = 8, 16, 50, 7, 6
+  batch, n_docs, beams, candidates = 2, 3, 2, 5
+  encoder = batch * n_docs * (8 * src * d * d + 4 * src * d * f + 4 * src * src * d)
+  cross_kv = batch * n_docs * 4 * src * d * d
+  step = batch * n_docs * beams * (12 * d * d + 4 * length * d + 4 * src * d + 4 * d * f
+                                   + 2 * d * v)
+  beam = encoder + cross_kv + (length - 1) * step
+  assert flops.rag_generate(cfg, batch, n_docs, beams, length, src, "beam") == beam
+  p = length - 1
+  scoring = candidates * n_docs * (12 * p * d * d + 4 * p * p * d + 4 * p * src * d
+                                   + 4 * p * d * f + 2 * p * d * v)
+  assert flops.rag_generate(cfg, batch, n_docs, beams, length, src, "thorough",
+                            candidates) == beam + scoring
+
+
 def test_hand_count_of_a_bert_layer():
   # One BERT-base layer on 128 tokens, written out: Q, K, V, O (4 x 2 * 128 * 768^2), the
   # feed-forward (2 x 2 * 128 * 768 * 3072) and attention (2 x 2 * 128^2 * 768).
