@@ -54,10 +54,11 @@ _PROFILE = flags.DEFINE_integer(
     "search) with jax.profiler and add a per-op summary to the JSON (benchmarks/profile.py).")
 _TRAIN_KINDS = flags.DEFINE_list("train_kinds", ["rag_sequence", "rag_token"],
                                  "RAG models of the train workload.")
-_ATTENTION = flags.DEFINE_enum(
-    "attention", "xla", ["xla", "cudnn"],
-    "rag_jax's BART attention: the XLA core, or cuDNN's fused attention where it applies "
-    "(NVIDIA GPUs; rag_jax.models.layers.DotProductAttention).")
+_ATTENTION = flags.DEFINE_list(
+    "attention", ["xla"],
+    "rag_jax's BART attention, one or more of: xla (the XLA core), cudnn (cuDNN's fused "
+    "attention where it applies; NVIDIA GPUs; rag_jax.models.layers.DotProductAttention). The "
+    "train group times each against the same peer measurement; the other groups use the first.")
 _GROUP = flags.DEFINE_string("group", None, "Internal: run one group and write --child_out.")
 _CHILD_OUT = flags.DEFINE_string("child_out", None, "Internal: the child's result file.")
 
@@ -67,6 +68,10 @@ def main(argv):
   unknown = sorted(set(_TRAIN_KINDS.value) - set(train_step.KINDS))
   if unknown:
     raise app.UsageError(f"--train_kinds: unknown {unknown}; choose from {list(train_step.KINDS)}")
+  attentions = _ATTENTION.value
+  if not attentions or sorted(set(attentions) - {"xla", "cudnn"}) or (
+      len(set(attentions)) < len(attentions)):
+    raise app.UsageError(f"--attention: {attentions}; name each of xla, cudnn at most once")
   configure_host_allocator()  # As train.py does; before jax starts its CPU client.
   options = {"preset": _PRESET.value, "dtype": _DTYPE.value, "repeats": _REPEATS.value,
              "warmup": _WARMUP.value, "n_docs": [int(n) for n in _N_DOCS.value],

@@ -85,6 +85,10 @@ def render(report: dict[str, Any]) -> str:
   for err in report.get("errors", []):
     lines.append(f"\n{err['group']}: {err['error']}")
   for row in report["results"]:
+    if "error" in (row.get("rag_jax") or {}):
+      lines.append(f"\n{row['workload']} {row['case']}: rag_jax failed: "
+                   f"{row['rag_jax']['error'][:300]}")
+  for row in report["results"]:
     summary = (row.get("rag_jax") or {}).get("profile")
     if summary and "by_category" in summary:
       lines += ["", *render_profile(row["case"], summary)]

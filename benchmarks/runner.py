@@ -40,7 +40,9 @@ def run_group(group: str, options: dict[str, Any]) -> Any:
   accel = timing.on_accelerator()
   dtype = models.compute_dtype(options["dtype"], accel, preset)
   reps, warm, peer = options["repeats"], options["warmup"], options["peers"]
-  attention = options.get("attention", "xla")
+  # The train group times each attention implementation; the others use the first.
+  attentions = tuple(options.get("attention") or ("xla",))
+  attention = attentions[0]
   # What an earlier group freed is still the process's (rag_jax/utils/host_memory.py): each
   # group starts on fresh pages, as it would in a process of its own.
   host_memory.release_free_memory()
@@ -55,9 +57,9 @@ def run_group(group: str, options: dict[str, Any]) -> Any:
       out["jax_matmul_flops_float32"] = timing.jax_matmul_peak(models.jnp_dtype("float32"), size)
     return out
   if group == "train":
-    return [train_step.run_case(preset, kind, n, dtype, reps, warm, peer,
-                                options.get("profile", 0), attention)
-            for n in preset.n_docs for kind in options.get("train_kinds") or train_step.KINDS]
+    return [row for n in preset.n_docs for kind in options.get("train_kinds") or train_step.KINDS
+            for row in train_step.run_case(preset, kind, n, dtype, reps, warm, peer,
+                                           options.get("profile", 0), attentions)]
   if group == "generate":
     return [generation.run_case(preset, kind, decoding, preset.n_docs[0], dtype, reps, warm,
                                 peer, attention) for kind, decoding in generation.MODES]
@@ -74,7 +76,7 @@ def run_group(group: str, options: dict[str, Any]) -> Any:
     # needs; only without it is the preset-batch step compiled again.
     first = _train_row(options, preset, dtype, attention) or train_step.run_case(
         preset, "rag_sequence", preset.n_docs[0], dtype, reps, warm, peer=False,
-        attention=attention)
+        attentions=(attention,))[0]
     largest = train_step.largest_jax_batch(preset, "rag_sequence", preset.n_docs[0], dtype,
                                            first["rag_jax"], reps, attention)
     return [_max_batch_row(preset, dtype, "rag_jax", largest)]
@@ -131,7 +133,7 @@ def _child(group: str, options: dict[str, Any], timeout: float) -> Any:
            f"--faiss_ef={','.join(map(str, options['faiss_ef']))}", f"--hnsw_m={options['hnsw_m']}",
            f"--profile={options.get('profile', 0)}",
            f"--train_kinds={','.join(options.get('train_kinds') or [])}",
-           f"--attention={options.get('attention', 'xla')}"]
+           f"--attention={','.join(options.get('attention') or ['xla'])}"]
     env = dict(os.environ)
     if group == "max_batch_jax":  # jax alone on the device: let it take nearly all of it.
       env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = "0.95"
@@ -186,6 +188,9 @@ def table(report: dict[str, Any]) -> str:
                  f"{(f'{100 * frac:7.1f}%' if frac else '       -'):>8s}")
   for err in report["errors"]:
     lines.append(f"{err['group']}: {err['error']}")
+  for row in report["results"]:
+    if "error" in (row.get("rag_jax") or {}):
+      lines.append(f"{row['workload']} {row['case']}: {row['rag_jax']['error'][:300]}")
   return "\n".join(lines)
 
 

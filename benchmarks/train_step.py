@@ -117,24 +117,40 @@ def jax_side(model, params, batch: dict[str, np.ndarray], kind: str, repeats: in
 
 
 def run_case(preset: Preset, kind: str, n_docs: int, dtype: str, repeats: int, warmup: int,
-             peer: bool, profile_calls: int = 0, attention: str = "xla") -> dict[str, Any]:
-  """One (RAG kind, n_docs) case at the preset's batch: both sides, FLOPs, ratio."""
+             peer: bool, profile_calls: int = 0,
+             attentions: tuple[str, ...] = ("xla",)) -> list[dict[str, Any]]:
+  """One (RAG kind, n_docs) case at the preset's batch: one row per attention implementation of
+  rag_jax (`attentions`), each against the same peer measurement, FLOPs, ratio. An
+  implementation that fails (e.g. cuDNN's on a machine without it) leaves an error in its row;
+  the other rows are still measured."""
   batch = models.train_inputs(preset, preset.batch, n_docs)
   torch_model = models.torch_rag(preset, kind, n_docs)
-  model, params = models.to_rag_jax(torch_model, models.jnp_dtype(dtype), attention)
   theirs = torch_side(torch_model, batch, dtype, repeats, warmup) if peer else None
-  torch_model = None  # released before rag_jax allocates
-  _release_torch()
-  ours = jax_side(model, params, batch, kind, repeats, warmup, profile_calls)
   hand = flops.rag_train_step(preset.question_encoder, preset.generator, preset.batch, n_docs,
                               preset.question_length, preset.context_length,
                               preset.target_length)
-  return {"workload": "train", "case": models.case_label(f"{kind} n_docs={n_docs}", attention),
-          "kind": kind, "attention": attention,
-          "n_docs": n_docs, "batch": preset.batch, "dtype": dtype, "unit": "questions",
-          "items": preset.batch, "flops_hand": hand, "rag_jax": ours,
-          "peer": theirs and {"name": f"transformers {models.RAG_CLASSES[kind]} + torch AdamW",
-                              **theirs}}
+  weights = {"torch_model": torch_model}  # converted per implementation, then released
+  rows = []
+  for attention in attentions:
+    model, params = models.to_rag_jax(weights["torch_model"], models.jnp_dtype(dtype),
+                                      attention)
+    if attention == attentions[-1]:
+      weights.clear()  # released before rag_jax allocates its last step
+      _release_torch()
+    try:
+      ours = jax_side(model, params, batch, kind, repeats, warmup, profile_calls)
+    except Exception as error:  # noqa: BLE001 - recorded in the row; the others still run
+      logging.info("rag_jax's %s step with %s attention failed", kind, attention, exc_info=True)
+      ours = {"error": f"{type(error).__name__}: {error}"[:2000]}
+    del model, params
+    rows.append({
+        "workload": "train", "case": models.case_label(f"{kind} n_docs={n_docs}", attention),
+        "kind": kind, "attention": attention, "n_docs": n_docs, "batch": preset.batch,
+        "dtype": dtype, "unit": "questions", "items": preset.batch, "flops_hand": hand,
+        "rag_jax": ours,
+        "peer": theirs and {"name": f"transformers {models.RAG_CLASSES[kind]} + torch AdamW",
+                            **theirs}})
+  return rows
 
 
 def _release_torch() -> None:
@@ -156,7 +172,7 @@ def largest_jax_batch(preset: Preset, kind: str, n_docs: int, dtype: str, first:
   """The largest batch (a multiple of the preset's) whose step compiles and runs, predicted
   from the preset-batch program's memory plan (temporaries grow linearly with the batch; the
   state does not) and confirmed by running it; 25 % smaller on each out-of-memory."""
-  plan, limit = first["memory_plan"], first["device"].get("gib_limit")
+  plan, limit = first.get("memory_plan"), (first.get("device") or {}).get("gib_limit")
   if not plan or not limit:
     return {"skipped": "no memory plan or device limit on this backend"}
   fixed = plan["argument_gib"] + plan["output_gib"] - plan["alias_gib"]

@@ -199,17 +199,26 @@ def test_auto_isolation_runs_every_preset_but_tiny_on_cpu_in_child_processes():
     assert not runner.isolates({"isolate": "no", "preset": preset}, True)
 
 
-def test_groups_run_in_child_processes(tmp_path):
+def test_groups_run_in_child_processes_and_time_each_attention(tmp_path):
   # The default for every preset but tiny on CPU: each group in a child process of its own,
-  # its rows and the ceilings collected into the parent's JSON.
+  # its rows and the ceilings collected into the parent's JSON. The train group times each
+  # --attention implementation against one peer measurement; cuDNN's needs an NVIDIA GPU, so
+  # on the CPU its row holds that error while the XLA row is measured.
   proc = subprocess.run(
-      [sys.executable, "benchmark.py", "--preset=tiny", "--workloads=encode", "--isolate=yes",
-       "--repeats=1", "--warmup=1", f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True,
-      text=True, timeout=600, env=_user_env())
+      [sys.executable, "benchmark.py", "--preset=tiny", "--workloads=train",
+       "--train_kinds=rag_sequence", "--attention=xla,cudnn", "--isolate=yes", "--repeats=1",
+       "--warmup=1", f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+      timeout=600, env=_user_env())
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stdout + proc.stderr  # the console keeps the error's line
   report = json.loads((tmp_path / "tiny.json").read_text())
   assert report["errors"] == [] and report["options"]["isolate"] == "yes"
+  assert report["options"]["attention"] == ["xla", "cudnn"]
   assert report["ceilings"]["matmul_peak_flops"] > 0
-  (row,) = report["results"]
-  assert row["workload"] == "encode" and row["rag_jax"]["median_s"] > 0
-  assert row["ratio_to_peer"] > 0
+  xla, cudnn = report["results"]
+  assert (xla["attention"], cudnn["attention"]) == ("xla", "cudnn")
+  assert xla["rag_jax"]["median_s"] > 0 and xla["ratio_to_peer"] > 0
+  assert "needs an NVIDIA GPU" in cudnn["rag_jax"]["error"] and "ratio_to_peer" not in cudnn
+  assert cudnn["peer"] == xla["peer"] and xla["peer"]["median_s"] > 0
+  assert "cudnn attention: ValueError" in proc.stdout
+  assert "rag_jax failed: ValueError" in report_md.render(report)
