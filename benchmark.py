@@ -12,7 +12,6 @@ the fraction of the machine's measured matmul peak or copy bandwidth. docs/bench
 explains every field and records the measured figures.
 """
 
-import json
 import logging
 import os
 import sys
@@ -89,8 +88,10 @@ def main(argv):
   logging.getLogger().setLevel(logging.INFO)
   absl_logging.get_absl_handler().setLevel(logging.WARNING)
   if _GROUP.value:  # A child: one group, its result to a file.
-    result = runner.run_group(_GROUP.value, options)
-    Path(_CHILD_OUT.value).write_text(json.dumps(result, default=str))
+    out = Path(_CHILD_OUT.value)
+    result = runner.run_group(_GROUP.value, options,
+                              lambda rows: runner.write_json(runner.partial_path(out), rows))
+    runner.write_json(out, result)
     return
   groups = ["ceilings", *_WORKLOADS.value]
   if _MAX_BATCH.value:

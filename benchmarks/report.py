@@ -55,7 +55,8 @@ def render(report: dict[str, Any]) -> str:
   lines = [f"`{report['command']}` ({report['date'][:10]}; {m['devices']}, {m['cpu_count']} host "
            f"CPUs; jax {m['jax']}, flax {m['flax']}, torch {m.get('torch', '-')}, "
            f"transformers {m['transformers']}; compute {c.get('compute_dtype', '-')}"
-           f"{'; XLA_FLAGS=' + m['xla_flags'] if m.get('xla_flags') else ''})", ""]
+           f"{'; XLA_FLAGS=' + m['xla_flags'] if m.get('xla_flags') else ''}"
+           f"{'; compilation cache on' if m.get('compilation_cache') else ''})", ""]
   if c:
     lines += [f"Ceilings measured in the same run: {c['matmul_size']}^3 matmul "
               f"{_num(c.get('jax_matmul_flops', 0) / 1e12)} TFLOP/s (jax), "

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,12 @@ GROUPS = ("ceilings", "train", "retrieval", "generate", "encode", "max_batch_jax
           "max_batch_torch")
 
 
-def run_group(group: str, options: dict[str, Any]) -> Any:
-  """Runs one group in this process; returns its JSON-able result (a dict or a list)."""
+def run_group(group: str, options: dict[str, Any],
+              finished: Callable[[list[dict[str, Any]]], None] | None = None) -> Any:
+  """Runs one group in this process; returns its JSON-able result (a dict or a list). The train
+  and generate groups, whose cases each compile a program of their own, hand the rows so far to
+  `finished` after each case (a child process writes them out, so that a group stopped at the
+  time budget keeps its finished cases)."""
   from benchmarks import encoding, generation, models, retrieval, train_step
   preset = presets.get(options["preset"])
   if options.get("n_docs"):
@@ -56,13 +61,21 @@ def run_group(group: str, options: dict[str, Any]) -> Any:
     if dtype != "float32":
       out["jax_matmul_flops_float32"] = timing.jax_matmul_peak(models.jnp_dtype("float32"), size)
     return out
-  if group == "train":
-    return [row for n in preset.n_docs for kind in options.get("train_kinds") or train_step.KINDS
-            for row in train_step.run_case(preset, kind, n, dtype, reps, warm, peer,
-                                           options.get("profile", 0), attentions)]
-  if group == "generate":
-    return [generation.run_case(preset, kind, decoding, preset.n_docs[0], dtype, reps, warm,
-                                peer, attention) for kind, decoding in generation.MODES]
+  rows: list[dict[str, Any]] = []
+  if group in ("train", "generate"):
+    if group == "train":
+      cases = (row for n in preset.n_docs
+               for kind in options.get("train_kinds") or train_step.KINDS
+               for row in train_step.run_case(preset, kind, n, dtype, reps, warm, peer,
+                                              options.get("profile", 0), attentions))
+    else:
+      cases = (generation.run_case(preset, kind, decoding, preset.n_docs[0], dtype, reps, warm,
+                                   peer, attention) for kind, decoding in generation.MODES)
+    for row in cases:
+      rows.append(row)
+      if finished:
+        finished(rows)
+    return rows
   if group == "retrieval":
     return retrieval.run(preset, reps, peer, profile_calls=options.get("profile", 0),
                          rows=options.get("index_rows") or None,
@@ -74,9 +87,9 @@ def run_group(group: str, options: dict[str, Any]) -> Any:
   if group == "max_batch_jax":
     # The train group's row (already in this run's JSON) holds the memory plan the prediction
     # needs; only without it is the preset-batch step compiled again.
-    first = _train_row(options, preset, dtype, attention) or train_step.run_case(
+    first = _train_row(options, preset, dtype, attention) or next(train_step.run_case(
         preset, "rag_sequence", preset.n_docs[0], dtype, reps, warm, peer=False,
-        attentions=(attention,))[0]
+        attentions=(attention,)))
     largest = train_step.largest_jax_batch(preset, "rag_sequence", preset.n_docs[0], dtype,
                                            first["rag_jax"], reps, attention)
     return [_max_batch_row(preset, dtype, "rag_jax", largest)]
@@ -120,8 +133,14 @@ def _max_batch_row(preset, dtype: str, side: str, largest: dict[str, Any]) -> di
   return row
 
 
+def partial_path(child_out: Path) -> Path:
+  """Where a child process keeps the rows of its group finished so far."""
+  return child_out.with_name(child_out.name + ".partial")
+
+
 def _child(group: str, options: dict[str, Any], timeout: float) -> Any:
-  """Runs `benchmark.py --group=<group>` in a child process; its result or an error dict."""
+  """Runs `benchmark.py --group=<group>` in a child process; its result, or an error dict that
+  holds under "partial" the rows the child finished before it was stopped or failed."""
   with tempfile.TemporaryDirectory() as tmp:
     out = Path(tmp) / "result.json"
     cmd = [sys.executable, str(Path(__file__).resolve().parent.parent / "benchmark.py"),
@@ -141,11 +160,19 @@ def _child(group: str, options: dict[str, Any], timeout: float) -> Any:
       proc = subprocess.run(cmd, timeout=max(1.0, timeout), capture_output=True, text=True,
                             env=env)
     except subprocess.TimeoutExpired:
-      return {"error": f"stopped after {timeout:.0f} s (time budget)"}
+      return _with_partial({"error": f"stopped after {timeout:.0f} s (time budget)"}, out)
     if proc.returncode != 0 or not out.exists():
       tail = (proc.stderr or proc.stdout)[-3000:]
-      return {"error": f"exit code {proc.returncode}", "stderr_tail": tail}
+      return _with_partial({"error": f"exit code {proc.returncode}", "stderr_tail": tail}, out)
     return json.loads(out.read_text())
+
+
+def _with_partial(error: dict[str, Any], out: Path) -> dict[str, Any]:
+  partial = partial_path(out)
+  if partial.exists():
+    error["partial"] = json.loads(partial.read_text())
+    error["error"] += f"; kept the {len(error['partial'])} case(s) finished before"
+  return error
 
 
 def derive(report: dict[str, Any]) -> None:
@@ -214,7 +241,8 @@ def run(options: dict[str, Any], groups: list[str], command: str) -> dict[str, A
             "shape": presets.get(options["preset"]).__dict__, "ceilings": None,
             "results": [], "errors": [], "seconds": {}}
   path = workdir / f"{options['preset']}.json"
-  _write(path, report)  # from the start this run's file, never an earlier run's (see _train_row)
+  # From the start this run's file, never an earlier run's (see _train_row).
+  write_json(path, report)
   start = time.monotonic()
   for group in groups:
     left = options["time_budget_s"] - (time.monotonic() - start)
@@ -234,19 +262,22 @@ def run(options: dict[str, Any], groups: list[str], command: str) -> dict[str, A
                   "traceback": traceback.format_exc()[-3000:]}
     report["seconds"][group] = time.monotonic() - t0
     if isinstance(result, dict) and "error" in result:
+      report["results"].extend(result.pop("partial", []))
       report["errors"].append({"group": group, **result})
     elif group == "ceilings":
       report["ceilings"] = result
     else:
       report["results"].extend(result)
     derive(report)
-    _write(path, report)
+    write_json(path, report)
     print(f"[{time.monotonic() - start:7.1f} s] {group} done in {report['seconds'][group]:.1f} s",
           flush=True)
   return report
 
 
-def _write(path: Path, report: dict[str, Any]) -> None:
-  tmp = path.with_suffix(".json.tmp")
+def write_json(path: Path, report: Any) -> None:
+  """Writes JSON whole: a reader never sees a half-written file."""
+  tmp = path.with_name(path.name + ".tmp")
   tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
   os.replace(tmp, path)
+

@@ -198,7 +198,10 @@ def machine() -> dict[str, Any]:
          "transformers": transformers.__version__, "backend": jax.default_backend(),
          "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
          "host": platform.platform(), "cpu_count": os.cpu_count(),
-         "python": platform.python_version(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+         "python": platform.python_version(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+         # A persistent compilation cache turns a repeated compile into a load: compile_s
+         # is then not a compile time.
+         "compilation_cache": jax.config.jax_compilation_cache_dir or ""}
   try:
     import torch
     out["torch"] = torch.__version__

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -118,11 +119,11 @@ def jax_side(model, params, batch: dict[str, np.ndarray], kind: str, repeats: in
 
 def run_case(preset: Preset, kind: str, n_docs: int, dtype: str, repeats: int, warmup: int,
              peer: bool, profile_calls: int = 0,
-             attentions: tuple[str, ...] = ("xla",)) -> list[dict[str, Any]]:
-  """One (RAG kind, n_docs) case at the preset's batch: one row per attention implementation of
-  rag_jax (`attentions`), each against the same peer measurement, FLOPs, ratio. An
-  implementation that fails (e.g. cuDNN's on a machine without it) leaves an error in its row;
-  the other rows are still measured."""
+             attentions: tuple[str, ...] = ("xla",)) -> Iterator[dict[str, Any]]:
+  """One (RAG kind, n_docs) case at the preset's batch: yields one row per attention
+  implementation of rag_jax (`attentions`) as it is measured, each against the same peer
+  measurement, FLOPs, ratio. An implementation that fails (e.g. cuDNN's on a machine without it)
+  leaves an error in its row; the other rows are still measured."""
   batch = models.train_inputs(preset, preset.batch, n_docs)
   torch_model = models.torch_rag(preset, kind, n_docs)
   theirs = torch_side(torch_model, batch, dtype, repeats, warmup) if peer else None
@@ -130,7 +131,6 @@ def run_case(preset: Preset, kind: str, n_docs: int, dtype: str, repeats: int, w
                               preset.question_length, preset.context_length,
                               preset.target_length)
   weights = {"torch_model": torch_model}  # converted per implementation, then released
-  rows = []
   for attention in attentions:
     model, params = models.to_rag_jax(weights["torch_model"], models.jnp_dtype(dtype),
                                       attention)
@@ -143,14 +143,13 @@ def run_case(preset: Preset, kind: str, n_docs: int, dtype: str, repeats: int, w
       logging.info("rag_jax's %s step with %s attention failed", kind, attention, exc_info=True)
       ours = {"error": f"{type(error).__name__}: {error}"[:2000]}
     del model, params
-    rows.append({
+    yield {
         "workload": "train", "case": models.case_label(f"{kind} n_docs={n_docs}", attention),
         "kind": kind, "attention": attention, "n_docs": n_docs, "batch": preset.batch,
         "dtype": dtype, "unit": "questions", "items": preset.batch, "flops_hand": hand,
         "rag_jax": ours,
         "peer": theirs and {"name": f"transformers {models.RAG_CLASSES[kind]} + torch AdamW",
-                            **theirs}})
-  return rows
+                            **theirs}}
 
 
 def _release_torch() -> None:

@@ -37,6 +37,7 @@ def report(tmp_path_factory) -> dict:
 def test_json_has_every_field(report):
   assert report["errors"] == []
   assert {"jax", "flax", "transformers", "torch", "devices", "host"} <= set(report["machine"])
+  assert report["machine"]["compilation_cache"] == ""  # none: compile_s is a compile
   ceilings = report["ceilings"]
   for key in ("jax_matmul_flops", "torch_matmul_flops", "copy_bandwidth", "matmul_peak_flops",
               "jax_copy_bandwidth", "torch_copy_bandwidth"):
@@ -186,6 +187,36 @@ def test_max_batch_reads_this_runs_train_row_only(tmp_path):
   assert runner._train_row(options, preset, "bfloat16") is None  # another compute dtype
   runner.run(options, ["train"], "test")  # no time budget: nothing runs, the file is this run's
   assert runner._train_row(options, preset, "float32") is None
+
+
+def test_a_group_stopped_at_the_time_budget_keeps_its_finished_cases(tmp_path, monkeypatch):
+  # A child process writes its group's rows after each case; when the budget stops it (here:
+  # the child is "killed" after writing one case), the run keeps that case and says so.
+  from benchmarks import runner
+  row = {"workload": "train", "case": "rag_sequence n_docs=3", "items": 2, "flops_hand": None,
+         "rag_jax": {"median_s": 0.5}, "peer": None}
+
+  real_run = subprocess.run
+
+  def stopped(cmd, *args, **kwargs):
+    child_out = [a.split("=", 1)[1] for a in cmd if a.startswith("--child_out=")]
+    if not child_out:  # not the child (platform.platform() runs `uname -p`)
+      return real_run(cmd, *args, **kwargs)
+    runner.write_json(runner.partial_path(Path(child_out[0])), [row])
+    raise subprocess.TimeoutExpired(cmd, kwargs["timeout"])
+
+  monkeypatch.setattr(subprocess, "run", stopped)
+  options = {"workdir": str(tmp_path), "preset": "tiny", "time_budget_s": 60.0, "isolate": "yes",
+             "dtype": "auto", "repeats": 1, "warmup": 1, "peers": True, "n_docs": [],
+             "index_rows": 0, "scann": [], "faiss_ef": [], "hnsw_m": 8}
+  report = runner.run(options, ["train"], "test")
+  saved = json.loads((tmp_path / "tiny.json").read_text())
+  for got in (report, saved):
+    (kept,) = got["results"]
+    assert kept["case"] == row["case"] and kept["rag_jax"]["items_per_s"] == 4.0
+    (error,) = got["errors"]
+    assert error["group"] == "train" and "stopped after 60 s" in error["error"]
+    assert "kept the 1 case(s) finished before" in error["error"] and "partial" not in error
 
 
 def test_auto_isolation_runs_every_preset_but_tiny_on_cpu_in_child_processes():
