@@ -59,10 +59,19 @@ def to_rag_jax(torch_model, dtype: Any, attention: str = "xla") -> tuple[Any, An
   with tempfile.TemporaryDirectory(dir=_tmp_root()) as tmp:
     torch_model.save_pretrained(tmp)
     model, params = load_pretrained(tmp, dtype=dtype)
-  if attention != "xla":
-    generator = dataclasses.replace(model.config.generator, attention_implementation=attention)
-    model = model.clone(config=dataclasses.replace(model.config, generator=generator))
-  return model, params
+  return with_attention(model, attention), params
+
+
+def with_attention(model, attention: str):
+  """The RAG model with its generator's attention_implementation set (same parameters); other
+  models (the DPR encoders) have the XLA attention only."""
+  generator = getattr(model.config, "generator", None)
+  if generator is None and attention != "xla":
+    raise ValueError(f"{type(model).__name__} has no attention_implementation to set")
+  if generator is None or attention == generator.attention_implementation:
+    return model
+  generator = dataclasses.replace(model.config.generator, attention_implementation=attention)
+  return model.clone(config=dataclasses.replace(model.config, generator=generator))
 
 
 def case_label(label: str, attention: str) -> str:

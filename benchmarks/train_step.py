@@ -130,19 +130,19 @@ def run_case(preset: Preset, kind: str, n_docs: int, dtype: str, repeats: int, w
   hand = flops.rag_train_step(preset.question_encoder, preset.generator, preset.batch, n_docs,
                               preset.question_length, preset.context_length,
                               preset.target_length)
-  weights = {"torch_model": torch_model}  # converted per implementation, then released
+  model, params = models.to_rag_jax(torch_model, models.jnp_dtype(dtype))
+  torch_model = None  # released before rag_jax allocates
+  _release_torch()
+  # The step donates its state: with several implementations each starts from host weights.
+  weights = jax.device_get(params) if len(attentions) > 1 else params
+  del params
   for attention in attentions:
-    model, params = models.to_rag_jax(weights["torch_model"], models.jnp_dtype(dtype),
-                                      attention)
-    if attention == attentions[-1]:
-      weights.clear()  # released before rag_jax allocates its last step
-      _release_torch()
     try:
-      ours = jax_side(model, params, batch, kind, repeats, warmup, profile_calls)
+      ours = jax_side(models.with_attention(model, attention), weights, batch, kind, repeats,
+                      warmup, profile_calls)
     except Exception as error:  # noqa: BLE001 - recorded in the row; the others still run
       logging.info("rag_jax's %s step with %s attention failed", kind, attention, exc_info=True)
       ours = {"error": f"{type(error).__name__}: {error}"[:2000]}
-    del model, params
     yield {
         "workload": "train", "case": models.case_label(f"{kind} n_docs={n_docs}", attention),
         "kind": kind, "attention": attention, "n_docs": n_docs, "batch": preset.batch,
