@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # benchmark.py at the paper's shapes (BERT-base + BART-large, 8 questions x 5 passages x 300
-# tokens, bf16) on one GPU, in parts of about five to six minutes each on an H100 / H200,
+# tokens, bf16) on one GPU, in parts of five to seven minutes each on an H100 / H200,
 # ordered by what they decide (docs/benchmarks.md, "On an accelerator"):
 #
 #   bash benchmarks/accelerator.sh OUT 1           # the RAG-Sequence training step with XLA's and
@@ -39,11 +39,11 @@ if [[ $preset == paper ]]; then common+=(--n_docs=5); fi
 case $part in
   1)
     "$python" benchmark.py "${common[@]}" --workloads=train --train_kinds=rag_sequence \
-      --attention=xla,cudnn --time_budget_s=330 --workdir="$out/part1"
+      --attention=xla,cudnn --time_budget_s=400 --workdir="$out/part1"
     ;;
   2)
     "$python" benchmark.py "${common[@]}" --workloads=generate --max_batch \
-      --attention="$attention" --time_budget_s=330 --workdir="$out/part2"
+      --attention="$attention" --time_budget_s=360 --workdir="$out/part2"
     ;;
   3)
     XLA_FLAGS=--xla_gpu_enable_command_buffer= "$python" benchmark.py "${common[@]}" \
