@@ -23,7 +23,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
-from benchmarks import runner, train_step  # noqa: E402
+from benchmarks import generation, presets, runner, train_step  # noqa: E402
 from rag_jax.utils.host_memory import configure_host_allocator  # noqa: E402
 
 _PRESET = flags.DEFINE_enum("preset", "tiny", ["tiny", "world", "base", "paper"], "Shapes.")
@@ -58,6 +58,11 @@ _ATTENTION = flags.DEFINE_list(
     "rag_jax's BART attention, one or more of: xla (the XLA core), cudnn (cuDNN's fused "
     "attention where it applies; NVIDIA GPUs; rag_jax.models.layers.DotProductAttention). The "
     "train group times each against the same peer measurement; the other groups use the first.")
+_RESCORE = flags.DEFINE_list(
+    "rescore", ["auto:auto"],
+    "Thorough decoding's rescoring settings G:W to time, each against the same transformers "
+    "call: G candidates per question per pass, W decoder positions per call; each a positive "
+    "int, auto (the library's default: a quarter) or all (one pass, one call).")
 _GROUP = flags.DEFINE_string("group", None, "Internal: run one group and write --child_out.")
 _CHILD_OUT = flags.DEFINE_string("child_out", None, "Internal: the child's result file.")
 
@@ -67,6 +72,12 @@ def main(argv):
   unknown = sorted(set(_TRAIN_KINDS.value) - set(train_step.KINDS))
   if unknown:
     raise app.UsageError(f"--train_kinds: unknown {unknown}; choose from {list(train_step.KINDS)}")
+  preset = presets.get(_PRESET.value)
+  for spec in _RESCORE.value:
+    try:
+      generation.rescore_setting(spec, preset, preset.n_docs[0])
+    except ValueError as error:
+      raise app.UsageError(f"--rescore: {error}") from error
   attentions = _ATTENTION.value
   if not attentions or sorted(set(attentions) - {"xla", "cudnn"}) or (
       len(set(attentions)) < len(attentions)):
@@ -79,7 +90,7 @@ def main(argv):
              "index_rows": _INDEX_ROWS.value, "scann": _SCANN.value,
              "faiss_ef": [int(v) for v in _FAISS_EF.value], "hnsw_m": _HNSW_M.value,
              "profile": _PROFILE.value, "train_kinds": _TRAIN_KINDS.value,
-             "attention": _ATTENTION.value}
+             "attention": _ATTENTION.value, "rescore": _RESCORE.value}
   Path(options["workdir"]).mkdir(parents=True, exist_ok=True)
   # Library INFO lines go to the workdir's log; the console keeps warnings, phases and results.
   handler = logging.FileHandler(Path(options["workdir"]) / "benchmark.log")

@@ -5,8 +5,10 @@
 #
 #   bash benchmarks/accelerator.sh OUT 1           # the RAG-Sequence training step with XLA's and
 #                                                  # cuDNN's attention against transformers: MFU
-#   bash benchmarks/accelerator.sh OUT 2 [ATTN]    # generation against transformers; the largest
-#                                                  # training batch that fits, rag_jax and torch
+#   bash benchmarks/accelerator.sh OUT 2 [ATTN]    # generation against transformers (thorough at
+#                                                  # the default rescoring calls and at one call
+#                                                  # each); the largest training batch, rag_jax
+#                                                  # and torch
 #   bash benchmarks/accelerator.sh OUT 3 [ATTN]    # where the time goes, CUDA graphs off: the
 #                                                  # step's and the exact device search's profiles
 #
@@ -42,8 +44,8 @@ case $part in
       --attention=xla,cudnn --time_budget_s=400 --workdir="$out/part1"
     ;;
   2)
-    "$python" benchmark.py "${common[@]}" --workloads=generate --max_batch \
-      --attention="$attention" --time_budget_s=360 --workdir="$out/part2"
+    "$python" benchmark.py "${common[@]}" --workloads=generate --rescore=auto:auto,all:all \
+      --max_batch --attention="$attention" --time_budget_s=360 --workdir="$out/part2"
     ;;
   3)
     XLA_FLAGS=--xla_gpu_enable_command_buffer= "$python" benchmark.py "${common[@]}" \

@@ -10,6 +10,7 @@ bf16 rounding may flip near-tied beams).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -42,8 +43,30 @@ def _agreement(a: np.ndarray, b: np.ndarray) -> float:
   return float(np.mean(np.all(pad(a) == pad(b), axis=1)))
 
 
+def rescore_setting(spec: str, preset: Preset, n_docs: int) -> tuple[int | None, int | None]:
+  """'G:W' -> (rescore_candidates, rescore_positions) of thorough decoding: each a positive
+  int, 'auto' (None: the library's default, a quarter) or 'all' (one pass of all n x beams
+  candidates, one call over all max_length - 1 positions)."""
+  parts = spec.split(":")
+  if len(parts) != 2:
+    raise ValueError(f"rescore setting {spec!r}: expected G:W, e.g. auto:auto or all:all")
+  every = (n_docs * preset.num_beams, preset.target_length - 1)
+  out = []
+  for part, full in zip(parts, every, strict=True):
+    if part in ("auto", "all"):
+      out.append(None if part == "auto" else full)
+    elif part.isdigit() and int(part) > 0:
+      out.append(int(part))
+    else:
+      raise ValueError(f"rescore setting {spec!r}: {part!r} is not a positive int, auto or all")
+  return out[0], out[1]
+
+
 def run_case(preset: Preset, kind: str, decoding: str, n_docs: int, dtype: str, repeats: int,
-             warmup: int, peer: bool, attention: str = "xla") -> dict[str, Any]:
+             warmup: int, peer: bool, attention: str = "xla",
+             rescore: tuple[str, ...] = ("auto:auto",)) -> Iterator[dict[str, Any]]:
+  """Yields the mode's row: for thorough decoding one per `rescore` setting (G:W, see
+  `rescore_setting`), each against the same transformers measurement."""
   inputs = _inputs(preset, n_docs)
   opts = _options(preset)
   torch_model = models.torch_rag(preset, kind, n_docs).eval()
@@ -69,33 +92,40 @@ def run_case(preset: Preset, kind: str, decoding: str, n_docs: int, dtype: str, 
     their_tokens = holder["out"].cpu().numpy()
   torch_model = None  # released before rag_jax allocates
   params = jax.device_put(params)
-  holder = {}
   mode = "thorough" if decoding == "beam" else decoding
-
-  def run_ours():
-    holder["out"] = generate(model, params, **inputs, decoding=mode, **opts)
-
-  timing.reset_host_peak()
-  ours = timing.measure(run_ours, repeats, warmup).as_dict()
-  ours["compile_s"] = ours["first_s"] - ours["median_s"]  # first call = compile + one run
-  ours["host_peak_mib"] = timing.host_peak_mb()
-  ours["device"] = timing.jax_device_memory()
-  rescored = holder["out"].num_candidates
-  hand = flops.rag_generate(preset.generator, preset.batch, n_docs, preset.num_beams,
-                            preset.target_length, preset.context_length,
-                            "thorough" if decoding == "thorough" else "beam",
-                            None if rescored is None else int(rescored.sum()))
   label = {"beam": "RAG-Token beam", "thorough": "RAG-Sequence thorough",
            "fast": "RAG-Sequence fast"}[decoding]
-  case = models.case_label(f"{label} n_docs={n_docs}", attention)
-  result = {"workload": "generate", "case": case, "kind": kind, "attention": attention,
-            "decoding": decoding, "n_docs": n_docs, "batch": preset.batch,
-            "num_beams": preset.num_beams, "tokens": preset.target_length, "dtype": dtype,
-            "unit": "questions", "items": preset.batch, "flops_hand": hand, "rag_jax": ours,
-            "peer": theirs and {"name": f"transformers {models.RAG_CLASSES[kind]}.generate",
-                                **theirs}}
-  if rescored is not None:
-    result["rescored_candidates"] = int(rescored.sum())
-  if their_tokens is not None:
-    result["token_agreement"] = _agreement(holder["out"].sequences, their_tokens)
-  return result
+  for spec in rescore if decoding == "thorough" else ("auto:auto",):
+    group, width = rescore_setting(spec, preset, n_docs)
+    holder = {}
+
+    def run_ours(group=group, width=width, holder=holder):
+      holder["out"] = generate(model, params, **inputs, decoding=mode, rescore_candidates=group,
+                               rescore_positions=width, **opts)
+
+    timing.reset_host_peak()
+    ours = timing.measure(run_ours, repeats, warmup).as_dict()
+    ours["compile_s"] = ours["first_s"] - ours["median_s"]  # first call = compile + one run
+    ours["host_peak_mib"] = timing.host_peak_mb()
+    ours["device"] = timing.jax_device_memory()
+    rescored = holder["out"].num_candidates
+    hand = flops.rag_generate(preset.generator, preset.batch, n_docs, preset.num_beams,
+                              preset.target_length, preset.context_length,
+                              "thorough" if decoding == "thorough" else "beam",
+                              None if rescored is None else int(rescored.sum()))
+    setting = "" if spec == "auto:auto" else f", rescoring G:W {spec}"
+    case = models.case_label(f"{label} n_docs={n_docs}{setting}", attention)
+    result = {"workload": "generate", "case": case, "kind": kind, "attention": attention,
+              "decoding": decoding, "n_docs": n_docs, "batch": preset.batch,
+              "num_beams": preset.num_beams, "tokens": preset.target_length, "dtype": dtype,
+              "unit": "questions", "items": preset.batch, "flops_hand": hand, "rag_jax": ours,
+              "peer": theirs and {"name": f"transformers {models.RAG_CLASSES[kind]}.generate",
+                                  **theirs}}
+    if decoding == "thorough":
+      result["rescore"] = {"setting": spec, "rescore_candidates": group,
+                           "rescore_positions": width}
+    if rescored is not None:
+      result["rescored_candidates"] = int(rescored.sum())
+    if their_tokens is not None:
+      result["token_agreement"] = _agreement(holder["out"].sequences, their_tokens)
+    yield result

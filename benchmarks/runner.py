@@ -69,8 +69,10 @@ def run_group(group: str, options: dict[str, Any],
                for row in train_step.run_case(preset, kind, n, dtype, reps, warm, peer,
                                               options.get("profile", 0), attentions))
     else:
-      cases = (generation.run_case(preset, kind, decoding, preset.n_docs[0], dtype, reps, warm,
-                                   peer, attention) for kind, decoding in generation.MODES)
+      cases = (row for kind, decoding in generation.MODES
+               for row in generation.run_case(preset, kind, decoding, preset.n_docs[0], dtype,
+                                              reps, warm, peer, attention,
+                                              tuple(options.get("rescore") or ("auto:auto",))))
     for row in cases:
       rows.append(row)
       if finished:
@@ -152,7 +154,8 @@ def _child(group: str, options: dict[str, Any], timeout: float) -> Any:
            f"--faiss_ef={','.join(map(str, options['faiss_ef']))}", f"--hnsw_m={options['hnsw_m']}",
            f"--profile={options.get('profile', 0)}",
            f"--train_kinds={','.join(options.get('train_kinds') or [])}",
-           f"--attention={','.join(options.get('attention') or ['xla'])}"]
+           f"--attention={','.join(options.get('attention') or ['xla'])}",
+           f"--rescore={','.join(options.get('rescore') or ['auto:auto'])}"]
     env = dict(os.environ)
     if group == "max_batch_jax":  # jax alone on the device: let it take nearly all of it.
       env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = "0.95"

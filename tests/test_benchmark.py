@@ -27,7 +27,8 @@ def report(tmp_path_factory) -> dict:
   env = _user_env()
   proc = subprocess.run(
       [sys.executable, "benchmark.py", "--preset=tiny", "--repeats=2", "--warmup=1",
-       "--profile=1", f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True,
+       "--profile=1", "--rescore=auto:auto,all:3", f"--workdir={workdir}"], cwd=ROOT,
+      capture_output=True, text=True,
       timeout=600, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "rag_jax/s" in proc.stdout  # the console table
@@ -62,8 +63,18 @@ def test_json_has_every_field(report):
     # Same random weights and inputs: the first-step losses agree up to dropout noise.
     assert row["rag_jax"]["loss_first_step"] == pytest.approx(row["peer"]["loss_first_step"],
                                                               rel=0.1)
-  generate = {r["decoding"]: r for r in report["results"] if r["workload"] == "generate"}
-  assert set(generate) == {"beam", "thorough", "fast"}
+  rows = [r for r in report["results"] if r["workload"] == "generate"]
+  assert [r["decoding"] for r in rows] == ["beam", "thorough", "thorough", "fast"]
+  generate = {r["decoding"]: r for r in rows[::-1]}  # the thorough row at the default setting
+  # --rescore: thorough decoding at a second setting (all 3 x 2 candidates of a question in one
+  # pass, 3 of the 7 positions per call), against the same transformers call; same tokens.
+  other = rows[2]
+  assert other["rescore"] == {"setting": "all:3", "rescore_candidates": 6,
+                              "rescore_positions": 3}
+  assert generate["thorough"]["rescore"]["setting"] == "auto:auto"
+  assert other["case"].endswith("rescoring G:W all:3") and other["peer"] == rows[1]["peer"]
+  assert other["token_agreement"] == 1.0
+  assert other["rescored_candidates"] == rows[1]["rescored_candidates"]
   # float32 on CPU: rag_jax decodes exactly transformers' tokens.
   assert generate["beam"]["token_agreement"] == 1.0
   assert generate["thorough"]["token_agreement"] == 1.0
