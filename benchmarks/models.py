@@ -70,7 +70,7 @@ def with_attention(model, attention: str):
     raise ValueError(f"{type(model).__name__} has no attention_implementation to set")
   if generator is None or attention == generator.attention_implementation:
     return model
-  generator = dataclasses.replace(model.config.generator, attention_implementation=attention)
+  generator = dataclasses.replace(generator, attention_implementation=attention)
   return model.clone(config=dataclasses.replace(model.config, generator=generator))
 
 

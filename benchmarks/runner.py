@@ -27,6 +27,7 @@ from typing import Any
 
 from benchmarks import presets, timing
 from rag_jax.utils import host_memory
+from rag_jax.utils.atomic import atomic_file
 
 GROUPS = ("ceilings", "train", "retrieval", "generate", "encode", "max_batch_jax",
           "max_batch_torch")
@@ -61,8 +62,8 @@ def run_group(group: str, options: dict[str, Any],
     if dtype != "float32":
       out["jax_matmul_flops_float32"] = timing.jax_matmul_peak(models.jnp_dtype("float32"), size)
     return out
-  rows: list[dict[str, Any]] = []
   if group in ("train", "generate"):
+    rows: list[dict[str, Any]] = []
     if group == "train":
       cases = (row for n in preset.n_docs
                for kind in options.get("train_kinds") or train_step.KINDS
@@ -280,7 +281,5 @@ def run(options: dict[str, Any], groups: list[str], command: str) -> dict[str, A
 
 def write_json(path: Path, report: Any) -> None:
   """Writes JSON whole: a reader never sees a half-written file."""
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
-  os.replace(tmp, path)
-
+  with atomic_file(path, "w") as f:
+    f.write(json.dumps(report, indent=2, default=str) + "\n")
