@@ -40,7 +40,9 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls first (the first is c
 _PEERS = flags.DEFINE_bool("peers", True, "Also time transformers / faiss / torch.")
 _INDEX_ROWS = flags.DEFINE_integer("index_rows", 0, "Retrieval rows (0: the preset's).")
 _SCANN = flags.DEFINE_multi_string(
-    "scann", ["2:0.03"], "ScaNN settings 'leaves_per_sqrt_n:fraction[,fraction]' (repeatable).")
+    "scann", ["2:0.03"], "ScaNN settings 'leaves_per_sqrt_n:width[,width]' (repeatable); a width "
+    "is a share of the leaves (0.03) or 'recall=R', the smallest reaching recall@100 R on "
+    "held-out queries.")
 _FAISS_EF = flags.DEFINE_list("faiss_ef", ["128"], "faiss HNSW efSearch values.")
 _HNSW_M = flags.DEFINE_integer("hnsw_m", 128, "faiss HNSW links per node.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/benchmark", "Where the JSON and log go.")

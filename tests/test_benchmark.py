@@ -11,6 +11,7 @@ import pytest
 
 from benchmarks import flops, presets, profile
 from benchmarks import report as report_md
+from benchmarks.retrieval import faiss_at_recall
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,7 +28,8 @@ def report(tmp_path_factory) -> dict:
   env = _user_env()
   proc = subprocess.run(
       [sys.executable, "benchmark.py", "--preset=tiny", "--repeats=2", "--warmup=1",
-       "--profile=1", "--rescore=auto:auto,all:3", f"--workdir={workdir}"], cwd=ROOT,
+       "--profile=1", "--rescore=auto:auto,all:3", "--scann=2:0.03,recall=0.9",
+       f"--workdir={workdir}"], cwd=ROOT,
       capture_output=True, text=True,
       timeout=600, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -84,6 +86,28 @@ def test_json_has_every_field(report):
       thorough["batch"] * thorough["n_docs"] * thorough["num_beams"])
   recall = [r for r in report["results"] if r["workload"] == "retrieval"]
   assert recall[0]["rag_jax"]["recall@100"] == 1.0  # exact search against numpy's truth
+  # --scann=2:0.03,recall=0.9: the default width, then the one tuned on held-out queries.
+  fixed, tuned = recall[1:]
+  assert fixed["case"] == "ScaNN 283 leaves, 9 searched"
+  ours = tuned["rag_jax"]
+  assert tuned["case"] == (f"ScaNN 283 leaves, {ours['leaves_to_search']} searched "
+                           "(tuned to R@100 0.9)")
+  assert ours["target_recall"] == 0.9 and ours["calibration_recall"] >= 0.9
+  assert 1 <= ours["leaves_to_search"] <= 283 and ours["calibration_searches"] >= 2
+  assert ours["recall@100"] > 0.8  # the timed queries: another sample of the same kind
+
+
+def test_faiss_peer_is_the_fastest_at_equal_recall_else_the_most_accurate():
+  # efSearch 128 / 256 / 512 at 1M rows: recall@100 0.901 / 0.930 / 0.948 (docs/benchmarks.md).
+  rows = [{"name": "ef128", "recall@100": 0.901, "queries_per_s": 1873.0},
+          {"name": "ef256", "recall@100": 0.930, "queries_per_s": 900.0},
+          {"name": "ef512", "recall@100": 0.948, "queries_per_s": 436.0},
+          {"name": "faiss HNSW", "skipped": "faiss-cpu not installed"}]
+  assert faiss_at_recall(rows, 0.92)["name"] == "ef256"  # the fastest that reaches 0.92
+  assert faiss_at_recall(rows, 0.90)["name"] == "ef128"
+  # Nothing reaches 0.95: the most accurate setting, never the fastest (lowest-recall) one.
+  assert faiss_at_recall(rows, 0.9495)["name"] == "ef512"
+  assert faiss_at_recall(rows[3:], 0.95) is None and faiss_at_recall(rows, None) is None
 
 
 def test_hand_flop_count_agrees_with_xla(report):

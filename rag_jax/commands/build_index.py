@@ -1,11 +1,14 @@
 r"""Corpus file -> searchable index in one call.
 
   python -m rag_jax.commands.build_index --corpus=psgs_w100.tsv --encoder=dpr-ctx_encoder \
-      --out=wiki_index [--index=scann|exact] [--batch_size=128] [--dtype=float16]
+      --out=wiki_index [--index=scann|exact] [--batch_size=128] [--dtype=float16] \
+      [--target_recall=0.95 --calibration_queries=dev_questions.npy]
 
 Stages (each shows a progress bar, each resumable; see rag_jax/retrieval/pipeline.py): passage
 store, passage embeddings (or DPR's published pickles with --dpr_embeddings=... --allow_pickle),
-index. Search it with ``python -m rag_jax.commands.search --dir=wiki_index ...``.
+index (with --target_recall, ScaNN's search width tuned against exact search on sample
+queries: rag_jax/retrieval/calibrate.py). Search it with
+``python -m rag_jax.commands.search --dir=wiki_index ...``.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ from collections.abc import Sequence
 from absl import flags
 
 from rag_jax.commands.common import define_common_flags, parse_flags, run_command
+from rag_jax.retrieval.calibrate import CalibrationSpec, load_queries, share
 from rag_jax.retrieval.corpus import FORMATS
 from rag_jax.retrieval.encode import EncodeConfig
 from rag_jax.retrieval.exact import ExactConfig
 from rag_jax.retrieval.pipeline import build_from_corpus
 from rag_jax.retrieval.scann_index import ScannConfig
+from rag_jax.utils.errors import UserError
 
 FLAGS = flags.FlagValues()
 _F = {"flag_values": FLAGS}
@@ -54,6 +59,16 @@ flags.DEFINE_float("leaves_fraction", ScannConfig.leaves_fraction,
 flags.DEFINE_integer("reorder", ScannConfig.reorder, "ScaNN: candidates rescored exactly.", **_F)
 flags.DEFINE_enum("reorder_dtype", "float32", ["float32", "bfloat16", "int8"],
                   "ScaNN: storage of the rescoring vectors.", **_F)
+flags.DEFINE_float("target_recall", None, "ScaNN: tune leaves_to_search to the smallest width "
+                   "whose mean recall@--calibration_k against exact search reaches this "
+                   "(default: keep --leaves_fraction).", lower_bound=0.0, upper_bound=1.0, **_F)
+flags.DEFINE_string("calibration_queries", None, ".npy of (Q, dim) question embeddings to tune on "
+                    "(default: --calibration_size rows of the corpus itself).", **_F)
+flags.DEFINE_integer("calibration_size", CalibrationSpec.sample_size,
+                     "Corpus rows drawn as stand-in queries without --calibration_queries.",
+                     lower_bound=1, **_F)
+flags.DEFINE_integer("calibration_k", CalibrationSpec.k, "Recall depth of --target_recall.",
+                     lower_bound=1, **_F)
 flags.DEFINE_enum("exact_dtype", "float32", ["float32", "bfloat16"],
                   "Device storage of an exact index.", **_F)
 flags.DEFINE_bool("quiet", False, "No progress bars.", **_F)
@@ -66,7 +81,22 @@ def main(argv: Sequence[str] | None = None) -> int:
   return run_command(_build, FLAGS)
 
 
+def _calibration() -> CalibrationSpec | None:
+  """The --target_recall request; None without it."""
+  if FLAGS.target_recall is None:
+    if FLAGS.calibration_queries:
+      raise UserError("--calibration_queries needs --target_recall")
+    return None
+  queries = None
+  if FLAGS.calibration_queries:
+    queries = load_queries(FLAGS.calibration_queries)
+  return CalibrationSpec(target_recall=FLAGS.target_recall, k=FLAGS.calibration_k,
+                         queries=queries, sample_size=FLAGS.calibration_size,
+                         source=FLAGS.calibration_queries or "")
+
+
 def _build() -> int:
+  calibration = _calibration()  # a bad query file fails before any stage runs
   index = build_from_corpus(
       FLAGS.corpus, FLAGS.out, encoder=FLAGS.encoder, tokenizer=FLAGS.tokenizer,
       fmt=FLAGS.format, split_words=FLAGS.split_words or None, index_type=FLAGS.index,
@@ -76,11 +106,15 @@ def _build() -> int:
       scann_config=ScannConfig(num_leaves=FLAGS.num_leaves,
                                leaves_fraction=FLAGS.leaves_fraction, reorder=FLAGS.reorder,
                                reorder_dtype=FLAGS.reorder_dtype),
-      exact_config=ExactConfig(dtype=FLAGS.exact_dtype),
+      exact_config=ExactConfig(dtype=FLAGS.exact_dtype), calibration=calibration,
       dpr_embeddings=FLAGS.dpr_embeddings, allow_pickle=FLAGS.allow_pickle,
       progress=not FLAGS.quiet)
   print(f"built a {index.kind} index of {index.count} passages x {index.dim} in "
         f"{FLAGS.out}/index")
+  found = getattr(index, "calibration", None)
+  if found is not None:
+    print(f"leaves_to_search: {share(found)} reach recall@{found.k} {found.recall:.4f} "
+          f"(target {found.target_recall}) on {found.queries} queries")
   return 0
 
 

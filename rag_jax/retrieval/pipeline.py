@@ -34,12 +34,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from rag_jax.retrieval.backends import load_index, make_index
+from rag_jax.retrieval.calibrate import CalibrationSpec, calibrate_built_index
 from rag_jax.retrieval.corpus import check_corpus
 from rag_jax.retrieval.embeddings import convert_dpr_pickles
 from rag_jax.retrieval.encode import EncodeConfig, encode_from_checkpoint
 from rag_jax.retrieval.exact import ExactConfig
 from rag_jax.retrieval.index import Index
-from rag_jax.retrieval.scann_index import ScannConfig
+from rag_jax.retrieval.scann_index import ScannConfig, ScannIndex
 from rag_jax.retrieval.store import PassageStore, build_store_from_file
 from rag_jax.utils.atomic import atomic_file
 from rag_jax.utils.errors import UserError
@@ -158,6 +159,7 @@ def build_from_corpus(corpus: str | os.PathLike, out: str | os.PathLike, *,
                       encode_config: EncodeConfig | None = None, compute_dtype: str = "float32",
                       scann_config: ScannConfig | None = None,
                       exact_config: ExactConfig | None = None,
+                      calibration: CalibrationSpec | None = None,
                       dpr_embeddings: list[str] | None = None, allow_pickle: bool = False,
                       progress: bool = True) -> Index:
   """Runs every stage; see the module docstring for the layout of `out`.
@@ -167,6 +169,8 @@ def build_from_corpus(corpus: str | os.PathLike, out: str | os.PathLike, *,
     encoder / tokenizer: DPRContextEncoder (and tokenizer) directory used to embed passages.
     dpr_embeddings: instead of encoding, DPR's published ``wikipedia_passages_*.pkl`` files in
       corpus order (requires `allow_pickle`, since unpickling runs code).
+    calibration: for a ScaNN index, the recall its `leaves_to_search` is tuned to before it is
+      saved (rag_jax.retrieval.calibrate); None keeps `scann_config`'s width.
   Returns:
     The built index (also saved in OUT/index).
   """
@@ -181,8 +185,8 @@ def build_from_corpus(corpus: str | os.PathLike, out: str | os.PathLike, *,
     index = _build(corpus, work, encoder=encoder, tokenizer=tokenizer, fmt=fmt,
                    split_words=split_words, index_type=index_type, encode_config=encode_config,
                    compute_dtype=compute_dtype, scann_config=scann_config,
-                   exact_config=exact_config, dpr_embeddings=dpr_embeddings,
-                   allow_pickle=allow_pickle, progress=progress)
+                   exact_config=exact_config, calibration=calibration,
+                   dpr_embeddings=dpr_embeddings, allow_pickle=allow_pickle, progress=progress)
   except BaseException:
     if fresh and not _finished_stages(work):
       shutil.rmtree(work, ignore_errors=True)  # nothing worth resuming: leave no directory
@@ -198,7 +202,8 @@ def _build(corpus: str | os.PathLike, out: Path, *, encoder: str | None, tokeniz
            fmt: str, split_words: int | None, index_type: str,
            encode_config: EncodeConfig | None, compute_dtype: str,
            scann_config: ScannConfig | None, exact_config: ExactConfig | None,
-           dpr_embeddings: list[str] | None, allow_pickle: bool, progress: bool) -> Index:
+           calibration: CalibrationSpec | None, dpr_embeddings: list[str] | None,
+           allow_pickle: bool, progress: bool) -> Index:
   """The stages, in `out` (OUT itself or its staging directory), each under the manifest."""
   owner = Ownership(out)
   with owner.stage("passages"):
@@ -216,6 +221,8 @@ def _build(corpus: str | os.PathLike, out: Path, *, encoder: str | None, tokeniz
                 len(store), emb.count)
   index = make_index(emb, index_type, scann_config=scann_config, exact_config=exact_config,
                      progress=progress)
+  if calibration is not None and isinstance(index, ScannIndex):
+    calibrate_built_index(index, calibration, progress)
   with owner.stage("index"):
     index.save(out / "index")
   record = {"corpus": str(Path(corpus).resolve()), "format": fmt, "split_words": split_words,

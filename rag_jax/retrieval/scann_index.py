@@ -14,6 +14,10 @@ Why the defaults are what they are (measured numbers in docs/retrieval.md):
   dims, anisotropic loss) and a float32 reorder of 400 candidates: on the 200k x 768 anchor data
   recall@100 0.967 at 3,200 q/s on 2 cores, beside faiss HNSW M=128 (0.960 at 3,800 q/s,
   0.973 at 1,500 q/s).
+* The share of leaves a recall needs depends on the data (3 % gives recall@100 0.967 at 200k
+  but 0.943 at 1M clustered vectors), so :meth:`ScannIndex.calibrate` measures the smallest
+  ``leaves_to_search`` reaching a target recall on sample queries against brute force
+  (rag_jax/retrieval/calibrate.py) and saves it with the index.
 * Tiny corpora (< ``brute_force_below`` rows) use ScaNN's exact brute-force scorer: a tree is
   pointless there and k-means needs enough points per leaf.
 
@@ -34,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rag_jax.retrieval.calibrate import Calibration, calibrate_leaves_to_search
 from rag_jax.retrieval.embeddings import EmbeddingStore
 from rag_jax.retrieval.index import (
   Embeddings,
@@ -46,7 +51,7 @@ from rag_jax.retrieval.index import (
   read_meta,
   save_embeddings_into,
 )
-from rag_jax.utils.atomic import atomic_directory
+from rag_jax.utils.atomic import atomic_directory, atomic_file
 
 REORDER_TYPES = ("float32", "bfloat16", "int8")
 _REQUIRED_FILES = ("scann_assets.pbtxt", "scann_config.pb")
@@ -155,11 +160,13 @@ class ScannIndex(Index):
 
   kind = "scann"
 
-  def __init__(self, searcher, embeddings: Embeddings, config: ScannConfig):
+  def __init__(self, searcher, embeddings: Embeddings, config: ScannConfig,
+               calibration: Calibration | None = None):
     self.searcher = searcher
     self.source = embeddings
     self.count, self.dim = embeddings_shape(embeddings)
     self.config = config
+    self.calibration = calibration  # how config.leaves_to_search was chosen, if measured
 
   @property
   def uses_tree(self) -> bool:
@@ -177,6 +184,15 @@ class ScannIndex(Index):
     else:
       data = np.ascontiguousarray(embeddings, dtype=np.float32)
     return cls(build_searcher(data, config), embeddings, config)
+
+  def calibrate(self, queries: np.ndarray, target_recall: float = 0.95, k: int = 100,
+                truth: np.ndarray | None = None, progress: bool = False) -> Calibration:
+    """Sets `config.leaves_to_search` to the smallest width reaching `target_recall`
+    recall@k on `queries` (rag_jax.retrieval.calibrate); saved with the index."""
+    self.calibration = calibrate_leaves_to_search(self, queries, target_recall, k, truth,
+                                                  progress)
+    self.config = replace(self.config, leaves_to_search=self.calibration.leaves_to_search)
+    return self.calibration
 
   def search(self, queries: np.ndarray, k: int, leaves_to_search: int | None = None,
              reorder: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -218,7 +234,24 @@ class ScannIndex(Index):
       # Paths relative to the directory, so the temp directory can be renamed into place.
       self.searcher.serialize(str(tmp / "scann"), relative_path=True)
       save_embeddings_into(self.source, tmp / "embeddings")
-      (tmp / "index.json").write_text(json.dumps(self._meta(self.config.to_json()), indent=2))
+      (tmp / "index.json").write_text(json.dumps(self._scann_meta(), indent=2))
+
+  def _scann_meta(self) -> dict:
+    meta = self._meta(self.config.to_json())
+    if self.calibration is not None:
+      meta["calibration"] = self.calibration.to_json()
+    return meta
+
+  def save_settings(self, path: str | os.PathLike) -> None:
+    """Rewrites only `path`/index.json (search settings and calibration) of this index's saved
+    directory, atomically; the ScaNN files and vectors stay. Refuses a directory that holds
+    another index (type, count or dim differ)."""
+    meta = read_meta(path, self.kind)
+    if (meta["count"], meta["dim"]) != (self.count, self.dim):
+      raise IndexFileError(f"{Path(path) / 'index.json'}: an index of {meta['count']} x "
+                           f"{meta['dim']}, not this one ({self.count} x {self.dim})")
+    with atomic_file(Path(path) / "index.json", "w") as f:
+      json.dump(self._scann_meta(), f, indent=2)
 
   @classmethod
   def load(cls, path: str | os.PathLike, **overrides) -> ScannIndex:
@@ -240,4 +273,6 @@ class ScannIndex(Index):
       raise IndexFileError(f"{sdir}: ScaNN could not load the index ({e})") from None
     if config.num_threads:
       searcher.set_num_threads(config.num_threads)
-    return cls(searcher, embeddings, config)
+    calibration = meta.get("calibration")
+    return cls(searcher, embeddings, config,
+               Calibration.from_json(calibration) if calibration else None)

@@ -29,9 +29,17 @@ def clustered_embeddings(n: int, dim: int, num_clusters: int, num_queries: int,
   x = centres[assign] + rng.standard_normal((n, dim), dtype=np.float32) * spread[assign, None]
   x *= rng.lognormal(0.0, 0.15, (n, 1)).astype(np.float32)
   x = np.ascontiguousarray(x, dtype=np.float32)
+  return x, noisy_copies(x, num_queries, rng)
+
+
+def noisy_copies(x: np.ndarray, num_queries: int, rng: np.random.Generator) -> np.ndarray:
+  """(num_queries, dim) float32 queries: copies of distinct random rows of `x` plus Gaussian
+  noise of norm ~0.5 (the queries of :func:`clustered_embeddings`; another generator gives a
+  fresh sample, e.g. to tune an index on)."""
+  n, dim = x.shape
   qi = rng.choice(n, num_queries, replace=False)
   q = x[qi] + rng.standard_normal((num_queries, dim), dtype=np.float32) * (0.5 / np.sqrt(dim))
-  return x, np.ascontiguousarray(q, dtype=np.float32)
+  return np.ascontiguousarray(q, dtype=np.float32)
 
 
 def recall_at(found: np.ndarray, truth: np.ndarray, k: int) -> float:

@@ -1,0 +1,258 @@
+"""Recall-targeted tuning of ScaNN's search width, against exact search on sample queries.
+
+ScaNN's `leaves_to_search` trades speed for recall, and the share of leaves a given recall
+needs depends on the data: on the clustered 768-d benchmark vectors of docs/retrieval.md, 3 %
+of 2 sqrt(n) leaves gives recall@100 0.967 at 200k rows but 0.943 at 1M, where 5 % reaches
+0.952. A fixed fraction is therefore either slow on easy data or short of recall on hard data.
+:func:`calibrate_leaves_to_search` measures instead: it computes the exact top-k of sample
+queries by brute force (:func:`exact_topk`, streamed over the stored rows) and searches for the
+smallest `leaves_to_search` whose mean recall@k reaches the target. Recall grows with the
+leaves searched (more leaves, a superset of scored points), so a doubling phase from the
+configured width followed by bisection finds it in about log2(num_leaves) searches of the
+sample, each far cheaper than the brute-force truth.
+
+The sample should look like the questions the index will serve: question embeddings from the
+question encoder (e.g. a dev set's) are best; rows of the corpus itself are the stand-in when no
+questions are at hand (`rag_jax.commands.build_index --target_recall` without
+`--calibration_queries`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from tqdm import tqdm
+
+from rag_jax.retrieval.embeddings import EmbeddingStore
+from rag_jax.retrieval.index import (
+  Embeddings,
+  IndexDimensionError,
+  embeddings_shape,
+  gather_rows,
+)
+from rag_jax.utils.errors import InputError, InputNotFoundError, NonFiniteError, UserError
+
+
+class TunableIndex(Protocol):
+  """What calibration needs of an index (rag_jax.retrieval.scann_index.ScannIndex, which
+  imports this module, so it is named structurally here)."""
+
+  count: int
+  config: Any  # num_leaves, leaves_to_search, reorder, brute_force_below
+  source: Embeddings
+
+  @property
+  def uses_tree(self) -> bool: ...
+
+  def check_queries(self, queries: np.ndarray, k: int) -> np.ndarray: ...
+
+  def search(self, queries: np.ndarray, k: int,
+             leaves_to_search: int | None = None) -> tuple[np.ndarray, np.ndarray]: ...
+
+  def calibrate(self, queries: np.ndarray, target_recall: float, k: int,
+                progress: bool = False) -> Calibration: ...
+
+log = logging.getLogger(__name__)
+
+
+class CalibrationError(UserError, ValueError):
+  """The target recall is out of reach at any search width of this index."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+  """Result of :func:`calibrate_leaves_to_search`.
+
+  Attributes:
+    leaves_to_search: the smallest width found whose recall@k reaches `target_recall`.
+    recall: mean recall@k of the sample at that width.
+    target_recall, k: what was asked for.
+    num_leaves: the index's partitions (so the width reads as a share of them).
+    queries: size of the query sample.
+    tried: (width, recall) of every width searched, ascending width.
+  """
+
+  leaves_to_search: int
+  recall: float
+  target_recall: float
+  k: int
+  num_leaves: int
+  queries: int
+  tried: tuple[tuple[int, float], ...]
+
+  def to_json(self) -> dict:
+    return {**asdict(self), "tried": [list(t) for t in self.tried]}
+
+  @classmethod
+  def from_json(cls, d: dict) -> Calibration:
+    return cls(**{**d, "tried": tuple((int(w), float(r)) for w, r in d["tried"])})
+
+
+def _row_blocks(embeddings: Embeddings, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+  """(first row, float32 block) over the stored rows, at most `rows` at a time."""
+  if isinstance(embeddings, EmbeddingStore):
+    shards = embeddings.iter_shards()
+  else:
+    shards = iter([(0, len(embeddings), embeddings)])
+  for start, stop, shard in shards:
+    for s in range(0, stop - start, rows):
+      yield start + s, np.asarray(shard[s:s + rows], dtype=np.float32)
+
+
+def exact_topk(queries: np.ndarray, embeddings: Embeddings, k: int, rows_per_block: int = 16_384,
+               progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """Brute-force maximum inner product top-k, streamed over the rows in host memory.
+
+  Args:
+    queries: (Q, d) float32.
+    embeddings: (n, d) array or an EmbeddingStore (read shard by shard, never loaded whole).
+    k: results per query, <= n.
+    rows_per_block: rows scored per matmul; the score buffer is Q x rows_per_block float32.
+  Returns:
+    (scores (Q, k) float32, ids (Q, k) int64), best first; equal scores in row order.
+  """
+  n, _ = embeddings_shape(embeddings)
+  queries = np.asarray(queries, dtype=np.float32)
+  best_scores = np.empty((len(queries), 0), np.float32)  # (Q, <=k) running top-k
+  best_ids = np.empty((len(queries), 0), np.int64)
+  with tqdm(total=n, disable=not progress, unit=" rows", unit_scale=True,
+            desc="exact top-k for calibration") as bar:
+    for start, block in _row_blocks(embeddings, rows_per_block):
+      scores = np.concatenate([best_scores, queries @ block.T], axis=1)  # (Q, <=k + b)
+      ids = np.concatenate([best_ids, np.broadcast_to(
+          np.arange(start, start + len(block)), (len(queries), len(block)))], axis=1)
+      if scores.shape[1] > k:
+        keep = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # (Q, k), unordered
+        scores, ids = np.take_along_axis(scores, keep, 1), np.take_along_axis(ids, keep, 1)
+      best_scores, best_ids = scores, ids
+      bar.update(len(block))
+  order = np.lexsort((best_ids, -best_scores), axis=-1)  # score desc, then row asc
+  return np.take_along_axis(best_scores, order, -1), np.take_along_axis(best_ids, order, -1)
+
+
+def mean_recall(found: np.ndarray, truth: np.ndarray) -> float:
+  """Mean over queries of |found_q & truth_q| / k for (Q, k) id arrays (-1 never matches)."""
+  hits = (found[:, :, None] == truth[:, None, :]).any(axis=-1)  # (Q, k)
+  return float(hits.sum(axis=1).mean()) / truth.shape[1]
+
+
+def calibrate_leaves_to_search(index: TunableIndex, queries: np.ndarray,
+                               target_recall: float = 0.95, k: int = 100,
+                               truth: np.ndarray | None = None,
+                               progress: bool = False) -> Calibration:
+  """The smallest `leaves_to_search` at which `index` reaches `target_recall` recall@k.
+
+  Args:
+    index: a tree-partitioned ScannIndex (`uses_tree`).
+    queries: (Q, d) sample queries (see the module docstring for where to take them).
+    target_recall: mean recall@k to reach, in (0, 1].
+    k: the recall depth (and the search's k).
+    truth: (Q, k) exact top-k ids, if already known; computed by :func:`exact_topk` otherwise.
+  Raises:
+    CalibrationError: even searching every leaf stays below the target (ScaNN's approximate
+      scoring then drops true neighbours before its `reorder` candidates: raise `reorder`).
+  """
+  if not 0.0 < target_recall <= 1.0:
+    raise ValueError(f"target_recall must lie in (0, 1], got {target_recall}")
+  if not index.uses_tree:
+    raise ValueError(f"a ScaNN index of {index.count} rows scores every row (brute force below "
+                     f"{index.config.brute_force_below} rows): there is no search width to tune")
+  queries = index.check_queries(queries, k)
+  if truth is None:
+    truth = exact_topk(queries, index.source, k, progress=progress)[1]
+  elif truth.shape != (len(queries), k):
+    raise ValueError(f"truth has shape {truth.shape}; expected {(len(queries), k)}")
+  num_leaves = index.config.num_leaves
+  tried: dict[int, float] = {}
+
+  def reaches(width: int) -> bool:
+    if width not in tried:
+      _, ids = index.search(queries, k, leaves_to_search=width)
+      tried[width] = mean_recall(ids, truth)
+      log.info("leaves_to_search %d of %d: recall@%d %.4f", width, num_leaves, k, tried[width])
+    return tried[width] >= target_recall
+
+  below, above = 0, min(index.config.leaves_to_search, num_leaves)  # recall(0) = 0 < target
+  while not reaches(above):
+    if above == num_leaves:
+      raise CalibrationError(
+          f"recall@{k} is {tried[above]:.4f} with all {num_leaves} leaves searched, below the "
+          f"target {target_recall}: raise ScannConfig.reorder (now {index.config.reorder})")
+    below, above = above, min(2 * above, num_leaves)
+  while above - below > 1:  # invariant: recall(below) < target <= recall(above)
+    middle = (below + above) // 2
+    below, above = (below, middle) if reaches(middle) else (middle, above)
+  return Calibration(leaves_to_search=above, recall=tried[above], target_recall=target_recall,
+                     k=k, num_leaves=num_leaves, queries=len(queries),
+                     tried=tuple(sorted(tried.items())))
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+  """What an index build calibrates to (rag_jax.retrieval.pipeline, build_index's flags).
+
+  Attributes:
+    target_recall: mean recall@k to reach.
+    k: the recall depth.
+    queries: (Q, d) sample queries; None draws `sample_size` corpus rows (:func:`sample_rows`).
+    sample_size: stand-in queries drawn when `queries` is None.
+    source: the file `queries` came from (named in errors).
+  """
+
+  target_recall: float
+  k: int = 100
+  queries: np.ndarray | None = None
+  sample_size: int = 1000
+  source: str = ""
+
+
+def calibrate_built_index(index: TunableIndex, spec: CalibrationSpec,
+                          progress: bool = False) -> Calibration | None:
+  """Calibrates a freshly built ScaNN index per `spec`; None (and a log line) for a brute-force
+  one, which has no width to tune."""
+  if not index.uses_tree:
+    log.info("ScaNN index of %d rows scores every row: no calibration", index.count)
+    return None
+  if spec.queries is None:
+    return index.calibrate(sample_rows(index.source, spec.sample_size), spec.target_recall,
+                           spec.k, progress=progress)
+  try:
+    return index.calibrate(spec.queries, spec.target_recall, spec.k, progress=progress)
+  except IndexDimensionError as e:
+    raise IndexDimensionError(f"{spec.source or 'calibration queries'}: {e}") from None
+
+
+def load_queries(path: str) -> np.ndarray:
+  """(Q, d) float32 query embeddings from a .npy file, checked (errors name the file)."""
+  try:
+    array = np.load(path, allow_pickle=False)
+  except FileNotFoundError:
+    raise InputNotFoundError(f"{path}: no such query file") from None
+  except ValueError as e:  # not .npy, or an object array that would need unpickling
+    raise InputError(f"{path}: not a numeric .npy array ({e})") from None
+  if array.ndim != 2 or array.shape[0] == 0 or not np.issubdtype(array.dtype, np.floating):
+    raise InputError(f"{path}: expected a (num_queries, dim) float array, got "
+                     f"{array.dtype} {array.shape}")
+  if not np.isfinite(array).all():
+    row = int(np.nonzero(~np.isfinite(array).all(axis=1))[0][0])
+    raise NonFiniteError(f"{path}: row {row} holds NaN or inf")
+  return np.asarray(array, dtype=np.float32)
+
+
+def sample_rows(embeddings: Embeddings, size: int, seed: int = 0) -> np.ndarray:
+  """`size` distinct stored rows (float32), drawn uniformly: stand-in calibration queries."""
+  n, _ = embeddings_shape(embeddings)
+  rows = np.sort(np.random.default_rng(seed).choice(n, min(size, n), replace=False))
+  return gather_rows(embeddings, rows)
+
+
+def share(calibration: Calibration) -> str:
+  """'100 of 2000 leaves (5.0 %)': the calibrated width for messages."""
+  pct = 100.0 * calibration.leaves_to_search / max(1, calibration.num_leaves)
+  return (f"{calibration.leaves_to_search} of {calibration.num_leaves} leaves "
+          f"({pct:.{1 if pct >= 1 else 2}f} %)")
+
