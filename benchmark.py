@@ -23,7 +23,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
-from benchmarks import generation, presets, runner, train_step  # noqa: E402
+from benchmarks import generation, presets, retrieval, runner, train_step  # noqa: E402
 from rag_jax.utils.host_memory import configure_host_allocator  # noqa: E402
 
 _PRESET = flags.DEFINE_enum("preset", "tiny", ["tiny", "world", "base", "paper"], "Shapes.")
@@ -40,10 +40,11 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls first (the first is c
 _PEERS = flags.DEFINE_bool("peers", True, "Also time transformers / faiss / torch.")
 _INDEX_ROWS = flags.DEFINE_integer("index_rows", 0, "Retrieval rows (0: the preset's).")
 _SCANN = flags.DEFINE_multi_string(
-    "scann", ["2:0.03"], "ScaNN settings 'leaves_per_sqrt_n:width[,width]' (repeatable); a width "
-    "is a share of the leaves (0.03) or 'recall=R', the smallest reaching recall@100 R on "
-    "held-out queries.")
-_FAISS_EF = flags.DEFINE_list("faiss_ef", ["128"], "faiss HNSW efSearch values.")
+    "scann", list(retrieval.SCANN_SPECS), "ScaNN settings 'leaves_per_sqrt_n:width[,width]' "
+    "(repeatable); a width is a share of the leaves (0.03) or 'recall=R', the smallest reaching "
+    "recall@100 R on held-out queries.")
+_FAISS_EF = flags.DEFINE_list("faiss_ef", [str(ef) for ef in retrieval.FAISS_EF],
+                              "faiss HNSW efSearch values.")
 _HNSW_M = flags.DEFINE_integer("hnsw_m", 128, "faiss HNSW links per node.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/benchmark", "Where the JSON and log go.")
 _BUDGET = flags.DEFINE_float("time_budget_s", 3600.0, "Groups starting later are skipped.")

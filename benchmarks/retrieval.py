@@ -30,6 +30,11 @@ from rag_jax.retrieval.exact import ExactConfig, ExactIndex, make_search_fn
 from rag_jax.retrieval.synthetic import clustered_embeddings, noisy_copies, recall_at
 
 KS = (1, 20, 100)
+# The defaults of benchmark.py's --scann and --faiss_ef: ScaNN's default width and the width
+# tuned to recall@100 0.95; faiss HNSW at three efSearch values, so that each ScaNN row finds a
+# faiss setting of about its recall.
+SCANN_SPECS = ("2:0.03,recall=0.95",)
+FAISS_EF = (128, 256, 512)
 
 
 def numpy_exact(queries: np.ndarray, db: np.ndarray, k: int, block: int = 256) -> np.ndarray:
@@ -59,7 +64,7 @@ def _recalls(ids: np.ndarray, truth: np.ndarray) -> dict[str, float]:
 
 
 def host_data(preset: Preset, repeats: int, peer: bool, rows: int | None = None,
-              scann_specs: tuple[str, ...] = ("2:0.03",), faiss_ef: tuple[int, ...] = (128,),
+              scann_specs: tuple[str, ...] = SCANN_SPECS, faiss_ef: tuple[int, ...] = FAISS_EF,
               hnsw_m: int = 128) -> list[dict[str, Any]]:
   """Exact (JAX) and ScaNN against faiss HNSW on clustered vectors in host memory.
 

@@ -82,8 +82,8 @@ def run_group(group: str, options: dict[str, Any],
   if group == "retrieval":
     return retrieval.run(preset, reps, peer, profile_calls=options.get("profile", 0),
                          rows=options.get("index_rows") or None,
-                         scann_specs=tuple(options.get("scann") or ("2:0.03",)),
-                         faiss_ef=tuple(options.get("faiss_ef") or (128,)),
+                         scann_specs=tuple(options.get("scann") or retrieval.SCANN_SPECS),
+                         faiss_ef=tuple(options.get("faiss_ef") or retrieval.FAISS_EF),
                          hnsw_m=options.get("hnsw_m", 128))
   if group == "encode":
     return [encoding.run(preset, dtype, reps, warm, peer)]

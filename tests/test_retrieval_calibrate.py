@@ -1,17 +1,13 @@
 """ScaNN's search width tuned to a target recall: checked against numpy brute force."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from transformers import DPRConfig, DPRQuestionEncoder
 
-from rag_jax.commands import tune_index
+from rag_jax.commands import build_index, tune_index
 from rag_jax.retrieval.backends import load_index
 from rag_jax.retrieval.calibrate import (
   CalibrationError,
@@ -30,8 +26,6 @@ from rag_jax.retrieval.synthetic import clustered_embeddings, recall_at
 from rag_jax.utils.errors import InputError, InputNotFoundError, NonFiniteError
 from tests.test_retrieval_embeddings import write_dpr_pickles
 from tests.test_retrieval_encode import save_tokenizer
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def brute_force_ids(queries, db, k):
@@ -163,28 +157,25 @@ def dpr_files(data, tmp_path_factory):
   return root, pickles
 
 
-def test_build_index_command_calibrates_on_given_questions(data, dpr_files, tmp_path):
+def test_build_index_command_calibrates_on_given_questions(data, dpr_files, tmp_path, capsys):
   """build_index --target_recall on a question file: the saved width is the smallest reaching
   the target for those questions."""
   _, queries, truth = data
   root, pickles = dpr_files
-  cmd = [sys.executable, "-m", "rag_jax.commands.build_index",
-         f"--corpus={root / 'psgs_w100.tsv'}", f"--out={tmp_path / 'built'}",
-         f"--dpr_embeddings={','.join(map(str, pickles))}", "--allow_pickle", "--quiet",
-         "--target_recall=0.97", f"--calibration_queries={root / 'questions.npy'}"]
-  env = {**os.environ, "PYTHONPATH": str(ROOT)}
-  res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
-  assert res.returncode == 0, res.stderr[-3000:]
+  argv = [f"--corpus={root / 'psgs_w100.tsv'}", f"--out={tmp_path / 'built'}",
+          f"--dpr_embeddings={','.join(map(str, pickles))}", "--allow_pickle", "--quiet",
+          "--target_recall=0.97", f"--calibration_queries={root / 'questions.npy'}"]
+  assert build_index.main(argv) == 0
+  printed = capsys.readouterr().out
   index = load_index(tmp_path / "built" / "index")
   width = index.config.leaves_to_search
-  assert (f"leaves_to_search: {width} of 346 leaves" in res.stdout
-          and "(target 0.97) on 200 queries" in res.stdout), res.stdout
+  assert (f"leaves_to_search: {width} of 346 leaves" in printed
+          and "(target 0.97) on 200 queries" in printed), printed
   assert recall_with(index, queries[:200], truth[:200], width) >= 0.97
   assert recall_with(index, queries[:200], truth[:200], width - 1) < 0.97
 
-  res = subprocess.run([*cmd[:-2], f"--calibration_queries={root / 'questions.npy'}"],
-                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
-  assert res.returncode == 1 and "--calibration_queries needs --target_recall" in res.stderr
+  assert build_index.main([*argv[:-2], f"--calibration_queries={root / 'questions.npy'}"]) == 1
+  assert "--calibration_queries needs --target_recall" in capsys.readouterr().err
 
 
 def test_tune_index_command_on_questions_through_the_question_encoder(data, dpr_files, tmp_path,
