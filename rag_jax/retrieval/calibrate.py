@@ -116,6 +116,8 @@ def exact_topk(queries: np.ndarray, embeddings: Embeddings, k: int, rows_per_blo
     (scores (Q, k) float32, ids (Q, k) int64), best first; equal scores in row order.
   """
   n, _ = embeddings_shape(embeddings)
+  if not 1 <= k <= n:
+    raise ValueError(f"k={k} must lie in [1, {n}] (the number of stored rows)")
   queries = np.asarray(queries, dtype=np.float32)
   best_scores = np.empty((len(queries), 0), np.float32)  # (Q, <=k) running top-k
   best_ids = np.empty((len(queries), 0), np.int64)
@@ -136,8 +138,12 @@ def exact_topk(queries: np.ndarray, embeddings: Embeddings, k: int, rows_per_blo
 
 def mean_recall(found: np.ndarray, truth: np.ndarray) -> float:
   """Mean over queries of |found_q & truth_q| / k for (Q, k) id arrays (-1 never matches)."""
-  hits = (found[:, :, None] == truth[:, None, :]).any(axis=-1)  # (Q, k)
-  return float(hits.sum(axis=1).mean()) / truth.shape[1]
+  k = truth.shape[1]
+  step = max(1, (1 << 24) // (k * k))  # queries per chunk: a chunk x k x k mask of <= 16 MB
+  hits = 0
+  for s in range(0, len(truth), step):
+    hits += int((found[s:s + step, :, None] == truth[s:s + step, None, :]).any(axis=-1).sum())
+  return hits / (len(truth) * k)
 
 
 def calibrate_leaves_to_search(index: TunableIndex, queries: np.ndarray,
