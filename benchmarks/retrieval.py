@@ -70,8 +70,9 @@ def host_data(preset: Preset, repeats: int, peer: bool, rows: int | None = None,
 
   scann_specs: "leaves_per_sqrt_n:width[,width...]", e.g. "2:0.03,0.05" = 2 sqrt(n) leaves,
   searching 3 % then 5 % of them (rag_jax.retrieval.scann_index.ScannConfig; "2:0.03" is its
-  default); a width "recall=0.95" is the smallest that reaches recall@100 0.95 on a second,
-  held-out sample of queries (`ScannIndex.calibrate`; the timed queries never take part).
+  default); a width "recall=0.95" is the fastest width and reorder that reach recall@100 0.95
+  on a second, held-out sample of queries (`ScannIndex.calibrate`; the timed queries never take
+  part).
   faiss_ef: HNSW efSearch values timed on one graph of `hnsw_m` links per node.
   """
   from rag_jax.retrieval.scann_index import ScannConfig, ScannIndex
@@ -107,14 +108,16 @@ def host_data(preset: Preset, repeats: int, peer: bool, rows: int | None = None,
     for width in fractions.split(","):
       tuned = _tune(scann, x, len(q), k, width, sample) if width.startswith("recall=") else {}
       search = tuned.get("leaves_to_search") or max(1, math.ceil(float(width) * leaves))
-      t, ids = _qps(lambda qq, ix=scann, s=search: ix.search(qq, k, leaves_to_search=s)[1], q,
-                    repeats)
-      label = f" (tuned to R@{k} {tuned['target_recall']})" if tuned else ""
+      reorder = tuned.get("reorder", base.reorder)
+      t, ids = _qps(lambda qq, ix=scann, s=search, r=reorder:
+                    ix.search(qq, k, leaves_to_search=s, reorder=r)[1], q, repeats)
+      label = (f", reorder {reorder} (tuned to R@{k} {tuned['target_recall']})" if tuned
+               else "")
       results.append({
           "workload": "retrieval", "case": f"ScaNN {leaves} leaves, {search} searched{label}",
           **shape, "unit": "queries", "items": len(q),
           "rag_jax": {**t, "build_s": build_s, **_recalls(ids, truth), "num_leaves": leaves,
-                      "leaves_to_search": search, "reorder": base.reorder, **tuned},
+                      "leaves_to_search": search, "reorder": reorder, **tuned},
           "peer": faiss_at_recall(faiss_rows, _recalls(ids, truth).get("recall@100"))
           or best_faiss})
   return results
@@ -132,8 +135,9 @@ def _tune(index, x: np.ndarray, queries: int, k: int, width: str,
   start = time.perf_counter()
   found = index.calibrate(sample["queries"], target, k, truth=sample["truth"])
   return {"target_recall": target, "leaves_to_search": found.leaves_to_search,
-          "calibration_recall": found.recall, "calibration_s": time.perf_counter() - start,
-          "calibration_searches": len(found.tried)}
+          "reorder": found.reorder, "calibration_recall": found.recall,
+          "calibration_s": time.perf_counter() - start,
+          "calibration_settings": [list(t) for t in found.timed]}
 
 
 def faiss_at_recall(rows: list[dict[str, Any]], recall: float | None) -> dict[str, Any] | None:

@@ -90,10 +90,12 @@ def test_json_has_every_field(report):
   fixed, tuned = recall[1:]
   assert fixed["case"] == "ScaNN 283 leaves, 9 searched"
   ours = tuned["rag_jax"]
-  assert tuned["case"] == (f"ScaNN 283 leaves, {ours['leaves_to_search']} searched "
-                           "(tuned to R@100 0.9)")
+  assert tuned["case"] == (f"ScaNN 283 leaves, {ours['leaves_to_search']} searched, reorder "
+                           f"{ours['reorder']} (tuned to R@100 0.9)")
   assert ours["target_recall"] == 0.9 and ours["calibration_recall"] >= 0.9
-  assert 1 <= ours["leaves_to_search"] <= 283 and ours["calibration_searches"] >= 2
+  assert 1 <= ours["leaves_to_search"] <= 283 and ours["reorder"] in (150, 200, 300, 400)
+  assert [ours["leaves_to_search"], ours["reorder"]] in [
+      s[:2] for s in ours["calibration_settings"]]
   assert ours["recall@100"] > 0.8  # the timed queries: another sample of the same kind
 
 

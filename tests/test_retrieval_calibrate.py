@@ -45,8 +45,9 @@ def index(data):
   return ScannIndex.build(data[0], ScannConfig(training_threads=2), progress=False)
 
 
-def recall_with(index, queries, truth, width):
-  return recall_at(index.search(queries, 100, leaves_to_search=width)[1], truth, 100)
+def recall_with(index, queries, truth, width, reorder=None):
+  found = index.search(queries, 100, leaves_to_search=width, reorder=reorder)[1]
+  return recall_at(found, truth, 100)
 
 
 @pytest.mark.parametrize("rows_per_block", [1_000, 7_777, 50_000])
@@ -72,41 +73,48 @@ def test_mean_recall_counts_shared_ids_per_query():
 
 
 @pytest.mark.parametrize("target", [0.9, 0.98])
-def test_the_width_found_is_the_smallest_reaching_the_target(data, index, target):
+def test_the_setting_found_reaches_the_target_with_the_fewest_leaves(data, index, target):
   _, queries, truth = data
   sample, sample_truth = queries[:200], truth[:200]
   found = index.calibrate(sample, target, 100)
-  width = found.leaves_to_search
-  assert index.config.leaves_to_search == width
+  width, reorder = found.leaves_to_search, found.reorder
+  assert (index.config.leaves_to_search, index.config.reorder) == (width, reorder)
   # Independently: numpy's truth and the plain recall@100 of ScaNN's own results.
-  assert recall_with(index, sample, sample_truth, width) >= target
-  assert width == 1 or recall_with(index, sample, sample_truth, width - 1) < target
-  assert found.recall == pytest.approx(recall_with(index, sample, sample_truth, width), abs=1e-12)
-  assert dict(found.tried)[width] == pytest.approx(found.recall)
+  assert recall_with(index, sample, sample_truth, width, reorder) >= target
+  assert width == 1 or recall_with(index, sample, sample_truth, width - 1, reorder) < target
+  assert found.recall == pytest.approx(recall_with(index, sample, sample_truth, width, reorder))
+  # Every timed candidate (one per reorder size kept) reaches the target with its fewest leaves;
+  # the fastest of them is chosen. Sizes are 1.5, 2, 3, 4 x k and the index's 400.
+  assert {r for _, r, _ in found.timed} <= {150, 200, 300, 400} and len(found.timed) >= 1
+  for w, r, _ in found.timed:
+    assert recall_with(index, sample, sample_truth, w, r) >= target
+    assert w == 1 or recall_with(index, sample, sample_truth, w - 1, r) < target
+  assert found.queries_per_s == max(qps for _, _, qps in found.timed)
   # The default search now uses it; held-out queries land close to the target.
   assert recall_at(index.search(queries[200:], 100)[1], truth[200:], 100) >= target - 0.02
 
 
-def test_a_higher_target_needs_more_leaves_and_truth_can_be_given(data, index):
+def test_a_fixed_reorder_needs_more_leaves_for_a_higher_target(data, index):
   _, queries, truth = data
-  low = index.calibrate(queries[:200], 0.9, 100, truth=truth[:200]).leaves_to_search
-  high = index.calibrate(queries[:200], 0.99, 100, truth=truth[:200]).leaves_to_search
-  assert 1 <= low < high <= index.config.num_leaves
+  low = index.calibrate(queries[:200], 0.9, 100, truth=truth[:200], reorders=(400,))
+  high = index.calibrate(queries[:200], 0.99, 100, truth=truth[:200], reorders=(400,))
+  assert low.reorder == high.reorder == 400 and len(low.timed) == 1
+  assert 1 <= low.leaves_to_search < high.leaves_to_search <= index.config.num_leaves
   with pytest.raises(ValueError, match=r"truth has shape \(200, 10\); expected \(200, 100\)"):
     index.calibrate(queries[:200], 0.9, 100, truth=truth[:200, :10])
+  with pytest.raises(ValueError, match=r"reorder sizes \(400, 50\) must be >= k=100"):
+    index.calibrate(queries[:200], 0.9, 100, reorders=(50, 400))
 
 
-def test_an_unreachable_target_names_the_recall_and_the_remedy(data):
-  db, queries, truth = data
-  small_reorder = ScannIndex.build(db, ScannConfig(reorder=100, training_threads=2),
-                                   progress=False)
-  best = recall_with(small_reorder, queries[:100], truth[:100], small_reorder.config.num_leaves)
+def test_an_unreachable_target_names_the_recall_and_the_remedy(data, index):
+  _, queries, truth = data
+  best = recall_with(index, queries[:100], truth[:100], index.config.num_leaves, 100)
   assert best < 1.0  # approximate scoring loses some true neighbours before the reorder
   with pytest.raises(CalibrationError, match=r"with all 346 leaves searched, below the target "
-                     r"1.0: raise ScannConfig.reorder \(now 100\)"):
-    small_reorder.calibrate(queries[:100], 1.0, 100)
+                     r"1.0: raise the reorder \(now at most 100\)"):
+    index.calibrate(queries[:100], 1.0, 100, reorders=(100,))
   with pytest.raises(ValueError, match=r"target_recall must lie in \(0, 1\]"):
-    small_reorder.calibrate(queries[:100], 1.5, 100)
+    index.calibrate(queries[:100], 1.5, 100)
 
 
 def test_brute_force_indexes_have_nothing_to_tune(data):
@@ -126,10 +134,12 @@ def test_the_calibration_is_saved_and_loaded_with_the_index(data, index, tmp_pat
   assert meta["calibration"]["target_recall"] == 0.95
   loaded = load_index(tmp_path / "ix")
   assert loaded.calibration == found
-  assert loaded.config.leaves_to_search == found.leaves_to_search
+  assert (loaded.config.leaves_to_search, loaded.config.reorder) == (found.leaves_to_search,
+                                                                     found.reorder)
   np.testing.assert_array_equal(
       loaded.search(queries[:50], 100)[1],
-      index.search(queries[:50], 100, leaves_to_search=found.leaves_to_search)[1])
+      index.search(queries[:50], 100, leaves_to_search=found.leaves_to_search,
+                   reorder=found.reorder)[1])
 
 
 def test_query_files_are_checked_and_named(data, index, tmp_path):
@@ -179,10 +189,11 @@ def test_build_index_command_calibrates_on_given_questions(data, dpr_files, tmp_
   printed = capsys.readouterr().out
   index = load_index(tmp_path / "built" / "index")
   width = index.config.leaves_to_search
-  assert (f"leaves_to_search: {width} of 346 leaves" in printed
-          and "(target 0.97) on 200 queries" in printed), printed
-  assert recall_with(index, queries[:200], truth[:200], width) >= 0.97
-  assert recall_with(index, queries[:200], truth[:200], width - 1) < 0.97
+  reorder = index.config.reorder
+  assert (f"leaves_to_search: {width} of 346 leaves" in printed and f"reorder {reorder} reach"
+          in printed and "(target 0.97) on 200 queries" in printed), printed
+  assert recall_with(index, queries[:200], truth[:200], width, reorder) >= 0.97
+  assert recall_with(index, queries[:200], truth[:200], width - 1, reorder) < 0.97
 
   assert build_index.main([*argv[:-2], f"--calibration_queries={root / 'questions.npy'}"]) == 1
   assert "--calibration_queries needs --target_recall" in capsys.readouterr().err
@@ -210,11 +221,13 @@ def test_tune_index_command_on_questions_through_the_question_encoder(data, dpr_
 
   assert tune_index.main([f"--dir={out}", f"--question_encoder={tmp_path / 'qenc'}",
                           f"--questions={tmp_path / 'q.qa.csv'}", "--target_recall=0.9",
-                          "--quiet"]) == 0
+                          "--reorders=400,300", "--quiet"]) == 0
   printed = capsys.readouterr().out
   index = load_index(out / "index")
   width = index.config.leaves_to_search
-  assert f"leaves_to_search: {width} of 346 leaves" in printed and f"was {before}" in printed
+  assert index.config.reorder in (300, 400)
+  assert (f"leaves_to_search: {width} of 346 leaves" in printed
+          and f"was {before} leaves, reorder 400" in printed), printed
   assert index.calibration.queries == 150 and index.calibration.target_recall == 0.9
   assert {p: p.stat().st_mtime_ns for p in (out / "index" / "scann").iterdir()} == scann_files
 
@@ -232,6 +245,9 @@ def test_tune_index_command_on_questions_through_the_question_encoder(data, dpr_
   assert tune_index.main([f"--dir={out}", f"--question_encoder={tmp_path / 'qenc'}",
                           f"--questions={tmp_path / 'none.txt'}"]) == 1
   assert "none.txt: no such questions file" in capsys.readouterr().err
+  assert tune_index.main([f"--dir={out}", f"--question_encoder={tmp_path / 'qenc'}",
+                          f"--questions={tmp_path / 'q.qa.csv'}", "--reorders=200,lots"]) == 1
+  assert "--reorders: expected whole numbers, got 200,lots" in capsys.readouterr().err
   build_from_corpus(root / "psgs_w100.tsv", out, dpr_embeddings=[str(p) for p in pickles],
                     allow_pickle=True, index_type="exact", progress=False)
   assert tune_index.main([f"--dir={out}", f"--question_encoder={tmp_path / 'qenc'}",

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from absl import flags
 
 from rag_jax.commands.common import define_common_flags, parse_flags, run_command
-from rag_jax.retrieval.calibrate import CalibrationSpec, load_queries, share
+from rag_jax.retrieval.calibrate import CalibrationSpec, int_list, load_queries, share
 from rag_jax.retrieval.corpus import FORMATS
 from rag_jax.retrieval.encode import EncodeConfig
 from rag_jax.retrieval.exact import ExactConfig
@@ -59,9 +59,10 @@ flags.DEFINE_float("leaves_fraction", ScannConfig.leaves_fraction,
 flags.DEFINE_integer("reorder", ScannConfig.reorder, "ScaNN: candidates rescored exactly.", **_F)
 flags.DEFINE_enum("reorder_dtype", "float32", ["float32", "bfloat16", "int8"],
                   "ScaNN: storage of the rescoring vectors.", **_F)
-flags.DEFINE_float("target_recall", None, "ScaNN: tune leaves_to_search to the smallest width "
-                   "whose mean recall@--calibration_k against exact search reaches this "
-                   "(default: keep --leaves_fraction).", lower_bound=0.0, upper_bound=1.0, **_F)
+flags.DEFINE_float("target_recall", None, "ScaNN: tune leaves_to_search and reorder to the "
+                   "fastest setting whose mean recall@--calibration_k against exact search "
+                   "reaches this (default: keep --leaves_fraction and --reorder).",
+                   lower_bound=0.0, upper_bound=1.0, **_F)
 flags.DEFINE_string("calibration_queries", None, ".npy of (Q, dim) question embeddings to tune on "
                     "(default: --calibration_size rows of the corpus itself).", **_F)
 flags.DEFINE_integer("calibration_size", CalibrationSpec.sample_size,
@@ -69,6 +70,8 @@ flags.DEFINE_integer("calibration_size", CalibrationSpec.sample_size,
                      lower_bound=1, **_F)
 flags.DEFINE_integer("calibration_k", CalibrationSpec.k, "Recall depth of --target_recall.",
                      lower_bound=1, **_F)
+flags.DEFINE_list("calibration_reorders", [], "Reorder sizes --target_recall tries (default: "
+                  "1.5, 2, 3 and 4 x k and --reorder; one size fixes it).", **_F)
 flags.DEFINE_enum("exact_dtype", "float32", ["float32", "bfloat16"],
                   "Device storage of an exact index.", **_F)
 flags.DEFINE_bool("quiet", False, "No progress bars.", **_F)
@@ -92,6 +95,7 @@ def _calibration() -> CalibrationSpec | None:
     queries = load_queries(FLAGS.calibration_queries)
   return CalibrationSpec(target_recall=FLAGS.target_recall, k=FLAGS.calibration_k,
                          queries=queries, sample_size=FLAGS.calibration_size,
+                         reorders=int_list(FLAGS.calibration_reorders, "--calibration_reorders"),
                          source=FLAGS.calibration_queries or "")
 
 

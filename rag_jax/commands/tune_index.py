@@ -5,8 +5,8 @@ r"""Tune a built ScaNN index's search width to a recall, on real questions.
       [--k=100] [--sample=1000]
 
 Embeds a sample of the questions with the question encoder, finds their exact top-k over every
-stored passage (brute force, streamed), and sets the index's `leaves_to_search` to the smallest
-width whose mean recall@k reaches the target (rag_jax/retrieval/calibrate.py). Only
+stored passage (brute force, streamed), and sets the index's `leaves_to_search` and `reorder` to
+the fastest setting whose mean recall@k reaches the target (rag_jax/retrieval/calibrate.py). Only
 DIR/index/index.json is rewritten (atomically); the ScaNN files stay, so a 21M-passage index is
 re-tuned in minutes, never rebuilt. --questions: one question per line, or DPR's `*.qa.csv`
 (question<TAB>answers: the first column is read).
@@ -23,7 +23,7 @@ from absl import flags
 from tqdm import tqdm
 
 from rag_jax.commands.common import define_common_flags, parse_flags, run_command
-from rag_jax.retrieval.calibrate import CalibrationSpec, share
+from rag_jax.retrieval.calibrate import CalibrationSpec, int_list, share
 from rag_jax.retrieval.retriever import Retriever
 from rag_jax.retrieval.scann_index import ScannIndex
 from rag_jax.utils.errors import InputError, InputNotFoundError
@@ -40,6 +40,8 @@ flags.DEFINE_float("target_recall", 0.95, "Mean recall@k to reach against exact 
 flags.DEFINE_integer("k", CalibrationSpec.k, "Recall depth.", lower_bound=1, **_F)
 flags.DEFINE_integer("sample", CalibrationSpec.sample_size, "Questions drawn (uniformly, seed 0) "
                      "from --questions; all of them if fewer.", lower_bound=1, **_F)
+flags.DEFINE_list("reorders", [], "Reorder sizes tried (default: 1.5, 2, 3 and 4 x k and the "
+                  "index's own; one size fixes it).", **_F)
 flags.DEFINE_integer("batch_size", 256, "Questions per encoder call.", lower_bound=1, **_F)
 flags.DEFINE_bool("quiet", False, "No progress bars.", **_F)
 define_common_flags(FLAGS)
@@ -91,13 +93,17 @@ def _tune() -> int:
     rows = np.sort(np.random.default_rng(0).choice(len(questions), FLAGS.sample, replace=False))
     questions = [questions[i] for i in rows]
   queries = embed_questions(retriever, questions, FLAGS.batch_size, not FLAGS.quiet)
-  before = index.config.leaves_to_search
-  found = index.calibrate(queries, FLAGS.target_recall, FLAGS.k, progress=not FLAGS.quiet)
+  reorders = int_list(FLAGS.reorders, "--reorders")
+  before = f"{index.config.leaves_to_search} leaves, reorder {index.config.reorder}"
+  found = index.calibrate(queries, FLAGS.target_recall, FLAGS.k, reorders=reorders,
+                          progress=not FLAGS.quiet)
   index.save_settings(Path(FLAGS.dir) / "index")
   print(f"leaves_to_search: {share(found)} reach recall@{found.k} {found.recall:.4f} "
         f"(target {found.target_recall}) on {found.queries} questions; was {before}")
-  for width, recall in found.tried:
-    print(f"  {width:>6} leaves: recall@{found.k} {recall:.4f}")
+  recalls = {(w, r): x for w, r, x in found.tried}
+  for width, reorder, qps in found.timed:
+    print(f"  {width:>6} leaves, reorder {reorder:>5}: recall@{found.k} "
+          f"{recalls[(width, reorder)]:.4f}, {qps:,.0f} questions/s")
   return 0
 
 

@@ -1,25 +1,31 @@
-"""Recall-targeted tuning of ScaNN's search width, against exact search on sample queries.
+"""Recall-targeted tuning of ScaNN's search settings, against exact search on sample queries.
 
 ScaNN's `leaves_to_search` trades speed for recall, and the share of leaves a given recall
 needs depends on the data: on the clustered 768-d benchmark vectors of docs/retrieval.md, 3 %
 of 2 sqrt(n) leaves gives recall@100 0.967 at 200k rows but 0.943 at 1M, where 5 % reaches
-0.952. A fixed fraction is therefore either slow on easy data or short of recall on hard data.
-:func:`calibrate_leaves_to_search` measures instead: it computes the exact top-k of sample
-queries by brute force (:func:`exact_topk`, streamed over the stored rows) and searches for the
-smallest `leaves_to_search` whose mean recall@k reaches the target. Recall grows with the
-leaves searched (more leaves, a superset of scored points), so a doubling phase from the
-configured width followed by bisection finds it in about log2(num_leaves) searches of the
-sample, each far cheaper than the brute-force truth.
+0.952. Its `reorder` (the candidates rescored exactly) trades the same way from the other side:
+fewer candidates need more leaves for the same recall but cost less each. So both are measured:
+:func:`calibrate_search` computes the exact top-k of sample queries by brute force
+(:func:`exact_topk`, streamed over the stored rows), finds for each of a few reorder sizes the
+smallest `leaves_to_search` whose mean recall@k reaches the target (recall grows with the leaves
+searched, so doubling from a start width, then bisection: about log2(num_leaves) searches of the
+sample), times each such setting on the sample, and keeps the fastest. A reorder size is given
+up as soon as one of its searches, still short of the target, is slower than twice the fastest
+setting found so far (a wider search only gets slower).
 
 The sample should look like the questions the index will serve: question embeddings from the
 question encoder (e.g. a dev set's) are best; rows of the corpus itself are the stand-in when no
 questions are at hand (`rag_jax.commands.build_index --target_recall` without
-`--calibration_queries`).
+`--calibration_queries`). The choice between settings is by measured speed on this machine, so
+two calibrations may pick different (equally fast) settings; every setting kept reaches the
+target on the sample.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
@@ -50,10 +56,11 @@ class TunableIndex(Protocol):
 
   def check_queries(self, queries: np.ndarray, k: int) -> np.ndarray: ...
 
-  def search(self, queries: np.ndarray, k: int,
-             leaves_to_search: int | None = None) -> tuple[np.ndarray, np.ndarray]: ...
+  def search(self, queries: np.ndarray, k: int, leaves_to_search: int | None = None,
+             reorder: int | None = None) -> tuple[np.ndarray, np.ndarray]: ...
 
   def calibrate(self, queries: np.ndarray, target_recall: float, k: int,
+                reorders: tuple[int, ...] | None = None,
                 progress: bool = False) -> Calibration: ...
 
 log = logging.getLogger(__name__)
@@ -65,31 +72,38 @@ class CalibrationError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class Calibration:
-  """Result of :func:`calibrate_leaves_to_search`.
+  """Result of :func:`calibrate_search`.
 
   Attributes:
-    leaves_to_search: the smallest width found whose recall@k reaches `target_recall`.
-    recall: mean recall@k of the sample at that width.
+    leaves_to_search, reorder: the fastest setting found that reaches `target_recall`.
+    recall: mean recall@k of the sample at that setting.
+    queries_per_s: the sample's search speed at that setting (median of the timed searches).
     target_recall, k: what was asked for.
     num_leaves: the index's partitions (so the width reads as a share of them).
     queries: size of the query sample.
-    tried: (width, recall) of every width searched, ascending width.
+    tried: (leaves_to_search, reorder, recall) of every search, in order.
+    timed: (leaves_to_search, reorder, queries/s) of each reorder size's smallest width.
   """
 
   leaves_to_search: int
+  reorder: int
   recall: float
+  queries_per_s: float
   target_recall: float
   k: int
   num_leaves: int
   queries: int
-  tried: tuple[tuple[int, float], ...]
+  tried: tuple[tuple[int, int, float], ...]
+  timed: tuple[tuple[int, int, float], ...]
 
   def to_json(self) -> dict:
-    return {**asdict(self), "tried": [list(t) for t in self.tried]}
+    return {**asdict(self), "tried": [list(t) for t in self.tried],
+            "timed": [list(t) for t in self.timed]}
 
   @classmethod
   def from_json(cls, d: dict) -> Calibration:
-    return cls(**{**d, "tried": tuple((int(w), float(r)) for w, r in d["tried"])})
+    return cls(**{**d, "tried": tuple((int(w), int(r), float(x)) for w, r, x in d["tried"]),
+                  "timed": tuple((int(w), int(r), float(x)) for w, r, x in d["timed"])})
 
 
 def _row_blocks(embeddings: Embeddings, rows: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -146,11 +160,18 @@ def mean_recall(found: np.ndarray, truth: np.ndarray) -> float:
   return hits / (len(truth) * k)
 
 
-def calibrate_leaves_to_search(index: TunableIndex, queries: np.ndarray,
-                               target_recall: float = 0.95, k: int = 100,
-                               truth: np.ndarray | None = None,
-                               progress: bool = False) -> Calibration:
-  """The smallest `leaves_to_search` at which `index` reaches `target_recall` recall@k.
+def reorder_sizes(k: int, configured: int) -> tuple[int, ...]:
+  """The reorder sizes tried by default: k x (1.5, 2, 3, 4) and the configured one, largest
+  first (k itself: only the approximate scores would rank, rarely enough)."""
+  return tuple(sorted({math.ceil(k * f) for f in (1.5, 2, 3, 4)} | {max(configured, k)},
+                      reverse=True))
+
+
+def calibrate_search(index: TunableIndex, queries: np.ndarray, target_recall: float = 0.95,
+                     k: int = 100, truth: np.ndarray | None = None,
+                     reorders: tuple[int, ...] | None = None, repeats: int = 3,
+                     progress: bool = False) -> Calibration:
+  """The fastest (leaves_to_search, reorder) at which `index` reaches `target_recall` recall@k.
 
   Args:
     index: a tree-partitioned ScannIndex (`uses_tree`).
@@ -158,9 +179,13 @@ def calibrate_leaves_to_search(index: TunableIndex, queries: np.ndarray,
     target_recall: mean recall@k to reach, in (0, 1].
     k: the recall depth (and the search's k).
     truth: (Q, k) exact top-k ids, if already known; computed by :func:`exact_topk` otherwise.
+    reorders: reorder sizes to try (each >= k); default :func:`reorder_sizes`. One size keeps
+      the reorder fixed and only tunes the width.
+    repeats: timed searches of the sample per candidate setting (their median counts).
   Raises:
-    CalibrationError: even searching every leaf stays below the target (ScaNN's approximate
-      scoring then drops true neighbours before its `reorder` candidates: raise `reorder`).
+    CalibrationError: even the largest reorder size with every leaf searched stays below the
+      target (ScaNN's approximate scores drop true neighbours before the reorder: a larger
+      reorder is needed).
   """
   if not 0.0 < target_recall <= 1.0:
     raise ValueError(f"target_recall must lie in (0, 1], got {target_recall}")
@@ -168,33 +193,68 @@ def calibrate_leaves_to_search(index: TunableIndex, queries: np.ndarray,
     raise ValueError(f"a ScaNN index of {index.count} rows scores every row (brute force below "
                      f"{index.config.brute_force_below} rows): there is no search width to tune")
   queries = index.check_queries(queries, k)
+  sizes = tuple(sorted(set(reorders or reorder_sizes(k, index.config.reorder)), reverse=True))
+  if sizes[-1] < k:
+    raise ValueError(f"reorder sizes {sizes} must be >= k={k}")
   if truth is None:
     truth = exact_topk(queries, index.source, k, progress=progress)[1]
   elif truth.shape != (len(queries), k):
     raise ValueError(f"truth has shape {truth.shape}; expected {(len(queries), k)}")
   num_leaves = index.config.num_leaves
-  tried: dict[int, float] = {}
+  tried: dict[tuple[int, int], float] = {}
 
-  def reaches(width: int) -> bool:
-    if width not in tried:
-      _, ids = index.search(queries, k, leaves_to_search=width)
-      tried[width] = mean_recall(ids, truth)
-      log.info("leaves_to_search %d of %d: recall@%d %.4f", width, num_leaves, k, tried[width])
-    return tried[width] >= target_recall
+  def search(width: int, reorder: int) -> tuple[float, float]:
+    """(recall, seconds) of one search of the sample."""
+    start = time.perf_counter()
+    _, ids = index.search(queries, k, leaves_to_search=width, reorder=reorder)
+    seconds = time.perf_counter() - start
+    if (width, reorder) not in tried:
+      tried[(width, reorder)] = mean_recall(ids, truth)
+      log.info("leaves_to_search %d of %d, reorder %d: recall@%d %.4f (%.3f s)", width,
+               num_leaves, reorder, k, tried[(width, reorder)], seconds)
+    return tried[(width, reorder)], seconds
 
-  below, above = 0, min(index.config.leaves_to_search, num_leaves)  # recall(0) = 0 < target
-  while not reaches(above):
-    if above == num_leaves:
-      raise CalibrationError(
-          f"recall@{k} is {tried[above]:.4f} with all {num_leaves} leaves searched, below the "
-          f"target {target_recall}: raise ScannConfig.reorder (now {index.config.reorder})")
+  timed: list[tuple[int, int, float]] = []
+  start_width = min(index.config.leaves_to_search, num_leaves)
+  for reorder in sizes:  # largest first: its width is the smallest, its search the cheapest
+    fastest = min((len(queries) / qps for _, _, qps in timed), default=math.inf)
+    width = _smallest_width(lambda w, r=reorder: search(w, r), start_width, num_leaves,
+                            target_recall, give_up_after=2 * fastest)
+    if width is None:
+      if not timed:  # the largest reorder with every leaf searched: unreachable
+        raise CalibrationError(
+            f"recall@{k} is {tried[(num_leaves, reorder)]:.4f} with all {num_leaves} leaves "
+            f"searched, below the target {target_recall}: raise the reorder (now at most "
+            f"{reorder})")
+      continue
+    seconds = float(np.median([search(width, reorder)[1] for _ in range(repeats)]))
+    timed.append((width, reorder, len(queries) / seconds))
+    start_width = width  # a smaller reorder needs at least about as many leaves
+  width, reorder, qps = max(timed, key=lambda t: t[2])
+  return Calibration(leaves_to_search=width, reorder=reorder, recall=tried[(width, reorder)],
+                     queries_per_s=qps, target_recall=target_recall, k=k,
+                     num_leaves=num_leaves, queries=len(queries),
+                     tried=tuple((w, r, x) for (w, r), x in tried.items()),
+                     timed=tuple(timed))
+
+
+def _smallest_width(search, start: int, num_leaves: int, target: float,
+                    give_up_after: float) -> int | None:
+  """The smallest width whose recall reaches `target` (search(width) -> (recall, seconds));
+  None if every leaf falls short, or a search short of the target took over `give_up_after`
+  seconds (a wider one only takes longer)."""
+  below, above = 0, start  # recall(0) = 0 < target
+  while True:
+    recall, seconds = search(above)
+    if recall >= target:
+      break
+    if above == num_leaves or seconds > give_up_after:
+      return None
     below, above = above, min(2 * above, num_leaves)
   while above - below > 1:  # invariant: recall(below) < target <= recall(above)
     middle = (below + above) // 2
-    below, above = (below, middle) if reaches(middle) else (middle, above)
-  return Calibration(leaves_to_search=above, recall=tried[above], target_recall=target_recall,
-                     k=k, num_leaves=num_leaves, queries=len(queries),
-                     tried=tuple(sorted(tried.items())))
+    below, above = (below, middle) if search(middle)[0] >= target else (middle, above)
+  return above
 
 
 @dataclass(frozen=True)
@@ -206,6 +266,7 @@ class CalibrationSpec:
     k: the recall depth.
     queries: (Q, d) sample queries; None draws `sample_size` corpus rows (:func:`sample_rows`).
     sample_size: stand-in queries drawn when `queries` is None.
+    reorders: reorder sizes to try (None: :func:`reorder_sizes`).
     source: the file `queries` came from (named in errors).
   """
 
@@ -213,6 +274,7 @@ class CalibrationSpec:
   k: int = 100
   queries: np.ndarray | None = None
   sample_size: int = 1000
+  reorders: tuple[int, ...] | None = None
   source: str = ""
 
 
@@ -225,9 +287,10 @@ def calibrate_built_index(index: TunableIndex, spec: CalibrationSpec,
     return None
   if spec.queries is None:
     return index.calibrate(sample_rows(index.source, spec.sample_size), spec.target_recall,
-                           spec.k, progress=progress)
+                           spec.k, reorders=spec.reorders, progress=progress)
   try:
-    return index.calibrate(spec.queries, spec.target_recall, spec.k, progress=progress)
+    return index.calibrate(spec.queries, spec.target_recall, spec.k, reorders=spec.reorders,
+                           progress=progress)
   except IndexDimensionError as e:
     raise IndexDimensionError(f"{spec.source or 'calibration queries'}: {e}") from None
 
@@ -257,8 +320,16 @@ def sample_rows(embeddings: Embeddings, size: int, seed: int = 0) -> np.ndarray:
 
 
 def share(calibration: Calibration) -> str:
-  """'100 of 2000 leaves (5.0 %)': the calibrated width for messages."""
+  """'100 of 2000 leaves (5.0 %), reorder 200': the calibrated setting for messages."""
   pct = 100.0 * calibration.leaves_to_search / max(1, calibration.num_leaves)
   return (f"{calibration.leaves_to_search} of {calibration.num_leaves} leaves "
-          f"({pct:.{1 if pct >= 1 else 2}f} %)")
+          f"({pct:.{1 if pct >= 1 else 2}f} %), reorder {calibration.reorder}")
 
+
+def int_list(values: list[str], flag: str) -> tuple[int, ...] | None:
+  """A command's list flag of reorder sizes as ints (None when empty)."""
+  try:
+    sizes = tuple(int(v) for v in values)
+  except ValueError:
+    raise InputError(f"{flag}: expected whole numbers, got {','.join(values)}") from None
+  return sizes or None

@@ -15,9 +15,9 @@ Why the defaults are what they are (measured numbers in docs/retrieval.md):
   recall@100 0.967 at 3,200 q/s on 2 cores, beside faiss HNSW M=128 (0.960 at 3,800 q/s,
   0.973 at 1,500 q/s).
 * The share of leaves a recall needs depends on the data (3 % gives recall@100 0.967 at 200k
-  but 0.943 at 1M clustered vectors), so :meth:`ScannIndex.calibrate` measures the smallest
-  ``leaves_to_search`` reaching a target recall on sample queries against brute force
-  (rag_jax/retrieval/calibrate.py) and saves it with the index.
+  but 0.943 at 1M clustered vectors), so :meth:`ScannIndex.calibrate` measures the fastest
+  ``leaves_to_search`` and ``reorder`` reaching a target recall on sample queries against brute
+  force (rag_jax/retrieval/calibrate.py) and saves them with the index.
 * Tiny corpora (< ``brute_force_below`` rows) use ScaNN's exact brute-force scorer: a tree is
   pointless there and k-means needs enough points per leaf.
 
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rag_jax.retrieval.calibrate import Calibration, calibrate_leaves_to_search
+from rag_jax.retrieval.calibrate import Calibration, calibrate_search
 from rag_jax.retrieval.embeddings import EmbeddingStore
 from rag_jax.retrieval.index import (
   Embeddings,
@@ -186,12 +186,15 @@ class ScannIndex(Index):
     return cls(build_searcher(data, config), embeddings, config)
 
   def calibrate(self, queries: np.ndarray, target_recall: float = 0.95, k: int = 100,
-                truth: np.ndarray | None = None, progress: bool = False) -> Calibration:
-    """Sets `config.leaves_to_search` to the smallest width reaching `target_recall`
-    recall@k on `queries` (rag_jax.retrieval.calibrate); saved with the index."""
-    self.calibration = calibrate_leaves_to_search(self, queries, target_recall, k, truth,
-                                                  progress)
-    self.config = replace(self.config, leaves_to_search=self.calibration.leaves_to_search)
+                truth: np.ndarray | None = None, reorders: tuple[int, ...] | None = None,
+                progress: bool = False) -> Calibration:
+    """Sets `config.leaves_to_search` and `config.reorder` to the fastest setting reaching
+    `target_recall` recall@k on `queries` (rag_jax.retrieval.calibrate; `reorders=(n,)`
+    keeps the reorder at n); saved with the index."""
+    self.calibration = calibrate_search(self, queries, target_recall, k, truth,
+                                        reorders=reorders, progress=progress)
+    self.config = replace(self.config, leaves_to_search=self.calibration.leaves_to_search,
+                          reorder=self.calibration.reorder)
     return self.calibration
 
   def search(self, queries: np.ndarray, k: int, leaves_to_search: int | None = None,
