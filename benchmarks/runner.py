@@ -206,14 +206,14 @@ def derive(report: dict[str, Any]) -> None:
 
 def table(report: dict[str, Any]) -> str:
   """The console table: one line per case."""
-  lines = [f"{'workload':16s} {'case':58s} {'rag_jax/s':>10s} {'peer/s':>10s} {'ratio':>6s} "
+  lines = [f"{'workload':16s} {'case':66s} {'rag_jax/s':>10s} {'peer/s':>10s} {'ratio':>6s} "
            f"{'of peak':>8s}"]
   for row in report["results"]:
     ours, peer = row.get("rag_jax") or {}, row.get("peer") or {}
     fmt = lambda v: f"{v:10.2f}" if isinstance(v, float) else f"{'-':>10s}"  # noqa: E731
     ratio = row.get("ratio_to_peer")
     frac = ours.get("bandwidth_fraction", ours.get("fraction_of_peak"))
-    lines.append(f"{row['workload']:16s} {row['case'][:58]:58s} {fmt(ours.get('items_per_s'))} "
+    lines.append(f"{row['workload']:16s} {row['case'][:66]:66s} {fmt(ours.get('items_per_s'))} "
                  f"{fmt(peer.get('items_per_s'))} "
                  f"{(f'{ratio:5.2f}x' if ratio else '     -'):>6s} "
                  f"{(f'{100 * frac:7.1f}%' if frac else '       -'):>8s}")
