@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from absl import flags
 
 from rag_jax.commands.common import define_common_flags, parse_flags, run_command
-from rag_jax.retrieval.calibrate import CalibrationSpec, int_list, load_queries, share
+from rag_jax.retrieval.calibrate import CalibrationSpec, describe, int_list, load_queries
 from rag_jax.retrieval.corpus import FORMATS
 from rag_jax.retrieval.encode import EncodeConfig
 from rag_jax.retrieval.exact import ExactConfig
@@ -117,8 +117,7 @@ def _build() -> int:
         f"{FLAGS.out}/index")
   found = getattr(index, "calibration", None)
   if found is not None:
-    print(f"leaves_to_search: {share(found)} reach recall@{found.k} {found.recall:.4f} "
-          f"(target {found.target_recall}) on {found.queries} queries")
+    print(describe(found))
   return 0
 
 

@@ -23,7 +23,7 @@ from absl import flags
 from tqdm import tqdm
 
 from rag_jax.commands.common import define_common_flags, parse_flags, run_command
-from rag_jax.retrieval.calibrate import CalibrationSpec, int_list, share
+from rag_jax.retrieval.calibrate import CalibrationSpec, describe, int_list
 from rag_jax.retrieval.retriever import Retriever
 from rag_jax.retrieval.scann_index import ScannIndex
 from rag_jax.utils.errors import InputError, InputNotFoundError
@@ -98,8 +98,7 @@ def _tune() -> int:
   found = index.calibrate(queries, FLAGS.target_recall, FLAGS.k, reorders=reorders,
                           progress=not FLAGS.quiet)
   index.save_settings(Path(FLAGS.dir) / "index")
-  print(f"leaves_to_search: {share(found)} reach recall@{found.k} {found.recall:.4f} "
-        f"(target {found.target_recall}) on {found.queries} questions; was {before}")
+  print(f"{describe(found, 'questions')}; was {before}")
   recalls = {(w, r): x for w, r, x in found.tried}
   for width, reorder, qps in found.timed:
     print(f"  {width:>6} leaves, reorder {reorder:>5}: recall@{found.k} "

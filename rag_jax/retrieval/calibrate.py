@@ -319,11 +319,14 @@ def sample_rows(embeddings: Embeddings, size: int, seed: int = 0) -> np.ndarray:
   return gather_rows(embeddings, rows)
 
 
-def share(calibration: Calibration) -> str:
-  """'100 of 2000 leaves (5.0 %), reorder 200': the calibrated setting for messages."""
-  pct = 100.0 * calibration.leaves_to_search / max(1, calibration.num_leaves)
-  return (f"{calibration.leaves_to_search} of {calibration.num_leaves} leaves "
-          f"({pct:.{1 if pct >= 1 else 2}f} %), reorder {calibration.reorder}")
+def describe(calibration: Calibration, noun: str = "queries") -> str:
+  """One line for the console: 'leaves_to_search: 93 of 2000 leaves (4.7 %), reorder 400 reach
+  recall@100 0.9501 (target 0.95) on 1000 queries'."""
+  c = calibration
+  pct = 100.0 * c.leaves_to_search / max(1, c.num_leaves)
+  return (f"leaves_to_search: {c.leaves_to_search} of {c.num_leaves} leaves "
+          f"({pct:.{1 if pct >= 1 else 2}f} %), reorder {c.reorder} reach recall@{c.k} "
+          f"{c.recall:.4f} (target {c.target_recall}) on {c.queries} {noun}")
 
 
 def int_list(values: list[str], flag: str) -> tuple[int, ...] | None:
