@@ -162,7 +162,8 @@ def mean_recall(found: np.ndarray, truth: np.ndarray) -> float:
 
 def reorder_sizes(k: int, configured: int) -> tuple[int, ...]:
   """The reorder sizes tried by default: k x (1.5, 2, 3, 4) and the configured one, largest
-  first (k itself: only the approximate scores would rank, rarely enough)."""
+  first. Not k itself: with no spare candidates the approximate scores alone would choose the
+  top k, which rarely reaches a useful recall."""
   return tuple(sorted({math.ceil(k * f) for f in (1.5, 2, 3, 4)} | {max(configured, k)},
                       reverse=True))
 
