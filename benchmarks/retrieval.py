@@ -25,7 +25,6 @@ import numpy as np
 from benchmarks import flops, profile, timing
 from benchmarks.presets import Preset
 from rag_jax.parallel import data_mesh
-from rag_jax.retrieval.calibrate import exact_topk
 from rag_jax.retrieval.exact import ExactConfig, ExactIndex, make_search_fn
 from rag_jax.retrieval.synthetic import clustered_embeddings, noisy_copies, recall_at
 
@@ -131,13 +130,15 @@ def _tune(index, x: np.ndarray, queries: int, k: int, width: str,
   target = float(width.removeprefix("recall="))
   if not sample:
     sample["queries"] = noisy_copies(x, queries, np.random.default_rng(1))
-    sample["truth"] = exact_topk(sample["queries"], x, k)[1]
+    sample["truth"] = numpy_exact(sample["queries"], x, k)
   start = time.perf_counter()
   found = index.calibrate(sample["queries"], target, k, truth=sample["truth"])
+  recalls = {(w, r): rec for w, r, rec in found.tried}
   return {"target_recall": target, "leaves_to_search": found.leaves_to_search,
           "reorder": found.reorder, "calibration_recall": found.recall,
           "calibration_s": time.perf_counter() - start,
-          "calibration_settings": [list(t) for t in found.timed]}
+          # [leaves, reorder, recall on the sample, queries/s on the sample] per reorder size
+          "calibration_settings": [[w, r, recalls[(w, r)], qps] for w, r, qps in found.timed]}
 
 
 def faiss_at_recall(rows: list[dict[str, Any]], recall: float | None) -> dict[str, Any] | None:

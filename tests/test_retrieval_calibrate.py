@@ -24,7 +24,7 @@ from rag_jax.retrieval.pipeline import build_from_corpus
 from rag_jax.retrieval.retriever import Retriever
 from rag_jax.retrieval.scann_index import ScannConfig, ScannIndex
 from rag_jax.retrieval.synthetic import clustered_embeddings, recall_at
-from rag_jax.utils.errors import InputError, InputNotFoundError, NonFiniteError
+from rag_jax.utils.errors import InputError, InputNotFoundError, NonFiniteError, UserError
 from tests.test_retrieval_embeddings import write_dpr_pickles
 from tests.test_retrieval_encode import save_tokenizer
 
@@ -209,7 +209,7 @@ def test_tune_index_command_on_questions_through_the_question_encoder(data, dpr_
   build_from_corpus(root / "psgs_w100.tsv", out, dpr_embeddings=[str(p) for p in pickles],
                     allow_pickle=True, progress=False)
   questions = [f"where is title {i} and passage {3 * i + 1}" for i in range(150)]
-  (tmp_path / "q.qa.csv").write_text("".join(f"{q}\t['x']\n\n" for q in questions))
+  (tmp_path / "q.qa.csv").write_text("".join(f"{q}\t['x']\n" for q in questions))
   tokenizer = save_tokenizer(tmp_path / "qenc", [Passage("1", "t", " ".join(questions))])
   torch.manual_seed(0)
   encoder = DPRQuestionEncoder(DPRConfig(
@@ -253,3 +253,20 @@ def test_tune_index_command_on_questions_through_the_question_encoder(data, dpr_
   assert tune_index.main([f"--dir={out}", f"--question_encoder={tmp_path / 'qenc'}",
                           f"--questions={tmp_path / 'q.qa.csv'}"]) == 1
   assert "index is an exact index; only a ScaNN index" in capsys.readouterr().err
+
+
+def test_question_files_plain_or_dpr_csv(tmp_path):
+  (tmp_path / "q.txt").write_text("who wrote hamlet\n\n  where is rome  \n")
+  assert tune_index.read_questions(str(tmp_path / "q.txt")) == ["who wrote hamlet", "where is rome"]
+  # DPR's format as its files are written: csv quoting, the answers a Python list.
+  (tmp_path / "dev.qa.csv").write_text('"say ""hi"" in french"\t[\'salut\']\nriver\t[\'nile\']\n')
+  assert tune_index.read_questions(str(tmp_path / "dev.qa.csv")) == ['say "hi" in french', "river"]
+  (tmp_path / "bad.qa.csv").write_text("river\t['nile']\nno answers here\n")
+  with pytest.raises(UserError, match=r"bad.qa.csv.*2.*expected 2 tab-separated fields"):
+    tune_index.read_questions(str(tmp_path / "bad.qa.csv"))
+  for name in ("none.qa.csv", "none.txt"):
+    with pytest.raises(InputNotFoundError, match=f"{name}: no such questions file"):
+      tune_index.read_questions(str(tmp_path / name))
+  (tmp_path / "blank.txt").write_text("\n \n")
+  with pytest.raises(InputError, match="blank.txt: no questions in the file"):
+    tune_index.read_questions(str(tmp_path / "blank.txt"))

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from rag_jax.commands.common import define_common_flags, parse_flags, run_command
-from rag_jax.retrieval.calibrate import CalibrationSpec, describe, int_list, load_queries
+from rag_jax.commands.common import define_common_flags, int_list, parse_flags, run_command
+from rag_jax.retrieval.calibrate import CalibrationSpec, describe, load_queries
 from rag_jax.retrieval.corpus import FORMATS
 from rag_jax.retrieval.encode import EncodeConfig
 from rag_jax.retrieval.exact import ExactConfig

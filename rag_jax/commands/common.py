@@ -25,6 +25,15 @@ from absl import flags
 from rag_jax.utils.errors import UserError
 
 
+def int_list(values: list[str], flag: str) -> tuple[int, ...] | None:
+  """A list flag's values as ints (None when empty); a non-number is a one-line error."""
+  try:
+    numbers = tuple(int(v) for v in values)
+  except ValueError:
+    raise UserError(f"{flag}: expected whole numbers, got {','.join(values)}") from None
+  return numbers or None
+
+
 def define_common_flags(flag_values: flags.FlagValues) -> None:
   """The flags of every command: --traceback."""
   flags.DEFINE_bool("traceback", False, "On an anticipated error, show its traceback (by "

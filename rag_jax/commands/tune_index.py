@@ -9,7 +9,7 @@ stored passage (brute force, streamed), and sets the index's `leaves_to_search` 
 the fastest setting whose mean recall@k reaches the target (rag_jax/retrieval/calibrate.py). Only
 DIR/index/index.json is rewritten (atomically); the ScaNN files stay, so a 21M-passage index is
 re-tuned in minutes, never rebuilt. --questions: one question per line, or DPR's `*.qa.csv`
-(question<TAB>answers: the first column is read).
+(question<TAB>answers; the questions are read).
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ import numpy as np
 from absl import flags
 from tqdm import tqdm
 
-from rag_jax.commands.common import define_common_flags, parse_flags, run_command
-from rag_jax.retrieval.calibrate import CalibrationSpec, describe, int_list
+from rag_jax.commands.common import define_common_flags, int_list, parse_flags, run_command
+from rag_jax.data.tasks import read_dpr_qa_csv
+from rag_jax.retrieval.calibrate import CalibrationSpec, describe
 from rag_jax.retrieval.retriever import Retriever
 from rag_jax.retrieval.scann_index import ScannIndex
 from rag_jax.utils.errors import InputError, InputNotFoundError
@@ -48,16 +49,18 @@ define_common_flags(FLAGS)
 
 
 def read_questions(path: str) -> list[str]:
-  """The questions of a text file (one a line) or of DPR's qa.csv (first tab-separated column);
-  blank lines are skipped."""
+  """The questions of DPR's `*.csv` question files (rag_jax.data.tasks.read_dpr_qa_csv: csv
+  quoting, a malformed row named by file and line) or of a text file, one a line (blank lines
+  skipped)."""
+  if not Path(path).is_file():
+    raise InputNotFoundError(f"{path}: no such questions file")
+  if path.endswith(".csv"):
+    return [example.source for example in read_dpr_qa_csv(path)]
   try:
     text = Path(path).read_text(encoding="utf-8")
-  except FileNotFoundError:
-    raise InputNotFoundError(f"{path}: no such questions file") from None
   except UnicodeDecodeError as e:
     raise InputError(f"{path}: not UTF-8 text ({e})") from None
-  questions = [line.split("\t", 1)[0].strip() for line in text.splitlines()]
-  questions = [q for q in questions if q]
+  questions = [line.strip() for line in text.splitlines() if line.strip()]
   if not questions:
     raise InputError(f"{path}: no questions in the file")
   return questions

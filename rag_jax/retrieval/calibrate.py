@@ -328,12 +328,3 @@ def describe(calibration: Calibration, noun: str = "queries") -> str:
   return (f"leaves_to_search: {c.leaves_to_search} of {c.num_leaves} leaves "
           f"({pct:.{1 if pct >= 1 else 2}f} %), reorder {c.reorder} reach recall@{c.k} "
           f"{c.recall:.4f} (target {c.target_recall}) on {c.queries} {noun}")
-
-
-def int_list(values: list[str], flag: str) -> tuple[int, ...] | None:
-  """A command's list flag of reorder sizes as ints (None when empty)."""
-  try:
-    sizes = tuple(int(v) for v in values)
-  except ValueError:
-    raise InputError(f"{flag}: expected whole numbers, got {','.join(values)}") from None
-  return sizes or None
