@@ -42,8 +42,19 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
 
 
 def replicate(tree, mesh: Mesh):
-  """Puts a pytree that is identical on every process onto all devices of `mesh`."""
+  """Puts a pytree that is identical on every process onto all devices of `mesh`.
+
+  On one process this is `jax.device_put`: an array already on the mesh's devices keeps its
+  buffer (the result shares it: once a step donates the result, the input is deleted too),
+  others are copied device to device, and host values into buffers jax owns. Every leaf can
+  therefore be donated to the first training step. (Rebuilding each leaf from a numpy view of
+  it instead, as the multi-process branch must, makes on the CPU backend an array that wraps
+  the view's memory; a step cannot donate such a buffer and silently allocates a second state,
+  and an accelerator's state would make a round trip through host memory.)
+  """
   sharding = NamedSharding(mesh, P())
+  if sharding.is_fully_addressable:
+    return jax.device_put(tree, sharding)
   return jax.tree.map(
       lambda x: jax.make_array_from_callback(np.shape(x), sharding,
                                              lambda index, x=x: np.asarray(x)[index]), tree)

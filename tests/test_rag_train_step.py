@@ -164,3 +164,24 @@ def test_lengths_past_the_position_table_are_refused():
     batch[key] = np.ones((B, N, length), np.int32)
   with pytest.raises(BatchShapeError, match=r"context_input_ids'\] has length \d+ > max_position"):
     step(_state(model), batch)
+
+
+def _buffers(tree) -> list[int]:
+  return [leaf.addressable_shards[0].data.unsafe_buffer_pointer() for leaf in jax.tree.leaves(tree)]
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_the_first_step_reuses_the_replicated_state_buffers(devices):
+  """The state as the trainers place it (`replicate`) is donated to the first step: the new
+  parameters and moments are written into the old state's buffers. A state the step cannot
+  donate makes it allocate a second one silently (on the CPU backend, arrays rebuilt from numpy
+  views of jax arrays wrap the views' memory and cannot be donated), which held two states and
+  two steps' temporaries at the first steps' peak."""
+  model = _model()
+  mesh = data_mesh(jax.devices()[:devices])
+  state = _state(model, mesh)
+  before = _buffers((state.params, state.opt_state))
+  new_state, _ = make_train_step(model, mesh, LOSS)(state, _batch())
+  after = _buffers((new_state.params, new_state.opt_state))
+  reused = sum(a in set(before) for a in after)
+  assert reused == len(after), f"{len(after) - reused} of {len(after)} arrays newly allocated"
