@@ -129,8 +129,8 @@ def test_a_call_has_freed_its_temporaries_when_it_returns():
   """A program's temporaries are freed by the time its outputs are returned, so a call made
   right after (a training loop's next step) reuses the block. With asynchronous dispatch jax's
   CPU runtime freed the block on a worker thread after the outputs were ready: in 13-20 of
-  these 30 calls the block was still held when the call returned, the next step allocated a second
-  one first, and the BART-base training step's heap held two 2.6 GiB blocks."""
+  these 30 calls the block was still held when the call returned, the next call allocated a
+  second one first, and the BART-base training step's heap held two 2.6 GiB blocks."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as train.py
   out = subprocess.run([sys.executable, "-c", BACK_TO_BACK], capture_output=True, text=True,
                        check=True, env={**env, "JAX_PLATFORMS": "cpu"})

@@ -175,13 +175,13 @@ def test_the_first_step_reuses_the_replicated_state_buffers(devices):
   """The state as the trainers place it (`replicate`) is donated to the first step: the new
   parameters and moments are written into the old state's buffers. A state the step cannot
   donate makes it allocate a second one silently (on the CPU backend, arrays rebuilt from numpy
-  views of jax arrays wrap the views' memory and cannot be donated), which held two states and
-  two steps' temporaries at the first steps' peak."""
+  views of jax arrays wrap the views' memory and cannot be donated): two states at the first
+  step's peak."""
   model = _model()
   mesh = data_mesh(jax.devices()[:devices])
   state = _state(model, mesh)
-  before = _buffers((state.params, state.opt_state))
+  before = set(_buffers((state.params, state.opt_state)))
   new_state, _ = make_train_step(model, mesh, LOSS)(state, _batch())
   after = _buffers((new_state.params, new_state.opt_state))
-  reused = sum(a in set(before) for a in after)
+  reused = sum(a in before for a in after)
   assert reused == len(after), f"{len(after) - reused} of {len(after)} arrays newly allocated"
