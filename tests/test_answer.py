@@ -3,7 +3,6 @@ classes: torch DPR question/context encoders, a numpy brute-force top-k, the ref
 strings, and `RagTokenForGeneration.generate` / `RagSequenceForGeneration.generate`."""
 
 import contextlib
-import csv
 import io
 import re
 import shutil
@@ -21,6 +20,7 @@ from rag_jax.retrieval.index import IndexDimensionError
 from rag_jax.retrieval.pipeline import build_from_corpus
 from rag_jax.utils.errors import NonFiniteError
 from tests import decoding_reference as dref
+from tests import pipeline_reference as pref
 from tests import torch_reference as ref
 
 N_DOCS, MAX_COMBINED = 3, 32
@@ -36,56 +36,13 @@ QUESTIONS = ["what does alba make ?", "which river is gale near ?", "what does f
 def world(tmp_path_factory):
   """A corpus indexed by the retrieval pipeline, and RAG-Token / RAG-Sequence checkpoints (torch
   models with their tokenizers) whose question encoder shares the context encoder's weights."""
-  root = tmp_path_factory.mktemp("answer")
-  with open(root / "corpus.tsv", "w", newline="") as f:  # '"Cora"' is written '"""Cora"""'
-    csv.writer(f, delimiter="\t", lineterminator="\n").writerows(zip(TITLES, TEXTS, strict=True))
-  q_tok, g_tok = ref.train_tokenizers(TEXTS + QUESTIONS + TITLES, question_vocab=80,
-                                      generator_vocab=64)
-  models = {}
-  for kind in ("token", "sequence"):
-    torch_rag, path = dref.rag(root / kind, kind, n_docs=N_DOCS)
-    torch_rag.config.max_combined_length = MAX_COMBINED
-    torch_rag.save_pretrained(path)
-    transformers.RagTokenizer(q_tok, g_tok).save_pretrained(path)
-    models[kind] = (torch_rag, path)
-  # The passage encoder: a DPRContextEncoder with the question encoder's weights, so that
-  # questions retrieve passages that share their words.
-  ctx_config = transformers.DPRConfig(**ref.DPR_CONFIG)
-  ctx = transformers.DPRContextEncoder(ctx_config).eval()
-  ctx.ctx_encoder.load_state_dict(models["token"][0].question_encoder.question_encoder
-                                  .state_dict())
-  ctx.save_pretrained(root / "ctx")
-  q_tok.save_pretrained(root / "ctx")
-  build_from_corpus(root / "corpus.tsv", root / "kb", encoder=str(root / "ctx"), fmt="tsv",
-                    split_words=None, index_type="exact", progress=False)
-  return root, q_tok, g_tok, ctx, models
+  return pref.build_world(tmp_path_factory.mktemp("answer"), TITLES, TEXTS, QUESTIONS, N_DOCS,
+                          MAX_COMBINED)
 
 
 def _torch_pipeline(world, kind, **generate_kwargs):
   """(rows [Q, n], doc_scores [Q, n], answer strings) with transformers and numpy only."""
-  root, q_tok, g_tok, ctx, models = world
-  torch_rag = models[kind][0]
-  with torch.no_grad():
-    enc = q_tok(TITLES, TEXTS, padding=True, truncation=True, return_tensors="pt",
-                max_length=ref.DPR_CONFIG["max_position_embeddings"])
-    passages = ctx(enc["input_ids"], enc["attention_mask"],
-                   torch.zeros_like(enc["input_ids"])).pooler_output.numpy()
-    q = q_tok(QUESTIONS, padding=True, return_tensors="pt")
-    question = torch_rag.question_encoder(q["input_ids"], q["attention_mask"])[0].numpy()
-  scores = question @ passages.T  # [Q, P] brute force
-  rows = np.argsort(-scores, axis=1, kind="stable")[:, :N_DOCS]
-  strings = [(TITLES[r].removeprefix('"').removesuffix('"') + " / " + TEXTS[r] + " // "
-              + q_tok.decode(q["input_ids"][i], skip_special_tokens=True)).replace("  ", " ")
-             for i in range(len(QUESTIONS)) for r in rows[i]]
-  ctx_ids = g_tok(strings, max_length=MAX_COMBINED, padding="max_length", truncation=True,
-                  return_tensors="pt")
-  doc_scores = np.take_along_axis(scores, rows, axis=1)
-  with torch.no_grad():
-    out = torch_rag.generate(context_input_ids=ctx_ids["input_ids"],
-                             context_attention_mask=ctx_ids["attention_mask"],
-                             doc_scores=torch.from_numpy(doc_scores), n_docs=N_DOCS,
-                             **dref.torch_kwargs(dref.generation_kwargs(**generate_kwargs)))
-  return rows, doc_scores, [s.strip() for s in g_tok.batch_decode(out, skip_special_tokens=True)]
+  return pref.torch_pipeline(world, kind, TITLES, TEXTS, QUESTIONS, N_DOCS, **generate_kwargs)
 
 
 @pytest.mark.parametrize("kind,options", [
