@@ -197,6 +197,10 @@ def test_build_index_command_calibrates_on_given_questions(data, dpr_files, tmp_
 
   assert build_index.main([*argv[:-2], f"--calibration_queries={root / 'questions.npy'}"]) == 1
   assert "--calibration_queries needs --target_recall" in capsys.readouterr().err
+  assert build_index.main([*argv, "--index=exact"]) == 1
+  assert "--target_recall tunes a ScaNN index's search width" in capsys.readouterr().err
+  # Refused before any stage runs: the index built above is untouched.
+  assert load_index(tmp_path / "built" / "index").config.leaves_to_search == width
 
 
 def test_tune_index_command_on_questions_through_the_question_encoder(data, dpr_files, tmp_path,

@@ -90,6 +90,9 @@ def _calibration() -> CalibrationSpec | None:
     if FLAGS.calibration_queries:
       raise UserError("--calibration_queries needs --target_recall")
     return None
+  if FLAGS.index != "scann":
+    raise UserError(f"--target_recall tunes a ScaNN index's search width; --index={FLAGS.index} "
+                    "searches every row")
   queries = None
   if FLAGS.calibration_queries:
     queries = load_queries(FLAGS.calibration_queries)
