@@ -82,6 +82,38 @@ def test_dpr_bad_header(tmp_path):
     list(iter_passages(path, "dpr"))
 
 
+def _first_bad_line(data: bytes) -> int:
+  """Brute force: the 1-based line (ends "\\n", "\\r\\n" or "\\r") that first fails to decode."""
+  for number, line in enumerate(data.splitlines(keepends=True), start=1):
+    try:
+      line.decode("utf-8")
+    except UnicodeDecodeError:
+      return number
+  raise AssertionError("no bad line")
+
+
+@pytest.mark.parametrize("fmt, newline", [("dpr", "\n"), ("dpr", "\r\n"), ("tsv", "\r")])
+def test_bad_byte_past_the_first_mib_is_reported_on_its_line(tmp_path, fmt, newline):
+  # Over 1 MiB (past check_corpus's probe), a byte that is not UTF-8 on line 12001.
+  if fmt == "dpr":
+    lines = ["id\ttext\ttitle"] + [f"{i}\t{'word ' * 18}text {i}\tTitle {i}"
+                                   for i in range(1, 12001)]
+    lines[12000] = "12000\tan \xff byte\tT"
+  else:
+    lines = [f"Title {i}\t{'w ' * 40}" for i in range(1, 12002)]
+    lines[12000] = "Bad\tan \xff byte"
+  data = newline.join(lines).encode("latin-1") + newline.encode()
+  assert len(data) > 1 << 20
+  path = tmp_path / "psgs.tsv"
+  path.write_bytes(data)
+  expected, offset = _first_bad_line(data), data.index(b"\xff")
+  assert expected == 12001
+  with pytest.raises(CorpusFormatError) as err:
+    list(iter_passages(path, fmt))
+  assert err.value.line == expected
+  assert str(err.value).startswith(f"{path}:{expected}: not valid UTF-8 at byte offset {offset} ")
+
+
 def test_split_text_matches_reference_definition():
   # The reference: text.split(" "), chunks of n joined by " " and stripped.
   words = [f"w{i}" for i in range(250)]

@@ -19,6 +19,7 @@ Malformed input raises :class:`CorpusFormatError`, whose message starts with ``p
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import os
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rag_jax.utils.errors import UserError
+from rag_jax.utils.textfile import count_line_breaks, utf8_error
 
 # DPR passages fit the default 128 KiB field limit, but users' documents (unsplit) need not.
 csv.field_size_limit(sys.maxsize)
@@ -70,10 +72,11 @@ def detect_format(path: str | os.PathLike) -> str:
   path = Path(path)
   if path.suffix.lower() in (".jsonl", ".json"):
     return "jsonl"
-  with open(path, "rb") as f:
-    raw = f.readline()
-  try:
-    first = raw.decode("utf-8").rstrip("\r\n")
+  with open(path, "rb") as f:  # The first line only, whatever its end, and at most 64 KiB of it.
+    raw = f.readline(1 << 16)
+  head = raw.splitlines()[0] if raw.strip(b"\r\n") else b""
+  try:  # Not final: a character cut by the 64 KiB limit is not an error.
+    first = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
   except UnicodeDecodeError as e:
     raise CorpusFormatError(path, 1, f"not valid UTF-8 (byte offset {e.start}: {e.reason}); "
                             "a corpus is a UTF-8 text file") from None
@@ -90,7 +93,8 @@ def _tsv_rows(path: Path, num_fields: int, skip_blank: bool) -> Iterator[tuple[i
   `strict=True` makes the csv module reject a quote in the middle of an unquoted field and a
   quoted field that never closes; a wrong number of fields is rejected here. Line numbers are
   1-based and point at the first physical line of the record (records may span lines when a
-  quoted field contains a newline).
+  quoted field contains a newline). Bytes that are not UTF-8 are reported on their own line (the
+  text layer decodes ahead of the parser, so the file is rescanned to find it).
   """
   with open(path, encoding="utf-8", newline="") as f:
     reader = csv.reader(f, delimiter="\t", quotechar='"', doublequote=True, strict=True)
@@ -102,8 +106,8 @@ def _tsv_rows(path: Path, num_fields: int, skip_blank: bool) -> Iterator[tuple[i
         return
       except csv.Error as e:
         raise CorpusFormatError(path, start, f"malformed TSV record ({e})") from None
-      except UnicodeDecodeError as e:
-        raise CorpusFormatError(path, start, f"not valid UTF-8 ({e.reason})") from None
+      except UnicodeDecodeError:
+        raise CorpusFormatError(path, *utf8_error(path)) from None
       line = start
       start = reader.line_num + 1
       if not row and skip_blank:
@@ -200,13 +204,14 @@ def check_corpus(path: str | os.PathLike, probe_bytes: int = 1 << 20) -> None:
     head.decode("utf-8")
   except UnicodeDecodeError as e:
     if e.start < len(head) - 3 or len(head) < probe_bytes:  # not a character cut by the probe
-      line = head.count(b"\n", 0, e.start) + 1
+      line = count_line_breaks(head[:e.start]) + 1
       raise CorpusFormatError(path, line, f"not valid UTF-8 at byte offset {e.start} "
                               f"({e.reason}); is it a binary file? (nothing was written)") from None
   nul = head.find(b"\0")
   if nul >= 0:
-    raise CorpusFormatError(path, head.count(b"\n", 0, nul) + 1, f"NUL byte at byte offset {nul}; "
-                            "is it a binary file? (nothing was written)")
+    raise CorpusFormatError(path, count_line_breaks(head[:nul]) + 1,
+                            f"NUL byte at byte offset {nul}; is it a binary file? "
+                            "(nothing was written)")
 
 
 def iter_passages(path: str | os.PathLike, fmt: str = "auto",
