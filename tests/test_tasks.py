@@ -1,12 +1,14 @@
 """Task readers on small files in each public format, malformed rows, App. D helpers, and the
 TFDS reader on tiny datasets prepared here from the real builders' feature specs (no download)."""
 
+import csv
 import json
 
 import pytest
 
 from rag_jax.data import qa
 from rag_jax.data import tasks as t
+from rag_jax.utils.errors import InputError, InputNotFoundError
 
 # ---------------------------------------------------------------- DPR *.qa.csv, CuratedTrec
 
@@ -46,11 +48,17 @@ def test_dpr_qa_csv_quoted_field_as_csv_writes_it(tmp_path):
 @pytest.mark.parametrize("bad_line, message", [
     ("no tab here", "2 tab-separated fields"),
     ("q\t['unclosed", "not a Python literal"),
-    ("q\t[]", "non-empty list of strings"),
-    ("q\t[1, 2]", "non-empty list of strings"),
-    ("q\t'just a string'", "non-empty list of strings"),
+    ("q\t[]", "non-empty Python list of strings"),
+    ("q\t[1, 2]", "non-empty Python list of strings"),
     ("\t['a']", "empty question"),
     ("q\t['a']\textra", "2 tab-separated fields"),
+    # Answers that parse but are not a list: DPR's eval() would iterate them (a string's letters).
+    ("q\t{['a']: 1}", r"not a Python literal \(TypeError: unhashable"),
+    ('q\t{"a": 1}', "non-empty Python list of strings"),
+    ("q\t42", "non-empty Python list of strings"),
+    ("q\t'just a string'", "non-empty Python list of strings"),
+    ("q\t('a', 'b')", "non-empty Python list of strings"),
+    ("q\x00\t['a']", "NUL byte"),
 ])
 def test_dpr_qa_csv_malformed_row_names_file_and_line(tmp_path, bad_line, message):
   path = tmp_path / "trivia-dev.qa.csv"
@@ -75,9 +83,71 @@ def test_curatedtrec_answers_are_regexes(tmp_path):
   assert metrics.regex_exact_match(["newyork"], [split[0].targets]) == 1.0
 
 
-def test_missing_file(tmp_path):
-  with pytest.raises(FileNotFoundError):
-    t.read_dpr_qa_csv(tmp_path / "nope.csv")
+def test_dpr_qa_csv_unmatched_quote_never_merges_rows(tmp_path):
+  # Line 2 opens a quote that closes on line 3: csv.reader (and DPR's reader) would read lines 2
+  # and 3 as one question, 3 examples from 4 lines.
+  path = tmp_path / "nq-test.qa.csv"
+  path.write_text("q1\t['a']\n\"q2 opens\t['b']\nq3 closes\"\t['c']\nq4\t['d']\n",
+                  encoding="utf-8")
+  for skip in (False, True):  # Rows that ran together cannot be skipped one by one.
+    with pytest.raises(t.TaskFileError, match=r"nq-test.qa.csv:2: a field opens a double quote "
+                       "that closes on line 3"):
+      t.read_dpr_qa_csv(path, skip_malformed=skip)
+  path.write_text("q1\t['a']\n\"q2 never closes\t['b']\n", encoding="utf-8")
+  with pytest.raises(t.TaskFileError, match=r"qa.csv:2: a field opens a double quote that never"):
+    t.read_dpr_qa_csv(path)
+
+
+def test_dpr_qa_csv_unmatched_quote_in_a_large_file(tmp_path):
+  # Over the csv module's default field limit (128 KiB): csv raises "field larger than field
+  # limit" with no file or line. The limit is set here as a fresh process has it
+  # (rag_jax.retrieval.corpus raises it for the whole process when imported).
+  path = tmp_path / "trivia-test.qa.csv"
+  path.write_text("q1\t['a']\n\"q2 opens\t['b']\n"
+                  + "".join(f"q{i} {'x' * 100}\t['c']\n" for i in range(3, 1500)), encoding="utf-8")
+  assert path.stat().st_size > 128 * 1024
+  limit = csv.field_size_limit(128 * 1024)
+  try:
+    with pytest.raises(t.TaskFileError, match=r"trivia-test.qa.csv:2: .*double quote"):
+      t.read_dpr_qa_csv(path)
+  finally:
+    csv.field_size_limit(limit)
+
+
+def _binary(path):
+  path.write_bytes(b"q1\t['a']\n\x89PNG\r\n\x1a\n\x00\x00\rIHDR\n")
+  return path
+
+
+@pytest.mark.parametrize("reader, name", [
+    (t.read_dpr_qa_csv, "nq-test.qa.csv"), (t.read_curatedtrec, "curatedtrec-test.qa.csv"),
+    (t.read_msmarco_nlg, "dev_v2.1.json"), (t.read_searchqa_jeopardy, "test.jsonl"),
+    (t.read_searchqa_jeopardy, "test.json"), (t.read_fever, "fever-dev-kilt.jsonl"),
+])
+def test_task_readers_refuse_missing_and_binary_files_by_name(tmp_path, reader, name):
+  with pytest.raises(InputNotFoundError, match=f"{tmp_path / name}: no such file"):
+    reader(tmp_path / name)
+  folder = (tmp_path / "folder")
+  folder.mkdir()
+  if reader in (t.read_searchqa_jeopardy, t.read_fever):  # They read folders of .json records.
+    with pytest.raises(InputNotFoundError, match=f"{folder}: a directory without .json files"):
+      reader(folder)
+  else:
+    with pytest.raises(InputError, match=f"{folder}: not a file"):
+      reader(folder)
+  # The first bad byte (0x89) is on line 2; the whole file is refused, skip_malformed or not.
+  with pytest.raises(t.TaskFileError, match=rf"{name}:2: not valid UTF-8 at byte offset 9 "
+                     r"\(invalid start byte\); is it a binary file\?"):
+    reader(_binary(tmp_path / name), skip_malformed=True)
+
+
+def test_source_target_refuses_missing_and_binary_files_by_name(tmp_path):
+  (tmp_path / "test.source").write_text("q1\nq2\n")
+  with pytest.raises(InputNotFoundError, match="test.target: no such file"):
+    t.read_source_target_task(tmp_path, "test")
+  _binary(tmp_path / "test.target")
+  with pytest.raises(qa.QAFormatError, match=r"test.target:2: not valid UTF-8 at byte offset 9"):
+    t.read_source_target_task(tmp_path, "test")
 
 
 # ---------------------------------------------------------------- MS-MARCO NLG v2.1

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from rag_jax.utils.errors import UserError
+from rag_jax.utils.errors import InputNotFoundError, UserError
+from rag_jax.utils.textfile import utf8_error
 
 
 class QAFormatError(UserError, ValueError):
@@ -25,8 +26,12 @@ class QAFormatError(UserError, ValueError):
 
 def _read_lines(path: Path) -> list[str]:
   if not path.is_file():
-    raise FileNotFoundError(f"{path}: no such file")
-  lines = path.read_text(encoding="utf-8").split("\n")
+    raise InputNotFoundError(f"{path}: no such file")
+  try:
+    lines = path.read_text(encoding="utf-8").split("\n")
+  except UnicodeDecodeError:
+    line, message = utf8_error(path)
+    raise QAFormatError(f"{path}:{line}: {message}") from None
   if lines and lines[-1] == "":
     lines.pop()  # The final newline.
   for i, line in enumerate(lines, start=1):

@@ -9,12 +9,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from rag_jax.data import qa
-from rag_jax.utils.errors import UserError
+from rag_jax.utils.errors import InputError
 
 logger = logging.getLogger(__name__)
 
 
-class TaskFileError(UserError, ValueError):
+class TaskFileError(InputError):
   """A malformed task file or record; the message starts with "FILE:LINE:" (or the record key)."""
 
   def __init__(self, path: str | os.PathLike, where: int | str | None, message: str):
@@ -99,7 +99,8 @@ class Collector:
 def read_source_target_task(data_dir: str | os.PathLike, split: str) -> TaskSplit:
   """The reference's DATA_DIR/{split}.source and .target files (rag_jax.data.qa), one target each.
 
-  Malformed files raise rag_jax.data.qa.QAFormatError (empty line, unequal line counts).
+  Malformed files raise rag_jax.data.qa.QAFormatError (empty line, unequal line counts, bytes
+  that are not UTF-8), a missing one InputNotFoundError.
   """
   sources, targets = qa.read_source_target(data_dir, split)
   examples = tuple(TaskExample(s, (t,)) for s, t in zip(sources, targets, strict=True))

@@ -7,7 +7,9 @@
 
 Every reader returns a TaskSplit. A malformed record raises TaskFileError naming the file and
 line (or record key); with skip_malformed=True it is left out instead and counted
-(TaskSplit.skipped / skipped_at, also logged).
+(TaskSplit.skipped / skipped_at, also logged). A file that is missing (InputNotFoundError), not
+UTF-8 text (TaskFileError naming the line of the first bad byte), or whose rows cannot be told
+apart (a DPR row running over several lines) is refused whatever skip_malformed says.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from rag_jax.data.tasks.common import Collector, TaskExample, TaskFileError, TaskSplit
+from rag_jax.utils.errors import InputError, InputNotFoundError
+from rag_jax.utils.textfile import utf8_error
 
 NO_ANSWER = "No Answer Present."
 FEVER_LABELS_3WAY = ("SUPPORTS", "REFUTES", "NOT ENOUGH INFO")
@@ -34,9 +38,47 @@ FEVER_LABEL_TARGETS: Mapping[str, str] = {
 
 def _require_file(path: str | os.PathLike) -> Path:
   path = Path(path)
+  if not path.exists():
+    raise InputNotFoundError(f"{path}: no such file")
   if not path.is_file():
-    raise FileNotFoundError(f"{path}: no such file")
+    raise InputError(f"{path}: not a file (a task file is one text file)")
   return path
+
+
+def _not_utf8(path: Path) -> TaskFileError:
+  """The error for a file whose decoding failed, naming the line of its first bad byte."""
+  return TaskFileError(path, *utf8_error(path))
+
+
+def _dpr_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+  """(line, fields) of each row of a DPR question file, read as DPR reads it (csv.reader with
+  delimiter "\\t", quotes resolved) but one row per line.
+
+  DPR's questions never span lines, so a row that does (a field opens a double quote that closes
+  on a later line, or never) would silently merge the rows it swallowed: it raises TaskFileError
+  naming its first line, as does a byte that is not UTF-8, whatever skip_malformed says.
+  """
+  with path.open(encoding="utf-8", newline="") as f:
+    reader = csv.reader(f, delimiter="\t")
+    line = 1
+    while True:
+      try:
+        row = next(reader)
+      except StopIteration:
+        return
+      except csv.Error as e:  # The field size limit, met by a quote left open.
+        raise TaskFileError(path, line, f"unreadable row ({e}): a field opens a double quote that "
+                            "does not close on its line") from None
+      except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+      end = reader.line_num
+      if end > line or any("\n" in field or "\r" in field for field in row):
+        closes = f"closes on line {end}" if end > line else "never closes"
+        raise TaskFileError(
+            path, line, f"a field opens a double quote that {closes}, which would merge rows into "
+            "one; a row is one line (start a question with a quote only if it closes there)")
+      yield line, row
+      line = end + 1
 
 
 def read_dpr_qa_csv(path: str | os.PathLike, regex_answers: bool = False,
@@ -48,32 +90,32 @@ def read_dpr_qa_csv(path: str | os.PathLike, regex_answers: bool = False,
   parsed with ast.literal_eval as transformers' eval_rag.py does. regex_answers=True marks the
   answers as regular expressions (CuratedTrec) on every example. A row is malformed when it
   does not have exactly two fields, the question is blank, or the answers are not a non-empty
-  list of strings.
+  Python list of strings. A row running over several lines is refused (see _dpr_rows).
   """
   path = _require_file(path)
   out = Collector(path, skip_malformed)
-  with path.open(encoding="utf-8", newline="") as f:
-    reader = csv.reader(f, delimiter="\t")
-    for row in reader:
-      line = reader.line_num
-      if len(row) != 2:
-        out.malformed(line, f"expected 2 tab-separated fields (question, answers), got {len(row)}")
-        continue
-      question, answers_text = row
-      try:
-        answers = ast.literal_eval(answers_text)
-      except (ValueError, SyntaxError) as e:
-        out.malformed(line, f"answers {answers_text[:80]!r} are not a Python literal ({e})")
-        continue
-      if (not isinstance(answers, list | tuple) or not answers
-          or not all(isinstance(a, str) for a in answers)):
-        out.malformed(line, "answers must be a non-empty list of strings, got "
-                      f"{answers_text[:80]!r}")
-        continue
-      if not question.strip():
-        out.malformed(line, "empty question")
-        continue
-      out.examples.append(TaskExample(question, tuple(answers), targets_are_regex=regex_answers))
+  for line, row in _dpr_rows(path):
+    if len(row) != 2:
+      out.malformed(line, f"expected 2 tab-separated fields (question, answers), got {len(row)}")
+      continue
+    question, answers_text = row
+    if "\0" in question or "\0" in answers_text:
+      out.malformed(line, "NUL byte; is it a binary file?")
+      continue
+    try:
+      answers = ast.literal_eval(answers_text)
+    except Exception as e:  # ValueError, TypeError ({["a"]: 1}), SyntaxError, RecursionError, ...
+      out.malformed(line, f"answers {answers_text[:80]!r} are not a Python literal "
+                    f"({type(e).__name__}: {e})")
+      continue
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+      out.malformed(line, "answers must be a non-empty Python list of strings such as ['Paris'], "
+                    f"got {answers_text[:80]!r}")
+      continue
+    if not question.strip():
+      out.malformed(line, "empty question")
+      continue
+    out.examples.append(TaskExample(question, tuple(answers), targets_are_regex=regex_answers))
   return out.done()
 
 
@@ -87,7 +129,11 @@ def _load_json(path: Path) -> Any:
     with path.open(encoding="utf-8") as f:
       return json.load(f)
   except json.JSONDecodeError as e:
-    raise TaskFileError(path, e.lineno, f"not JSON: {e.msg}") from e
+    raise TaskFileError(path, e.lineno, f"not JSON: {e.msg}") from None
+  except UnicodeDecodeError:
+    raise _not_utf8(path) from None
+  except RecursionError:
+    raise TaskFileError(path, None, "not JSON this reader can hold: nested too deeply") from None
 
 
 def read_msmarco_nlg(path: str | os.PathLike, skip_no_answer: bool = False,
@@ -138,24 +184,37 @@ def _json_records(path: Path) -> list[tuple[str | int, Any, str | None]]:
   a message for a line/file that is not JSON (record None), else None."""
   if path.is_dir():
     records = []
-    for f in sorted(path.glob("*.json")):
+    files = sorted(path.glob("*.json"))
+    if not files:
+      raise InputNotFoundError(f"{path}: a directory without .json files (one record a file)")
+    for f in files:
       try:
         records.append((f.name, json.loads(f.read_text(encoding="utf-8")), None))
       except json.JSONDecodeError as e:
         records.append((f.name, None, f"not JSON: {e.msg} (line {e.lineno})"))
+      except UnicodeDecodeError:
+        line, message = utf8_error(f)
+        records.append((f.name, None, f"line {line}: {message}"))
+      except RecursionError:
+        records.append((f.name, None, "not JSON this reader can hold: nested too deeply"))
     return records
   path = _require_file(path)
   if path.suffix == ".jsonl":
     records = []
     with path.open(encoding="utf-8") as f:
-      for i, line in enumerate(f, start=1):
-        if not line.strip():
-          records.append((i, None, "empty line (one JSON object per line)"))
-          continue
-        try:
-          records.append((i, json.loads(line), None))
-        except json.JSONDecodeError as e:
-          records.append((i, None, f"not JSON: {e.msg}"))
+      try:
+        for i, line in enumerate(f, start=1):
+          if not line.strip():
+            records.append((i, None, "empty line (one JSON object per line)"))
+            continue
+          try:
+            records.append((i, json.loads(line), None))
+          except json.JSONDecodeError as e:
+            records.append((i, None, f"not JSON: {e.msg}"))
+          except RecursionError:
+            records.append((i, None, "not JSON this reader can hold: nested too deeply"))
+      except UnicodeDecodeError:
+        raise _not_utf8(path) from None
     return records
   data = _load_json(path)
   items = data if isinstance(data, list) else [data]
