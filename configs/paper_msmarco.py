@@ -5,7 +5,10 @@
         --config.eval.test_file=/data/msmarco/dev_v2.1.json     # add --config.model_type=rag_token
 
 Test file: MS-MARCO v2.1 dev_v2.1.json (the test answers are hidden; the paper's numbers are on
-the test set), questions without an answer left out; the supplied passages are not used (§3.2).
+the test set). MS-MARCO's NLG task scores well-formed answers, so only the questions that have
+them are evaluated (rag_jax.data.tasks.read_msmarco_nlg); the supplied passages are not used
+(§3.2). BLEU-1 and ROUGE-L are scored as MS-MARCO's ms_marco_eval.py scores them
+(docs/evaluation.md).
 Distinct tri-grams: the paper's Table 5. No MS-MARCO RAG checkpoint is released: train one with
 train.py from facebook/rag-{sequence,token}-base.
 """
@@ -21,4 +24,7 @@ def get_config():
              "rag_sequence": {"bleu1": 44.2, "rouge_l": 40.8, "distinct_trigrams": 83.5}},
       paper_label="paper (Tables 2 and 5, test)", test=paper_common.GENERATION_TEST)
   config.max_target_length = 64  # Answers are sentences (the reference script's 25 cuts them).
+  # False: the NLG task's questions, those with wellFormedAnswers. True: every answered question,
+  # scored against its wellFormedAnswers if any, else its extractive `answers` (not the NLG task).
+  config.eval.msmarco_answers_fallback = False
   return config

@@ -168,29 +168,60 @@ def _msmarco(tmp_path, records):
   return path
 
 
-def test_msmarco_nlg_prefers_well_formed_answers(tmp_path):
-  path = _msmarco(tmp_path, {
-      "0": ("define middle ear", ["The middle ear is..."], ["The middle ear is the part..."]),
-      "1": ("what currency needed in scotland", ["pound sterling"], "[]"),
-      "2": ("is it safe", ["No Answer Present."], "[]"),
-  })
+MSMARCO_RECORDS = {
+    "0": ("define middle ear", ["The middle ear is..."], ["The middle ear is the part..."]),
+    "1": ("what currency needed in scotland", ["pound sterling"], "[]"),
+    "2": ("is it safe", ["No Answer Present."], "[]"),
+    "3": ("what is rba", ["Results-Based Accountability"], ["RBA is Results-Based..."]),
+}
+
+
+def test_msmarco_nlg_scores_the_well_formed_subset(tmp_path):
+  # The NLG task: only the questions with well-formed answers, scored against them.
+  path = _msmarco(tmp_path, MSMARCO_RECORDS)
   split = t.read_msmarco_nlg(path)
+  assert [(ex.id, ex.targets) for ex in split] == [("1000", ("The middle ear is the part...",)),
+                                                   ("1003", ("RBA is Results-Based...",))]
+  assert split.dropped == 2 and split.skipped == 0
+
+
+def test_msmarco_nlg_answers_fallback_only_when_asked(tmp_path):
+  path = _msmarco(tmp_path, MSMARCO_RECORDS)
+  split = t.read_msmarco_nlg(path, answers_fallback=True)
   assert [ex.targets for ex in split] == [("The middle ear is the part...",), ("pound sterling",),
-                                          ("No Answer Present.",)]
-  assert [ex.id for ex in split] == ["1000", "1001", "1002"] and split.dropped == 0
-  kept = t.read_msmarco_nlg(path, skip_no_answer=True)
-  assert len(kept) == 2 and kept.dropped == 1
+                                          ("No Answer Present.",), ("RBA is Results-Based...",)]
+  assert [ex.id for ex in split] == ["1000", "1001", "1002", "1003"] and split.dropped == 0
+  kept = t.read_msmarco_nlg(path, skip_no_answer=True, answers_fallback=True)
+  assert len(kept) == 3 and kept.dropped == 1
+
+
+def test_msmarco_nlg_paper_config_reads_the_well_formed_subset(tmp_path):
+  from configs import paper_msmarco
+  from rag_jax.evaluation import paper
+
+  config = paper_msmarco.get_config()
+  config.eval.test_file = str(_msmarco(tmp_path, MSMARCO_RECORDS))
+  assert [ex.question for ex in paper.read_examples(config)] == ["define middle ear",
+                                                                 "what is rba"]
+  config.eval.msmarco_answers_fallback = True  # "is it safe" has no answer: left out.
+  assert len(paper.read_examples(config)) == 3
 
 
 def test_msmarco_malformed_record_and_eval_file(tmp_path):
-  path = _msmarco(tmp_path, {"0": ("q", ["a"], "[]"), "7": ("q7", [], "[]")})
-  with pytest.raises(t.TaskFileError, match=r"dev_v2.1.json:record 7: answers"):
+  path = _msmarco(tmp_path, {"0": ("q", ["a"], "[]"), "7": ("q7", [], "[]"),
+                             "8": ("q8", ["a"], [1])})
+  with pytest.raises(t.TaskFileError, match=r"dev_v2.1.json:record 8: wellFormedAnswers \[1\]"):
     t.read_msmarco_nlg(path)
+  with pytest.raises(t.TaskFileError, match=r"dev_v2.1.json:record 7: answers \[\]"):
+    t.read_msmarco_nlg(path, answers_fallback=True)
   assert t.read_msmarco_nlg(path, skip_malformed=True).skipped == 1
+  assert t.read_msmarco_nlg(path, skip_malformed=True, answers_fallback=True).skipped == 2
   no_answers = tmp_path / "eval_v2.1_public.json"
   no_answers.write_text(json.dumps({"query": {"0": "q"}, "query_id": {"0": 1}}))
-  with pytest.raises(t.TaskFileError, match="no \"answers\" column"):
+  with pytest.raises(t.TaskFileError, match="no \"wellFormedAnswers\" column"):
     t.read_msmarco_nlg(no_answers)
+  with pytest.raises(t.TaskFileError, match="no \"answers\" column"):
+    t.read_msmarco_nlg(no_answers, answers_fallback=True)
   broken = tmp_path / "broken.json"
   broken.write_text('{"query": {\n"0": ')
   with pytest.raises(t.TaskFileError, match=r"broken.json:2: not JSON"):

@@ -24,7 +24,8 @@ from rag_jax.utils.errors import InputError
 READERS = {
     "dpr_qa_csv": lambda path, c: tasks.read_dpr_qa_csv(path),
     "curatedtrec": lambda path, c: tasks.read_curatedtrec(path),
-    "msmarco_nlg": lambda path, c: tasks.read_msmarco_nlg(path, skip_no_answer=True),
+    "msmarco_nlg": lambda path, c: tasks.read_msmarco_nlg(
+        path, skip_no_answer=True, answers_fallback=c.get("msmarco_answers_fallback", False)),
     "searchqa_jeopardy": lambda path, c: tasks.read_searchqa_jeopardy(path),
     "fever": lambda path, c: tasks.read_fever(path, num_classes=c.fever_classes),
     "source_target": lambda path, c: tasks.read_source_target_task(Path(path).parent,

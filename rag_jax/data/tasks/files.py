@@ -137,45 +137,58 @@ def _load_json(path: Path) -> Any:
 
 
 def read_msmarco_nlg(path: str | os.PathLike, skip_no_answer: bool = False,
-                     skip_malformed: bool = False) -> TaskSplit:
+                     skip_malformed: bool = False, answers_fallback: bool = False) -> TaskSplit:
   """MS-MARCO v2.1 (train/dev) as natural-language generation: query -> well-formed answers.
 
   The file is one JSON object of columns keyed by record id: {"query": {id: text}, "answers":
   {id: [text, ...]}, "wellFormedAnswers": {id: [text, ...] or "[]"}, "query_id": {id: int}, ...}.
-  The NLG targets are the well-formed answers when a record has any, else its answers (the
-  paper uses MS-MARCO NLG v2.1 without the supplied passages, §3.2). Records whose only target is
-  "No Answer Present." are kept unless skip_no_answer=True; then they are dropped and counted
-  (TaskSplit.dropped). Record keys stand in for line numbers in errors.
+  MS-MARCO's NLG task is scored on the well-formed answers, so the targets are a record's
+  wellFormedAnswers, and a record without any ("[]", the most of them) is left out and counted
+  (TaskSplit.dropped). answers_fallback=True keeps those records too, with their `answers`
+  (extractive spans, not the NLG task) as targets. Records whose only target is "No Answer
+  Present." are kept unless skip_no_answer=True; then they are dropped and counted too (the paper
+  uses MS-MARCO NLG v2.1 without the supplied passages, §3.2). Record keys stand in for line
+  numbers in errors.
   """
   path = _require_file(path)
   data = _load_json(path)
   if not isinstance(data, dict) or not isinstance(data.get("query"), dict):
     raise TaskFileError(path, None, 'expected the columnar v2.1 object with a "query" column')
-  if not isinstance(data.get("answers"), dict):
-    raise TaskFileError(path, None, 'no "answers" column (the public eval file has no answers)')
+  column = "answers" if answers_fallback else "wellFormedAnswers"
+  if not isinstance(data.get(column), dict):
+    raise TaskFileError(path, None, f'no "{column}" column (the public eval file has no answers)')
   well_formed = data.get("wellFormedAnswers") or {}
+  answers = data.get("answers") or {}
   query_ids = data.get("query_id") or {}
   out = Collector(path, skip_malformed)
+  no_well_formed = no_answer = 0
   for key, query in data["query"].items():
     where = f"record {key}"
-    wfa = well_formed.get(key)
-    targets = wfa if isinstance(wfa, list) and wfa else data["answers"].get(key)
-    if wfa is not None and not isinstance(wfa, list) and wfa != "[]":
+    wfa = well_formed.get(key, "[]")
+    if not isinstance(wfa, list) and wfa != "[]":
       out.malformed(where, f"wellFormedAnswers {wfa!r} is neither a list nor '[]'")
       continue
     if not isinstance(query, str) or not query.strip():
       out.malformed(where, f"query {query!r} is not a non-empty string")
       continue
+    if isinstance(wfa, list) and wfa:
+      targets, name = wfa, "wellFormedAnswers"
+    elif answers_fallback:
+      targets, name = answers.get(key), "answers"
+    else:
+      no_well_formed += 1
+      continue
     if (not isinstance(targets, list) or not targets
         or not all(isinstance(t, str) and t.strip() for t in targets)):
-      out.malformed(where, f"answers {targets!r} are not a non-empty list of strings")
+      out.malformed(where, f"{name} {targets!r} are not a non-empty list of strings")
       continue
     if skip_no_answer and all(t.strip() == NO_ANSWER for t in targets):
-      out.dropped += 1
+      no_answer += 1
       continue
     qid = query_ids.get(key, key)
     out.examples.append(TaskExample(query, tuple(targets), id=str(qid)))
-  return out.done(f'only "{NO_ANSWER}"')
+  out.dropped = no_well_formed + no_answer
+  return out.done(f'{no_well_formed} without wellFormedAnswers, {no_answer} only "{NO_ANSWER}"')
 
 
 def _json_records(path: Path) -> list[tuple[str | int, Any, str | None]]:
