@@ -4,16 +4,19 @@ Pure Python / numpy (no jax, no model code), so evaluation can run anywhere the 
 Every score is a fraction in [0, 1] (the paper's tables print 100 x these).
 
   open-domain QA     exact_match, token_f1 (SQuAD v1.1 normalization, max over gold answers)
-  CuratedTrec        regex_match, regex_exact_match (gold answers are regular expressions)
-  MS-MARCO           bleu1 (sacrebleu, corpus level), rouge_l (rouge-score, averaged F-measure)
-  Jeopardy QGen      bleu1, qbleu1 (Nema & Khapra 2018 answerability-weighted BLEU-1)
+  CuratedTrec        regex_exact_match (DrQA's regex rule for answers), regex_match
+  MS-MARCO           bleu1, rouge_l (as MS-MARCO's ms_marco_eval.py: lower-cased tokens with
+                     punctuation split off; corpus BLEU-1 by sacrebleu, ROUGE-L by rouge-score)
+  Jeopardy QGen      qgen_bleu1, qbleu1 (the Q-BLEU script of Nema & Khapra 2018: BLEU-1 and
+                     answerability-weighted BLEU-1)
   FEVER              label_accuracy
   diversity          distinct_trigram_ratio (paper §4.5, Table 5)
   retrieval          answer_recall_at_k (DPR's has_answer), id_recall_at_k, precision_at_k
                      (transformers' eval_rag.py), doc_score_diagnostics (retrieval collapse)
 
 docs/evaluation.md lists each metric's definition, its oracle test and the differences from the
-paper's scripts that remain.
+paper's scripts that remain. A str where a list is expected (answers, references, passages,
+predictions) raises InputError: iterated, it would score letter by letter.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 
 import numpy as np
 import regex
+
+from rag_jax.utils.errors import InputError
 
 # ------------------------------------------------------------------------------------------------
 # Exact match and token F1 (SQuAD v1.1; transformers' examples/research_projects/rag/utils_rag.py).
@@ -67,19 +72,37 @@ def f1_score(prediction: str, ground_truth: str) -> float:
   return 2 * precision * recall / (precision + recall)
 
 
+def _refuse_str(value: object, name: str, expected: str) -> None:
+  """InputError when `value` is a str (or bytes) where a list is expected: iterated, a str gives
+  its letters, so exact_match("o", "Obama") would score the letter "o" against ["O", "b", ...]."""
+  if isinstance(value, str | bytes):
+    raise InputError(f"{name} is a str ({value[:40]!r}) where {expected} is expected; wrap it in "
+                     f"a list: [{value[:40]!r}]")
+
+
 def max_over_ground_truths(metric_fn: Callable[[str, str], float], prediction: str,
                            ground_truths: Sequence[str]) -> float:
   """max_g metric_fn(prediction, g); a question without gold answers is an error."""
+  _refuse_str(ground_truths, "ground_truths", "a list of gold answers")
   if not ground_truths:
     raise ValueError("a question has no gold answers")
   return max(metric_fn(prediction, g) for g in ground_truths)
 
 
-def _check_lengths(predictions: Sequence, references: Sequence, what: str) -> None:
+def _check_lengths(predictions: Sequence, references: Sequence, what: str,
+                   names: tuple[str, str] = ("predictions", "answers"),
+                   nested: bool = True) -> None:
+  """Equal non-zero lengths, and no str where a list is expected: `names` are the two arguments'
+  names for the message, and with `nested` each entry of the second must be a list too."""
+  _refuse_str(predictions, names[0], "a list with one entry per question")
+  _refuse_str(references, names[1], "a list with one entry per question")
   if len(predictions) != len(references):
     raise ValueError(f"{len(predictions)} predictions but {len(references)} {what}")
   if len(predictions) == 0:
     raise ValueError("no predictions to score")
+  if nested:
+    for i, reference in enumerate(references):
+      _refuse_str(reference, f"{names[1]}[{i}]", "a list")
 
 
 def exact_match(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> float:
@@ -105,20 +128,21 @@ def _nfd(text: str) -> str:
 
 
 def regex_match(text: str, pattern: str, anchored: bool = False) -> bool:
-  """Whether `pattern` (a CuratedTrec gold regex) matches `text`, DPR's `regex_match` semantics.
+  """Whether `pattern` (a CuratedTrec gold regex) matches `text`, as DPR's and DrQA's scripts
+  decide it.
 
-  Following facebookresearch/DPR dpr/data/qa_validation.py exactly: both strings are NFD-normalized
-  (`_normalize`), the pattern is compiled with the `regex` module and flags IGNORECASE | UNICODE |
-  MULTILINE, a pattern that fails to compile counts as no match, and the test is `.search`
-  (the pattern may occur anywhere in the text). DPR applies this to passages (has_answer with
-  match_type="regex"). anchored=True uses `.match` instead (the pattern must match at the start
-  of the text, no end anchor), which is DrQA's `regex_match_score` for scoring a predicted answer
-  (Chen et al., 2017). The RAG paper does not say which one scored CuratedTrec.
+  Both scripts NFD-normalize the text and the pattern first (DPR's has_answer calls `_normalize`
+  on both; DrQA's scripts/pipeline/eval.py runs drqa.retriever.utils.normalize on predictions and
+  answers before regex_match_score), compile the pattern with the `regex` module and the flags
+  IGNORECASE | UNICODE | MULTILINE, and count a pattern that fails to compile as no match.
+  anchored=False: `.search`, DPR's regex_match (dpr/data/qa_validation.py): the pattern may occur
+  anywhere, as DPR asks of a passage. anchored=True: `.match`, DrQA's regex_match_score
+  (drqa/reader/utils.py): a predicted answer must match from its start (there is no end anchor).
   """
   try:
     flags = regex.IGNORECASE | regex.UNICODE | regex.MULTILINE
     compiled = regex.compile(_nfd(pattern), flags=flags)
-  except Exception:  # DPR: `except BaseException: return False`.
+  except Exception:  # Both scripts: `except BaseException: return False`.
     return False
   text = _nfd(text)
   found = compiled.match(text) if anchored else compiled.search(text)
@@ -126,12 +150,15 @@ def regex_match(text: str, pattern: str, anchored: bool = False) -> bool:
 
 
 def regex_exact_match(predictions: Sequence[str], patterns: Sequence[Sequence[str]],
-                      anchored: bool = False) -> float:
+                      anchored: bool = True) -> float:
   """CuratedTrec accuracy: fraction of predictions matched by any of their gold regexes.
 
-  predictions [N]; patterns [N][n_gold_i]. See regex_match for `anchored`.
+  predictions [N]; patterns [N][n_gold_i]. The default is DrQA's scripts/pipeline/eval.py
+  --regex, the public script that scores predicted answers against CuratedTrec's regexes: NFD,
+  then regex_match_score (`.match`, anchored at the start). anchored=False searches anywhere, as
+  DPR's passage rule does (see regex_match).
   """
-  _check_lengths(predictions, patterns, "pattern lists")
+  _check_lengths(predictions, patterns, "pattern lists", ("predictions", "patterns"))
   return float(np.mean([any(regex_match(p, g, anchored) for g in gold)
                         for p, gold in zip(predictions, patterns, strict=True)]))
 
@@ -163,6 +190,7 @@ def has_answer(answers: Sequence[str], text: str, match_type: str = "string") ->
   the passage's. As in DPR, an answer with no tokens (e.g. "" or only spaces) matches every
   passage. match_type="regex": regex_match(text, answer) (search, not anchored).
   """
+  _refuse_str(answers, "answers", "a list of gold answers")
   text = _nfd(text)
   if match_type == "string":
     words = _SIMPLE_TOKENIZER.words(text)
@@ -185,7 +213,9 @@ def answer_recall_at_k(answers: Sequence[Sequence[str]], passages: Sequence[Sequ
   text only; prepend the title to match it too). A question with fewer than k passages uses the
   ones it has. Returns {k: recall}; this is DPR's `top_k_hits[k - 1] / N` (DPR Table 2).
   """
-  _check_lengths(answers, passages, "passage lists")
+  _check_lengths(answers, passages, "passage lists", ("answers", "passages"))
+  for i, gold in enumerate(answers):
+    _refuse_str(gold, f"answers[{i}]", "a list of gold answers")
   first_hit = []
   for gold, texts in zip(answers, passages, strict=True):
     hit = next((i for i, t in enumerate(texts) if has_answer(gold, t, match_type)), None)
@@ -201,7 +231,9 @@ def id_recall_at_k(retrieved_ids: Sequence[Sequence[object]] | np.ndarray,
   retrieved_ids [N, n_retrieved] in rank order; gold_ids [N] collections of ids (a question may
   have several gold passages). The synthetic-world job scores retrieval this way.
   """
-  _check_lengths(retrieved_ids, gold_ids, "gold id sets")
+  _check_lengths(retrieved_ids, gold_ids, "gold id sets", ("retrieved_ids", "gold_ids"))
+  for i, row in enumerate(retrieved_ids):
+    _refuse_str(row, f"retrieved_ids[{i}]", "a list of ids")
   ks = list(ks)
   hits = {k: 0 for k in ks}
   for row, gold in zip(retrieved_ids, gold_ids, strict=True):
@@ -231,7 +263,10 @@ def precision_at_k(retrieved_titles: Sequence[Sequence[str]],
   """
   if k <= 0:
     raise ValueError(f"k must be positive, got {k}")
-  _check_lengths(retrieved_titles, gold_titles, "gold title sets")
+  _check_lengths(retrieved_titles, gold_titles, "gold title sets",
+                 ("retrieved_titles", "gold_titles"))
+  for i, titles in enumerate(retrieved_titles):
+    _refuse_str(titles, f"retrieved_titles[{i}]", "a list of titles")
   return float(np.mean([len(set(r[:k]) & set(g)) / k
                         for r, g in zip(retrieved_titles, gold_titles, strict=True)]))
 
@@ -270,43 +305,66 @@ def _transpose_references(references: Sequence[Sequence[str]]) -> list[list[str 
   return [[r[j] if j < len(r) else None for r in references] for j in range(width)]
 
 
-def bleu1(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
-          lowercase: bool = False) -> float:
-  """Corpus-level BLEU-1 (sacrebleu): clipped unigram precision x brevity penalty, in [0, 1].
+def msmarco_tokens(text: str) -> list[str]:
+  """MS-MARCO's evaluation tokens of `text`: lower-cased, punctuation split off and kept.
 
-  hypotheses [N]; references [N][n_refs_i] (any number of references per hypothesis). Counts are
-  summed over the corpus before dividing, as the paper's corpus BLEU. sacrebleu's defaults differ
-  from this call: its BLEU is 4-gram (max_ngram_order=4, geometric mean of 1..4-gram precisions)
-  and uses exponential smoothing; here max_ngram_order=1 and smooth_method="none". Its tokenizer
-  "13a" (mteval-v13a: punctuation split off) and case sensitivity are kept (lowercase=True
-  lowercases). With several references the brevity penalty uses the closest reference length.
+  ms_marco_eval.py (`normalize_batch`) lower-cases the tokens of spaCy's English tokenizer and
+  keeps punctuation tokens; sacrebleu's 13a tokenizer (mteval-v13a) stands in for spaCy here (see
+  docs/evaluation.md for where the two split differently).
+  """
+  from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a  # deferred, as in bleu1
+
+  return Tokenizer13a()(text.lower()).split()
+
+
+def bleu1(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
+          lowercase: bool = True) -> float:
+  """Corpus-level BLEU-1 as MS-MARCO's ms_marco_eval.py computes it, in [0, 1].
+
+  hypotheses [N]; references [N][n_refs_i] (any number of references per hypothesis). The
+  script lower-cases and tokenizes both sides (msmarco_tokens: punctuation tokens kept) and runs
+  coco-caption's corpus BLEU: clipped unigram matches and lengths summed over the corpus before
+  dividing, brevity penalty exp(1 - r/c) when the total length c is under r, the sum of each
+  hypothesis's closest reference length. Here sacrebleu computes it (max_ngram_order=1,
+  smooth_method="none", tokenizer "13a", lowercase); sacrebleu's own default is 4-gram BLEU with
+  exponential smoothing. lowercase=False keeps case (not the script's rule).
   """
   from sacrebleu.metrics import BLEU  # deferred: only the generation metrics need it
 
-  _check_lengths(hypotheses, references, "reference lists")
-  metric = BLEU(max_ngram_order=1, smooth_method="none", lowercase=lowercase)
+  _check_lengths(hypotheses, references, "reference lists", ("hypotheses", "references"))
+  metric = BLEU(max_ngram_order=1, smooth_method="none", lowercase=lowercase, tokenize="13a")
   return metric.corpus_score(list(hypotheses), _transpose_references(references)).score / 100.0
 
 
-def rouge_l(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
-            use_stemmer: bool = False) -> float:
-  """Mean over examples of ROUGE-L F-measure (rouge-score), max over an example's references.
+class _MsMarcoTokenizer:
+  """msmarco_tokens as a rouge-score tokenizer (its `tokenize` interface)."""
 
-  hypotheses [N]; references [N][n_refs_i]. rouge_scorer.RougeScorer(['rougeL']) tokenizes by
-  lowercasing and splitting on non-alphanumerics; F = 2PR / (P + R) of the longest common
-  subsequence (beta = 1). `score_multi` keeps the reference with the best F-measure. The F-measure
-  is the summary rouge-score reports; MS-MARCO's official script (coco-caption Rouge) instead uses
-  beta = 1.2 and combines references differently (docs/evaluation.md).
+  def tokenize(self, text: str) -> list[str]:
+    return msmarco_tokens(text)
+
+
+def rouge_l(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
+            beta: float = 1.2) -> float:
+  """ROUGE-L as MS-MARCO's ms_marco_eval.py computes it (coco-caption's Rouge), averaged.
+
+  hypotheses [N]; references [N][n_refs_i]. Both sides are msmarco_tokens (lower-cased,
+  punctuation kept). For each reference, P = LCS/|hypothesis| and R = LCS/|reference| (the LCS
+  from rouge-score); the script then takes the largest P and the largest R over the references,
+  possibly from different ones, and scores F = (1 + beta^2) P R / (R + beta^2 P) with beta = 1.2
+  (0 when P or R is 0). The result is the mean over hypotheses. beta=1 gives the F1 that
+  rouge-score reports, still with the script's tokens and combination of references.
   """
   from rouge_score import rouge_scorer  # deferred: only the generation metrics need it
 
-  _check_lengths(hypotheses, references, "reference lists")
-  scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=use_stemmer)
+  _check_lengths(hypotheses, references, "reference lists", ("hypotheses", "references"))
+  scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_MsMarcoTokenizer())
   scores = []
   for hyp, refs in zip(hypotheses, references, strict=True):
     if not refs:
       raise ValueError("a hypothesis has no reference")
-    scores.append(scorer.score_multi(list(refs), hyp)["rougeL"].fmeasure)
+    per_ref = [scorer.score(ref, hyp)["rougeL"] for ref in refs]
+    p, r = max(s.precision for s in per_ref), max(s.recall for s in per_ref)
+    scores.append((1 + beta**2) * p * r / (r + beta**2 * p) if p > 0 and r > 0 else 0.0)
   return float(np.mean(scores))
 
 
@@ -317,6 +375,7 @@ def distinct_trigram_ratio(generations: Sequence[str],
   Tri-grams never span two generations. Tokens are whitespace-split by default (the paper does
   not say how it tokenized). NaN when no generation has three tokens.
   """
+  _refuse_str(generations, "generations", "a list of generated texts")
   grams: list[tuple[str, ...]] = []
   for text in generations:
     tokens = tokenize(text)
@@ -331,7 +390,7 @@ def label_accuracy(predictions: Sequence[str], labels: Sequence[str],
   label_set: when given (FEVER 3-way: supports/refutes/not-enough-info targets; 2-way: the first
   two), a gold label outside it is an error; a prediction outside it simply counts as wrong.
   """
-  _check_lengths(predictions, labels, "labels")
+  _check_lengths(predictions, labels, "labels", ("predictions", "labels"), nested=False)
   if label_set is not None:
     bad = sorted({g for g in labels if g.strip() not in label_set})
     if bad:
@@ -456,7 +515,8 @@ def qbleu1(hypotheses: Sequence[str], references: Sequence[str], ner_weight: flo
   question's whitespace tokens to its entity tokens); the default, capitalized_entities, is the
   script's own capitalization rule, so pass a real NER tagger to get "NER" in the paper's sense.
   """
-  _check_lengths(hypotheses, references, "references")
+  _check_lengths(hypotheses, references, "references", ("hypotheses", "references"),
+                 nested=False)
   sw_weight = 1.0 - ner_weight - qt_weight - re_weight
   scores = []
   for hyp, ref in zip(hypotheses, references, strict=True):
@@ -466,3 +526,16 @@ def qbleu1(hypotheses: Sequence[str], references: Sequence[str], ner_weight: flo
     scores.append(delta * answerability + (1 - delta) * c["bleu1"])
   return float(np.mean(scores))
 
+
+def qgen_bleu1(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+  """BLEU-1 of generated questions as the Q-BLEU script reports it (its n-gram score).
+
+  hypotheses [N]; references [N] (one gold question each, as the script reads them). The
+  Answerability-Metric script (answerability_score.py, --ngram_metric Bleu_1) lower-cases and
+  PTB-tokenizes both sides, drops punctuation tokens, and averages coco-caption's sentence BLEU-1
+  over questions: the "bleu1" of answerability_components, whose PTB tokenizer is approximated.
+  """
+  _check_lengths(hypotheses, references, "references", ("hypotheses", "references"),
+                 nested=False)
+  return float(np.mean([sentence_bleu1(_ptb_like(h.split()), _ptb_like(r.split()))
+                        for h, r in zip(hypotheses, references, strict=True)]))

@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 
 from rag_jax import metrics as m
+from rag_jax.evaluation import scoring
+from rag_jax.evaluation.loop import EvalExample
+from rag_jax.utils.errors import InputError
 
 # ------------------------------------------------- SQuAD v1.1 oracle (evaluate-v1.1.py)
 
@@ -76,7 +79,63 @@ def test_em_rejects_empty_gold_and_length_mismatch():
     m.token_f1(["x", "y"], [["x"]])
 
 
+@pytest.mark.parametrize("call, name", [
+    (lambda: m.exact_match(["o"], ["Obama"]), r"answers\[0\]"),  # 1.0 when read letter by letter
+    (lambda: m.exact_match("o", [["Obama"]]), "predictions"),
+    (lambda: m.token_f1(["o"], ["Obama"]), r"answers\[0\]"),
+    (lambda: m.max_over_ground_truths(m.exact_match_score, "o", "Obama"), "ground_truths"),
+    (lambda: m.regex_exact_match(["o"], ["Obama"]), r"patterns\[0\]"),
+    (lambda: m.has_answer("Obama", "o is a letter"), "answers"),
+    (lambda: m.answer_recall_at_k(["Paris"], [["in Paris"]], ks=[1]), r"answers\[0\]"),
+    (lambda: m.answer_recall_at_k([["Paris"]], ["in Paris"], ks=[1]), r"passages\[0\]"),
+    (lambda: m.id_recall_at_k([["1", "5"]], ["15"], ks=[1]), r"gold_ids\[0\]"),
+    (lambda: m.id_recall_at_k(["15"], [["1"]], ks=[1]), r"retrieved_ids\[0\]"),
+    (lambda: m.precision_at_k([["A"]], ["AB"], k=1), r"gold_titles\[0\]"),
+    (lambda: m.precision_at_k(["AB"], [{"A"}], k=1), r"retrieved_titles\[0\]"),
+    (lambda: m.bleu1(["the cat"], ["the cat"]), r"references\[0\]"),
+    (lambda: m.rouge_l(["the cat"], ["the cat"]), r"references\[0\]"),
+    (lambda: m.distinct_trigram_ratio("a b c d"), "generations"),
+    (lambda: m.label_accuracy("S", ["S"]), "predictions"),
+    (lambda: m.qbleu1("a", ["a"]), "hypotheses"),
+    (lambda: m.qgen_bleu1(["a"], "a"), "references"),
+    (lambda: scoring.answer_metrics([{"prediction": "o", "answers": "Obama", "doc_scores": [0.0]}],
+                                    ["exact_match"]), "prediction record 0: answers"),
+    (lambda: scoring.CORRECT["exact_match"]("o", EvalExample("q", "Obama")), r"answers\[0\]"),
+    (lambda: scoring.CORRECT["regex_match"]("o", EvalExample("q", "Obama")), r"patterns\[0\]"),
+    (lambda: scoring.CORRECT["label_accuracy"]("S", EvalExample("q", "SUPPORTS")), "answers"),
+])
+def test_metrics_refuse_a_str_where_a_list_is_expected(call, name):
+  with pytest.raises(InputError, match=f"^{name} is a str"):
+    call()
+
+
 # ---------------------------------------------------------------- regex answers, DPR has_answer
+
+
+def test_regex_exact_match_follows_drqa_pipeline_eval():
+  # DrQA's scripts/pipeline/eval.py --regex: NFD on prediction and pattern, then
+  # regex_match_score: regex.compile(pattern, IGNORECASE | UNICODE | MULTILINE).match(prediction).
+  pattern = r"Long Island|New\s?York|Roosevelt Field"
+  assert m.regex_exact_match(["I think New York"], [[pattern]]) == 0.0  # .match: from the start
+  assert m.regex_exact_match(["New York City"], [[pattern]]) == 1.0     # no end anchor
+  assert m.regex_exact_match(["newyork"], [[pattern]]) == 1.0           # IGNORECASE, \s?
+  assert m.regex_exact_match(["anything"], [["(unclosed"]]) == 0.0      # no compile: no match
+  assert m.regex_exact_match(["cafe\u0301 au lait"], [["caf\u00e9"]]) == 1.0  # both NFD
+  unicode = "\u00dcn\u00efc\u00f6d\u00e9"  # "Ünïcödé", composed.
+  assert m.regex_exact_match([unicode.lower()], [[unicode]]) == 1.0    # IGNORECASE after NFD
+  # NFD turns "Ü" into "U" + U+0308, a mark and not \p{Ll}: the capitalized-word pattern stops
+  # matching "Ünïcödé" (it matches "Unicode"). DPR's passage rule searches and finds "ni" (\p{Lu}
+  # under IGNORECASE matches "n").
+  capitalized = r"\p{Lu}\p{Ll}+"
+  assert m.regex_exact_match([unicode], [[capitalized]]) == 0.0
+  assert m.regex_exact_match(["Unicode"], [[capitalized]]) == 1.0
+  assert m.has_answer([capitalized], unicode, match_type="regex")
+  # The evaluation's CuratedTrec metric and per-question verdict use this rule.
+  records = [{"prediction": p, "answers": [pattern], "doc_scores": [0.0]}
+             for p in ("I think New York", "New York City")]
+  assert scoring.answer_metrics(records, ["regex_match"])["regex_match"] == 0.5
+  assert [scoring.CORRECT["regex_match"](r["prediction"], EvalExample("q", (pattern,)))
+          for r in records] == [False, True]
 
 
 def test_regex_match_dpr_semantics():
@@ -152,20 +211,44 @@ def test_bleu1_hand_case_clipping_and_brevity():
   assert got != pytest.approx((1 + 0.5) / 2)  # not the mean of sentence scores
 
 
-def test_bleu1_matches_sacrebleu_and_differs_from_its_4gram_default():
+def _msmarco_normalize(text):
+  """MS-MARCO's normalize_batch on plain text: lower-cased tokens, each punctuation mark one
+  token, joined by spaces (exact for text without digits next to "." or "," or apostrophes)."""
+  return " ".join(re.findall(r"\w+|[^\w\s]", text.lower()))
+
+
+def test_bleu1_and_rouge_l_lower_case_and_split_punctuation_as_ms_marco_eval():
+  # ms_marco_eval.py tokens: "the eiffel tower is 324 metres tall ." (8) against "the eiffel tower
+  # is 324 m tall" (7): 6 unigrams match, c = 8 >= r = 7, so BLEU-1 = 6/8 (case-sensitive: 3/8).
+  hyp, ref = ["The Eiffel Tower is 324 metres tall."], [["the eiffel tower is 324 m tall"]]
+  assert m.bleu1(hyp, ref) == pytest.approx(6 / 8)
+  assert m.bleu1(hyp, ref, lowercase=False) == pytest.approx(3 / 8)
+  # ROUGE-L (coco-caption's Rouge, beta = 1.2): LCS = 6, P = 6/8, R = 6/7,
+  # F = (1 + 1.44) P R / (R + 1.44 P) = 549/678.
+  assert m.rouge_l(hyp, ref) == pytest.approx(549 / 678)
+  assert m.msmarco_tokens(hyp[0]) == _msmarco_normalize(hyp[0]).split()
+
+
+def test_rouge_l_takes_best_precision_and_best_recall_over_references():
+  # "a b c d" vs "a b": P = 2/4, R = 1; vs "a b c d e f g h": P = 1, R = 4/8. The script keeps
+  # P = 1 and R = 1 from different references: 1.0 (rouge-score's best reference F1: 2/3).
+  assert m.rouge_l(["a b c d"], [["a b", "a b c d e f g h"]]) == pytest.approx(1.0)
+  assert m.rouge_l(["x y"], [["a b"]]) == 0.0
+
+
+def test_bleu1_matches_sacrebleu_on_normalized_text_and_differs_from_its_4gram_default():
   import sacrebleu
 
-  hyps = ["The cat sat on the mat.", "A dog barked loudly at night", "hello"]
+  hyps = ["The cat sat on the mat.", "A dog barked, loudly; at night!", "Hello"]
   refs = [["The cat is on the mat.", "There is a cat on the mat."],
           ["The dog barked at night"], ["hello world"]]
-  streams = [[r[0] for r in refs], [refs[0][1], None, None]]
-  expected = sacrebleu.BLEU(max_ngram_order=1, smooth_method="none").corpus_score(
-      hyps, streams).score / 100
+  norm_hyps = [_msmarco_normalize(h) for h in hyps]
+  streams = [[_msmarco_normalize(r[0]) for r in refs], [_msmarco_normalize(refs[0][1]), None, None]]
+  expected = sacrebleu.BLEU(max_ngram_order=1, smooth_method="none", tokenize="none").corpus_score(
+      norm_hyps, streams).score / 100
   got = m.bleu1(hyps, refs)
   assert got == pytest.approx(expected)
-  assert got != pytest.approx(sacrebleu.corpus_bleu(hyps, streams).score / 100)
-  assert m.bleu1(["THE CAT"], [["the cat"]], lowercase=True) == pytest.approx(1.0)
-  assert m.bleu1(["THE CAT"], [["the cat"]]) == 0.0
+  assert got != pytest.approx(sacrebleu.corpus_bleu(norm_hyps, streams).score / 100)
 
 
 def _lcs(a, b):
@@ -176,31 +259,41 @@ def _lcs(a, b):
   return table[-1][-1]
 
 
-def _rouge_l_f(hyp, ref):
-  h, r = re.findall(r"[a-z0-9]+", hyp.lower()), re.findall(r"[a-z0-9]+", ref.lower())
-  lcs = _lcs(h, r)
-  if lcs == 0:
-    return 0.0
-  p, rec = lcs / len(h), lcs / len(r)
-  return 2 * p * rec / (p + rec)
+def _msmarco_rouge_l(hyp, refs, beta=1.2):
+  """coco-caption's Rouge.calc_score on MS-MARCO-normalized text, re-derived here."""
+  h = _msmarco_normalize(hyp).split()
+  p = max(_lcs(h, _msmarco_normalize(r).split()) / len(h) for r in refs)
+  rec = max(_lcs(h, _msmarco_normalize(r).split()) / len(_msmarco_normalize(r).split())
+            for r in refs)
+  return (1 + beta**2) * p * rec / (rec + beta**2 * p) if p and rec else 0.0
 
 
 def test_rouge_l_hand_lcs_and_rouge_score():
   from rouge_score import rouge_scorer
 
   # LCS("the cat sat on mat", "the cat was on the mat") = "the cat on mat": P=4/5, R=4/6.
+  p, r = 4 / 5, 4 / 6
   assert m.rouge_l(["the cat sat on mat"], [["the cat was on the mat"]]) == \
-      pytest.approx(2 * 0.8 * (4 / 6) / (0.8 + 4 / 6))
+      pytest.approx(2.44 * p * r / (r + 1.44 * p))
   rng = random.Random(1)
-  words = ["the", "cat", "Mat", "on", "sat", "dog", "a", "ear,", "middle"]
+  words = ["the", "cat", "Mat", "on", "sat", "dog", "a", "ear,", "middle", "."]
   hyps = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 9))) for _ in range(50)]
   refs = [[" ".join(rng.choice(words) for _ in range(rng.randint(1, 9)))
            for _ in range(rng.randint(1, 3))] for _ in range(50)]
-  expected = np.mean([max(_rouge_l_f(h, r) for r in rs) for h, rs in zip(hyps, refs, strict=True)])
+  expected = np.mean([_msmarco_rouge_l(h, rs) for h, rs in zip(hyps, refs, strict=True)])
   assert m.rouge_l(hyps, refs) == pytest.approx(expected)
+  # rouge-score on text without punctuation (its tokenizer drops it): per-reference P and R, the
+  # best of each, F with beta = 1.2; beta = 1 with one reference is its own F-measure.
   scorer = rouge_scorer.RougeScorer(["rougeL"])
-  assert m.rouge_l(hyps[:1], [refs[0][:1]]) == \
-      pytest.approx(scorer.score(refs[0][0], hyps[0])["rougeL"].fmeasure)
+  plain = [w for w in words if w.isalpha()]
+  for _ in range(30):
+    hyp = " ".join(rng.choice(plain) for _ in range(rng.randint(1, 9)))
+    rs = [" ".join(rng.choice(plain) for _ in range(rng.randint(1, 9)))
+          for _ in range(rng.randint(1, 3))]
+    scores = [scorer.score(ref, hyp)["rougeL"] for ref in rs]
+    p, r = max(x.precision for x in scores), max(x.recall for x in scores)
+    assert m.rouge_l([hyp], [rs]) == pytest.approx(2.44 * p * r / (r + 1.44 * p) if p else 0.0)
+    assert m.rouge_l([hyp], [rs[:1]], beta=1.0) == pytest.approx(scores[0].fmeasure)
 
 
 def test_distinct_trigram_ratio_by_hand():
@@ -256,3 +349,14 @@ def test_qbleu1_entity_tagger_and_weights():
   assert m.answerability_components("who wrote hamlet", "Who wrote hamlet")["ner"] == 0.0
   # delta = 0 leaves plain sentence BLEU-1.
   assert m.qbleu1(["a b c d"], ["a b x"], delta=0.0) == pytest.approx(2 / 4)
+
+
+def test_qgen_bleu1_is_the_q_bleu_scripts_mean_sentence_bleu1():
+  # Lower-cased tokens, punctuation dropped: [who, wrote, hamlet] vs [who, wrote, macbeth] = 2/3;
+  # [who, wrote] vs [who, wrote, hamlet]: P = 1, BP = exp(1 - 3/2). The mean of the two, not the
+  # corpus score (3 + 2 matches of 3 + 2 tokens against 3 + 3: 5/5 x exp(1 - 6/5)).
+  got = m.qgen_bleu1(["Who wrote Hamlet?", "who wrote"], ["who wrote Macbeth", "Who wrote Hamlet?"])
+  assert got == pytest.approx((2 / 3 + math.exp(1 - 3 / 2)) / 2)
+  records = [{"prediction": "Who wrote Hamlet?", "answers": ["who wrote macbeth"],
+              "doc_scores": [0.0]}]
+  assert scoring.answer_metrics(records, ["qgen_bleu1"])["qgen_bleu1"] == pytest.approx(2 / 3)

@@ -21,6 +21,11 @@ Records = Sequence[dict[str, Any]]
 
 
 def _answers(records: Records) -> list[list[str]]:
+  """Every record's `answers` list (a str would be read letter by letter: refused)."""
+  for i, r in enumerate(records):
+    if isinstance(r["answers"], str):
+      raise InputError(f"prediction record {i}: answers is a str ({r['answers'][:40]!r}), not a "
+                       "list of references")
   return [list(r["answers"]) for r in records]
 
 
@@ -32,26 +37,34 @@ def _predictions(records: Records) -> list[str]:
 METRICS: dict[str, Callable[[Records], float]] = {
     "exact_match": lambda rs: metrics.exact_match(_predictions(rs), _answers(rs)),
     "token_f1": lambda rs: metrics.token_f1(_predictions(rs), _answers(rs)),
-    # CuratedTrec: a prediction is right when a gold regex matches it from its start (DrQA's
-    # regex_match_score, which scores predicted answers; the paper does not name its rule).
+    # CuratedTrec: a prediction is right when a gold regex matches it from its start, after NFD
+    # (DrQA's scripts/pipeline/eval.py --regex; the paper does not name its rule).
     "regex_match": lambda rs: metrics.regex_exact_match(_predictions(rs), _answers(rs),
                                                         anchored=True),
+    # MS-MARCO: as ms_marco_eval.py (lower-cased tokens, punctuation kept; ROUGE-L beta 1.2).
     "bleu1": lambda rs: metrics.bleu1(_predictions(rs), _answers(rs)),
     "rouge_l": lambda rs: metrics.rouge_l(_predictions(rs), _answers(rs)),
-    # Q-BLEU-1 scores against one reference question (the first).
+    # Jeopardy: as the Q-BLEU script, against one reference question (the first).
     "qbleu1": lambda rs: metrics.qbleu1(_predictions(rs), [a[0] for a in _answers(rs)]),
+    "qgen_bleu1": lambda rs: metrics.qgen_bleu1(_predictions(rs), [a[0] for a in _answers(rs)]),
     "label_accuracy": lambda rs: metrics.label_accuracy(_predictions(rs),
-                                                        [a[0] for a in _answers(rs)]),
+                                                        [_first(a) for a in _answers(rs)]),
     "distinct_trigrams": lambda rs: metrics.distinct_trigram_ratio(_predictions(rs)),
 }
 
 # Metric name -> the per-question verdict written as `correct` in predictions.jsonl.
 CORRECT: dict[str, CorrectFn] = {
-    "exact_match": lambda p, e: bool(metrics.max_over_ground_truths(
-        metrics.exact_match_score, p, e.answers)),
-    "regex_match": lambda p, e: any(metrics.regex_match(p, g, anchored=True) for g in e.answers),
-    "label_accuracy": lambda p, e: p.strip() == e.answers[0].strip(),
+    "exact_match": lambda p, e: metrics.exact_match([p], [e.answers]) == 1,
+    "regex_match": lambda p, e: metrics.regex_exact_match([p], [e.answers], anchored=True) == 1,
+    "label_accuracy": lambda p, e: metrics.label_accuracy([p], [_first(e.answers)]) == 1,
 }
+
+
+def _first(answers: Sequence[str]) -> str:
+  """The first reference (a str would give its first letter: refused)."""
+  if isinstance(answers, str):
+    raise InputError(f"answers is a str ({answers[:40]!r}), not a list of references")
+  return answers[0]
 
 
 def correct_fn(metric_names: Iterable[str]) -> CorrectFn | None:
