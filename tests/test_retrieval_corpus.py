@@ -65,6 +65,9 @@ def test_dpr_written_by_csv_writer_roundtrips(tmp_path):
     ('1\t"ok"\tA\n2\t"unclosed\tA\n3\t"x"\tB\n', 3, "malformed TSV record"),  # swallows a line
     ('1\t"ok"\tA\n2\t"bad" quote\tA\n', 3, "malformed TSV record"),
     ('1\t"ok"\tA\n\t"no id"\tA\n', 3, "empty passage id"),
+    # Found by tests/test_readers_property.py: a line end in the id or the title.
+    ('"\r"\t""\t""\n', 2, "spans several lines"),
+    ('1\ttext\t"a\rtitle"\n', 2, "spans several lines"),
 ])
 def test_dpr_malformed_rows_name_file_and_line(tmp_path, body, line, message):
   path = tmp_path / "bad.tsv"
@@ -80,6 +83,21 @@ def test_dpr_bad_header(tmp_path):
   path.write_text("id\ttitle\ttext\n1\ta\tb\n")
   with pytest.raises(CorpusFormatError, match=r"x.tsv:1: expected the header"):
     list(iter_passages(path, "dpr"))
+  path.write_text('id\ttext\t"title\n')
+  with pytest.raises(CorpusFormatError, match=r"x.tsv:1: bad header: malformed TSV record"):
+    list(iter_passages(path, "dpr"))
+
+
+def test_dpr_bad_byte_after_the_header_is_reported_on_its_line(tmp_path):
+  # Found by tests/test_readers_property.py: a bad byte on line 2, met by the decoder while the
+  # header is read, was reported as a bad header on line 1.
+  path = tmp_path / "x.tsv"
+  path.write_bytes(b'id\ttext\ttitle\n"\xff"\t""\t""\n')
+  with pytest.raises(CorpusFormatError) as err:
+    list(iter_passages(path, "dpr"))
+  assert err.value.line == 2
+  assert str(err.value) == (f"{path}:2: not valid UTF-8 at byte offset 15 (invalid start byte); "
+                            "is it a binary file?")
 
 
 def _first_bad_line(data: bytes) -> int:

@@ -44,6 +44,7 @@ class CorpusFormatError(UserError, ValueError):
   def __init__(self, path: str | os.PathLike, line: int, message: str):
     self.path = str(path)
     self.line = line
+    self.detail = message
     super().__init__(f"{path}:{line}: {message}")
 
 
@@ -138,11 +139,13 @@ def read_dpr_tsv(path: str | os.PathLike) -> Iterator[Passage]:
     raise CorpusFormatError(path, 1, "empty file; expected the header 'id\\ttext\\ttitle'") \
         from None
   except CorpusFormatError as e:
-    raise CorpusFormatError(path, 1, f"bad header: {e}") from None
+    if e.line != 1:  # Bytes further on, met by the decoder's look-ahead.
+      raise
+    raise CorpusFormatError(path, 1, f"bad header: {e.detail}") from None
   if header != DPR_HEADER:
     raise CorpusFormatError(path, line, f"expected the header 'id\\ttext\\ttitle', found {header}")
   for line, (pid, text, title) in rows:
-    if "\n" in text or "\n" in title or "\r" in text:
+    if any("\n" in field or "\r" in field for field in (pid, text, title)):
       raise CorpusFormatError(path, line, "a field spans several lines (unbalanced quote?)")
     if not pid:
       raise CorpusFormatError(path, line, "empty passage id")
