@@ -156,7 +156,10 @@ def read_msmarco_nlg(path: str | os.PathLike, skip_no_answer: bool = False,
     raise TaskFileError(path, None, 'expected the columnar v2.1 object with a "query" column')
   column = "answers" if answers_fallback else "wellFormedAnswers"
   if not isinstance(data.get(column), dict):
-    raise TaskFileError(path, None, f'no "{column}" column (the public eval file has no answers)')
+    hint = ('; answers_fallback=True (config.eval.msmarco_answers_fallback) scores the "answers" '
+            'column instead'
+            if isinstance(data.get("answers"), dict) else " (the public eval file has no answers)")
+    raise TaskFileError(path, None, f'no "{column}" column{hint}')
   well_formed = data.get("wellFormedAnswers") or {}
   answers = data.get("answers") or {}
   query_ids = data.get("query_id") or {}
