@@ -10,24 +10,30 @@ device against torch), passage encoding. Prints a table and writes <workdir>/<pr
 medians over repeats after warm-up, compile time apart, peak memory, the ratio to the peer and
 the fraction of the machine's measured matmul peak or copy bandwidth. docs/benchmarks.md
 explains every field and records the measured figures.
+
+Every flag is checked before any group runs (benchmarks/cli.py): a bad one prints one line
+`error: ...` and exits 2; a workdir that cannot be written exits 1 (rag_jax/commands/common.py).
 """
 
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 # jax must not reserve most of the accelerator's memory: torch shares the device in this process.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-from absl import app, flags  # noqa: E402
-from absl import logging as absl_logging  # noqa: E402
+from absl import flags  # noqa: E402
 
-from benchmarks import generation, presets, retrieval, runner, train_step  # noqa: E402
+from benchmarks import cli  # noqa: E402
+from rag_jax.commands.common import define_common_flags, run_main  # noqa: E402
+from rag_jax.utils.errors import UsageError, os_errors_under  # noqa: E402
 from rag_jax.utils.host_memory import configure_host_allocator  # noqa: E402
+from rag_jax.utils.logs import LogFile  # noqa: E402
 
 _PRESET = flags.DEFINE_enum("preset", "tiny", ["tiny", "world", "base", "paper"], "Shapes.")
-_WORKLOADS = flags.DEFINE_list("workloads", ["train", "retrieval", "generate", "encode"],
+_WORKLOADS = flags.DEFINE_list("workloads", list(cli.WORKLOADS),
                                "Workload groups to run, in this order.")
 _MAX_BATCH = flags.DEFINE_bool("max_batch", False,
                                "Also find the largest RAG-Sequence training batch that fits "
@@ -35,17 +41,20 @@ _MAX_BATCH = flags.DEFINE_bool("max_batch", False,
 _N_DOCS = flags.DEFINE_list("n_docs", [], "Passages per question to time (default: preset's).")
 _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
                            "Compute dtype; auto = bf16 on accelerators, float32 on CPU.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats (the median is reported).")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls first (the first is compilation).")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats (the median is reported).",
+                                lower_bound=1)
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls first (the first is compilation).",
+                               lower_bound=0)
 _PEERS = flags.DEFINE_bool("peers", True, "Also time transformers / faiss / torch.")
-_INDEX_ROWS = flags.DEFINE_integer("index_rows", 0, "Retrieval rows (0: the preset's).")
+_INDEX_ROWS = flags.DEFINE_integer("index_rows", 0, "Retrieval rows (0: the preset's).",
+                                   lower_bound=0)
 _SCANN = flags.DEFINE_multi_string(
-    "scann", list(retrieval.SCANN_SPECS), "ScaNN settings 'leaves_per_sqrt_n:width[,width]' "
+    "scann", list(cli.SCANN_SPECS), "ScaNN settings 'leaves_per_sqrt_n:width[,width]' "
     "(repeatable); a width is a share of the leaves (0.03) or 'recall=R', the smallest reaching "
     "recall@100 R on held-out queries.")
-_FAISS_EF = flags.DEFINE_list("faiss_ef", [str(ef) for ef in retrieval.FAISS_EF],
+_FAISS_EF = flags.DEFINE_list("faiss_ef", [str(ef) for ef in cli.FAISS_EF],
                               "faiss HNSW efSearch values.")
-_HNSW_M = flags.DEFINE_integer("hnsw_m", 128, "faiss HNSW links per node.")
+_HNSW_M = flags.DEFINE_integer("hnsw_m", 128, "faiss HNSW links per node.", lower_bound=2)
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/benchmark", "Where the JSON and log go.")
 _BUDGET = flags.DEFINE_float("time_budget_s", 3600.0, "Groups starting later are skipped.")
 _ISOLATE = flags.DEFINE_enum("isolate", "auto", ["auto", "yes", "no"],
@@ -54,7 +63,7 @@ _ISOLATE = flags.DEFINE_enum("isolate", "auto", ["auto", "yes", "no"],
 _PROFILE = flags.DEFINE_integer(
     "profile", 0, "Trace this many more calls of each training step (and of the largest device "
     "search) with jax.profiler and add a per-op summary to the JSON (benchmarks/profile.py).")
-_TRAIN_KINDS = flags.DEFINE_list("train_kinds", ["rag_sequence", "rag_token"],
+_TRAIN_KINDS = flags.DEFINE_list("train_kinds", list(cli.TRAIN_KINDS),
                                  "RAG models of the train workload.")
 _ATTENTION = flags.DEFINE_list(
     "attention", ["xla"],
@@ -68,24 +77,25 @@ _RESCORE = flags.DEFINE_list(
     "int, auto (the library's default: a quarter) or all (one pass, one call).")
 _GROUP = flags.DEFINE_string("group", None, "Internal: run one group and write --child_out.")
 _CHILD_OUT = flags.DEFINE_string("child_out", None, "Internal: the child's result file.")
+define_common_flags(flags.FLAGS)
+flags.declare_key_flag("traceback")
+for _name, _check in (("workloads", cli.check_workloads), ("n_docs", cli.check_positive_ints),
+                      ("faiss_ef", cli.check_positive_ints), ("scann", cli.check_scann),
+                      ("train_kinds", cli.check_train_kinds), ("attention", cli.check_attention),
+                      ("rescore", cli.check_rescore), ("group", cli.check_group),
+                      ("time_budget_s", cli.check_time_budget)):
+  flags.register_validator(_name, _check)
+flags.register_multi_flags_validator(["group", "child_out"],
+                                    lambda v: not v["group"] or bool(v["child_out"]),
+                                    "--group needs --child_out")
 
 
-def main(argv):
-  del argv
-  unknown = sorted(set(_TRAIN_KINDS.value) - set(train_step.KINDS))
-  if unknown:
-    raise app.UsageError(f"--train_kinds: unknown {unknown}; choose from {list(train_step.KINDS)}")
-  preset = presets.get(_PRESET.value)
-  for spec in _RESCORE.value:
-    try:
-      generation.rescore_setting(spec, preset, preset.n_docs[0])
-    except ValueError as error:
-      raise app.UsageError(f"--rescore: {error}") from error
-  attentions = _ATTENTION.value
-  if not attentions or sorted(set(attentions) - {"xla", "cudnn"}) or (
-      len(set(attentions)) < len(attentions)):
-    raise app.UsageError(f"--attention: {attentions}; name each of xla, cudnn at most once")
+def benchmark(positional: list[str]) -> None:
+  """The run of the parsed (and checked) flags."""
+  if positional:
+    raise UsageError(f"unexpected arguments {positional}; every setting is a flag")
   configure_host_allocator()  # As train.py does; before jax starts its CPU client.
+  from benchmarks import runner  # here: it loads jax and torch (seconds), after the flags
   options = {"preset": _PRESET.value, "dtype": _DTYPE.value, "repeats": _REPEATS.value,
              "warmup": _WARMUP.value, "n_docs": [int(n) for n in _N_DOCS.value],
              "peers": _PEERS.value, "workdir": _WORKDIR.value,
@@ -94,26 +104,31 @@ def main(argv):
              "faiss_ef": [int(v) for v in _FAISS_EF.value], "hnsw_m": _HNSW_M.value,
              "profile": _PROFILE.value, "train_kinds": _TRAIN_KINDS.value,
              "attention": _ATTENTION.value, "rescore": _RESCORE.value}
-  Path(options["workdir"]).mkdir(parents=True, exist_ok=True)
-  # Library INFO lines go to the workdir's log; the console keeps warnings, phases and results.
-  handler = logging.FileHandler(Path(options["workdir"]) / "benchmark.log")
-  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-  logging.getLogger().addHandler(handler)
-  logging.getLogger().setLevel(logging.INFO)
-  absl_logging.get_absl_handler().setLevel(logging.WARNING)
-  if _GROUP.value:  # A child: one group, its result to a file.
-    out = Path(_CHILD_OUT.value)
-    result = runner.run_group(_GROUP.value, options,
-                              lambda rows: runner.write_json(runner.partial_path(out), rows))
-    runner.write_json(out, result)
-    return
-  groups = ["ceilings", *_WORKLOADS.value]
-  if _MAX_BATCH.value:
-    groups += ["max_batch_jax", "max_batch_torch"]
-  report = runner.run(options, groups, " ".join(["python", *sys.argv]))
-  print(runner.table(report))
-  print(f"JSON: {Path(options['workdir']) / (options['preset'] + '.json')}")
+  with os_errors_under(options["workdir"]):
+    Path(options["workdir"]).mkdir(parents=True, exist_ok=True)
+    # Library INFO lines go to the workdir's log; the console keeps warnings, phases and results.
+    handler = LogFile(Path(options["workdir"]) / "benchmark.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+    if _GROUP.value:  # A child: one group, its result to a file.
+      out = Path(_CHILD_OUT.value)
+      result = runner.run_group(_GROUP.value, options,
+                                lambda rows: runner.write_json(runner.partial_path(out), rows))
+      runner.write_json(out, result)
+      return
+    groups = ["ceilings", *_WORKLOADS.value]
+    if _MAX_BATCH.value:
+      groups += ["max_batch_jax", "max_batch_torch"]
+    report = runner.run(options, groups, " ".join(["python", *sys.argv]))
+    print(runner.table(report))
+    print(f"JSON: {Path(options['workdir']) / (options['preset'] + '.json')}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Benchmarks with argv's flags (default sys.argv[1:]); returns the exit code."""
+  return run_main(flags.FLAGS, "python benchmark.py", __doc__, argv, benchmark)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(main())

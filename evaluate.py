@@ -1,4 +1,4 @@
-"""Evaluates a checkpoint and an index: `python evaluate.py --config=... --workdir=...`.
+r"""Evaluates a checkpoint and an index: `python evaluate.py --config=... --workdir=...`.
 
     python evaluate.py                                      # ./workdir, a finished default run
     python evaluate.py --config=configs/paper_nq.py --workdir=runs/nq \
@@ -8,56 +8,69 @@
 Writes <workdir>/eval/<row>/predictions.jsonl and metrics.json and prints this run beside the
 paper's number (or, for the default job, beside train.py's report); a killed evaluation resumes.
 Modes and files: docs/evaluation.md. Runs from any directory: the default config is found
-beside this file.
+beside this file. Errors: one line `error: ...`, exit 2 for a bad flag, override or config file
+and 1 for any other anticipated failure; --traceback shows its traceback
+(rag_jax/commands/common.py, docs/failure_modes.md).
 """
 
+import importlib
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from rag_jax.commands.common import one_line_errors
-from rag_jax.evaluation import paper, runner
-from rag_jax.experiments.world import evaluation as world_evaluation
+from rag_jax.commands.common import ConfigFile, define_common_flags, run_main
+from rag_jax.utils.errors import UsageError, os_errors_under
 from rag_jax.utils.host_memory import configure_host_allocator
 from rag_jax.utils.logs import quiet_console
 
-# config.trainer -> the evaluation runs of that kind of config: (config, workdir) -> [EvalRun].
-RUNS = {"world": world_evaluation.evaluation_runs, "rag": paper.paper_runs}
+FLAGS = flags.FLAGS
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", str(Path(__file__).resolve().parent / "configs" / "default.py"),
-    "Experiment config file: configs/paper_<task>.py, or the default job's for its workdir.")
+# config.trainer -> the module whose evaluation_runs / paper_runs (config, workdir) -> [EvalRun]
+# gives the evaluation runs of that kind of config (imported once the flags are parsed: they
+# load jax and the models, seconds, and a bad flag is refused before).
+RUNS = {"world": ("rag_jax.experiments.world.evaluation", "evaluation_runs"),
+        "rag": ("rag_jax.evaluation.paper", "paper_runs")}
+
+CONFIG = ConfigFile(Path(__file__).resolve().parent / "configs" / "default.py",
+                    "Experiment config file: configs/paper_<task>.py, or the default job's for "
+                    "its workdir.")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Where eval/ goes (a finished default run "
                                "for configs/default.py).")
 _RETRIEVAL_ONLY = flags.DEFINE_bool("retrieval_only", False, "Only the question encoder and the "
                                     "index: recall@k and precision@k (config.eval.recall_ks).")
-_TRACEBACK = flags.DEFINE_bool("traceback", False, "On an anticipated error (a missing file, a "
-                                "bad setting), show its traceback instead of one 'error:' line.")
 _DOCS = flags.DEFINE_string("docs", "", "The paper's Figure 3: evaluate at each of these numbers "
                             "of docs, e.g. 5,10,20,30,40,50 (table and PNG plot).")
+define_common_flags(FLAGS)
+flags.declare_key_flag("config")
+flags.declare_key_flag("traceback")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a flag")
+def evaluate(positional: list[str]) -> None:
+  """The evaluation of the parsed flags."""
+  if positional:
+    raise UsageError(f"unexpected arguments {positional}; every setting is a flag")
   configure_host_allocator()  # Before jax starts its CPU client.
   quiet_console()
-  config = _CONFIG.value
+  config = CONFIG.value
   kind = config.get("trainer")
   if kind not in RUNS or "eval" not in config:
-    raise app.UsageError(f"{flags.FLAGS['config'].config_filename}: not an evaluation config "
-                         f"(config.trainer {kind!r}, expected one of {sorted(RUNS)}, and an "
-                         "`eval` group); use configs/paper_<task>.py or configs/default.py")
-
-  def run() -> None:
-    runner.evaluate(RUNS[kind](config, _WORKDIR.value), _WORKDIR.value,
+    raise UsageError(f"{CONFIG.path}: not an evaluation config (config.trainer {kind!r}, "
+                     f"expected one of {sorted(RUNS)}, and an `eval` group); use "
+                     "configs/paper_<task>.py or configs/default.py")
+  module, runs = RUNS[kind]
+  runs = getattr(importlib.import_module(module), runs)
+  from rag_jax.evaluation import runner  # here: it loads jax and the models, after the flags
+  with os_errors_under(_WORKDIR.value):
+    runner.evaluate(runs(config, _WORKDIR.value), _WORKDIR.value,
                     retrieval_only=_RETRIEVAL_ONLY.value, docs=runner.ints(_DOCS.value))
 
-  if code := one_line_errors(run, _TRACEBACK.value):
-    sys.exit(code)
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Evaluates with argv's flags (default sys.argv[1:]); returns the exit code."""
+  return run_main(FLAGS, "python evaluate.py", __doc__, argv, evaluate, config=CONFIG)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(main())

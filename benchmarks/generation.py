@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from benchmarks import flops, models, timing
+from benchmarks.cli import rescore_setting
 from benchmarks.presets import Preset
 from rag_jax.decoding.generation import generate
 
@@ -41,25 +42,6 @@ def _agreement(a: np.ndarray, b: np.ndarray) -> float:
   width = max(a.shape[1], b.shape[1])
   pad = lambda x: np.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=-1)  # noqa: E731
   return float(np.mean(np.all(pad(a) == pad(b), axis=1)))
-
-
-def rescore_setting(spec: str, preset: Preset, n_docs: int) -> tuple[int | None, int | None]:
-  """'G:W' -> (rescore_candidates, rescore_positions) of thorough decoding: each a positive
-  int, 'auto' (None: the library's default, a quarter) or 'all' (one pass of all n x beams
-  candidates, one call over all max_length - 1 positions)."""
-  parts = spec.split(":")
-  if len(parts) != 2:
-    raise ValueError(f"rescore setting {spec!r}: expected G:W, e.g. auto:auto or all:all")
-  every = (n_docs * preset.num_beams, preset.target_length - 1)
-  out = []
-  for part, full in zip(parts, every, strict=True):
-    if part in ("auto", "all"):
-      out.append(None if part == "auto" else full)
-    elif part.isdigit() and int(part) > 0:
-      out.append(int(part))
-    else:
-      raise ValueError(f"rescore setting {spec!r}: {part!r} is not a positive int, auto or all")
-  return out[0], out[1]
 
 
 def run_case(preset: Preset, kind: str, decoding: str, n_docs: int, dtype: str, repeats: int,

@@ -23,17 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import flops, profile, timing
+from benchmarks.cli import FAISS_EF, SCANN_SPECS
 from benchmarks.presets import Preset
 from rag_jax.parallel import data_mesh
 from rag_jax.retrieval.exact import ExactConfig, ExactIndex, make_search_fn
 from rag_jax.retrieval.synthetic import clustered_embeddings, noisy_copies, recall_at
 
 KS = (1, 20, 100)
-# The defaults of benchmark.py's --scann and --faiss_ef: ScaNN's default width and the width
-# tuned to recall@100 0.95; faiss HNSW at three efSearch values, so that each ScaNN row finds a
-# faiss setting of about its recall.
-SCANN_SPECS = ("2:0.03,recall=0.95",)
-FAISS_EF = (128, 256, 512)
 
 
 def numpy_exact(queries: np.ndarray, db: np.ndarray, k: int, block: int = 256) -> np.ndarray:

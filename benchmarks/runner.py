@@ -26,11 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import presets, timing
+from benchmarks.cli import GROUPS
 from rag_jax.utils import host_memory
 from rag_jax.utils.atomic import atomic_file
-
-GROUPS = ("ceilings", "train", "retrieval", "generate", "encode", "max_batch_jax",
-          "max_batch_torch")
 
 
 def run_group(group: str, options: dict[str, Any],

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import flops, presets, profile
+from benchmarks import cli, flops, presets, profile, train_step
 from benchmarks import report as report_md
 from benchmarks.retrieval import faiss_at_recall
 
@@ -290,3 +290,39 @@ def test_groups_run_in_child_processes_and_time_each_attention(tmp_path):
   assert cudnn["peer"] == xla["peer"] and xla["peer"]["median_s"] > 0
   assert "cudnn attention: ValueError" in proc.stdout
   assert "rag_jax failed: ValueError" in report_md.render(report)
+
+
+BAD_FLAGS = [
+    ("--workloads=train,nonsense", "flag --workloads=['train', 'nonsense']: unknown nonsense; "
+     "choose from train, retrieval, generate, encode"),
+    ("--repeats=-3", "flag --repeats=-3: -3 is not a positive integer"),
+    ("--n_docs=abc", "flag --n_docs=['abc']: 'abc': expected whole numbers >= 1"),
+    ("--faiss_ef=64,0", "flag --faiss_ef=['64', '0']: '0': expected whole numbers >= 1"),
+    ("--scann=2:recall=1.5", "flag --scann=['2:recall=1.5']: '2:recall=1.5': expected "
+     "leaves_per_sqrt_n:width[,width...], leaves_per_sqrt_n > 0 and each width a share of the "
+     "leaves in (0, 1] or recall=R with R in (0, 1], e.g. 2:0.03,recall=0.95"),
+    ("--rescore=4:none", "flag --rescore=['4:none']: rescore setting '4:none': 'none' is not a "
+     "positive int, auto or all"),
+    ("--train_kinds=rag_token,rag_token", "flag --train_kinds=['rag_token', 'rag_token']: each "
+     "may be named once"),
+    ("--time_budget_s=0", "flag --time_budget_s=0.0: must be a number of seconds > 5 (a group "
+     "starts only with more than 5 s left)"),
+    ("--hnsw_m=1", "flag --hnsw_m=1: 1 is not integer >= 2"),
+]
+
+
+@pytest.mark.parametrize("flag,message", BAD_FLAGS, ids=[f for f, _ in BAD_FLAGS])
+def test_bad_flags_are_refused_before_any_work(flag, message, tmp_path):
+  """Each flag is checked before the first group runs (it used to run the train workload, or
+  write a JSON of errors, and exit 0): one line, exit 2, no workdir."""
+  proc = subprocess.run([sys.executable, "benchmark.py", flag, f"--workdir={tmp_path / 'b'}"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=60, env=_user_env())
+  assert (proc.returncode, proc.stdout) == (2, "")
+  assert proc.stderr == f"error: {message} (see python benchmark.py --help)\n"
+  assert not (tmp_path / "b").exists()
+
+
+def test_flag_choices_are_the_workloads():
+  assert train_step.KINDS == cli.TRAIN_KINDS
+  assert cli.rescore_setting("all:auto", presets.get("tiny"), 3) == (
+      3 * presets.get("tiny").num_beams, None)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from rag_jax.utils.logs import workdir_logging
+from rag_jax.utils.logs import WorkdirLogFile, workdir_logging
 
 
 @pytest.fixture
@@ -77,3 +78,26 @@ def test_no_pytorch_advice_on_a_torch_less_install():
                           env=env, cwd=Path(__file__).resolve().parents[1], timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   assert "PyTorch was not found" not in result.stderr
+
+
+class _FullDisk(io.StringIO):
+  def write(self, text: str) -> int:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_log_file_that_cannot_be_written_says_so_once(tmp_path, capsys):
+  """A full disk under the workdir: one warning line naming the file and the cause (logging's
+  own handler printed a traceback for every record), and the run goes on."""
+  handler = WorkdirLogFile(tmp_path / "train.log")
+  handler.stream.close()
+  handler.stream = _FullDisk()
+  log = logging.getLogger("rag_jax.test.full")
+  log.addHandler(handler)
+  try:
+    for step in range(3):
+      log.warning("step %d", step)
+  finally:
+    log.removeHandler(handler)
+    handler.close()
+  assert capsys.readouterr().err == (f"warning: {tmp_path / 'train.log'}: No space left on device "
+                                     "(errno 28); log records are not written there from now on\n")

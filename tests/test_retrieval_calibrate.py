@@ -250,7 +250,7 @@ def test_tune_index_command_on_questions_through_the_question_encoder(data, dpr_
                           f"--questions={tmp_path / 'none.txt'}"]) == 1
   assert "none.txt: no such questions file" in capsys.readouterr().err
   assert tune_index.main([f"--dir={out}", f"--question_encoder={tmp_path / 'qenc'}",
-                          f"--questions={tmp_path / 'q.qa.csv'}", "--reorders=200,lots"]) == 1
+                          f"--questions={tmp_path / 'q.qa.csv'}", "--reorders=200,lots"]) == 2
   assert "--reorders: expected whole numbers, got 200,lots" in capsys.readouterr().err
   build_from_corpus(root / "psgs_w100.tsv", out, dpr_embeddings=[str(p) for p in pickles],
                     allow_pickle=True, index_type="exact", progress=False)

@@ -10,6 +10,7 @@ rag_jax/answer.py.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
@@ -17,8 +18,15 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 from absl import flags
 
-from rag_jax.answer import RagAnswerer, format_answer
-from rag_jax.commands.common import ask, define_common_flags, parse_flags, run_command
+from rag_jax.answer import Answer, RagAnswerer, format_answer
+from rag_jax.commands.common import (
+  ask,
+  define_common_flags,
+  parse_flags,
+  printable,
+  printable_paragraph,
+  run_command,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +44,22 @@ flags.DEFINE_integer("num_return_sequences", 1, "Answers per question.", lower_b
                      flag_values=FLAGS)
 flags.DEFINE_enum("decoding", "thorough", ["thorough", "fast"],
                   "RAG-Sequence decoding (RAG-Token has one).", flag_values=FLAGS)
-flags.DEFINE_string("dtype", "float32", "Compute dtype (bfloat16 on accelerators).",
-                    flag_values=FLAGS)
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                  "Compute dtype (bfloat16 on accelerators).", flag_values=FLAGS)
 flags.DEFINE_integer("max_chars", 300, "Truncate printed passages.", flag_values=FLAGS)
 define_common_flags(FLAGS)
+
+
+def printable_answer(answer: Answer) -> Answer:
+  """`answer` as the console shows it: its question, answers, titles and ids through
+  rag_jax.commands.common.printable, its passage texts through printable_paragraph (control
+  characters of the corpus or the generator escaped)."""
+  return dataclasses.replace(
+      answer, question=printable(answer.question), text=printable(answer.text),
+      alternatives=tuple((printable(text), score) for text, score in answer.alternatives),
+      passages=tuple(dataclasses.replace(hit, title=printable(hit.title), id=printable(hit.id),
+                                         text=printable_paragraph(hit.text))
+                     for hit in answer.passages))
 
 
 def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> int:
@@ -57,7 +77,8 @@ def _answer(questions: list[str], stdin, stdout) -> int:
   def answer(batch: list[str]) -> str:
     for line in answerer.retriever.check(batch).unknown_warnings():
       log.warning("%s", line)
-    return "\n".join(format_answer(a, FLAGS.max_chars) for a in answerer(batch, **options))
+    return "\n".join(format_answer(printable_answer(a), FLAGS.max_chars)
+                     for a in answerer(batch, **options))
 
   return ask(questions, answer, stdin, stdout)
 

@@ -13,7 +13,14 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from rag_jax.commands.common import ask, define_common_flags, parse_flags, run_command
+from rag_jax.commands.common import (
+  ask,
+  define_common_flags,
+  parse_flags,
+  printable,
+  printable_paragraph,
+  run_command,
+)
 from rag_jax.retrieval.retriever import Hit, Retriever
 
 log = logging.getLogger(__name__)
@@ -31,11 +38,15 @@ define_common_flags(FLAGS)
 
 
 def format_hits(question: str, hits: Sequence[Hit], max_chars: int) -> str:
-  lines = [f"Q: {question}"]
+  """The question and its passages as the console shows them: one line per passage (rank, doc
+  score, title, id, row), then its text shortened to `max_chars` and wrapped. Control
+  characters of the corpus are escaped (rag_jax.commands.common.printable)."""
+  lines = [f"Q: {printable(question)}"]
   for rank, h in enumerate(hits, 1):
     text = textwrap.shorten(h.text, max_chars, placeholder=" ...") if h.text else ""
-    lines.append(f"  {rank:>2}. [{h.score:9.4f}] {h.title} (id {h.id}, row {h.row})")
-    lines.append(textwrap.indent(textwrap.fill(text, 96), "      "))
+    lines.append(f"  {rank:>2}. [{h.score:9.4f}] {printable(h.title)} (id {printable(h.id)}, "
+                 f"row {h.row})")
+    lines.append(textwrap.indent(textwrap.fill(printable_paragraph(text), 96), "      "))
   return "\n".join(lines)
 
 

@@ -5,7 +5,8 @@ the jobs themselves).
 Libraries' INFO records (orbax's per-save lines, jax's backend probing, absl) and the metric
 records therefore reach train.log and never the console. Two known-harmless library warnings are
 kept off the console too (they still reach the file): orbax's note that rag_jax registers its own
-jax.Array checkpoint handler (rag_jax/training/loop.py does so on purpose).
+jax.Array checkpoint handler (rag_jax/training/loop.py does so on purpose). A log file that
+cannot be written (a full disk) says so in one warning line and is given up (`LogFile`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,31 @@ def quiet_console() -> None:
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
 
 
-class WorkdirLogFile(logging.FileHandler):
+class LogFile(logging.FileHandler):
+  """A log file that, when it cannot be written (a full disk, a read-only mount), says so once
+  on stderr, in one line naming the file and the cause, and drops its records from then on.
+  (logging's own handler prints a traceback for every record it fails to write; the run's
+  outputs report their own write errors.)"""
+
+  failed = False
+
+  def emit(self, record: logging.LogRecord) -> None:
+    if not self.failed:
+      super().emit(record)
+
+  def handleError(self, record: logging.LogRecord) -> None:
+    error = sys.exc_info()[1]
+    if not isinstance(error, OSError):
+      super().handleError(record)
+      return
+    if not self.failed:
+      self.failed = True
+      cause = f"{error.strerror} (errno {error.errno})" if error.strerror else str(error)
+      print(f"warning: {self.baseFilename}: {cause}; log records are not written there from "
+            "now on", file=sys.stderr, flush=True)
+
+
+class WorkdirLogFile(LogFile):
   """A workdir's log file (nested jobs each keep theirs, all at INFO)."""
 
 
