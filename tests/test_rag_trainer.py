@@ -97,10 +97,19 @@ def test_trains_resumes_and_exports(setup, tmp_path):
   assert report["devices"] == 8 and 0 <= report["val_answer_recall_at_2"] <= 1
   assert report["retrieval"] == "device"  # "auto": the test index fits the devices
 
+  # Stopped after the record of step 15, before the checkpoint of step 20 (the last one is at
+  # step 10), as a kill there would: the resumed run redoes steps 11-15.
   assert rag_trainer.train_and_evaluate(_config(root, dirs), str(tmp_path / "killed"),
-                                        stop_after=10) is None
+                                        stop_after=15) is None
   resumed = rag_trainer.train_and_evaluate(_config(root, dirs), str(tmp_path / "killed"))
   assert resumed["val_loss"] == report["val_loss"]
+  # Its metrics.jsonl holds each step's record once, with the uninterrupted run's figures.
+  figures = ("step", "loss", "loss_per_token", "top_doc_prior", "val_loss")
+  killed = [json.loads(x) for x in (tmp_path / "killed" / "metrics.jsonl").read_text()
+            .splitlines() if x]
+  assert [r["step"] for r in killed] == [5, 10, 15, 20]
+  assert ([{k: r[k] for k in figures if k in r} for r in killed]
+          == [{k: r[k] for k in figures if k in r} for r in lines])
   _, a = load_pretrained(tmp_path / "full" / "export")
   _, b = load_pretrained(tmp_path / "killed" / "export")
   jax.tree.map(np.testing.assert_array_equal, a, b)
