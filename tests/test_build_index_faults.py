@@ -4,6 +4,7 @@ makes, and no partial directory is ever visible under the output's name."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,7 +14,10 @@ from pathlib import Path
 import pytest
 
 from rag_jax.commands import build_index
+from rag_jax.retrieval.backends import load_index
+from rag_jax.retrieval.embeddings import EmbeddingFormatError
 from rag_jax.retrieval.pipeline import MANIFEST
+from rag_jax.retrieval.store import PassageStore, StoreFormatError
 from rag_jax.utils import lock
 from rag_jax.utils.faults import KILL_ENV
 from tests.test_retrieval_pipeline import world  # noqa: F401 (the fixture: corpus + encoders)
@@ -177,3 +181,32 @@ def test_build_index_without_an_encoder_is_a_usage_error(world, tmp_path, capsys
       "directory that encodes the passages) or --dpr_embeddings (DPR's wikipedia_passages_*.pkl "
       "files, with --allow_pickle)\n(see python -m rag_jax.commands.build_index --help)\n")
   assert not list(tmp_path.iterdir())
+
+
+def test_damaged_files_are_named_and_a_rerun_rebuilds_them(world, tmp_path, capsys):  # noqa: F811
+  # A shard of the saved index cut short on disk: named by the index's loader (the old one
+  # opened it, then numpy failed with "mmap length is greater than file size", naming no file);
+  # rerunning the same build encodes it again and rebuilds the index, as the message says.
+  root, corpus, *_ = world
+  out = tmp_path / "kb"
+  assert build_index.main(_flags(root, corpus, out)) == 0
+  whole = _tree(out)
+  shard = out / "index" / "embeddings" / "shard-00001.npy"
+  shard.write_bytes(shard.read_bytes()[:-7])
+  with pytest.raises(EmbeddingFormatError, match=rf"^{shard}: \d+ bytes, expected \d+ .*"
+                                                 r"rerun python -m rag_jax\.commands\.build_index "
+                                                 r"with the same --corpus and --out"):
+    load_index(out / "index")
+  capsys.readouterr()
+  assert build_index.main(_flags(root, corpus, out)) == 0
+  assert "shard-00001.npy: " in capsys.readouterr().err  # the warning: encoded again
+  assert _tree(out) == whole
+  # A cut passage store: named; deleted and built again as the message says, the same files.
+  text = out / "passages" / "text.bin"
+  text.write_bytes(text.read_bytes()[:-3])
+  with pytest.raises(StoreFormatError, match=rf"^{text}: \d+ bytes, expected \d+ .*delete "
+                                             rf"{out / 'passages'} and rerun"):
+    PassageStore(out / "passages")
+  shutil.rmtree(out / "passages")
+  assert build_index.main(_flags(root, corpus, out)) == 0
+  assert _tree(out) == whole
