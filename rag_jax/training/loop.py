@@ -34,34 +34,77 @@ def _leaves(tree: Any, prefix: str = "config") -> dict[str, Any]:
   return {prefix: tree}
 
 
-def config_differences(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
-  """`config.a.b: X in the workdir, Y now` for each leaf that differs (missing: <absent>)."""
+# Config fields that only evaluation reads, per config.trainer: a difference in one of them never
+# refuses a workdir (the trained models stay valid); the workdir's config.json takes the new
+# values and the trainer redoes the evaluation that used the old ones (the `on_evaluation_change`
+# of check_workdir). A pattern is a dotted path below the config, `*` standing for one name.
+#   world        `eval`: read by the job's evaluation phase (and evaluate.py) only.
+#   world_paper  each world's `eval`, `paper` (Figure 2 and 3 settings) and the FEVER-like rows'
+#                decoding length: read by the evaluation phases only.
+#   rag          `eval` (the paper-row configs' group): read by evaluate.py only.
+EVALUATION_ONLY: dict[str, tuple[str, ...]] = {
+    "world": ("eval",),
+    "world_paper": ("worlds.*.eval", "paper", "fever.max_label_tokens"),
+    "rag": ("eval",),
+}
+
+
+def evaluation_only(field: str, trainer: str | None) -> bool:
+  """Whether the dotted leaf `config.a.b...` is an evaluation-only field of `trainer`."""
+  parts = field.split(".")[1:]  # without the leading "config"
+  for pattern in EVALUATION_ONLY.get(trainer or "", ()):
+    names = pattern.split(".")
+    if len(names) <= len(parts) and all(n in ("*", p) for n, p in zip(names, parts[:len(names)],
+                                                                          strict=True)):
+      return True
+  return False
+
+
+def config_differences(previous: dict[str, Any], current: dict[str, Any],
+                       keep: Callable[[str], bool] = lambda field: True) -> list[str]:
+  """`config.a.b: X in the workdir, Y now` for each leaf that differs (missing: <absent>) and
+  that `keep` selects."""
   old, new = _leaves(previous), _leaves(current)
   absent = "<absent>"
   return [f"{k}: {json.dumps(old.get(k, absent))} in the workdir, {json.dumps(new.get(k, absent))}"
-          " now" for k in sorted(set(old) | set(new)) if old.get(k, absent) != new.get(k, absent)]
+          " now" for k in sorted(set(old) | set(new))
+          if old.get(k, absent) != new.get(k, absent) and keep(k)]
 
 
-def check_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
+def check_workdir(config: ml_collections.ConfigDict, workdir: Path,
+                  on_evaluation_change: Callable[[list[str]], None] | None = None) -> None:
   """Records the config in workdir/config.json, or refuses a workdir holding another config.
 
   Call it once the config is validated (rag_jax/training/config_check.py) and the workdir lock is
   held: the config is recorded only by a run that starts with it, so a refused config never
   locks the workdir out of the corrected rerun. The error names every differing leaf field with
-  both values.
+  both values. Fields that only evaluation reads (EVALUATION_ONLY, by config.trainer) never
+  refuse: where only they differ, `on_evaluation_change(differences)` first discards what the
+  evaluation made with the recorded values, then config.json is rewritten with the new ones (in
+  this order, so a kill between the two leaves a workdir whose rerun does both again).
   """
   saved = workdir / "config.json"
   current = json.loads(config.to_json_best_effort())
   if saved.exists():
     previous = json.loads(saved.read_text())
-    if previous != current:
-      diff = config_differences(previous, current)
+    if previous == current:
+      return
+    trainer = previous.get("trainer") if isinstance(previous, dict) else None
+    if trainer != current.get("trainer"):
+      trainer = None  # another kind of run altogether: every field counts
+    blocking = config_differences(previous, current,
+                                  lambda field: not evaluation_only(field, trainer))
+    if blocking:
       raise WorkdirConfigError(
-          f"{workdir} holds a run with another config ({'; '.join(diff)}); use a new --workdir, "
-          f"rerun with the values of {saved}, or delete {workdir}")
-  else:
-    with atomic_file(saved, "w") as f:
-      f.write(json.dumps(current, indent=2, sort_keys=True) + "\n")
+          f"{workdir} holds a run with another config ({'; '.join(blocking)}); use a new "
+          f"--workdir, rerun with the values of {saved}, or delete {workdir}")
+    changed = config_differences(previous, current)
+    logging.warning("%s: evaluation settings changed (%s): the trained models are kept, their "
+                    "evaluation is redone", workdir, "; ".join(changed))
+    if on_evaluation_change is not None:
+      on_evaluation_change(changed)
+  with atomic_file(saved, "w") as f:
+    f.write(json.dumps(current, indent=2, sort_keys=True) + "\n")
 
 
 METRICS_FILE = "metrics.jsonl"
