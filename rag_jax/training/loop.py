@@ -99,8 +99,9 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: Path,
           f"{workdir} holds a run with another config ({'; '.join(blocking)}); use a new "
           f"--workdir, rerun with the values of {saved}, or delete {workdir}")
     changed = config_differences(previous, current)
-    logging.warning("%s: evaluation settings changed (%s): the trained models are kept, their "
-                    "evaluation is redone", workdir, "; ".join(changed))
+    logging.warning("%s: only fields that evaluation alone reads differ from %s (%s): the "
+                    "training is kept and %s takes the new values", workdir, saved.name,
+                    "; ".join(changed), saved.name)
     if on_evaluation_change is not None:
       on_evaluation_change(changed)
   with atomic_file(saved, "w") as f:
