@@ -62,7 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
   # and the token lengths measured on the world. The closed-book baseline trains with the same
   # batch, steps and schedule.
   config.rag = rag_finetune.get_config()
-  config.rag.n_docs = 5  # Passages retrieved per question (paper: 5 or 10).
+  config.rag.n_docs = 5  # Passages retrieved per question (paper: 5 or 10; <= the passages).
   config.rag.label_smoothing = 0.0  # Epsilon of the marginal likelihood.
   # Labels `<s> <s> answer </s>` (start token prepended): the answer is predicted after the
   # start token, as in generation. With the reference's `<s> answer </s>` the fresh BART never
@@ -82,9 +82,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.rag.checkpoint_every = 100  # Steps between orbax checkpoints (a kill resumes).
   config.rag.keep_checkpoints = 1  # Checkpoints kept on disk.
 
+  # Read by the evaluation phase only: changed on a trained workdir, the trained models are kept
+  # and the evaluation runs again (rag_jax/training/loop.py, EVALUATION_ONLY).
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 100  # Questions per decoding batch.
   config.eval.num_beams = 1  # Greedy decoding (beam search works too; slower on CPU).
   config.eval.max_answer_tokens = 8  # Decoder length limit (with the start and end tokens).
-  config.eval.recall_ks = (1, 5, 20)  # recall@k of the question encoder.
+  config.eval.recall_ks = (1, 5, 20)  # recall@k of the question encoder (each k <= passages).
   return config

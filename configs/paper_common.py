@@ -43,6 +43,8 @@ def get_config(task: str, *, reader: str, test_file_hint: str, metrics: tuple[st
   """
   config = rag_finetune.get_config()
   config.rag_checkpoint = ""  # Training starts here; evaluation falls back to it (see below).
+  # Read by evaluate.py only (train.py checks it first): changed on a trained workdir, the
+  # training is kept (rag_jax/training/loop.py, EVALUATION_ONLY).
   ev = config.eval = ml_collections.ConfigDict()
   ev.task = task  # The row's name; results go to <workdir>/eval/<task>-<model_type>-<split>/.
   ev.reader = reader  # rag_jax.data.tasks reader of test_file (rag_jax/evaluation/paper.py).
@@ -62,7 +64,8 @@ def get_config(task: str, *, reader: str, test_file_hint: str, metrics: tuple[st
   ev.min_length = 0  # 0: the checkpoint's own generation defaults (min_length 1 in the hub's).
   ev.batch_size = 8  # Questions per fixed-shape batch (transformers' eval_rag.py: 8).
   ev.metrics = metrics  # rag_jax.evaluation.scoring.METRICS names; the first is the headline.
-  ev.recall_ks = (1, 5, 10, 20, 50, 100)  # --retrieval_only: recall@k and precision@k.
+  # --retrieval_only: recall@k and precision@k (depths beyond the index's passages left out).
+  ev.recall_ks = (1, 5, 10, 20, 50, 100)
   ev.paper_label = paper_label  # The column the paper's numbers are printed under.
   for model_type in ("rag_sequence", "rag_token"):
     row = ev[model_type] = ml_collections.ConfigDict(test[model_type])

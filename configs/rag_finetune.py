@@ -7,7 +7,8 @@
 
 Either `rag_checkpoint` (a transformers RAG directory with its tokenizers), or
 `question_encoder_checkpoint` (DPRQuestionEncoder) + `generator_checkpoint` (BART), each with its
-tokenizer saved beside it.
+tokenizer saved beside it. The paths are empty here: train.py names every one left to set, in one
+line, before any work.
 """
 
 import ml_collections
@@ -27,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.dtype = "float32"  # Compute dtype; "bfloat16" on accelerators. Params stay fp32.
   config.seed = 42  # Data order and dropout keys (finetune_rag's default seed).
 
-  config.n_docs = 5  # Passages retrieved per question (paper: 5 or 10 for training).
+  config.n_docs = 5  # Passages retrieved per question (paper: 5 or 10 for training; <= index).
   config.retrieval = "auto"  # auto | device (exact search in the jitted step) | host.
   # dense: DPR, p(z|x) from q(x).d(z), the question encoder trained (unless frozen below);
   # bm25: a fixed BM25 retriever (index_dir holds a bm25 index) whose scores are the logits of

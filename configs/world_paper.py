@@ -39,8 +39,10 @@ def get_config(size: str | None = None) -> ml_collections.ConfigDict:
     world.rag.checkpoint_every = rag_steps[name]
     config.worlds[name] = world
 
+  # Read by the evaluation phases only, like each world's `eval` group: changed on a trained
+  # workdir, the trained rows are kept and evaluated again (rag_jax/training/loop.py).
   config.paper = ml_collections.ConfigDict()
-  config.paper.docs = (1, 2, 3, 5, 10, 20, 50)  # Figure 3: passages at test time.
+  config.paper.docs = (1, 2, 3, 5, 10, 20, 50)  # Figure 3: passages at test time (<= passages).
   config.paper.sweep_questions = 100  # Held-out questions of the Figure-3 sweep (the first N).
   config.paper.figure2_questions = 3  # Figure 2 panels (hard world, multi-token answers).
 

@@ -2,13 +2,23 @@
 and survives SIGKILL at any of its stages: a rerun ends with the index an uninterrupted build
 makes, and no partial directory is ever visible under the output's name."""
 
+import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
+
 from rag_jax.commands import build_index
+from rag_jax.retrieval.backends import load_index
+from rag_jax.retrieval.embeddings import EmbeddingFormatError
 from rag_jax.retrieval.pipeline import MANIFEST
+from rag_jax.retrieval.store import PassageStore, StoreFormatError
+from rag_jax.utils import lock
 from rag_jax.utils.faults import KILL_ENV
 from tests.test_retrieval_pipeline import world  # noqa: F401 (the fixture: corpus + encoders)
 
@@ -122,3 +132,81 @@ def test_sigkill_at_each_stage_then_rerun_equals_an_uninterrupted_build(world, t
   assert sorted(k for k in _tree(out) if k.startswith(".")) == [MANIFEST]  # swept by the rerun
   assert (out / "index" / "index.json").read_text().count("scann") >= 1
   assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_second_build_into_one_out_is_refused_naming_the_first(world, tmp_path, capsys):  # noqa: F811
+  # Another live process holds --out's lock (.kb.lock beside it, as a running build writes it:
+  # its pid, host and start time). The old build_index had no lock: the second build ran into
+  # the first one's half-written output ("shard-00000.npy is missing").
+  root, corpus, passages, *_ = world
+  out = tmp_path / "kb"
+  holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+  try:
+    started = 1_700_000_000.0
+    lock_file = tmp_path / ".kb.lock"
+    lock_file.write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(),
+                                     "started": started,
+                                     "proc_start": lock.process_start(holder.pid)}))
+    capsys.readouterr()
+    assert build_index.main(_flags(root, corpus, out)) == 1
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
+    assert capsys.readouterr().err == (
+        f"error: {out} is being built by pid {holder.pid} on host {socket.gethostname()} "
+        f"(started {when}): a second build there would write over the files it is writing. "
+        f"Wait for it to finish, stop it, or use another --out (if that process is gone, delete "
+        f"{lock_file})\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".kb.lock"]  # nothing written
+  finally:
+    holder.kill()
+    holder.wait()
+  # Its owner gone (killed), the lock is stale: the next build takes it over, says so, builds,
+  # and leaves no lock behind. With --quiet the one line printed says where the index went.
+  assert build_index.main(_flags(root, corpus, out)) == 0
+  printed = capsys.readouterr()
+  assert printed.out == f"built an exact index of {len(passages)} passages x 32 in {out}/index\n"
+  assert f"taking over the stale lock of pid {holder.pid}" in printed.err
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["kb"]
+
+
+def test_build_index_without_an_encoder_is_a_usage_error(world, tmp_path, capsys):  # noqa: F811
+  root, corpus, *_ = world
+  flags = _flags(root, corpus, tmp_path / "kb")
+  at = flags.index("--encoder")
+  del flags[at:at + 2]
+  with pytest.raises(SystemExit) as exit_:
+    build_index.main(flags)
+  assert exit_.value.code == 2
+  assert capsys.readouterr().err == (
+      "error: flags encoder=None, dpr_embeddings=None: give --encoder (a DPRContextEncoder "
+      "directory that encodes the passages) or --dpr_embeddings (DPR's wikipedia_passages_*.pkl "
+      "files, with --allow_pickle)\n(see python -m rag_jax.commands.build_index --help)\n")
+  assert not list(tmp_path.iterdir())
+
+
+def test_damaged_files_are_named_and_a_rerun_rebuilds_them(world, tmp_path, capsys):  # noqa: F811
+  # A shard of the saved index cut short on disk: named by the index's loader (the old one
+  # opened it, then numpy failed with "mmap length is greater than file size", naming no file);
+  # rerunning the same build encodes it again and rebuilds the index, as the message says.
+  root, corpus, *_ = world
+  out = tmp_path / "kb"
+  assert build_index.main(_flags(root, corpus, out)) == 0
+  whole = _tree(out)
+  shard = out / "index" / "embeddings" / "shard-00001.npy"
+  shard.write_bytes(shard.read_bytes()[:-7])
+  with pytest.raises(EmbeddingFormatError, match=rf"^{shard}: \d+ bytes, expected \d+ .*"
+                                                 r"rerun python -m rag_jax\.commands\.build_index "
+                                                 r"with the same --corpus and --out"):
+    load_index(out / "index")
+  capsys.readouterr()
+  assert build_index.main(_flags(root, corpus, out)) == 0
+  assert "shard-00001.npy: " in capsys.readouterr().err  # the warning: encoded again
+  assert _tree(out) == whole
+  # A cut passage store: named; deleted and built again as the message says, the same files.
+  text = out / "passages" / "text.bin"
+  text.write_bytes(text.read_bytes()[:-3])
+  with pytest.raises(StoreFormatError, match=rf"^{text}: \d+ bytes, expected \d+ .*delete "
+                                             rf"{out / 'passages'} and rerun"):
+    PassageStore(out / "passages")
+  shutil.rmtree(out / "passages")
+  assert build_index.main(_flags(root, corpus, out)) == 0
+  assert _tree(out) == whole

@@ -19,7 +19,8 @@ from rag_jax import answer as answer_lib
 from rag_jax.checkpoints import load_pretrained
 from rag_jax.data import qa
 from rag_jax.retrieval.pipeline import build_from_corpus
-from rag_jax.training import rag_trainer
+from rag_jax.training import config_check, rag_trainer
+from rag_jax.utils.errors import UserError
 from tests import decoding_reference as dref
 from tests import torch_reference as ref
 
@@ -97,10 +98,19 @@ def test_trains_resumes_and_exports(setup, tmp_path):
   assert report["devices"] == 8 and 0 <= report["val_answer_recall_at_2"] <= 1
   assert report["retrieval"] == "device"  # "auto": the test index fits the devices
 
+  # Stopped after the record of step 15, before the checkpoint of step 20 (the last one is at
+  # step 10), as a kill there would: the resumed run redoes steps 11-15.
   assert rag_trainer.train_and_evaluate(_config(root, dirs), str(tmp_path / "killed"),
-                                        stop_after=10) is None
+                                        stop_after=15) is None
   resumed = rag_trainer.train_and_evaluate(_config(root, dirs), str(tmp_path / "killed"))
   assert resumed["val_loss"] == report["val_loss"]
+  # Its metrics.jsonl holds each step's record once, with the uninterrupted run's figures.
+  figures = ("step", "loss", "loss_per_token", "top_doc_prior", "val_loss")
+  killed = [json.loads(x) for x in (tmp_path / "killed" / "metrics.jsonl").read_text()
+            .splitlines() if x]
+  assert [r["step"] for r in killed] == [5, 10, 15, 20]
+  assert ([{k: r[k] for k in figures if k in r} for r in killed]
+          == [{k: r[k] for k in figures if k in r} for r in lines])
   _, a = load_pretrained(tmp_path / "full" / "export")
   _, b = load_pretrained(tmp_path / "killed" / "export")
   jax.tree.map(np.testing.assert_array_equal, a, b)
@@ -236,7 +246,7 @@ def test_config_naming_a_missing_index_or_checkpoint(setup, tmp_path):
   with pytest.raises(FileNotFoundError, match=r"config\.generator_checkpoint=.*no_bart.*config"):
     rag_trainer.train_and_evaluate(config, str(tmp_path / "run"))
   config = _config(root, dirs, model_type="rag_tokens")
-  with pytest.raises(ValueError, match=r"config\.model_type 'rag_tokens': expected one of "
+  with pytest.raises(ValueError, match=r"config\.model_type = 'rag_tokens': must be one of "
                                        r"\['rag_sequence', 'rag_token'\]"):
     rag_trainer.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()  # Refused before the workdir was touched.
@@ -273,3 +283,38 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monk
   assert manager.latest_step() == 10
   restored = manager.restore(10)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored["params"]))
+
+
+def test_rag_finetune_as_given_names_every_path_to_set(tmp_path):
+  # configs/rag_finetune.py as shipped, no paths set: one error listing the fields (before: a
+  # ValueError traceback naming index_dir only, then the next one on each rerun).
+  with pytest.raises(config_check.ConfigError) as e:
+    rag_trainer.train_and_evaluate(rag_finetune.get_config(), str(tmp_path / "run"))
+  assert isinstance(e.value, UserError)
+  assert str(e.value) == (
+      "set config.index_dir (a directory written by python -m rag_jax.commands.build_index); "
+      "config.rag_checkpoint (a transformers RAG checkpoint directory with its tokenizers (or "
+      "set config.question_encoder_checkpoint and config.generator_checkpoint)); config.data_dir "
+      "(a directory with train.source, train.target, val.source and val.target, one question "
+      "(.source) and one answer (.target) per line), e.g. --config.index_dir=PATH on train.py's "
+      "command line (nothing was run or written)")
+  config = rag_finetune.get_config()
+  config.question_encoder_checkpoint = "/q"
+  with pytest.raises(config_check.ConfigError, match=r"^set config.index_dir \(.*; "
+                                                     r"config.generator_checkpoint \(a BART "):
+    rag_trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_n_docs_beyond_the_index_is_refused_before_training(setup, tmp_path):
+  # The fixture's index holds one passage per person, 24. Before: n_docs 30 trained without a
+  # word (retrieval filled the rows past the 24th).
+  root, dirs = setup
+  index = root / "kb" / "index"
+  config = _config(root, dirs)
+  config.n_docs = 30
+  with pytest.raises(config_check.ConfigError) as e:
+    rag_trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  assert str(e.value) == (f"config.n_docs asks for 30 passages, more than the {len(PEOPLE)} of "
+                          f"{index} (invalid config: nothing was run or written)")
+  assert not (tmp_path / "run").exists()

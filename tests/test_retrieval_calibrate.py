@@ -252,11 +252,33 @@ def test_tune_index_command_on_questions_through_the_question_encoder(data, dpr_
   assert tune_index.main([f"--dir={out}", f"--question_encoder={tmp_path / 'qenc'}",
                           f"--questions={tmp_path / 'q.qa.csv'}", "--reorders=200,lots"]) == 2
   assert "--reorders: expected whole numbers, got 200,lots" in capsys.readouterr().err
+  assert tune_index.main([f"--dir={out}", f"--question_encoder={tmp_path / 'qenc'}",
+                          f"--questions={tmp_path / 'q.qa.csv'}", "--k=30001"]) == 1
+  assert capsys.readouterr().err == (f"error: --k=30001: more than the 30000 passages of "
+                                     f"{out / 'index'}\n")
   build_from_corpus(root / "psgs_w100.tsv", out, dpr_embeddings=[str(p) for p in pickles],
                     allow_pickle=True, index_type="exact", progress=False)
   assert tune_index.main([f"--dir={out}", f"--question_encoder={tmp_path / 'qenc'}",
                           f"--questions={tmp_path / 'q.qa.csv'}"]) == 1
   assert "index is an exact index; only a ScaNN index" in capsys.readouterr().err
+
+  # An index under ScaNN's partitioning size (20,000 rows) is scored exactly, every row: there is
+  # nothing to tune, and it is said in one line, before any question is embedded (the old
+  # command embedded them, then failed with a ValueError traceback in calibrate_search).
+  small = tmp_path / "small"
+  (small / "pickles").mkdir(parents=True)
+  (small / "psgs_w100.tsv").write_text(
+      "id\ttext\ttitle\n" + "".join(f"{i + 1}\tpassage {i + 1}\tTitle\n" for i in range(50)))
+  small_pickles = write_dpr_pickles(small / "pickles", db[:50], [str(i + 1) for i in range(50)],
+                                    [50])
+  build_from_corpus(small / "psgs_w100.tsv", small / "kb", allow_pickle=True,
+                    dpr_embeddings=[str(p) for p in small_pickles], progress=False)
+  assert tune_index.main([f"--dir={small / 'kb'}", f"--question_encoder={tmp_path / 'qenc'}",
+                          f"--questions={tmp_path / 'q.qa.csv'}", "--k=10"]) == 1
+  assert capsys.readouterr().err == (
+      f"error: {small / 'kb' / 'index'} holds 50 passages, under the 20000 from which ScaNN "
+      "partitions an index: it scores every passage exactly (recall 1.0 against exact search), "
+      "so it has no search width to tune; nothing was changed\n")
 
 
 def test_question_files_plain_or_dpr_csv(tmp_path):

@@ -101,3 +101,22 @@ def test_dpr_pickles_out_of_order_are_refused(tmp_path):
   assert not (tmp_path / "emb").exists()
   # The first file's shard was kept for the rerun.
   assert (tmp_path / "emb.partial" / "shard-00000.npy").exists()
+
+
+def test_truncated_shard_is_named_with_its_expected_size(tmp_path):
+  # The old check read the header only: the store opened, and the first read failed with numpy's
+  # "mmap length is greater than file size", naming no file.
+  save_embeddings(np.ones((60, 7), np.float32), tmp_path / "e", shard_size=25)
+  shard = tmp_path / "e" / "shard-00001.npy"
+  whole = shard.stat().st_size  # the reference: the size np.save wrote
+  shard.write_bytes(shard.read_bytes()[:whole - 10])
+  with pytest.raises(EmbeddingFormatError) as e:
+    EmbeddingStore(tmp_path / "e")
+  assert str(e.value) == (
+      f"{shard}: {whole - 10} bytes, expected {whole} (a {whole - 25 * 7 * 4}-byte header and "
+      "25 x 7 float32 values): the shard is truncated or damaged; rerun python -m "
+      "rag_jax.commands.build_index with the same --corpus and --out: it encodes a damaged shard "
+      "again and rebuilds the index from the shards")
+  shard.write_bytes(b"\x93NUMPY")  # cut inside the header
+  with pytest.raises(EmbeddingFormatError, match=r"shard-00001.npy: not a valid \.npy file"):
+    EmbeddingStore(tmp_path / "e")

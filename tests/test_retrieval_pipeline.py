@@ -64,7 +64,7 @@ def test_build_index_command_then_search(world, tmp_path):
   env = {**os.environ, "PYTHONPATH": str(ROOT)}
   res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
   assert res.returncode == 0, res.stderr[-3000:]
-  assert f"built a exact index of {len(passages)} passages x 32" in res.stdout
+  assert f"built an exact index of {len(passages)} passages x 32" in res.stdout
   for part in ("passages/store.json", "embeddings/manifest.json", "index/index.json", "build.json"):
     assert (out / part).exists()
 

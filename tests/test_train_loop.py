@@ -1,6 +1,7 @@
 """The shared training loop's NaN stop: it never makes the device wait for the host between
 steps, and still logs and saves nothing non-finite."""
 
+import json
 import math
 
 import flax
@@ -96,3 +97,51 @@ def test_the_last_step_is_checked_before_the_run_ends(tmp_path):
   assert manager.latest_step() == 4
   restored = manager.restore(4)
   assert np.isfinite(np.asarray(restored["params"]["w"]))
+
+
+def _deterministic_step(state, step):
+  """One step whose metrics are a fixed function of the step (as a real step's are of its
+  batch): loss 1/(step + 1), a growing parameter."""
+  done = step + 1
+  return (_State(jnp.asarray(done), {"w": state.params["w"] + done}),
+          {"loss_sum": jnp.float32(1.0 / done), "grad_norm": jnp.float32(1.0),
+           "examples": jnp.float32(1.0)})
+
+
+def _records(workdir) -> list[dict]:
+  speed = ("steps_per_s", "examples_per_s", "elapsed_s")  # Wall-clock figures of each (re)start.
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  return [{k: v for k, v in json.loads(line).items() if k not in speed} for line in lines]
+
+
+@pytest.mark.parametrize("log_every,stop_after,torn", [(5, 15, False), (3, 7, True)])
+def test_a_resumed_runs_metrics_equal_an_uninterrupted_runs(tmp_path, log_every, stop_after,
+                                                              torn):
+  # Stopped after a record (step 15; step 6) but before the next checkpoint (steps 10, 20 /
+  # 4, 8), as a kill there would; the old loop kept the records past the restored checkpoint
+  # and wrote them again on resume: steps 5, 10, 15, 15, 20 (and 3, 6, 6, 9, 12 with the
+  # first record after the resume summing 2 steps, not 3). With log_every 3 the checkpoint
+  # falls inside a record's window: the resumed record sums the same three steps. `torn`: the
+  # kill also cut the file in the middle of a line.
+  config = _config(20 if log_every == 5 else 12)
+  config.log_every = config.eval_every = log_every
+  config.checkpoint_every = 10 if log_every == 5 else 4
+  evaluate = lambda params: {"w": float(params["w"])}  # noqa: E731
+  full, killed = tmp_path / "full", tmp_path / "killed"
+  loop.train_loop(config, full, _start(), _deterministic_step, summarize=dict, evaluate=evaluate,
+                  desc="test")
+  _, finished = loop.train_loop(config, killed, _start(), _deterministic_step, summarize=dict,
+                                evaluate=evaluate, desc="test", stop_after=stop_after)
+  assert not finished
+  if torn:
+    with (killed / "metrics.jsonl").open("a") as f:
+      f.write('{"step": 99, "loss_s')  # A record cut by the kill.
+  loop.train_loop(config, killed, _start(), _deterministic_step, summarize=dict,
+                  evaluate=evaluate, desc="test")
+  expected = [{"step": s, "loss_sum": pytest.approx(sum(1.0 / d for d in range(s - log_every + 1,
+                                                                                  s + 1)),
+                                                   rel=1e-6),
+               "examples": float(log_every), "eval_w": float(sum(range(s + 1)))}
+              for s in range(log_every, config.num_train_steps + 1, log_every)]
+  assert _records(full) == expected  # the brute-force reference: sums of 1/step per window
+  assert _records(killed) == _records(full)  # bit for bit, step by step

@@ -8,7 +8,10 @@ Stages (each shows a progress bar, each resumable; see rag_jax/retrieval/pipelin
 store, passage embeddings (or DPR's published pickles with --dpr_embeddings=... --allow_pickle),
 index (with --target_recall, ScaNN's search width tuned against exact search on sample
 queries: rag_jax/retrieval/calibrate.py). Search it with
-``python -m rag_jax.commands.search --dir=wiki_index ...``.
+``python -m rag_jax.commands.search --dir=wiki_index ...``. One build at a time per --out: a
+second one is refused naming the first (the lock file .OUT.lock beside OUT; one left by a killed
+build is taken over, rag_jax/utils/lock.py). The last line printed, --quiet or not, says where
+the index went.
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ from absl import flags
 
 from rag_jax.commands.common import define_common_flags, int_list, parse_flags, run_command
 from rag_jax.retrieval.calibrate import CalibrationSpec, describe, load_queries
-from rag_jax.retrieval.corpus import FORMATS
+from rag_jax.retrieval.corpus import FORMATS, check_corpus
 from rag_jax.retrieval.encode import EncodeConfig
 from rag_jax.retrieval.exact import ExactConfig
 from rag_jax.retrieval.pipeline import build_from_corpus
 from rag_jax.retrieval.scann_index import ScannConfig
 from rag_jax.utils.errors import UserError
+from rag_jax.utils.lock import output_lock
 
 FLAGS = flags.FlagValues()
 _F = {"flag_values": FLAGS}
@@ -74,8 +78,14 @@ flags.DEFINE_list("calibration_reorders", [], "Reorder sizes --target_recall tri
                   "1.5, 2, 3 and 4 x k and --reorder; one size fixes it).", **_F)
 flags.DEFINE_enum("exact_dtype", "float32", ["float32", "bfloat16"],
                   "Device storage of an exact index.", **_F)
-flags.DEFINE_bool("quiet", False, "No progress bars.", **_F)
+flags.DEFINE_bool("quiet", False, "No progress bars (the last line, where the index went, is "
+                  "still printed).", **_F)
 define_common_flags(FLAGS)
+flags.register_multi_flags_validator(
+    ["encoder", "dpr_embeddings"], lambda f: bool(f["encoder"] or f["dpr_embeddings"]),
+    "give --encoder (a DPRContextEncoder directory that encodes the passages) or "
+    "--dpr_embeddings (DPR's wikipedia_passages_*.pkl files, with --allow_pickle)",
+    flag_values=FLAGS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -104,7 +114,20 @@ def _calibration() -> CalibrationSpec | None:
 
 def _build() -> int:
   calibration = _calibration()  # a bad query file fails before any stage runs
-  index = build_from_corpus(
+  check_corpus(FLAGS.corpus)  # a bad corpus is refused before even the lock file is written
+  with output_lock(FLAGS.out):  # one build per --out (a second one is refused, naming the first)
+    index = _build_locked(calibration)
+  found = getattr(index, "calibration", None)
+  if found is not None:
+    print(describe(found))
+  article = "an" if index.kind[:1] in "aeiou" else "a"
+  print(f"built {article} {index.kind} index of {index.count} passages x {index.dim} in "
+        f"{FLAGS.out}/index", flush=True)
+  return 0
+
+
+def _build_locked(calibration: CalibrationSpec | None):
+  return build_from_corpus(
       FLAGS.corpus, FLAGS.out, encoder=FLAGS.encoder, tokenizer=FLAGS.tokenizer,
       fmt=FLAGS.format, split_words=FLAGS.split_words or None, index_type=FLAGS.index,
       encode_config=EncodeConfig(batch_size=FLAGS.batch_size, max_length=FLAGS.max_length,
@@ -116,12 +139,6 @@ def _build() -> int:
       exact_config=ExactConfig(dtype=FLAGS.exact_dtype), calibration=calibration,
       dpr_embeddings=FLAGS.dpr_embeddings, allow_pickle=FLAGS.allow_pickle,
       progress=not FLAGS.quiet)
-  print(f"built a {index.kind} index of {index.count} passages x {index.dim} in "
-        f"{FLAGS.out}/index")
-  found = getattr(index, "calibration", None)
-  if found is not None:
-    print(describe(found))
-  return 0
 
 
 def console_main() -> None:

@@ -9,7 +9,9 @@ stored passage (brute force, streamed), and sets the index's `leaves_to_search` 
 the fastest setting whose mean recall@k reaches the target (rag_jax/retrieval/calibrate.py). Only
 DIR/index/index.json is rewritten (atomically); the ScaNN files stay, so a 21M-passage index is
 re-tuned in minutes, never rebuilt. --questions: one question per line, or DPR's `*.qa.csv`
-(question<TAB>answers; the questions are read).
+(question<TAB>answers; the questions are read). An index too small for ScaNN to partition
+(ScannConfig.brute_force_below rows) is scored exactly, every passage for every question: it has
+nothing to tune, and is refused before any question is embedded.
 """
 
 from __future__ import annotations
@@ -89,9 +91,18 @@ def _tune() -> int:
   questions = read_questions(FLAGS.questions)
   retriever = Retriever.load(FLAGS.dir, FLAGS.question_encoder, FLAGS.tokenizer)
   index = retriever.index
+  where = Path(FLAGS.dir) / "index"
   if not isinstance(index, ScannIndex):
-    raise InputError(f"{Path(FLAGS.dir) / 'index'} is an {index.kind} index; only a ScaNN "
-                     "index has a search width to tune")
+    article = "an" if index.kind[:1] in "aeiou" else "a"
+    raise InputError(f"{where} is {article} {index.kind} index; only a ScaNN index has a search "
+                     "width to tune")
+  if not index.uses_tree:  # ScaNN scores every row of a small index: recall 1 at any setting
+    raise InputError(
+        f"{where} holds {index.count} passages, under the {index.config.brute_force_below} from "
+        "which ScaNN partitions an index: it scores every passage exactly (recall 1.0 against "
+        "exact search), so it has no search width to tune; nothing was changed")
+  if FLAGS.k > index.count:
+    raise InputError(f"--k={FLAGS.k}: more than the {index.count} passages of {where}")
   if len(questions) > FLAGS.sample:
     rows = np.sort(np.random.default_rng(0).choice(len(questions), FLAGS.sample, replace=False))
     questions = [questions[i] for i in rows]

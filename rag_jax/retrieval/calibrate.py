@@ -67,7 +67,8 @@ log = logging.getLogger(__name__)
 
 
 class CalibrationError(UserError, ValueError):
-  """The target recall is out of reach at any search width of this index."""
+  """The target recall is out of reach at any search width of this index, or the index has no
+  search width (ScaNN's brute force on a small index)."""
 
 
 @dataclass(frozen=True)
@@ -191,8 +192,9 @@ def calibrate_search(index: TunableIndex, queries: np.ndarray, target_recall: fl
   if not 0.0 < target_recall <= 1.0:
     raise ValueError(f"target_recall must lie in (0, 1], got {target_recall}")
   if not index.uses_tree:
-    raise ValueError(f"a ScaNN index of {index.count} rows scores every row (brute force below "
-                     f"{index.config.brute_force_below} rows): there is no search width to tune")
+    raise CalibrationError(f"a ScaNN index of {index.count} rows scores every row exactly "
+                           f"(brute force below {index.config.brute_force_below} rows): there is "
+                           "no search width to tune")
   queries = index.check_queries(queries, k)
   sizes = tuple(sorted(set(reorders or reorder_sizes(k, index.config.reorder)), reverse=True))
   if sizes[-1] < k:

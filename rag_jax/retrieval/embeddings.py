@@ -23,6 +23,7 @@ by :func:`convert_dpr_pickles` only with ``allow_pickle=True``: unpickling runs 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -35,6 +36,8 @@ from tqdm.auto import tqdm
 
 from rag_jax.utils.atomic import atomic_directory, atomic_file
 from rag_jax.utils.errors import UserError
+
+log = logging.getLogger(__name__)
 
 EMBEDDINGS_FORMAT = "rag_jax.embeddings/1"
 DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
@@ -84,14 +87,19 @@ def write_shard(directory: Path, index: int, array: np.ndarray, dtype: str) -> N
     np.save(f, np.ascontiguousarray(arr, dtype=_STORAGE[dtype]))
 
 
-def _read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+def _read_npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+  """(shape, dtype, offset of the data) of a .npy file, from its header alone."""
   with open(path, "rb") as f:
     version = np.lib.format.read_magic(f)
     if version == (1, 0):
       shape, _, dtype = np.lib.format.read_array_header_1_0(f)
     else:
       shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-  return shape, dtype
+    return shape, dtype, f.tell()
+
+
+REBUILD_HINT = ("rerun python -m rag_jax.commands.build_index with the same --corpus and --out: it "
+                "encodes a damaged shard again and rebuilds the index from the shards")
 
 
 class EmbeddingStore:
@@ -132,19 +140,27 @@ class EmbeddingStore:
     path = self.path / shard_name(i)
     if not path.exists():
       if self.manifest.get("complete"):
-        raise EmbeddingFormatError(f"{path} is missing (manifest lists {len(self.bounds)} shards)")
+        raise EmbeddingFormatError(f"{path} is missing (manifest lists {len(self.bounds)} "
+                                   f"shards); {REBUILD_HINT}")
       return False
     start, stop = self.bounds[i]
     try:
-      shape, dtype = _read_npy_header(path)
-    except ValueError as e:
-      raise EmbeddingFormatError(f"{path}: not a valid .npy file ({e})") from None
+      shape, dtype, offset = _read_npy_header(path)
+    except (ValueError, EOFError) as e:  # EOFError: cut inside the header
+      raise EmbeddingFormatError(f"{path}: not a valid .npy file ({e}); {REBUILD_HINT}") from None
     if shape != (stop - start, self.dim):
       raise EmbeddingFormatError(
           f"{path}: shape {shape} disagrees with the manifest: rows [{start}, {stop}) x dim "
           f"{self.dim} expect {(stop - start, self.dim)}")
     if dtype != _STORAGE[self.dtype_name]:
       raise EmbeddingFormatError(f"{path}: dtype {dtype} but the manifest says {self.dtype_name}")
+    expected = offset + (stop - start) * self.dim * dtype.itemsize
+    actual = path.stat().st_size
+    if actual != expected:
+      raise EmbeddingFormatError(
+          f"{path}: {actual} bytes, expected {expected} (a {offset}-byte header and "
+          f"{stop - start} x {self.dim} {self.dtype_name} values): the shard is truncated or "
+          f"damaged; {REBUILD_HINT}")
     return True
 
   def shard(self, i: int) -> np.ndarray:
@@ -247,7 +263,10 @@ def convert_dpr_pickles(pickle_paths: Sequence[str | os.PathLike], out: str | os
   out = Path(out)
   if (out / "manifest.json").exists() and EmbeddingStore(out, require_complete=False).manifest.get(
       "complete"):
-    return EmbeddingStore(out)
+    try:
+      return EmbeddingStore(out)
+    except EmbeddingFormatError as e:  # a shard damaged since: the conversion is done again
+      log.warning("%s; converting the DPR files again", str(e).split("; ")[0])
   work = out.with_name(out.name + ".partial")
   work.mkdir(parents=True, exist_ok=True)
   sizes_path = work / "sizes.json"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +51,8 @@ from rag_jax.retrieval.embeddings import (
 )
 from rag_jax.retrieval.store import PassageStore
 from rag_jax.utils.faults import kill_point
+
+log = logging.getLogger(__name__)
 
 # Manifest fields that must agree for a rerun to resume instead of refusing.
 _RESUME_KEYS = ("count", "dim", "dtype", "shard_size")
@@ -156,6 +159,17 @@ def _prepare_dir(out: Path, manifest: dict) -> None:
     write_manifest(out, manifest)
 
 
+def _usable_shard(existing: EmbeddingStore, i: int) -> bool:
+  """Whether shard `i` of an earlier run is there and whole. Shards are written atomically, so
+  one that disagrees with the manifest (truncated or damaged on disk, or missing from a complete
+  manifest) was broken afterwards: it is encoded again (with a warning naming it)."""
+  try:
+    return existing.check_shard(i)
+  except EmbeddingFormatError as e:
+    log.warning("%s; encoding it again", str(e).split("; ")[0])
+    return False
+
+
 def encode_passages(store: PassageStore, out: str | os.PathLike, *, model, params, tokenizer,
                     encoder_info: dict[str, Any], config: EncodeConfig | None = None,
                     mesh: Mesh | None = None, progress: bool = True,
@@ -189,7 +203,7 @@ def encode_passages(store: PassageStore, out: str | os.PathLike, *, model, param
   _prepare_dir(out, manifest)
   existing = EmbeddingStore(out, require_complete=False)
   bounds = shard_bounds(len(store), config.shard_size)
-  todo = [i for i in range(len(bounds)) if not existing.check_shard(i)]
+  todo = [i for i in range(len(bounds)) if not _usable_shard(existing, i)]
   todo_now = todo if max_new_shards is None else todo[:max_new_shards]
 
   encode = make_encode_fn(model, mesh, config.axis)

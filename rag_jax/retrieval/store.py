@@ -31,9 +31,40 @@ from tqdm.auto import tqdm
 
 from rag_jax.retrieval.corpus import CorpusFormatError, Passage, iter_passages
 from rag_jax.utils.atomic import atomic_directory
+from rag_jax.utils.errors import InputNotFoundError, UserError
 
 STORE_FORMAT = "rag_jax.passages/1"
 _FLUSH_ROWS = 1 << 16
+
+
+class StoreFormatError(UserError, ValueError):
+  """A passage store file whose size or content disagrees with store.json (truncated, damaged or
+  foreign); the message names the file, what it holds and what it should, and how to rebuild."""
+
+
+class StoreFileError(InputNotFoundError):
+  """A passage store file that is not there."""
+
+
+def _rebuild_hint(directory: Path) -> str:
+  return (f"the passage store {directory} is truncated or damaged; rebuild it: delete {directory} "
+          "and rerun python -m rag_jax.commands.build_index with the same --corpus and --out "
+          "(the embeddings already computed are kept)")
+
+
+def _file_size(path: Path) -> int:
+  try:
+    return path.stat().st_size
+  except FileNotFoundError:
+    raise StoreFileError(f"{path} is missing: {_rebuild_hint(path.parent)}") from None
+
+
+def _check_size(path: Path, expected: int, what: str) -> None:
+  """Raises StoreFormatError unless `path` holds exactly `expected` bytes (`what` says why)."""
+  actual = _file_size(path)
+  if actual != expected:
+    raise StoreFormatError(f"{path}: {actual} bytes, expected {expected} ({what}): "
+                           f"{_rebuild_hint(path.parent)}")
 
 
 class _BlobWriter:
@@ -71,14 +102,15 @@ class _Blob:
   """Read side of :class:`_BlobWriter`: item i as a str, from memory-mapped files."""
 
   def __init__(self, directory: Path, name: str, count: int):
-    self.offsets = np.memmap(directory / f"{name}.offsets", dtype="<i8", mode="r")
-    if self.offsets.shape != (count + 1,):
-      raise ValueError(f"{directory / (name + '.offsets')}: expected {count + 1} offsets, "
-                       f"found {self.offsets.shape[0]} (truncated or foreign store)")
-    size = os.path.getsize(directory / f"{name}.bin")
+    offsets = directory / f"{name}.offsets"
+    _check_size(offsets, 8 * (count + 1), f"{count + 1} int64 offsets of the {count} items in "
+                f"{directory / 'store.json'}")
+    self.offsets = np.memmap(offsets, dtype="<i8", mode="r")
+    size = _file_size(directory / f"{name}.bin")
     if size != int(self.offsets[-1]):
-      raise ValueError(f"{directory / (name + '.bin')}: {size} bytes but the offsets end at "
-                       f"{int(self.offsets[-1])} (truncated store)")
+      raise StoreFormatError(
+          f"{directory / (name + '.bin')}: {size} bytes, expected {int(self.offsets[-1])} (where "
+          f"{offsets.name} ends): {_rebuild_hint(directory)}")
     self._file = open(directory / f"{name}.bin", "rb")  # noqa: SIM115 (closed in close())
     # mmap cannot map an empty file; an all-empty column is then served from b"".
     self._data = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
@@ -161,17 +193,24 @@ class PassageStore:
     self.path = Path(path)
     meta_path = self.path / "store.json"
     if not meta_path.exists():
-      raise FileNotFoundError(f"{meta_path} not found: {self.path} is not a complete passage store")
-    self.meta = json.loads(meta_path.read_text())
+      raise StoreFileError(f"{meta_path} not found: {self.path} is not a complete passage store")
+    try:
+      self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+      self.count = int(self.meta["count"])
+      num_titles = int(self.meta["num_titles"])
+    except (ValueError, KeyError, TypeError) as e:  # JSON, UTF-8 and field errors
+      raise StoreFormatError(f"{meta_path}: not a passage store's record ({e}): "
+                             f"{_rebuild_hint(self.path)}") from None
     if self.meta.get("format") != STORE_FORMAT:
-      raise ValueError(f"{meta_path}: unknown format {self.meta.get('format')!r}")
-    self.count = int(self.meta["count"])
+      raise StoreFormatError(f"{meta_path}: unknown format {self.meta.get('format')!r}")
+    _check_size(self.path / "title.index", 4 * self.count,
+                f"one int32 title number for each of the {self.count} passages")
     self._text = _Blob(self.path, "text", self.count)
     self._ids = _Blob(self.path, "ids", self.count)
-    self._titles = _Blob(self.path, "title", int(self.meta["num_titles"]))
-    self.title_index = np.memmap(self.path / "title.index", dtype="<i4", mode="r")
-    if self.title_index.shape != (self.count,):
-      raise ValueError(f"{self.path / 'title.index'}: expected {self.count} entries")
+    self._titles = _Blob(self.path, "title", num_titles)
+    # mmap cannot map an empty file: a store of 0 passages has none to read.
+    self.title_index = (np.memmap(self.path / "title.index", dtype="<i4", mode="r") if self.count
+                        else np.zeros(0, "<i4"))
     self._id_lookup: tuple[np.ndarray, np.ndarray] | dict[str, int] | None = None
 
   def __len__(self) -> int:

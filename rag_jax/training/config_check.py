@@ -9,7 +9,15 @@ Every error is a ConfigError naming the dotted field, its value and the allowed 
 `config.rag.num_train_steps = -5: must be an integer >= 1`; all bad fields are listed at once,
 on one line.
 The world job's `rag` group is checked with the RAG trainer's rules (less the paths and token
-lengths, which the job fills in).
+lengths, which the job fills in). The `eval` groups (the world's, a paper row's, paper_scale's)
+are checked with the rest, before any phase runs, although only evaluation reads them.
+
+Fields bounded by the index's number of passages (passages per question, the world's recall@k
+depths) are checked by check_index_size as soon as that number is known: the RAG trainer reads
+it from the index before training, the world jobs compute their world's passages before their
+first phase.
+Every field of every shipped config has a rule, or is one the world job fills in (RAG_JOB_FILLED),
+or a free-form group of overrides (tests/test_config_fields.py).
 """
 
 from __future__ import annotations
@@ -66,7 +74,67 @@ def number(low: float, high: float | None = None, low_open: bool = False,
 
 
 def one_of(*values: Any) -> Callable[[Any], str | None]:
-  return lambda v: None if v in values else f"one of {list(values)}"
+  return lambda v: None if v in values and type(v) in {type(x) for x in values} else (
+      f"one of {list(values)}")
+
+
+def boolean(v: Any) -> str | None:
+  return None if isinstance(v, bool) else "True or False"
+
+
+def text(v: Any) -> str | None:
+  """A string (a path or a label; what it must hold is checked where it is used)."""
+  return None if isinstance(v, str) else "a string"
+
+
+def name(v: Any) -> str | None:
+  """A non-empty string usable as a folder name."""
+  return None if isinstance(v, str) and v and "/" not in v else "a non-empty name without '/'"
+
+
+def positive_ints(v: Any) -> str | None:
+  """A non-empty list of integers >= 1 (recall@k depths, numbers of passages)."""
+  ok = (isinstance(v, list | tuple) and len(v) > 0
+        and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v))
+  return None if ok else "a non-empty list of integers >= 1"
+
+
+def strings(v: Any) -> str | None:
+  return None if isinstance(v, list | tuple) and all(isinstance(x, str) for x in v) else (
+      "a list of strings")
+
+
+def names_of(known: Callable[[], Sequence[str]], what: str) -> Callable[[Any], str | None]:
+  """A non-empty list of names among known() (read when checked: the registry's own list)."""
+  def check(v: Any) -> str | None:
+    names = sorted(known())
+    if isinstance(v, list | tuple) and v and all(isinstance(x, str) and x in names for x in v):
+      return None
+    return f"a non-empty list of {what} among {names}"
+  return check
+
+
+def one_among(known: Callable[[], Sequence[str]]) -> Callable[[Any], str | None]:
+  """One of known() (read when checked)."""
+  return lambda v: None if isinstance(v, str) and v in known() else f"one of {sorted(known())}"
+
+
+def number_map(v: Any) -> str | None:
+  """A mapping of names to finite numbers (the paper's figures)."""
+  if isinstance(v, ml_collections.ConfigDict | dict) and all(
+      number(-math.inf)(x) is None for x in v.values()):
+    return None
+  return "a mapping of metric names to finite numbers"
+
+
+def _metric_names() -> list[str]:
+  from rag_jax.evaluation import scoring  # Imported when checked: it imports the trainers.
+  return list(scoring.METRICS)
+
+
+def _reader_names() -> list[str]:
+  from rag_jax.evaluation import paper  # Imported when checked: it imports the trainers.
+  return list(paper.READERS)
 
 
 # The optimizer and loop fields that every trainer reads (rag_jax/training/optimizer.py, loop.py).
@@ -91,19 +159,54 @@ TRAINING = [
 _LABEL_SMOOTHING = Rule("label_smoothing", number(0, 1, high_open=True))
 _DTYPE = one_of("float32", "bfloat16", "float16")
 
+# The RAG trainer's fields that the world job takes from its config.rag as they are.
 RAG_NUMBERS = [
     *TRAINING, _LABEL_SMOOTHING,
     Rule("n_docs", integer(1)),
     Rule("retrieval", one_of("auto", "device", "host")),
     Rule("device_index_memory_fraction", number(0, 1, low_open=True)),
+    Rule("device_index_dtype", one_of("auto", "float32", "bfloat16"), optional=True),
     Rule("dtype", _DTYPE),
     Rule("retriever_kind", one_of("dense", "bm25"), optional=True),
     Rule("frozen_groups", lambda v: None if isinstance(v, list | tuple) and all(
         isinstance(x, str) for x in v) else "a list of top-level parameter names", optional=True),
+    Rule("exclude_bos_score", boolean, optional=True),
+    Rule("prepend_decoder_start", boolean, optional=True),
 ]
-# The RAG trainer on its own also reads the token lengths (the world job measures them).
-RAG = [*RAG_NUMBERS, Rule("max_source_length", integer(1)), Rule("max_target_length", integer(1)),
-       Rule("max_combined_length", integer(1))]
+# Those the world job fills in (paths, kind, seed, the token lengths it measures on the world).
+RAG_JOB_FILLED = ("trainer", "model_type", "rag_checkpoint", "question_encoder_checkpoint",
+                  "generator_checkpoint", "index_dir", "data_dir", "seed", "max_source_length",
+                  "max_target_length", "max_combined_length")
+# The RAG trainer on its own also reads the model kind, the token lengths and the paths (which
+# rag_jax.training.rag_trainer.check_config_paths checks for their files).
+RAG = [*RAG_NUMBERS, Rule("model_type", one_of("rag_sequence", "rag_token")),
+       Rule("max_source_length", integer(1)), Rule("max_target_length", integer(1)),
+       Rule("max_combined_length", integer(1)),
+       *[Rule(f, text) for f in ("rag_checkpoint", "question_encoder_checkpoint",
+                                 "generator_checkpoint", "index_dir", "data_dir")]]
+
+# A paper-row config's `eval` group (configs/paper_common.py), read by evaluate.py
+# (rag_jax/evaluation/paper.py); checked wherever the config has one.
+PAPER_ROW_EVAL = [
+    Rule("eval.task", name),
+    Rule("eval.reader", one_among(_reader_names)),
+    Rule("eval.test_file", text), Rule("eval.test_file_hint", text),
+    Rule("eval.split", name),
+    Rule("eval.tfds_name", text), Rule("eval.tfds_split", text),
+    Rule("eval.fever_classes", one_of(2, 3)),
+    Rule("eval.limit", integer(0)),
+    Rule("eval.checkpoint", text), Rule("eval.index_dir", text),
+    Rule("eval.max_length", integer(1)),
+    Rule("eval.min_length", integer(0)),
+    Rule("eval.batch_size", integer(1)),
+    Rule("eval.metrics", names_of(_metric_names, "metric names")),
+    Rule("eval.recall_ks", positive_ints),
+    Rule("eval.paper_label", text),
+    Rule("eval.msmarco_answers_fallback", boolean, optional=True),
+    *[Rule(f"eval.{kind}.{f}", check) for kind in ("rag_sequence", "rag_token")
+      for f, check in (("n_docs", integer(1)), ("num_beams", integer(1)),
+                       ("decoding", one_of("thorough", "fast")), ("paper", number_map))],
+]
 
 REVERSAL = [
     *TRAINING, _LABEL_SMOOTHING,
@@ -118,10 +221,13 @@ REVERSAL = [
 
 WORLD = [
     Rule("seed", integer(0)),
+    Rule("world.seed", integer(0)),
     *[Rule(f"world.{f}", integer(1)) for f in ("num_people", "num_cities", "num_companies",
                                                 "num_years", "train_templates")],
+    Rule("world.first_year", integer()),
     Rule("world.num_meetings", integer(0)),
     Rule("world.swap_fraction", number(0, 1)),
+    Rule("world.hard", boolean),
     Rule("tokenizer.kind", one_of("word", "bpe")),
     Rule("tokenizer.vocab_size", integer(1)),
     *[Rule(f"retriever.{f}", integer(1)) for f in ("hidden_size", "layers", "heads", "ffn_dim",
@@ -129,20 +235,40 @@ WORLD = [
     Rule("retriever.warmup_steps", integer(0)),
     Rule("retriever.learning_rate", number(0, low_open=True)),
     Rule("retriever.dropout", number(0, 1, high_open=True)),
+    Rule("retriever.question_eda", number(0, 1), optional=True),
+    Rule("retriever.hard_negatives", boolean, optional=True),
     *[Rule(f"generator.{f}", integer(1)) for f in ("d_model", "layers", "heads", "ffn_dim")],
     Rule("generator.dropout", number(0, 1, high_open=True)),
+    # The evaluation phase's (and evaluate.py's) group: evaluation-only (loop.EVALUATION_ONLY).
     *[Rule(f"eval.{f}", integer(1)) for f in ("batch_size", "num_beams", "max_answer_tokens")],
-    *[Rule(f"rag.{r.field}", r.check) for r in RAG_NUMBERS],
+    Rule("eval.recall_ks", positive_ints),
+    *[Rule(f"rag.{r.field}", r.check, r.optional) for r in RAG_NUMBERS],
+]
+
+# configs/world_paper.py beyond its worlds (each checked with WORLD): Figures 2 and 3, the
+# FEVER-like rows.
+WORLD_PAPER = [
+    Rule("paper.docs", positive_ints),
+    Rule("paper.sweep_questions", integer(1)),
+    Rule("paper.figure2_questions", integer(0)),
+    Rule("fever.worlds", strings, optional=True),
+    Rule("fever.num_train_steps", integer(1), optional=True),
+    Rule("fever.max_label_tokens", integer(1), optional=True),
 ]
 
 PAPER_SCALE = [
     *RAG, Rule("model.preset", one_of("tiny", "base", "large")), Rule("index_rows", integer(1)),
     Rule("chunk_size", integer(1)),
     Rule("device_index_dtype", one_of("auto", "float32", "bfloat16")),
+    *[Rule(f"eval.{f}", integer(1)) for f in ("batch_size", "n_docs", "num_beams", "max_length")],
+    Rule("eval.decoding", one_of("thorough", "fast")),
+    Rule("eval.rescore_candidates", integer(0)),
+    Rule("eval.rescore_positions", integer(0)),
 ]
 
 RULES: dict[str, list[Rule]] = {"world": WORLD, "reversal": REVERSAL, "rag": RAG,
-                                "seq2seq": [*TRAINING], "paper_scale": PAPER_SCALE}
+                                "seq2seq": [*TRAINING], "paper_scale": PAPER_SCALE,
+                                "world_paper": WORLD_PAPER}
 
 
 def _get(config: ml_collections.ConfigDict, field: str) -> Any:
@@ -175,6 +301,11 @@ def problems(config: ml_collections.ConfigDict, rules: Sequence[Rule], prefix: s
 def _relations(config: ml_collections.ConfigDict, trainer: str, prefix: str) -> list[str]:
   """Checks between fields (and against the devices), on configs whose fields passed."""
   out = []
+  if trainer == "world_paper":
+    if "fever" in config and (unknown := sorted(set(config.fever.worlds) - set(config.worlds))):
+      out.append(f"{prefix}.fever.worlds names {unknown}, not worlds of {prefix}.worlds "
+                 f"({list(config.worlds)})")
+    return out
   groups = {"world": ["rag."], "reversal": [""], "rag": [""], "seq2seq": [""],
             "paper_scale": [""]}[trainer]
   devices = jax.device_count()
@@ -189,31 +320,94 @@ def _relations(config: ml_collections.ConfigDict, trainer: str, prefix: str) -> 
     lrs = _get(config, "rag.group_learning_rates" if trainer == "world" else
                "group_learning_rates")
     g = "rag." if trainer == "world" else ""
-    for name, lr in lrs.items():
+    for group, lr in lrs.items():
       if number(0, low_open=True)(lr) is not None:
-        out.append(f"{prefix}.{g}group_learning_rates.{name} = {lr!r}: must be a finite "
+        out.append(f"{prefix}.{g}group_learning_rates.{group} = {lr!r}: must be a finite "
                    "number > 0")
+  if trainer == "rag" and "eval" in config and config.eval.min_length > config.eval.max_length:
+    out.append(f"{prefix}.eval.min_length = {config.eval.min_length}: must be <= "
+               f"eval.max_length ({config.eval.max_length})")
+  if trainer == "paper_scale":  # Its index is random, index_rows x dim: a pure config relation.
+    out += index_problems(passages_needed(config, trainer), config.index_rows,
+                          f"the random index ({prefix}.index_rows)", prefix)
   return out
 
 
 def validate(config: ml_collections.ConfigDict, trainer: str | None = None,
              prefix: str = "config") -> None:
   """Raises ConfigError listing every field of `config` outside its range for `trainer`
-  (default: config.trainer, which must name one of RULES; there is no default trainer)."""
+  (default: config.trainer, which must name one of RULES; there is no default trainer).
+
+  A config with a paper row's `eval` group (configs/paper_*.py, trainer "rag") has that group
+  checked too: evaluate.py reads it, and train.py checks it before training so that a bad value
+  is named before hours of training rather than after."""
   if trainer is None:
     trainer = config.get("trainer")
-    if trainer == "world_paper":  # The paper experiment: one world job config per world.
-      for name in config.worlds:
-        validate(config.worlds[name], "world", f"{prefix}.worlds.{name}")
-      return
     known = ["world", "reversal", "rag", "paper_scale", "world_paper"]
     if trainer not in known:
       raise ConfigError(f"{prefix}.trainer = {trainer!r}: must be one of {known} (the config "
                         "file sets it)")
   if trainer not in RULES:
     raise ConfigError(f"no config rules for trainer {trainer!r}; known: {sorted(RULES)}")
-  found = problems(config, RULES[trainer], prefix)
+  if trainer == "world_paper":  # The paper experiment: one world job config per world.
+    found = []
+    for world in config.worlds:
+      try:
+        validate(config.worlds[world], "world", f"{prefix}.worlds.{world}")
+      except ConfigError as e:
+        found.append(str(e).removesuffix(_NOTHING_RUN))
+  else:
+    found = []
+  rules = RULES[trainer] + (PAPER_ROW_EVAL if trainer == "rag" and "eval" in config else [])
+  found += problems(config, rules, prefix)
   if not found:
     found = _relations(config, trainer, prefix)
   if found:
-    raise ConfigError("; ".join(found) + " (invalid config: nothing was run or written)")
+    raise ConfigError("; ".join(found) + _NOTHING_RUN)
+
+
+_NOTHING_RUN = " (invalid config: nothing was run or written)"
+
+
+# --------------------------------------------------------------------------- the index's size
+
+
+def passages_needed(config: ml_collections.ConfigDict, trainer: str, training: bool = True,
+                    evaluation: bool = True) -> dict[str, int]:
+  """{dotted field: the passages it asks for} of the fields bounded by the number of passages of
+  the index they are used with: retrieved passages per question (n_docs, paper.docs) and the
+  world's recall@k depths (eval.recall_ks: its evaluation searches max(recall_ks) passages).
+  `training` / `evaluation`: only the fields that training / evaluation reads."""
+  out: dict[str, int] = {}
+  if trainer == "world":
+    out = {"rag.n_docs": config.rag.n_docs, "eval.recall_ks": max(config.eval.recall_ks)}
+  elif trainer == "world_paper":
+    for world in config.worlds:
+      out[f"worlds.{world}.rag.n_docs"] = config.worlds[world].rag.n_docs
+    out["paper.docs"] = max(config.paper.docs)
+  elif trainer in ("rag", "paper_scale"):
+    if training:
+      out["n_docs"] = config.n_docs
+    # A paper row's eval.recall_ks may exceed its index: evaluate.py leaves those depths out.
+    if evaluation and trainer == "paper_scale":
+      out["eval.n_docs"] = config.eval.n_docs
+  return out
+
+
+def index_problems(needed: dict[str, int], passages: int, index: str, prefix: str = "config"
+                   ) -> list[str]:
+  """One line per field of `needed` asking for more than the `passages` of `index`."""
+  return [f"{prefix}.{field} asks for {wanted} passages, more than the {passages} of {index}"
+          for field, wanted in needed.items() if wanted > passages]
+
+
+def check_index_size(config: ml_collections.ConfigDict, trainer: str, passages: int, index: str,
+                     prefix: str = "config", training: bool = True,
+                     evaluation: bool = True) -> None:
+  """Raises ConfigError naming each field (passages_needed) that asks for more passages than
+  `index` (a path, or what the index will be built from) holds: called as soon as that number
+  is known, before the workdir is touched and before any training or evaluation."""
+  found = index_problems(passages_needed(config, trainer, training, evaluation), passages,
+                         index, prefix)
+  if found:
+    raise ConfigError("; ".join(found) + _NOTHING_RUN)

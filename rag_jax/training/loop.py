@@ -34,41 +34,109 @@ def _leaves(tree: Any, prefix: str = "config") -> dict[str, Any]:
   return {prefix: tree}
 
 
-def config_differences(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
-  """`config.a.b: X in the workdir, Y now` for each leaf that differs (missing: <absent>)."""
+# Config fields that only evaluation reads, per config.trainer: a difference in one of them never
+# refuses a workdir (the trained models stay valid); the workdir's config.json takes the new
+# values and the trainer redoes the evaluation that used the old ones (the `on_evaluation_change`
+# of check_workdir). A pattern is a dotted path below the config, `*` standing for one name.
+#   world        `eval`: read by the job's evaluation phase (and evaluate.py) only.
+#   world_paper  each world's `eval`, `paper` (Figure 2 and 3 settings) and the FEVER-like rows'
+#                decoding length: read by the evaluation phases only.
+#   rag          `eval` (the paper-row configs' group): read by evaluate.py only.
+EVALUATION_ONLY: dict[str, tuple[str, ...]] = {
+    "world": ("eval",),
+    "world_paper": ("worlds.*.eval", "paper", "fever.max_label_tokens"),
+    "rag": ("eval",),
+}
+
+
+def evaluation_only(field: str, trainer: str | None) -> bool:
+  """Whether the dotted leaf `config.a.b...` is an evaluation-only field of `trainer`."""
+  parts = field.split(".")[1:]  # without the leading "config"
+  for pattern in EVALUATION_ONLY.get(trainer or "", ()):
+    names = pattern.split(".")
+    if len(names) <= len(parts) and all(n in ("*", p) for n, p in zip(names, parts[:len(names)],
+                                                                          strict=True)):
+      return True
+  return False
+
+
+def config_differences(previous: dict[str, Any], current: dict[str, Any],
+                       keep: Callable[[str], bool] = lambda field: True) -> list[str]:
+  """`config.a.b: X in the workdir, Y now` for each leaf that differs (missing: <absent>) and
+  that `keep` selects."""
   old, new = _leaves(previous), _leaves(current)
   absent = "<absent>"
   return [f"{k}: {json.dumps(old.get(k, absent))} in the workdir, {json.dumps(new.get(k, absent))}"
-          " now" for k in sorted(set(old) | set(new)) if old.get(k, absent) != new.get(k, absent)]
+          " now" for k in sorted(set(old) | set(new))
+          if old.get(k, absent) != new.get(k, absent) and keep(k)]
 
 
-def check_workdir(config: ml_collections.ConfigDict, workdir: Path) -> None:
+def check_workdir(config: ml_collections.ConfigDict, workdir: Path,
+                  on_evaluation_change: Callable[[list[str]], None] | None = None) -> None:
   """Records the config in workdir/config.json, or refuses a workdir holding another config.
 
   Call it once the config is validated (rag_jax/training/config_check.py) and the workdir lock is
   held: the config is recorded only by a run that starts with it, so a refused config never
   locks the workdir out of the corrected rerun. The error names every differing leaf field with
-  both values.
+  both values. Fields that only evaluation reads (EVALUATION_ONLY, by config.trainer) never
+  refuse: where only they differ, `on_evaluation_change(differences)` first discards what the
+  evaluation made with the recorded values, then config.json is rewritten with the new ones (in
+  this order, so a kill between the two leaves a workdir whose rerun does both again).
   """
   saved = workdir / "config.json"
   current = json.loads(config.to_json_best_effort())
   if saved.exists():
     previous = json.loads(saved.read_text())
-    if previous != current:
-      diff = config_differences(previous, current)
+    if previous == current:
+      return
+    trainer = previous.get("trainer") if isinstance(previous, dict) else None
+    if trainer != current.get("trainer"):
+      trainer = None  # another kind of run altogether: every field counts
+    blocking = config_differences(previous, current,
+                                  lambda field: not evaluation_only(field, trainer))
+    if blocking:
       raise WorkdirConfigError(
-          f"{workdir} holds a run with another config ({'; '.join(diff)}); use a new --workdir, "
-          f"rerun with the values of {saved}, or delete {workdir}")
-  else:
-    with atomic_file(saved, "w") as f:
-      f.write(json.dumps(current, indent=2, sort_keys=True) + "\n")
+          f"{workdir} holds a run with another config ({'; '.join(blocking)}); use a new "
+          f"--workdir, rerun with the values of {saved}, or delete {workdir}")
+    changed = config_differences(previous, current)
+    logging.warning("%s: only fields that evaluation alone reads differ from %s (%s): the "
+                    "training is kept and %s takes the new values", workdir, saved.name,
+                    "; ".join(changed), saved.name)
+    if on_evaluation_change is not None:
+      on_evaluation_change(changed)
+  with atomic_file(saved, "w") as f:
+    f.write(json.dumps(current, indent=2, sort_keys=True) + "\n")
+
+
+METRICS_FILE = "metrics.jsonl"
+WINDOW_FILE = "metrics_window.json"
 
 
 class MetricsWriter:
-  """Appends one JSON object per line to workdir/metrics.jsonl (and logs it to the log file)."""
+  """Appends one JSON object per line to workdir/metrics.jsonl (and logs it to the log file).
 
-  def __init__(self, workdir: Path):
-    self._file = (workdir / "metrics.jsonl").open("a")
+  A run resumed from the checkpoint of step `resume_step` continues the file of the run it
+  resumes: the records that run wrote after that checkpoint (steps it redoes now), and a last
+  line cut by a kill, are dropped first (the file is rewritten atomically), so the resumed run's
+  file holds the records an uninterrupted run writes, once each, in step order.
+  """
+
+  def __init__(self, workdir: Path, resume_step: int = 0):
+    path = workdir / METRICS_FILE
+    if path.exists():
+      kept = []
+      data = path.read_bytes()
+      for line in data[:data.rfind(b"\n") + 1].splitlines():  # complete lines only
+        try:
+          record = json.loads(line)
+        except ValueError:
+          continue
+        if isinstance(record, dict) and record.get("step", 0) <= resume_step:
+          kept.append(line + b"\n")
+      if b"".join(kept) != data:
+        with atomic_file(path, "wb") as f:
+          f.write(b"".join(kept))
+    self._file = path.open("a")
 
   def write(self, record: dict[str, Any]) -> None:
     self._file.write(json.dumps(record) + "\n")
@@ -77,6 +145,29 @@ class MetricsWriter:
 
   def close(self) -> None:
     self._file.close()
+
+
+class WindowLog:
+  """workdir/metrics_window.json: the metric sums of the steps since the last record, saved with
+  each checkpoint that falls between two records (checkpoint_every not a multiple of
+  log_every), so that the first record of a resumed run sums the same steps as an
+  uninterrupted run's. {step: {metric: sum}}, the newest `keep` checkpoints' steps."""
+
+  def __init__(self, workdir: Path, keep: int):
+    self.path, self.keep = workdir / WINDOW_FILE, keep
+    self.saved: dict[str, dict[str, float]] = (json.loads(self.path.read_text())
+                                               if self.path.exists() else {})
+
+  def at(self, step: int) -> dict[str, float]:
+    """The sums saved with the checkpoint of `step` ({} if none: the record starts there)."""
+    return dict(self.saved.get(str(step), {}))
+
+  def save(self, step: int, window: dict[str, Any]) -> None:
+    self.saved[str(step)] = {k: float(v) for k, v in window.items()}
+    for old in sorted(self.saved, key=int)[:-self.keep - 1]:
+      del self.saved[old]
+    with atomic_file(self.path, "w") as f:
+      json.dump(self.saved, f)
 
 
 def checkpoint_manager(workdir: Path, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
@@ -96,8 +187,8 @@ def checkpoint_manager(workdir: Path, config: ml_collections.ConfigDict) -> ocp.
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: Any,
-                    config: ml_collections.ConfigDict) -> None:
-  """Saves (async) every config.checkpoint_every steps and at the last step.
+                    config: ml_collections.ConfigDict) -> bool:
+  """Saves (async) every config.checkpoint_every steps and at the last step; True if it saved.
 
   Only those steps reach orbax: its default policy would also save the first step it is
   offered (no checkpoint yet), which costs a blocking device-to-host copy of the whole state for
@@ -106,6 +197,8 @@ def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: Any,
   final = step == config.num_train_steps
   if step % config.checkpoint_every == 0 or final:
     manager.save(step, args=ocp.args.StandardSave(state), force=final)
+    return True
+  return False
 
 
 def restore_latest(manager: ocp.CheckpointManager, state: Any) -> Any:
@@ -181,14 +274,18 @@ def train_loop(config: ml_collections.ConfigDict, workdir: Path, state: Any, ste
     (state, finished): finished is False when stop_after ended the run early.
 
   Writes workdir/metrics.jsonl (one record per log_every steps, with steps/s and the elapsed
-  seconds since this (re)start) and keep-N orbax checkpoints in workdir/checkpoints.
+  seconds since this (re)start) and keep-N orbax checkpoints in workdir/checkpoints. A resumed
+  run's metrics.jsonl equals an uninterrupted run's but for the speed figures: the records
+  after the restored checkpoint are dropped before they are written again (MetricsWriter), and
+  a record whose window began before that checkpoint sums the same steps (WindowLog).
   """
   manager = checkpoint_manager(workdir, config)
   state = restore_latest(manager, state)
   start = int(state.step)
-  writer = MetricsWriter(workdir)
+  writer = MetricsWriter(workdir, start)
+  windows = WindowLog(workdir, config.keep_checkpoints)
   throughput = Throughput(start, config.batch_size)
-  window: dict[str, Any] = {}
+  window: dict[str, Any] = windows.at(start) if start % config.log_every else {}
   # The NaN check of a step runs once the next step is dispatched, so the device never waits
   # for the host between steps; where the host waits anyway (a log record, an evaluation, a
   # checkpoint, the end) the step is checked first, so nothing non-finite is logged or saved.
@@ -219,7 +316,8 @@ def train_loop(config: ml_collections.ConfigDict, workdir: Path, state: Any, ste
           if postfix is not None:
             bar.set_postfix(postfix(record))
           writer.write(record)
-        save_checkpoint(manager, done, state, config)
+        if save_checkpoint(manager, done, state, config) and window:
+          windows.save(done, window)  # Steps since the last record: a resume sums them too.
         if stop_after is not None and done >= stop_after:
           break
   finally:

@@ -48,12 +48,13 @@ from rag_jax.parallel import data_mesh, global_batch, replicate
 from rag_jax.retrieval import device as device_retrieval
 from rag_jax.retrieval.backends import load_index
 from rag_jax.retrieval.device import DeviceRetrieval
-from rag_jax.retrieval.index import TextIndex
+from rag_jax.retrieval.index import TextIndex, read_meta
 from rag_jax.retrieval.store import PassageStore
 from rag_jax.training import config_check, loop, optimizer
 from rag_jax.training.rag_step import make_eval_step, make_train_step
 from rag_jax.training.retrieval_feed import RetrievalFeed
 from rag_jax.training.state import create_train_state
+from rag_jax.utils.errors import InputNotFoundError
 from rag_jax.utils.lock import workdir_lock
 from rag_jax.utils.logs import workdir_logging
 
@@ -187,6 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   config_check.validate(config, "rag")
   architecture_of(config.model_type)
   check_config_paths(config)
+  check_index_fields(config)
   workdir = Path(workdir)
   with workdir_lock(workdir):
     loop.check_workdir(config, workdir)
@@ -195,15 +197,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 
 def check_config_paths(config: ml_collections.ConfigDict) -> None:
-  """Fails before any work (and before the workdir is touched) if a path in the config does not
-  hold what it must; the message names the config field and the missing file."""
+  """Fails before any work (and before the workdir is touched) if a path in the config is not
+  set (one ConfigError listing every field to set) or does not hold what it must (the message
+  names the config field and the missing file)."""
+  hints = {
+      "index_dir": "a directory written by python -m rag_jax.commands.build_index",
+      "rag_checkpoint": "a transformers RAG checkpoint directory with its tokenizers (or set "
+                        "config.question_encoder_checkpoint and config.generator_checkpoint)",
+      "question_encoder_checkpoint": "a DPRQuestionEncoder directory with its tokenizer",
+      "generator_checkpoint": "a BART directory with its tokenizer",
+      "data_dir": "a directory with train.source, train.target, val.source and val.target, one "
+                  "question (.source) and one answer (.target) per line",
+  }
+  checkpoints_given = (["rag_checkpoint"] if config.rag_checkpoint
+                       or not (config.question_encoder_checkpoint or config.generator_checkpoint)
+                       else ["question_encoder_checkpoint", "generator_checkpoint"])
+  unset = [f for f in ("index_dir", *checkpoints_given, "data_dir") if not config[f]]
+  if unset:
+    raise config_check.ConfigError(
+        "set " + "; ".join(f"config.{f} ({hints[f]})" for f in unset)
+        + f", e.g. --config.{unset[0]}=PATH on train.py's command line (nothing was run or "
+        "written)")
+
   def need(field: str, *files: str, hint: str) -> None:
     value = config[field]
-    if not value:
-      raise ValueError(f"config.{field} is empty; {hint}")
-    for name in files:
-      if not (Path(value) / name).is_file():
-        raise FileNotFoundError(f"config.{field}={value}: {Path(value) / name} not found; {hint}")
+    for file in files:
+      if not (Path(value) / file).is_file():
+        raise InputNotFoundError(f"config.{field}={value}: {Path(value) / file} not found; {hint}")
 
   need("index_dir", "index/index.json", "passages/store.json",
        hint="build an index with python -m rag_jax.commands.build_index --out DIR")
@@ -217,6 +237,15 @@ def check_config_paths(config: ml_collections.ConfigDict) -> None:
   for split in ("train", "val"):
     need("data_dir", f"{split}.source", f"{split}.target",
          hint="one question (.source) and one answer (.target) per line")
+
+
+def check_index_fields(config: ml_collections.ConfigDict) -> None:
+  """config.n_docs against the passages of config.index_dir, before training (a larger n_docs
+  trained without a word, on repeated or empty rows). A paper row's eval.recall_ks may exceed
+  the index: evaluate.py leaves those depths out with a warning (rag_jax/evaluation/runner.py)."""
+  index = Path(config.index_dir) / "index"
+  config_check.check_index_size(config, "rag", int(read_meta(index)["count"]), str(index),
+                                evaluation=False)
 
 
 def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None:

@@ -1,15 +1,21 @@
-"""One run per workdir: a lock file holding the owner's pid, host and start time.
+"""One run per workdir, one build per index directory: a lock file holding the owner's pid, host
+and start time.
 
     with workdir_lock(workdir):      # raises WorkdirLocked if a live process holds it
       ...train...
+    with output_lock(out):           # build_index: OUT's sibling .OUT.lock
+      ...build...
 
-Two trainings in one workdir would resume from, and overwrite, each other's checkpoints. The lock
-is the file workdir/run.lock, created with O_CREAT | O_EXCL (atomic: of two processes racing,
-exactly one creates it) and removed when the block exits, however it exits. A lock whose owner
-is gone (killed with SIGKILL, the machine rebooted) is stale: on the same host, a pid that no
-longer runs, or runs another program started later (pid reuse, detected from the process start
-time in /proc), is taken over with a warning that names it. A lock written on another host is
-never taken over (its pid cannot be checked from here): the error says which host holds it.
+Two trainings in one workdir would resume from, and overwrite, each other's checkpoints; two
+builds into one output directory would write over each other's shards. The lock of a workdir is
+the file workdir/run.lock; the lock of a build's output OUT is the file .OUT.lock beside it (OUT
+itself appears only once the build is complete: rag_jax/retrieval/pipeline.py). Either is
+created with O_CREAT | O_EXCL (atomic: of two processes racing, exactly one creates it) and
+removed when the block exits, however it exits. A lock whose owner is gone (killed with SIGKILL,
+the machine rebooted) is stale: on the same host, a pid that no longer runs, or runs another
+program started later (pid reuse, detected from the process start time in /proc), is taken over
+with a warning that names it. A lock written on another host is never taken over (its pid
+cannot be checked from here): the error says which host holds it.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from rag_jax.utils.errors import UserError
@@ -30,7 +36,8 @@ log = logging.getLogger(__name__)
 
 
 class WorkdirLocked(UserError, RuntimeError):
-  """Another live process runs in this workdir; the message names its pid and host."""
+  """Another live process holds the lock (of a workdir, or of a build's output directory); the
+  message names its pid and host."""
 
 
 def process_start(pid: int) -> str | None:
@@ -91,13 +98,14 @@ def _read(path: Path) -> dict:
 
 
 @contextlib.contextmanager
-def workdir_lock(workdir: str | os.PathLike) -> Iterator[Path]:
-  """Holds workdir/run.lock for the duration of the block (the workdir is created if needed).
+def file_lock(path: Path, in_use: Callable[[str], str]) -> Iterator[Path]:
+  """Holds the lock file `path` for the duration of the block (its directory is created if
+  needed).
 
-  Raises WorkdirLocked when a live process (or one on another host) holds it; takes over a stale
-  lock with a warning naming its dead owner. Yields the lock file's path.
+  Raises WorkdirLocked with the message in_use(holder) (holder: "pid P on host H (started T)")
+  when a live process (or one on another host) holds it; takes over a stale lock with a warning
+  naming its dead owner. Yields the lock file's path.
   """
-  path = Path(workdir) / LOCK_NAME
   path.parent.mkdir(parents=True, exist_ok=True)
   for _ in range(3):
     try:
@@ -111,10 +119,7 @@ def workdir_lock(workdir: str | os.PathLike) -> Iterator[Path]:
       continue  # released meanwhile: try again
     reason = stale_reason(owner) if owner else "it holds no owner (torn write)"
     if reason is None:
-      raise WorkdirLocked(
-          f"{path.parent} is in use by {_describe(owner)}: a second run there would resume "
-          "from the checkpoints it is writing. Wait for it to finish, stop it, or use another "
-          f"--workdir (if that process is gone, delete {path})")
+      raise WorkdirLocked(in_use(_describe(owner)))
     log.warning("%s: taking over the stale lock of %s; %s", path, _describe(owner), reason)
     with contextlib.suppress(FileNotFoundError):
       path.unlink()
@@ -126,3 +131,29 @@ def workdir_lock(workdir: str | os.PathLike) -> Iterator[Path]:
     with contextlib.suppress(FileNotFoundError, ValueError, OSError):
       if _read(path).get("pid") == os.getpid():
         path.unlink()
+
+
+def workdir_lock(workdir: str | os.PathLike) -> contextlib.AbstractContextManager[Path]:
+  """Holds workdir/run.lock for the duration of the block (the workdir is created if needed);
+  see file_lock."""
+  path = Path(workdir) / LOCK_NAME
+  return file_lock(path, lambda holder: (
+      f"{path.parent} is in use by {holder}: a second run there would resume from the "
+      "checkpoints it is writing. Wait for it to finish, stop it, or use another --workdir (if "
+      f"that process is gone, delete {path})"))
+
+
+def output_lock_path(out: str | os.PathLike) -> Path:
+  """The lock file of a build into `out`: .OUT.lock beside it."""
+  out = Path(out)
+  return out.parent / f".{out.name}.lock"
+
+
+def output_lock(out: str | os.PathLike) -> contextlib.AbstractContextManager[Path]:
+  """Holds the lock of a build into the directory `out` (rag_jax.commands.build_index) for the
+  duration of the block; see file_lock."""
+  path = output_lock_path(out)
+  return file_lock(path, lambda holder: (
+      f"{out} is being built by {holder}: a second build there would write over the files it "
+      "is writing. Wait for it to finish, stop it, or use another --out (if that process is "
+      f"gone, delete {path})"))

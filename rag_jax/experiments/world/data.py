@@ -152,8 +152,8 @@ def _values(rng: np.random.Generator, cfg: WorldConfig, taken: set[str]
           "colour": COLOURS, "job": JOBS, "instrument": INSTRUMENTS}
 
 
-def generate_world(cfg: WorldConfig = WorldConfig()) -> World:
-  """The world of `cfg` (deterministic in cfg.seed)."""
+def generate_world(cfg: WorldConfig = WorldConfig(), progress: bool = True) -> World:
+  """The world of `cfg` (deterministic in cfg.seed); `progress`: a bar over the people."""
   rng = np.random.default_rng(cfg.seed)
   taken: set[str] = set()
   values = _values(rng, cfg, taken)
@@ -163,7 +163,8 @@ def generate_world(cfg: WorldConfig = WorldConfig()) -> World:
     names = [f"{n} {families[rng.integers(len(families))]}" for n in names]
   facts: list[Fact] = []
   heldout_facts: list[int] = []
-  for person in tqdm(names, desc="world", unit="person", dynamic_ncols=True):
+  for person in tqdm(names, desc="world", unit="person", dynamic_ncols=True,
+                     disable=not progress):
     attrs = [ATTRIBUTES[i] for i in
              sorted(rng.choice(len(ATTRIBUTES), int(rng.integers(4, 7)), replace=False))]
     first = len(facts)

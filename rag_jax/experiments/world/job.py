@@ -20,7 +20,11 @@ a phase killed in the middle resumes from its own checkpoints or starts again):
                question encoder before and after RAG training, index hot-swap
 
 The report (report.json, report.md, printed) holds every figure. A workdir holding a finished
-run is not retrained: the report is printed again. A workdir holding another config is refused.
+run is not retrained: the report is printed again. A workdir holding another config is refused,
+unless only the `eval` group differs (evaluation settings, rag_jax.training.loop.EVALUATION_ONLY):
+then the trained models are kept and the evaluation phase runs again with the new settings. The
+config is validated before any phase, the fields bounded by the number of passages (rag.n_docs,
+eval.recall_ks) against the world's, computed from the config.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from rag_jax import checkpoints
 from rag_jax.data.sampling import epoch_rows
 from rag_jax.experiments.world import evaluation as world_eval
 from rag_jax.experiments.world import report as world_report
-from rag_jax.experiments.world.data import WorldConfig, build_world
+from rag_jax.experiments.world.data import WorldConfig, build_world, generate_world
 from rag_jax.experiments.world.tokenizer import train_tokenizer, world_texts
 from rag_jax.models import presets
 from rag_jax.models.bart import BartForConditionalGeneration, shift_tokens_right
@@ -80,6 +84,15 @@ class PhaseLog:
 
   def finish(self, name: str, seconds: float, result: Any) -> None:
     self.phases[name] = {"seconds": round(seconds, 2), "result": result}
+    self._save()
+
+  def forget(self, names: tuple[str, ...]) -> None:
+    """Marks the phases `names` as not done (the next run runs them again)."""
+    for name in names:
+      self.phases.pop(name, None)
+    self._save()
+
+  def _save(self) -> None:
     with atomic_file(self.path, "w") as f:
       json.dump(self.phases, f, indent=2)
 
@@ -397,10 +410,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   stop_after_phase: end after that phase, as a kill would (the next call resumes).
   """
   config_check.validate(config, "world")
+  config_check.check_index_size(config, "world", world_passages(config.world),
+                                "the world of config.world")
   workdir = Path(workdir)
   with workdir_lock(workdir):
-    loop.check_workdir(config, workdir)
+    loop.check_workdir(config, workdir, on_evaluation_change=lambda _: forget_evaluation(workdir))
     return _run(config, workdir, stop_after_phase)
+
+
+def world_passages(world_config: ml_collections.ConfigDict) -> int:
+  """The number of passages of the world (and of its index) that `world_config` describes,
+  computed before any phase (a pure function of the config; hundredths of a second)."""
+  return len(generate_world(WorldConfig(**world_config.to_dict()), progress=False).passages)
+
+
+def forget_evaluation(workdir: Path, phases: tuple[str, ...] = ("evaluation",),
+                      files: tuple[str, ...] = ("report.json", "report.md",
+                                                *(f"{m}/heldout_predictions.jsonl"
+                                                  for m in world_eval.RAG_MODELS))) -> None:
+  """Discards what the evaluation phase made with the evaluation settings recorded in the
+  workdir (their entry in phases.json, the report and the held-out predictions, which a rerun
+  would otherwise resume), so that the next run evaluates the trained models with the new ones
+  (rag_jax.training.loop.check_workdir calls it when only evaluation fields changed)."""
+  phase_log = PhaseLog(workdir)
+  if any(phase_log.done(p) for p in phases):
+    phase_log.forget(phases)
+  for name in files:
+    (workdir / name).unlink(missing_ok=True)
 
 
 def _run(config: ml_collections.ConfigDict, workdir: Path, stop_after_phase: str | None

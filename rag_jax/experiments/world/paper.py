@@ -305,12 +305,19 @@ def markdown(report: dict[str, Any]) -> str:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) every world's phases in workdir/<world>, then the report."""
   config_check.validate(config)
-  if config.get("fever") and (unknown := set(config.fever.worlds) - set(config.worlds)):
-    raise config_check.ConfigError(f"config.fever.worlds names {sorted(unknown)}, not worlds of "
-                                   f"config.worlds ({list(config.worlds)})")
+  for world in config.worlds:  # paper.docs and each world's rag.n_docs against its passages
+    needed = config_check.passages_needed(config, "world_paper")
+    needed = {k: v for k, v in needed.items()
+              if k == "paper.docs" or k.startswith(f"worlds.{world}.")}
+    if found := config_check.index_problems(
+        needed, world_job.world_passages(config.worlds[world].world),
+        f"the {world} world (config.worlds.{world}.world)"):
+      raise config_check.ConfigError("; ".join(found) + " (invalid config: nothing was run or "
+                                     "written)")
   workdir = Path(workdir)
   with workdir_lock(workdir):
-    loop.check_workdir(config, workdir)
+    loop.check_workdir(config, workdir,
+                       on_evaluation_change=lambda _: forget_evaluations(config, workdir))
     with workdir_logging(workdir):
       report: dict[str, Any] = {"worlds": {}}
       for world in config.worlds:
@@ -341,6 +348,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   (workdir / "report.md").write_text(markdown(report))
   print(markdown(report), flush=True)
   return report
+
+
+def forget_evaluations(config: ml_collections.ConfigDict, workdir: Path) -> None:
+  """Discards every world's evaluation phases, the closed book's cached EM and the report, made
+  with the evaluation settings recorded in the workdir (rag_jax.training.loop.check_workdir calls
+  it when only those changed): the next run evaluates the trained rows with the new ones."""
+  for world in config.worlds:
+    world_job.forget_evaluation(workdir / world, ("evaluation", "fever_evaluation"),
+                                ("closed_book/heldout_em.json",))
+  for name in ("report.json", "report.md"):
+    (workdir / name).unlink(missing_ok=True)
 
 
 def _closed_book_em(workdir: Path, cfg: Any) -> float:
