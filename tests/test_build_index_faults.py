@@ -179,7 +179,7 @@ def test_build_index_without_an_encoder_is_a_usage_error(world, tmp_path, capsys
   assert capsys.readouterr().err == (
       "error: flags encoder=None, dpr_embeddings=None: give --encoder (a DPRContextEncoder "
       "directory that encodes the passages) or --dpr_embeddings (DPR's wikipedia_passages_*.pkl "
-      "files, with --allow_pickle)\n(see python -m rag_jax.commands.build_index --help)\n")
+      "files, with --allow_pickle) (see python -m rag_jax.commands.build_index --help)\n")
   assert not list(tmp_path.iterdir())
 
 
@@ -210,3 +210,17 @@ def test_damaged_files_are_named_and_a_rerun_rebuilds_them(world, tmp_path, caps
   shutil.rmtree(out / "passages")
   assert build_index.main(_flags(root, corpus, out)) == 0
   assert _tree(out) == whole
+
+
+def test_a_full_disk_names_the_output_directory(world, tmp_path, capsys, monkeypatch):  # noqa: F811
+  """A write that fails with ENOSPC names no file; the one error line says it was under --out."""
+  root, corpus, *_ = world
+  out = tmp_path / "kb"
+
+  def full_disk(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(build_index, "build_from_corpus", full_disk)
+  assert build_index.main(_flags(root, corpus, out)) == 1
+  assert capsys.readouterr().err == (
+      f"error: No space left on device (errno 28); in a file under {out}\n")

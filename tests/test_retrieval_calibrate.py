@@ -195,9 +195,9 @@ def test_build_index_command_calibrates_on_given_questions(data, dpr_files, tmp_
   assert recall_with(index, queries[:200], truth[:200], width, reorder) >= 0.97
   assert recall_with(index, queries[:200], truth[:200], width - 1, reorder) < 0.97
 
-  assert build_index.main([*argv[:-2], f"--calibration_queries={root / 'questions.npy'}"]) == 1
+  assert build_index.main([*argv[:-2], f"--calibration_queries={root / 'questions.npy'}"]) == 2
   assert "--calibration_queries needs --target_recall" in capsys.readouterr().err
-  assert build_index.main([*argv, "--index=exact"]) == 1
+  assert build_index.main([*argv, "--index=exact"]) == 2
   assert "--target_recall tunes a ScaNN index's search width" in capsys.readouterr().err
   # Refused before any stage runs: the index built above is untouched.
   assert load_index(tmp_path / "built" / "index").config.leaves_to_search == width

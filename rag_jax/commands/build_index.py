@@ -28,7 +28,7 @@ from rag_jax.retrieval.encode import EncodeConfig
 from rag_jax.retrieval.exact import ExactConfig
 from rag_jax.retrieval.pipeline import build_from_corpus
 from rag_jax.retrieval.scann_index import ScannConfig
-from rag_jax.utils.errors import UserError
+from rag_jax.utils.errors import UsageError, os_errors_under
 from rag_jax.utils.lock import output_lock
 
 FLAGS = flags.FlagValues()
@@ -98,10 +98,10 @@ def _calibration() -> CalibrationSpec | None:
   """The --target_recall request; None without it."""
   if FLAGS.target_recall is None:
     if FLAGS.calibration_queries:
-      raise UserError("--calibration_queries needs --target_recall")
+      raise UsageError("--calibration_queries needs --target_recall")
     return None
   if FLAGS.index != "scann":
-    raise UserError(f"--target_recall tunes a ScaNN index's search width; --index={FLAGS.index} "
+    raise UsageError(f"--target_recall tunes a ScaNN index's search width; --index={FLAGS.index} "
                     "searches every row")
   queries = None
   if FLAGS.calibration_queries:
@@ -115,7 +115,9 @@ def _calibration() -> CalibrationSpec | None:
 def _build() -> int:
   calibration = _calibration()  # a bad query file fails before any stage runs
   check_corpus(FLAGS.corpus)  # a bad corpus is refused before even the lock file is written
-  with output_lock(FLAGS.out):  # one build per --out (a second one is refused, naming the first)
+  # One build per --out (a second one is refused, naming the first); an OSError that names no
+  # file (a full disk) is said to be under --out.
+  with output_lock(FLAGS.out), os_errors_under(FLAGS.out):
     index = _build_locked(calibration)
   found = getattr(index, "calibration", None)
   if found is not None:
