@@ -1,8 +1,13 @@
 """The shared training loop's NaN stop: it never makes the device wait for the host between
 steps, and still logs and saves nothing non-finite."""
 
+import errno
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import flax
 import jax.numpy as jnp
@@ -13,6 +18,7 @@ import pytest
 
 from rag_jax.training import loop
 
+ROOT = Path(__file__).resolve().parents[1]
 
 @flax.struct.dataclass
 class _State:
@@ -145,3 +151,36 @@ def test_a_resumed_runs_metrics_equal_an_uninterrupted_runs(tmp_path, log_every,
               for s in range(log_every, config.num_train_steps + 1, log_every)]
   assert _records(full) == expected  # the brute-force reference: sums of 1/step per window
   assert _records(killed) == _records(full)  # bit for bit, step by step
+
+
+_FILE_TOO_LARGE = """
+import resource, signal, sys
+from pathlib import Path
+import jax, ml_collections
+from rag_jax.training import loop
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+config = ml_collections.ConfigDict(
+    {"keep_checkpoints": 3, "checkpoint_every": 1, "num_train_steps": 2})
+manager = loop.checkpoint_manager(Path(sys.argv[1]), config)
+state = {"w": jax.random.normal(jax.random.key(0), (64, 1024))}  # random: does not compress
+loop.save_checkpoint(manager, 1, state, config)
+manager.wait_until_finished()
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+try:
+  with loop.checkpoint_os_errors(manager):
+    loop.save_checkpoint(manager, 2, state, config)
+    manager.wait_until_finished()
+except OSError as e:
+  print(f"OSError {e.errno} {e.filename} {manager.latest_step()}")
+"""
+
+
+def test_an_os_error_while_orbax_writes_is_an_oserror_naming_the_directory(tmp_path):
+  """orbax reports a failed write (here a real EFBIG from RLIMIT_FSIZE, as a full disk gives
+  ENOSPC) as a ValueError holding the code; the loop raises it as that OSError, naming the
+  checkpoint directory, so the entry points print one line. The complete checkpoint stays."""
+  result = subprocess.run([sys.executable, "-c", _FILE_TOO_LARGE, str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
+  assert result.stdout.splitlines()[-1:] == [
+      f"OSError {errno.EFBIG} {tmp_path / 'checkpoints'} 1"], result.stderr[-2000:]

@@ -3,11 +3,14 @@ NaN stop, metrics, evaluation, checkpoints), the metrics file and orbax checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +189,28 @@ def checkpoint_manager(workdir: Path, config: ml_collections.ConfigDict) -> ocp.
                                            save_interval_steps=config.checkpoint_every))
 
 
+# tensorstore's errors (orbax writes through it) carry the OS error as `[os_error_code=28]` or
+# `os_error_code='28'` inside a ValueError's message.
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
+@contextlib.contextmanager
+def checkpoint_os_errors(manager: ocp.CheckpointManager) -> Iterator[None]:
+  """An OS error met while orbax writes a checkpoint (a full disk, a read-only or vanished
+  directory) is raised as the OSError it is, naming the checkpoint directory, so that the entry
+  points print one line (`error: WORKDIR/checkpoints: No space left on device (errno 28)`);
+  orbax raises it as a ValueError whose message holds the code. The last complete checkpoint is
+  kept either way (orbax writes each step to a temporary directory first)."""
+  try:
+    yield
+  except ValueError as e:
+    found = _OS_ERROR_CODE.search(str(e))
+    if found is None:
+      raise
+    code = int(found.group(1))
+    raise OSError(code, os.strerror(code), str(manager.directory)) from e
+
+
 def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: Any,
                     config: ml_collections.ConfigDict) -> bool:
   """Saves (async) every config.checkpoint_every steps and at the last step; True if it saved.
@@ -196,7 +221,8 @@ def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: Any,
   """
   final = step == config.num_train_steps
   if step % config.checkpoint_every == 0 or final:
-    manager.save(step, args=ocp.args.StandardSave(state), force=final)
+    with checkpoint_os_errors(manager):
+      manager.save(step, args=ocp.args.StandardSave(state), force=final)
     return True
   return False
 
@@ -321,7 +347,8 @@ def train_loop(config: ml_collections.ConfigDict, workdir: Path, state: Any, ste
         if stop_after is not None and done >= stop_after:
           break
   finally:
-    manager.wait_until_finished()
+    with checkpoint_os_errors(manager):
+      manager.wait_until_finished()
     manager.close()
     writer.close()
   return state, int(state.step) >= config.num_train_steps
