@@ -52,8 +52,10 @@ def main(argv):
                          "`eval` group); use configs/paper_<task>.py or configs/default.py")
 
   def run() -> None:
+    docs = runner.ints(_DOCS.value, "--docs")
+    runner.check_modes(_RETRIEVAL_ONLY.value, docs)
     runner.evaluate(RUNS[kind](config, _WORKDIR.value), _WORKDIR.value,
-                    retrieval_only=_RETRIEVAL_ONLY.value, docs=runner.ints(_DOCS.value))
+                    retrieval_only=_RETRIEVAL_ONLY.value, docs=docs)
 
   if code := one_line_errors(run, _TRACEBACK.value):
     sys.exit(code)

@@ -15,10 +15,11 @@ import transformers
 
 from rag_jax import answer as answer_lib
 from rag_jax.commands import answer as answer_command
+from rag_jax.commands import search as search_command
 from rag_jax.decoding import generate
 from rag_jax.retrieval.index import IndexDimensionError
 from rag_jax.retrieval.pipeline import build_from_corpus
-from rag_jax.utils.errors import NonFiniteError
+from rag_jax.utils.errors import InputError, NonFiniteError
 from tests import decoding_reference as dref
 from tests import pipeline_reference as pref
 from tests import torch_reference as ref
@@ -144,6 +145,29 @@ def test_command_truncates_a_long_question_to_the_encoders_positions(world):
   n_tokens = len(q_tok(LONG)["input_ids"])
   assert err.count("warning: 1 of 2 questions exceed the question encoder's 40 tokens and were "
                    f"truncated to them (question(s) 2: {n_tokens} tokens)") == 1
+
+
+def test_commands_refuse_more_passages_than_the_index_holds_and_more_answers_than_beams(world):
+  """search --k, answer --n_docs (and a checkpoint's n_docs) above the index's 8 passages, and
+  --num_return_sequences above --num_beams: one `error:` line naming the flag, before anything
+  is loaded."""
+  root, *_, models = world
+  kb = root / "kb"
+  code, out, err = _ask(models, root, QUESTIONS[0], extra=("--n_docs", "9"))
+  assert (code, out) == (1, "")
+  assert err == f"error: --n_docs=9: the index {kb} holds 8 passages; ask for at most 8\n"
+  code, out, err = _ask(models, root, QUESTIONS[0], extra=("--num_return_sequences", "2"))
+  assert (code, out) == (1, "")
+  assert err == ("error: --num_return_sequences=2 is more than --num_beams=1: beam search "
+                 "returns at most num_beams answers per question\n")
+  stdout, stderr = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stderr(stderr):
+    code = search_command.main(["--dir", str(kb), "--question_encoder", str(root / "ctx"),
+                                "--k", "9", QUESTIONS[0]], stdout=stdout)
+  assert (code, stdout.getvalue()) == (1, "")
+  assert stderr.getvalue() == f"error: --k=9: the index {kb} holds 8 passages; ask for at most 8\n"
+  with pytest.raises(InputError, match=rf"^n_docs=9: the index {kb} holds 8 passages"):
+    answer_lib.RagAnswerer(models["token"][1], kb, n_docs=9)
 
 
 def test_command_refuses_an_empty_question_in_one_line(world):

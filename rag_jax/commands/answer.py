@@ -17,8 +17,9 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 from absl import flags
 
-from rag_jax.answer import RagAnswerer, format_answer
+from rag_jax.answer import RagAnswerer, check_within_index, format_answer
 from rag_jax.commands.common import ask, define_common_flags, parse_flags, run_command
+from rag_jax.utils.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,18 @@ def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> int:
   return run_command(lambda: _answer(questions, stdin or sys.stdin, stdout or sys.stdout), FLAGS)
 
 
+def check_flags() -> None:
+  """The flags that cannot work together or with the index, refused before anything loads."""
+  if FLAGS.num_return_sequences > FLAGS.num_beams:
+    raise InputError(f"--num_return_sequences={FLAGS.num_return_sequences} is more than "
+                     f"--num_beams={FLAGS.num_beams}: beam search returns at most num_beams "
+                     "answers per question")
+  if FLAGS.n_docs is not None:
+    check_within_index("--n_docs", FLAGS.n_docs, FLAGS.index_dir)
+
+
 def _answer(questions: list[str], stdin, stdout) -> int:
+  check_flags()
   answerer = RagAnswerer(FLAGS.checkpoint, FLAGS.index_dir, n_docs=FLAGS.n_docs,
                          dtype=jnp.dtype(FLAGS.dtype))
   options = dict(num_beams=FLAGS.num_beams, max_length=FLAGS.max_length,

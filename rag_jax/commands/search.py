@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from absl import flags
 
+from rag_jax.answer import check_within_index
 from rag_jax.commands.common import ask, define_common_flags, parse_flags, run_command
 from rag_jax.retrieval.retriever import Hit, Retriever
 
@@ -46,6 +47,7 @@ def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> int:
 
 
 def _search(questions: list[str], stdin, stdout) -> int:
+  check_within_index("--k", FLAGS.k, FLAGS.dir)
   retriever = Retriever.load(FLAGS.dir, FLAGS.question_encoder, FLAGS.tokenizer)
 
   def search(batch: list[str]) -> str:
