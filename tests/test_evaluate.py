@@ -133,16 +133,21 @@ def write_qa_csv(path, answers):
 
 @pytest.mark.parametrize("kind", ["token", "sequence"])
 def test_paper_config_answers_equal_transformers_and_metrics_recompute(world, tmp_path, kind):
+  """evaluate.py's answers are transformers' generate answers here: these generator contexts
+  fill max_combined_length, with no padding (where contexts have some, RAG-Sequence's answers
+  are those of transformers' loop given the mask in its beam search: tests/test_answer.py)."""
   rows, doc_scores, expected = torch_pipeline(world, kind, max_length=MAX_LENGTH)
   # Gold answers: transformers' own answers (in another case, with an article and punctuation)
   # for questions 0 and 2, words the tiny model does not say for the others.
   gold = [[f"The {expected[0].upper()}."], [f"zzz {expected[1]}".strip()], ["qqq", expected[2]],
           ["west river"], ["wine"]]
   config = nq_config(world, kind, write_qa_csv(tmp_path / "nq-test.qa.csv", gold))
-  (result,) = runner.evaluate(paper.paper_runs(config, tmp_path), tmp_path, progress=False)
+  (run,) = paper.paper_runs(config, tmp_path)
+  (result,) = runner.evaluate([run], tmp_path, progress=False)
   folder = tmp_path / "eval" / f"nq-rag_{kind}-test"
   records = [json.loads(x) for x in (folder / "predictions.jsonl").read_text().splitlines()]
   assert [r["prediction"] for r in records] == expected
+  assert runner.load_answerer(run).generator_inputs(QUESTIONS)[2].all()  # no padding
   assert [r["question"] for r in records] == QUESTIONS
   assert [r["answers"] for r in records] == gold
   for i, r in enumerate(records):
