@@ -21,7 +21,7 @@ from pathlib import Path
 from absl import flags
 
 from rag_jax.commands.common import ConfigFile, define_common_flags, run_main
-from rag_jax.utils.errors import UsageError, os_errors_under
+from rag_jax.utils.errors import InputError, UsageError, os_errors_under
 from rag_jax.utils.host_memory import configure_host_allocator
 from rag_jax.utils.logs import quiet_console
 
@@ -62,9 +62,14 @@ def evaluate(positional: list[str]) -> None:
   module, runs = RUNS[kind]
   runs = getattr(importlib.import_module(module), runs)
   from rag_jax.evaluation import runner  # here: it loads jax and the models, after the flags
+  try:
+    docs = runner.ints(_DOCS.value, "--docs")
+    runner.check_modes(_RETRIEVAL_ONLY.value, docs)
+  except InputError as e:
+    raise UsageError(str(e)) from None
   with os_errors_under(_WORKDIR.value):
     runner.evaluate(runs(config, _WORKDIR.value), _WORKDIR.value,
-                    retrieval_only=_RETRIEVAL_ONLY.value, docs=runner.ints(_DOCS.value))
+                    retrieval_only=_RETRIEVAL_ONLY.value, docs=docs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

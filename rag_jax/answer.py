@@ -60,7 +60,8 @@ from rag_jax.retrieval import device
 from rag_jax.retrieval.device import DeviceRetrieval
 from rag_jax.retrieval.exact import ExactIndex
 from rag_jax.retrieval.retriever import Hit, Retriever
-from rag_jax.utils.errors import check_finite
+from rag_jax.retrieval.store import PassageStore
+from rag_jax.utils.errors import InputError, check_finite
 
 SCORES_WHAT = "doc scores q(x) . d(z) of the retrieved passages (one row per question)"
 
@@ -118,6 +119,29 @@ def answer_program(model: RagModel, retrieval: DeviceRetrieval, plan: Generation
   return jax.jit(program)
 
 
+def index_passages(index_dir: str | os.PathLike) -> int | None:
+  """The number of passages of an index directory written by build_index, read from its
+  passages/store.json without loading the index (None where there is no readable store: loading
+  the directory names what is wrong)."""
+  store = Path(index_dir) / "passages"
+  if not (store / "store.json").is_file():
+    return None
+  try:
+    return len(PassageStore(store))
+  except (OSError, ValueError, KeyError):
+    return None
+
+
+def check_within_index(name: str, wanted: int, index_dir: str | os.PathLike) -> None:
+  """Refuses `wanted` passages per question (the flag or setting called `name`) from an index
+  that holds fewer, before anything is loaded: the search cannot return them, and the buffers
+  sized for them can exceed any memory."""
+  count = index_passages(index_dir)
+  if count is not None and wanted > count:
+    raise InputError(f"{name}={wanted}: the index {index_dir} holds {count} "
+                     f"passage{'s' if count != 1 else ''}; ask for at most {count}")
+
+
 class RagAnswerer:
   """A RAG checkpoint with its tokenizers, and an index directory built by rag_jax.retrieval.
 
@@ -127,7 +151,8 @@ class RagAnswerer:
     index_dir: a directory written by `python -m rag_jax.commands.build_index` (passages/ and
       index/), encoded with the passage encoder that the checkpoint's question encoder was
       trained against.
-    n_docs: passages per question (default: the checkpoint's config).
+    n_docs: passages per question (default: the checkpoint's config); more than the index holds
+      is refused (InputError) before the checkpoint is loaded.
     dtype: compute dtype (bfloat16 on accelerators).
     max_question_length: question-encoder token budget (more than the question
       encoder's positions: its positions).
@@ -150,6 +175,11 @@ class RagAnswerer:
                mesh: Mesh | None = None, device_index_dtype: str = "auto",
                device_index_memory_fraction: float = 0.5,
                tables_dir: str | os.PathLike | None = None, **index_kwargs: Any):
+    if n_docs is not None:
+      check_within_index("n_docs", n_docs, index_dir)
+    else:
+      check_within_index(f"n_docs of {Path(checkpoint) / checkpoints.CONFIG_NAME}",
+                         checkpoints.read_config(checkpoint).get("n_docs", 0), index_dir)
     model, self.params = checkpoints.load_pretrained(checkpoint, dtype=dtype)
     if not isinstance(model, RagModel):
       raise checkpoints.CheckpointError(

@@ -22,8 +22,10 @@ Nothing is written on failure; saving writes a temporary directory renamed into 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
+import pickle
 import re
 import shutil
 from collections.abc import Callable
@@ -37,7 +39,9 @@ import safetensors.numpy
 from absl import logging
 from flax import traverse_util
 from safetensors import SafetensorError
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
+from transformers import RagConfig as HfRagConfig
+from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING, tokenizer_class_from_name
 
 from rag_jax.models.bart import BartConfig, BartForConditionalGeneration
 from rag_jax.models.bert import BertConfig, DPREncoder
@@ -65,6 +69,11 @@ class CheckpointNotFoundError(UserError, FileNotFoundError):
   """A checkpoint directory, or a file it needs, that is not there (named)."""
 
 
+class PickleNotAllowedError(CheckpointError):
+  """A pytorch_model.bin that torch's safe loader refuses: reading it would unpickle Python
+  objects, which runs code from the file (opt in with allow_pickle=True)."""
+
+
 # ----------------------------------------------------------------------------- reading files
 
 
@@ -89,7 +98,10 @@ def _read_safetensors(file: Path) -> dict[str, np.ndarray]:
     raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
 
 
-def _read_torch_bin(file: Path) -> dict[str, np.ndarray]:
+def _read_torch_bin(file: Path, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+  """A pytorch_model.bin's tensors, read by torch's safe loader (weights_only=True): a file that
+  holds other Python objects is refused, since unpickling them runs code from the file, unless
+  `allow_pickle` (for files from a source you trust)."""
   if not file.is_file():
     raise CheckpointNotFoundError(f"{file}: no such file")
   try:
@@ -97,14 +109,46 @@ def _read_torch_bin(file: Path) -> dict[str, np.ndarray]:
   except ImportError:
     raise CheckpointError(f"{file}: reading pytorch_model.bin needs torch (pip install "
                           "torch), or convert the checkpoint to safetensors") from None
-  state = torch.load(str(file), map_location="cpu", weights_only=True)
+  try:
+    state = torch.load(str(file), map_location="cpu", weights_only=not allow_pickle)
+  except pickle.UnpicklingError as e:
+    detail = _unpickler_detail(str(e))
+    if not detail.startswith("Unsupported global"):
+      raise CheckpointError(f"{file}: unreadable pytorch_model.bin ({detail})") from None
+    raise PickleNotAllowedError(
+        f"{file}: refused: it holds Python objects beyond tensors, which torch's safe loader "
+        f"(weights_only=True) does not read ({detail}), and unpickling them runs code from the "
+        "file. If you trust its source, convert it once to model.safetensors beside it (then "
+        "read in its place): python -c \"import torch, safetensors.torch as st; st.save_file({k: "
+        f"v.clone() for k, v in torch.load('{file}', weights_only=False).items()}}, "
+        f"'{file.parent / SAFE_WEIGHTS}', metadata={{'format': 'pt'}})\", or pass "
+        "allow_pickle=True to rag_jax.checkpoints.load_pretrained") from None
+  except (RuntimeError, EOFError, OSError) as e:
+    reason = str(e).strip("'\" \n").splitlines()[0] if str(e).strip() else repr(e)
+    raise CheckpointError(f"{file}: unreadable pytorch_model.bin ({reason})") from None
+  if bad := sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor)):
+    raise CheckpointError(f"{file}: entry {bad[0]} is a {type(state[bad[0]]).__name__}, not "
+                          "a tensor")
   return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in state.items()}
 
 
-def read_weights(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, str]]:
-  """All tensors of a checkpoint directory: {name: (array, file it came from)}."""
+def _unpickler_detail(message: str) -> str:
+  """The reason in torch's weights_only error (its line after 'WeightsUnpickler error:')."""
+  _, found, rest = message.partition("WeightsUnpickler error:")
+  lines = [line.strip() for line in rest.splitlines() if line.strip()] if found else []
+  if not lines:
+    return "torch's safe loader refused it"
+  return lines[0].split(" was not an allowed global")[0].rstrip(".")
+
+
+def read_weights(path: str | os.PathLike, allow_pickle: bool = False
+                 ) -> dict[str, tuple[np.ndarray, str]]:
+  """All tensors of a checkpoint directory: {name: (array, file it came from)}.
+  allow_pickle: read pytorch_model.bin files that hold Python objects beyond tensors (runs
+  code from them; only for a source you trust)."""
   path = Path(path)
-  for index_name, reader in ((SAFE_INDEX, _read_safetensors), (TORCH_INDEX, _read_torch_bin)):
+  read_bin = functools.partial(_read_torch_bin, allow_pickle=allow_pickle)
+  for index_name, reader in ((SAFE_INDEX, _read_safetensors), (TORCH_INDEX, read_bin)):
     index = path / index_name
     if index.is_file():
       try:
@@ -120,7 +164,7 @@ def read_weights(path: str | os.PathLike) -> dict[str, tuple[np.ndarray, str]]:
                                 "is not in the shard")
         out.update({k: (v, shard) for k, v in tensors.items()})
       return out
-  for name, reader in ((SAFE_WEIGHTS, _read_safetensors), (TORCH_WEIGHTS, _read_torch_bin)):
+  for name, reader in ((SAFE_WEIGHTS, _read_safetensors), (TORCH_WEIGHTS, read_bin)):
     if (path / name).is_file():
       return {k: (v, name) for k, v in reader(path / name).items()}
   raise CheckpointNotFoundError(
@@ -290,14 +334,17 @@ def abstract_params(model: Model) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- public API
 
 
-def load_pretrained(path: str | os.PathLike, dtype=jnp.float32,
-                    param_dtype=jnp.float32) -> tuple[Model, dict[str, Any]]:
+def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, param_dtype=jnp.float32,
+                    allow_pickle: bool = False) -> tuple[Model, dict[str, Any]]:
   """Loads a transformers checkpoint directory as (Flax module, params pytree).
 
   Args:
     path: a directory with config.json and weights (see the module docstring).
     dtype: compute dtype of the module (jnp.bfloat16 on accelerators).
     param_dtype: dtype the parameters are stored in (float32 recommended).
+    allow_pickle: read a pytorch_model.bin that torch's safe loader refuses (unpickling runs
+      code from the file: only for a source you trust). By default such a file raises
+      PickleNotAllowedError, which says how to convert it once to model.safetensors.
   Raises:
     FileNotFoundError: missing directory, config.json or weights file (named).
     CheckpointError: unsupported architecture; a missing, unexpected or misshapen tensor (the
@@ -305,7 +352,7 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32,
   """
   path = Path(path)
   model = model_from_config(read_config(path), dtype, param_dtype)
-  weights = read_weights(path)
+  weights = read_weights(path, allow_pickle)
   abstract = traverse_util.flatten_dict(abstract_params(model))
   to_ours, to_hf = _mapping(model, abstract)
 
@@ -438,17 +485,97 @@ class RagTokenizers(NamedTuple):
   generator: Any
 
 
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
 def load_tokenizer(path: str | os.PathLike) -> Any:
-  """The tokenizer saved beside a checkpoint (RagTokenizers for a RAG directory)."""
+  """The tokenizer saved beside a checkpoint (RagTokenizers for a RAG directory), chosen by
+  transformers' own rule.
+
+  A RAG directory (question_encoder_tokenizer/ and generator_tokenizer/) loads as
+  transformers' RagTokenizer.from_pretrained loads it: each sub-tokenizer by AutoTokenizer with
+  the matching sub-model config of config.json, so that a tokenizer_config.json without
+  `tokenizer_class` (older hub uploads: vocab.txt, or vocab.json + merges.txt, no
+  tokenizer.json) gets its model type's class (DPR: DPRQuestionEncoderTokenizer; BART:
+  RobertaTokenizer, BART's in transformers 5). Any other directory loads with
+  AutoTokenizer.from_pretrained, which reads the model config beside it (a DPR encoder's).
+
+  Raises CheckpointNotFoundError naming the missing file where the directory lacks what its
+  tokenizer class reads (transformers would build an empty vocabulary there, every word
+  unknown), CheckpointError where transformers cannot load it otherwise.
+  """
   path = Path(path)
   if (path / "question_encoder_tokenizer").is_dir():
+    config = _rag_config(path)
     return RagTokenizers(
-        AutoTokenizer.from_pretrained(str(path / "question_encoder_tokenizer"),
-                                      local_files_only=True),
-        AutoTokenizer.from_pretrained(str(path / "generator_tokenizer"), local_files_only=True))
+        _auto_tokenizer(path / "question_encoder_tokenizer",
+                        None if config is None else config.question_encoder),
+        _auto_tokenizer(path / "generator_tokenizer",
+                        None if config is None else config.generator))
   if not path.is_dir():
     raise CheckpointNotFoundError(f"{path}: no such directory")
-  return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+  return _auto_tokenizer(path, None)
+
+
+def _rag_config(path: Path) -> Any:
+  """transformers' RagConfig of a RAG directory's config.json (None without one, or for
+  another model type: the sub-tokenizers then name their class themselves)."""
+  if not (path / CONFIG_NAME).is_file():
+    return None
+  hf_config = read_config(path)
+  if hf_config.get("model_type") != "rag":
+    return None
+  return HfRagConfig.from_dict(hf_config)
+
+
+def _tokenizer_class(directory: Path, model_config: Any) -> Any:
+  """The tokenizer class AutoTokenizer picks for `directory` (None where it cannot tell):
+  tokenizer_config.json's tokenizer_class, else the model config's tokenizer_class, else its
+  model type's (the config given, or the config.json in the directory)."""
+  tokenizer_config = directory / TOKENIZER_CONFIG
+  name = None
+  if tokenizer_config.is_file():
+    try:
+      name = json.loads(tokenizer_config.read_text()).get("tokenizer_class")
+    except (json.JSONDecodeError, AttributeError) as e:
+      raise CheckpointError(f"{tokenizer_config}: not a tokenizer config ({e})") from None
+  if model_config is None and (directory / CONFIG_NAME).is_file():
+    try:
+      model_config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError):  # a model type transformers does not know: no class from it
+      model_config = None
+  name = name or getattr(model_config, "tokenizer_class", None)
+  if name:
+    return tokenizer_class_from_name(name) or tokenizer_class_from_name(
+        name.removesuffix("Fast"))
+  return None if model_config is None else TOKENIZER_MAPPING.get(type(model_config), None)
+
+
+def _auto_tokenizer(directory: Path, model_config: Any) -> Any:
+  """AutoTokenizer.from_pretrained(directory, config=model_config), offline, with the files
+  its class reads checked first and any failure named by the directory."""
+  if not directory.is_dir():
+    raise CheckpointNotFoundError(f"{directory}: no such directory")
+  if not (directory / TOKENIZER_FILE).is_file():
+    cls = _tokenizer_class(directory, model_config)
+    files = [f for key, f in getattr(cls, "vocab_files_names", {}).items()
+             if key != "tokenizer_file"]
+    if missing := [f for f in files if not (directory / f).is_file()]:
+      raise CheckpointNotFoundError(
+          f"{directory / missing[0]}: no such file (a {cls.__name__} reads {TOKENIZER_FILE}, "
+          f"or {' and '.join(files)})")
+    if cls is None:
+      raise CheckpointNotFoundError(
+          f"{directory}: no {TOKENIZER_FILE}, and neither a tokenizer_class in "
+          f"{TOKENIZER_CONFIG} nor a {CONFIG_NAME} says which tokenizer reads its files")
+  try:
+    return AutoTokenizer.from_pretrained(str(directory), config=model_config,
+                                         local_files_only=True)
+  except (OSError, ValueError) as e:
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise CheckpointError(f"{directory}: transformers cannot load this tokenizer ({reason})"
+                          ) from None
 
 
 def replace_config(model: Model, **changes: Any) -> Model:
@@ -456,6 +583,6 @@ def replace_config(model: Model, **changes: Any) -> Model:
   return model.clone(config=dataclasses.replace(model.config, **changes))
 
 
-__all__ = ["CheckpointError", "CheckpointNotFoundError", "load_pretrained", "save_pretrained",
-           "load_tokenizer", "read_config", "read_weights", "to_hf_state_dict", "model_from_config",
-           "replace_config", "RagTokenizers"]
+__all__ = ["CheckpointError", "CheckpointNotFoundError", "PickleNotAllowedError",
+           "load_pretrained", "save_pretrained", "load_tokenizer", "read_config", "read_weights",
+           "to_hf_state_dict", "model_from_config", "replace_config", "RagTokenizers"]

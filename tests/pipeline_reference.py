@@ -6,13 +6,16 @@ saves RAG-Token / RAG-Sequence checkpoints as transformers writes them. `torch_p
 questions over the same corpus with transformers' PyTorch classes and numpy only: DPR question
 and context encoders, a brute-force top-n, the context strings of transformers'
 `RagRetriever.postprocess_docs` and `RagTokenForGeneration.generate` /
-`RagSequenceForGeneration.generate`.
+`RagSequenceForGeneration.generate` (as transformers 5.23 runs it, or with the contexts' mask
+given to its per-passage beam search: `beam_contexts_masked`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,11 +67,37 @@ def context_title(title: str) -> str:
   return title.removeprefix('"').removesuffix('"')
 
 
+@contextlib.contextmanager
+def beam_contexts_masked(torch_rag: Any, context_input_ids: torch.Tensor,
+                         context_attention_mask: torch.Tensor, n_docs: int) -> Iterator[None]:
+  """transformers' RagSequenceForGeneration.generate with the contexts' attention mask given to
+  its per-passage beam search, which transformers 5.23 runs with `attention_mask=None` (its
+  rescoring pass masks them): question i's `generator.generate` call gets rows
+  i * n_docs ... (i + 1) * n_docs of the mask. Everything else is transformers' loop."""
+  generate = torch_rag.generator.generate
+  calls = itertools.count()
+
+  def masked(input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    start = next(calls) * n_docs
+    rows = slice(start, start + n_docs)
+    assert kwargs.get("attention_mask") is None  # transformers' loop, as read
+    assert torch.equal(input_ids, context_input_ids[rows])  # question i's passages, in order
+    return generate(input_ids, **{**kwargs, "attention_mask": context_attention_mask[rows]})
+
+  torch_rag.generator.generate = masked
+  try:
+    yield
+  finally:
+    del torch_rag.generator.generate
+
+
 def torch_pipeline(world: World, kind: str, titles: Sequence[str], texts: Sequence[str],
-                   questions: Sequence[str], n_docs: int, **generate_kwargs
-                   ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                   questions: Sequence[str], n_docs: int, mask_beam_contexts: bool = False,
+                   **generate_kwargs) -> tuple[np.ndarray, np.ndarray, list[str]]:
   """(top rows [Q, n_docs], their doc scores [Q, n_docs], answer strings) of transformers'
-  `kind` ("token" | "sequence") model, with `generate_kwargs` for its generate."""
+  `kind` ("token" | "sequence") model, with `generate_kwargs` for its generate;
+  mask_beam_contexts: RAG-Sequence's per-passage beams get the contexts' mask
+  (:func:`beam_contexts_masked`)."""
   _, q_tok, g_tok, ctx, models = world
   torch_rag = models[kind][0]
   with torch.no_grad():
@@ -86,7 +115,9 @@ def torch_pipeline(world: World, kind: str, titles: Sequence[str], texts: Sequen
   ctx_ids = g_tok(strings, max_length=torch_rag.config.max_combined_length,
                   padding="max_length", truncation=True, return_tensors="pt")
   doc_scores = np.take_along_axis(scores, rows, axis=1)
-  with torch.no_grad():
+  masked = (beam_contexts_masked(torch_rag, ctx_ids["input_ids"], ctx_ids["attention_mask"],
+                                 n_docs) if mask_beam_contexts else contextlib.nullcontext())
+  with torch.no_grad(), masked:
     out = torch_rag.generate(context_input_ids=ctx_ids["input_ids"],
                              context_attention_mask=ctx_ids["attention_mask"],
                              doc_scores=torch.from_numpy(doc_scores), n_docs=n_docs,

@@ -3,6 +3,8 @@ classes: torch DPR question/context encoders, a numpy brute-force top-k, the ref
 strings, and `RagTokenForGeneration.generate` / `RagSequenceForGeneration.generate`."""
 
 import contextlib
+import csv
+import functools
 import io
 import re
 import shutil
@@ -15,21 +17,25 @@ import transformers
 
 from rag_jax import answer as answer_lib
 from rag_jax.commands import answer as answer_command
+from rag_jax.commands import search as search_command
 from rag_jax.decoding import generate
 from rag_jax.retrieval.index import IndexDimensionError
 from rag_jax.retrieval.pipeline import build_from_corpus
-from rag_jax.utils.errors import NonFiniteError
+from rag_jax.utils.errors import InputError, NonFiniteError
 from tests import decoding_reference as dref
 from tests import pipeline_reference as pref
 from tests import torch_reference as ref
 
 N_DOCS, MAX_COMBINED = 3, 32
 TITLES = ["Alba", "Brio", '"Cora"', "Dune", "Elm", "Fig", "Gale", "Hub"]
+RIVERS = ["north", "south", "east", "west"] * 2
+GOODS = ["iron", "silk", "salt", "wool", "tin", "oil", "rice", "wine"]
 TEXTS = [f"{t.strip(chr(34)).lower()} is near the {w} river and makes {c}  goods ."
-         for t, w, c in zip(TITLES, ["north", "south", "east", "west"] * 2,
-                            ["iron", "silk", "salt", "wool", "tin", "oil", "rice", "wine"],
-                            strict=True)]
+         for t, w, c in zip(TITLES, RIVERS, GOODS, strict=True)]
 QUESTIONS = ["what does alba make ?", "which river is gale near ?", "what does fig make ?"]
+# The passages cut to their goods: their generator contexts end in padding (max_combined_length
+# 32), where RAG-Sequence's masked and unmasked per-passage beams part.
+SHORT_TEXTS = GOODS
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +60,10 @@ def test_answers_equal_a_transformers_pipeline(world, kind, options):
   root, *_, models = world
   rows, doc_scores, expected = _torch_pipeline(world, kind, **options)
   answerer = answer_lib.RagAnswerer(models[kind][1], root / "kb")
-  extra = {"mask_beam_contexts": False} if kind == "sequence" else {}  # transformers 5.23's rule
-  got = answerer(QUESTIONS, **dref.generation_kwargs(**options), **extra)
+  # These contexts fill max_combined_length: no padding, where RAG-Sequence's masked beams
+  # (the default) equal transformers 5.23's unmasked ones (see the next test).
+  assert answerer.generator_inputs(QUESTIONS)[2].all()
+  got = answerer(QUESTIONS, **dref.generation_kwargs(**options))
   assert [a.text for a in got] == expected
   assert {a.decoder.architecture for a in got} == {type(models[kind][0]).__name__}
   for i, a in enumerate(got):
@@ -64,6 +72,33 @@ def test_answers_equal_a_transformers_pipeline(world, kind, options):
     np.testing.assert_allclose([h.score for h in a.passages], doc_scores[i], rtol=1e-5, atol=1e-5)
     prior = np.exp(doc_scores[i] - doc_scores[i].max())
     np.testing.assert_allclose(a.passage_probs, prior / prior.sum(), rtol=1e-5, atol=1e-6)
+
+
+def test_rag_sequence_over_padded_contexts_equals_transformers_with_masked_beams(world,
+                                                                                tmp_path):
+  """What evaluate.py and the answer command decode (RAG-Sequence beams over the contexts'
+  mask, the default) equals transformers' RagSequenceForGeneration.generate run with the mask
+  given to its per-passage beam search. transformers 5.23 runs that search unmasked, and where
+  contexts end in padding, as they do over these short passages, its answers differ
+  (docs/decoding.md; tests/test_decoding_rag.py reproduces its rule with
+  mask_beam_contexts=False)."""
+  root, *_, models = world
+  with open(tmp_path / "short.tsv", "w", newline="") as f:
+    csv.writer(f, delimiter="\t", lineterminator="\n").writerows(
+        zip(TITLES, SHORT_TEXTS, strict=True))
+  build_from_corpus(tmp_path / "short.tsv", tmp_path / "kb", encoder=str(root / "ctx"),
+                    fmt="tsv", split_words=None, index_type="exact", progress=False)
+  options = dict(num_beams=2)  # the shapes of the first test's RAG-Sequence case: no compile
+  answer = functools.partial(pref.torch_pipeline, world, "sequence", TITLES, SHORT_TEXTS,
+                             QUESTIONS, N_DOCS, **options)
+  rows, _, masked = answer(mask_beam_contexts=True)
+  answerer = answer_lib.RagAnswerer(models["sequence"][1], tmp_path / "kb")
+  hits, _, context_mask, _ = answerer.generator_inputs(QUESTIONS)
+  assert [[h.row for h in row] for row in hits] == rows.tolist()
+  assert (context_mask == 0).any(axis=1).all()  # every context ends in padding
+  got = [a.text for a in answerer(QUESTIONS, **dref.generation_kwargs(**options))]
+  assert got == masked
+  assert answer()[2] != got  # transformers 5.23's unmasked beams
 
 
 def test_command_prints_answers_with_passages(world):
@@ -144,6 +179,29 @@ def test_command_truncates_a_long_question_to_the_encoders_positions(world):
   n_tokens = len(q_tok(LONG)["input_ids"])
   assert err.count("warning: 1 of 2 questions exceed the question encoder's 40 tokens and were "
                    f"truncated to them (question(s) 2: {n_tokens} tokens)") == 1
+
+
+def test_commands_refuse_more_passages_than_the_index_holds_and_more_answers_than_beams(world):
+  """search --k, answer --n_docs (and a checkpoint's n_docs) above the index's 8 passages, and
+  --num_return_sequences above --num_beams: one `error:` line naming the flag, before anything
+  is loaded."""
+  root, *_, models = world
+  kb = root / "kb"
+  code, out, err = _ask(models, root, QUESTIONS[0], extra=("--n_docs", "9"))
+  assert (code, out) == (1, "")
+  assert err == f"error: --n_docs=9: the index {kb} holds 8 passages; ask for at most 8\n"
+  code, out, err = _ask(models, root, QUESTIONS[0], extra=("--num_return_sequences", "2"))
+  assert (code, out) == (2, "")  # a usage error
+  assert err == ("error: --num_return_sequences=2 is more than --num_beams=1: beam search "
+                 "returns at most num_beams answers per question\n")
+  stdout, stderr = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stderr(stderr):
+    code = search_command.main(["--dir", str(kb), "--question_encoder", str(root / "ctx"),
+                                "--k", "9", QUESTIONS[0]], stdout=stdout)
+  assert (code, stdout.getvalue()) == (1, "")
+  assert stderr.getvalue() == f"error: --k=9: the index {kb} holds 8 passages; ask for at most 8\n"
+  with pytest.raises(InputError, match=rf"^n_docs=9: the index {kb} holds 8 passages"):
+    answer_lib.RagAnswerer(models["token"][1], kb, n_docs=9)
 
 
 def test_command_refuses_an_empty_question_in_one_line(world):

@@ -1,6 +1,8 @@
 """Bad checkpoints give errors that name the file and the tensor; failures write nothing."""
 
 import json
+import re
+import shutil
 
 import jax
 import numpy as np
@@ -133,3 +135,48 @@ def test_dpr_architecture_prefix_mismatch(tmp_path):
   (path / "config.json").write_text(json.dumps(cfg))
   with pytest.raises(CheckpointError, match="unexpected tensor question_encoder.bert_model"):
     load_pretrained(path)
+
+
+class PickledState(dict):
+  """A state dict of a class of its own: torch's safe loader (weights_only=True) refuses it, as
+  it refuses the Python objects (argparse namespaces, numpy arrays) of some older
+  pytorch_model.bin files."""
+
+
+def test_a_pytorch_model_bin_the_safe_loader_refuses_is_named_with_how_to_opt_in(bart_dir,
+                                                                                tmp_path):
+  """Refused in one line that names the file and torch's reason and says how to opt in;
+  allow_pickle=True reads it, and the conversion the message gives writes a model.safetensors
+  that loads the same parameters without any opt-in."""
+  import torch  # deferred: only the legacy format needs it
+
+  _, params = load_pretrained(bart_dir)
+  path = tmp_path / "legacy"
+  path.mkdir()
+  shutil.copy(bart_dir / "config.json", path)
+  state = load_file(str(bart_dir / "model.safetensors"))
+  file = path / "pytorch_model.bin"
+  torch.save(PickledState({k: torch.from_numpy(v) for k, v in state.items()}), file)
+  with pytest.raises(CheckpointError, match=rf"^{file}: refused: .* safe loader "
+                     r"\(weights_only=True\) does not read \(Unsupported global: GLOBAL "
+                     r"tests\.test_checkpoint_errors\.PickledState\).* If you trust its source, "
+                     r"convert it once") as refused:
+    load_pretrained(path)
+  assert "\n" not in str(refused.value)
+
+  def assert_same(tree):
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 tree, params)
+
+  assert_same(load_pretrained(path, allow_pickle=True)[1])
+  conversion = re.search(r'python -c "([^"]+)"', str(refused.value)).group(1)
+  exec(conversion, {})  # the command the message gives, on the test's own file
+  assert_same(load_pretrained(path)[1])
+
+
+def test_an_unreadable_pytorch_model_bin_is_named(bart_dir):
+  (bart_dir / "model.safetensors").unlink()
+  (bart_dir / "pytorch_model.bin").write_bytes(b"not a torch file")
+  with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: unreadable pytorch_model\.bin "
+                     r"\("):
+    load_pretrained(bart_dir)

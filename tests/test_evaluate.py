@@ -9,6 +9,7 @@ reference for every metric is a recomputation in this file from the written pred
 import csv
 import json
 import os
+import shutil
 import string
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from configs import paper_nq
 from rag_jax import answer as answer_lib
 from rag_jax.evaluation import loop, paper, runner
 from rag_jax.training import rag_trainer
+from rag_jax.utils.errors import InputError
 from tests import pipeline_reference as pref
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,9 +44,10 @@ def test_loop_pads_batches_resumes_after_a_kill_and_refuses_another_file(tmp_pat
   examples = [loop.EvalExample(f"q{i}", (f"a{i}",)) for i in range(7)]
   calls = []
 
-  def predict(questions):
-    calls.append(list(questions))
-    return [{"prediction": q.replace("q", "a") if q != "q4" else "x"} for q in questions]
+  def predict(batch):
+    calls.append([e.question for e in batch])
+    return [{"prediction": e.question.replace("q", "a") if e.question != "q4" else "x"}
+            for e in batch]
 
   def correct(p, e):
     return p in e.answers
@@ -67,6 +70,19 @@ def test_loop_pads_batches_resumes_after_a_kill_and_refuses_another_file(tmp_pat
 
   with pytest.raises(ValueError, match=r"killed\.jsonl:1: written for question 'q0', not 'z'"):
     loop.run_loop([loop.EvalExample("z", ("a",))] * 7, predict, path, 3, progress=False)
+
+
+@pytest.mark.parametrize("garbled", [b'{"index": 1, "quest\n', b"\xff\xfe\n", b"[1, 2]\n"])
+def test_a_garbled_prediction_line_is_named_and_kept(tmp_path, garbled):
+  """A complete line that is not a record (a damaged file, not a kill: the loop writes whole
+  lines) is refused by file:line, and the file is left as it was."""
+  path = tmp_path / "predictions.jsonl"
+  good = b'{"index": 0, "question": "q0", "prediction": "a0"}\n'
+  path.write_bytes(good + garbled + good.replace(b"0", b"2"))
+  with pytest.raises(ValueError, match=rf"^{path}:2: not a prediction record \("):
+    loop.run_loop([loop.EvalExample(f"q{i}", ("a",)) for i in range(4)],
+                  lambda batch: [{"prediction": "x"}] * len(batch), path, 2, progress=False)
+  assert path.read_bytes() == good + garbled + good.replace(b"0", b"2")
 
 
 # --------------------------------------------------------------------------- tiny RAG world
@@ -117,16 +133,21 @@ def write_qa_csv(path, answers):
 
 @pytest.mark.parametrize("kind", ["token", "sequence"])
 def test_paper_config_answers_equal_transformers_and_metrics_recompute(world, tmp_path, kind):
+  """evaluate.py's answers are transformers' generate answers here: these generator contexts
+  fill max_combined_length, with no padding (where contexts have some, RAG-Sequence's answers
+  are those of transformers' loop given the mask in its beam search: tests/test_answer.py)."""
   rows, doc_scores, expected = torch_pipeline(world, kind, max_length=MAX_LENGTH)
   # Gold answers: transformers' own answers (in another case, with an article and punctuation)
   # for questions 0 and 2, words the tiny model does not say for the others.
   gold = [[f"The {expected[0].upper()}."], [f"zzz {expected[1]}".strip()], ["qqq", expected[2]],
           ["west river"], ["wine"]]
   config = nq_config(world, kind, write_qa_csv(tmp_path / "nq-test.qa.csv", gold))
-  (result,) = runner.evaluate(paper.paper_runs(config, tmp_path), tmp_path, progress=False)
+  (run,) = paper.paper_runs(config, tmp_path)
+  (result,) = runner.evaluate([run], tmp_path, progress=False)
   folder = tmp_path / "eval" / f"nq-rag_{kind}-test"
   records = [json.loads(x) for x in (folder / "predictions.jsonl").read_text().splitlines()]
   assert [r["prediction"] for r in records] == expected
+  assert runner.load_answerer(run).generator_inputs(QUESTIONS)[2].all()  # no padding
   assert [r["question"] for r in records] == QUESTIONS
   assert [r["answers"] for r in records] == gold
   for i, r in enumerate(records):
@@ -155,9 +176,11 @@ def test_paper_config_answers_equal_transformers_and_metrics_recompute(world, tm
   assert f"| exact_match | {100 * np.mean(em):.2f} | {paper_em:.2f} |" in table
 
 
-def test_evaluate_py_retrieval_only_docs_sweep_and_resume(world, tmp_path):
-  """evaluate.py itself (a subprocess) in the retrieval-only mode; the Figure-3 sweep; a killed
-  evaluation resumed to the same file."""
+def test_evaluate_py_retrieval_only_docs_sweep_and_resume(world, tmp_path, monkeypatch):
+  """evaluate.py itself (a subprocess) in the retrieval-only mode; the Figure-3 sweep in the
+  same workdir, then extended (its finished point read, not answered again); the other order
+  in another workdir (the docs sweep's retrieval deepened by --retrieval_only, a kill in the
+  middle resumed); a killed evaluation resumed to the same file; other settings refused."""
   root, *_, models = world
   test_file = write_qa_csv(tmp_path / "nq-test.qa.csv", GOLD)
   flags = [f"--config.{k}={v}" for k, v in {
@@ -170,23 +193,35 @@ def test_evaluate_py_retrieval_only_docs_sweep_and_resume(world, tmp_path):
                         capture_output=True, text=True, timeout=300,
                         env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
   assert proc.returncode == 0, proc.stderr[-3000:]
-  folder = tmp_path / "eval" / "nq-rag_token-test" / "retrieval"
-  written = json.loads((folder / "metrics.json").read_text())["metrics"]
+  folder = tmp_path / "eval" / "nq-rag_token-test"
+  retrieval = {f: (folder / "retrieval" / f).read_bytes()
+               for f in ("predictions.jsonl", "metrics.json", "settings.json")}
+  written = json.loads(retrieval["metrics.json"])["metrics"]
   rows, _, _ = torch_pipeline(world, "token", n_docs=len(TITLES), max_length=MAX_LENGTH)
-  has = [[any(g.split() == TEXTS[j].split()[i:i + len(g.split())]
-              for g in gold for i in range(len(TEXTS[j].split()))) for j in row]
+  has = [[any(contains(TEXTS[j], g) for g in gold) for j in row]
          for gold, row in zip(GOLD, rows, strict=True)]
   # recall@100 is left out: the index holds 8 passages.
   assert written == {f"recall@{k}": pytest.approx(np.mean([any(h[:k]) for h in has]))
                      for k in (1, 2, 5)}
   assert "| recall@5 |" in proc.stdout
 
-  # Figure 3: EM and recall at 1 and 3 docs.
+  # Figure 3 in the same workdir, at 1 doc, then extended to 1 and 3 docs: docs_1 is read, not
+  # answered again; recall@K comes from the retrieval folder, which is left as it was.
+  loaded = []
+
+  def load_answerer(run):
+    loaded.append(run.n_docs)
+    return answer_lib.RagAnswerer(run.checkpoint, run.index_dir, n_docs=run.n_docs)
+
+  monkeypatch.setattr(runner, "load_answerer", load_answerer)
   config = nq_config(world, "token", test_file)
-  config.model_type = "rag_token"
-  (sweep,) = runner.evaluate(paper.paper_runs(config, tmp_path / "sweep"), tmp_path / "sweep",
-                             docs=(3, 1), progress=False)
-  folder = tmp_path / "sweep" / "eval" / "nq-rag_token-test"
+  run = paper.paper_runs(config, tmp_path)
+  runner.evaluate(run, tmp_path, docs=(1,), progress=False)
+  docs_1 = (folder / "docs_1" / "predictions.jsonl").read_bytes()
+  (sweep,) = runner.evaluate(run, tmp_path, docs=(3, 1), progress=False)
+  assert loaded == [1, 3]
+  assert (folder / "docs_1" / "predictions.jsonl").read_bytes() == docs_1
+  assert {f: (folder / "retrieval" / f).read_bytes() for f in retrieval} == retrieval
   assert (folder / "figure3.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   for row in json.loads((folder / "figure3.json").read_text()):
     k = row["docs"]
@@ -197,19 +232,41 @@ def test_evaluate_py_retrieval_only_docs_sweep_and_resume(world, tmp_path):
          for r in records]))
     assert row["recall"] == pytest.approx(np.mean([any(h[:k]) for h in has]))
   assert [r["docs"] for r in sweep["rows"]] == [1, 3]
+  assert json.loads((folder / "docs_1" / "metrics.json").read_text())["decoder"] == [
+      f"RAG-Token, greedy, 1 doc, max_length {MAX_LENGTH}"]
+
+  # The other order, in another workdir holding the same finished docs points: the sweep
+  # retrieves the top 3, then --retrieval_only deepens that folder to the index's 8 passages
+  # (cut by a kill after 2 questions, then resumed) and gives the same file and figures.
+  other = tmp_path / "other" / "eval" / "nq-rag_token-test"
+  for k in (1, 3):
+    shutil.copytree(folder / f"docs_{k}", other / f"docs_{k}")
+  runner.evaluate(run, tmp_path / "other", docs=(1, 3), progress=False)
+  assert loaded == [1, 3]
+  assert {len(r["titles"]) for r in loop.read_predictions(
+      other / "retrieval" / "predictions.jsonl")} == {3}
+  lines = retrieval["predictions.jsonl"].splitlines(keepends=True)
+  (other / "retrieval" / "predictions.deeper.jsonl").write_bytes(b"".join(lines[:2])
+                                                                + lines[2][:9])
+  (again,) = runner.evaluate(run, tmp_path / "other", retrieval_only=True, progress=False)
+  assert again["metrics"] == written
+  deepened = loop.read_predictions(other / "retrieval" / "predictions.jsonl")
+  first = [json.loads(line) for line in lines]
+  assert [r["passage_ids"] for r in deepened] == [r["passage_ids"] for r in first]
+  assert [r["has_answer"] for r in deepened] == [r["has_answer"] for r in first]
+  assert not (other / "retrieval" / "predictions.deeper.jsonl").exists()
 
   # A kill in the middle of the 3-docs run: the next start resumes and writes the same file.
   path = folder / "docs_3" / "predictions.jsonl"
   full = path.read_text()
   path.write_text("".join(full.splitlines(keepends=True)[:2]) + full.splitlines()[2][:7])
-  runner.evaluate(paper.paper_runs(config, tmp_path / "sweep"), tmp_path / "sweep",
-                  docs=(3, 1), progress=False)
+  runner.evaluate(run, tmp_path, docs=(3, 1), progress=False)
   assert path.read_text() == full
-  # Another checkpoint in the same folder is refused.
+  # Another checkpoint in the same folders is refused, in each mode.
   config.rag_checkpoint = str(models["sequence"][1])
-  with pytest.raises(ValueError, match=r"other settings \(\['checkpoint'\] differ"):
-    runner.evaluate(paper.paper_runs(config, tmp_path), tmp_path, retrieval_only=True,
-                    progress=False)
+  for mode in (dict(retrieval_only=True), dict(docs=(1,))):
+    with pytest.raises(ValueError, match=r"other settings \(\['checkpoint'\] differ"):
+      runner.evaluate(paper.paper_runs(config, tmp_path), tmp_path, progress=False, **mode)
 
 
 def test_a_resumed_evaluation_keeps_its_search(world, tmp_path):
@@ -241,6 +298,32 @@ def test_a_resumed_evaluation_keeps_its_search(world, tmp_path):
         k: v for k, v in w.items() if "score" not in k}
     np.testing.assert_allclose(g["doc_scores"], w["doc_scores"], rtol=1e-5)
     np.testing.assert_allclose(g["score"], w["score"], rtol=1e-5, atol=1e-5)
+
+
+def contains(text, answer):
+  """DPR's has_answer on these lower-case, space-separated words: the answer's words in a row."""
+  words, wanted = text.split(), answer.split()
+  return any(words[i:i + len(wanted)] == wanted for i in range(len(words)))
+
+
+def test_retrieval_only_scores_each_row_against_its_own_answers(world, tmp_path):
+  """One question twice in a qa.csv, with other answers: each row's passages are scored
+  against that row's answers, not the answers of another row with the same text."""
+  rows = [(QUESTIONS[0], ["iron"]), (QUESTIONS[0], ["zzz"])]
+  test_file = tmp_path / "nq-test.qa.csv"
+  with open(test_file, "w", newline="") as f:
+    csv.writer(f, delimiter="\t", lineterminator="\n").writerows((q, repr(a)) for q, a in rows)
+  config = nq_config(world, "token", test_file, recall_ks=(1, len(TITLES)))
+  (result,) = runner.evaluate(paper.paper_runs(config, tmp_path), tmp_path, retrieval_only=True,
+                              progress=False)
+  records = loop.read_predictions(
+      tmp_path / "eval" / "nq-rag_token-test" / "retrieval" / "predictions.jsonl")
+  for record, (_, answers) in zip(records, rows, strict=True):
+    assert record["answers"] == answers
+    assert record["has_answer"] == [any(contains(TEXTS[TITLES.index(t)], a) for a in answers)
+                                    for t in record["titles"]]
+  assert sum(records[0]["has_answer"]) == 1 and not any(records[1]["has_answer"])
+  assert result["metrics"][f"recall@{len(TITLES)}"] == 0.5
 
 
 def test_one_paper_config_trains_with_train_py_code_and_evaluates_its_export(world, tmp_path):
@@ -283,6 +366,31 @@ def test_evaluate_py_names_missing_inputs_in_one_line(tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert proc.stderr.startswith(message) and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
   assert not any(tmp_path.iterdir())
+
+
+def test_bad_docs_flags_and_more_docs_than_the_index_holds_are_refused_before_any_work(
+    world, tmp_path):
+  """--docs that is not numbers, --docs with --retrieval_only, and a number of docs above the
+  index's 8 passages: one named error each, before anything is loaded or written."""
+  root, *_, models = world
+  kb = root / "kb"
+  with pytest.raises(InputError, match=r"^--docs=abc: expected positive whole numbers "):
+    runner.ints("abc", "--docs")
+  with pytest.raises(InputError, match=r"^--docs=5,0: expected positive whole numbers "):
+    runner.ints("5,0", "--docs")
+  config = nq_config(world, "token", write_qa_csv(tmp_path / "nq-test.qa.csv", GOLD))
+  runs = paper.paper_runs(config, tmp_path)
+  workdir = tmp_path / "work"
+  with pytest.raises(InputError, match=r"^--docs and --retrieval_only: give one of them"):
+    runner.evaluate(runs, workdir, retrieval_only=True, docs=(1,), progress=False)
+  with pytest.raises(InputError, match=rf"^--docs=9: the index {kb} holds 8 passages; ask for "
+                     "at most 8$"):
+    runner.evaluate(runs, workdir, docs=(9, 1), progress=False)
+  config.eval.rag_token.n_docs = 1000
+  with pytest.raises(InputError, match=rf"^nq-rag_token-test: n_docs=1000: the index {kb} holds "
+                     "8 passages"):
+    runner.evaluate(paper.paper_runs(config, tmp_path), workdir, progress=False)
+  assert not workdir.exists()
 
 
 def test_a_damaged_settings_file_is_named_and_kept(tmp_path):

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 from absl import flags
 
-from rag_jax.answer import Answer, RagAnswerer, format_answer
+from rag_jax.answer import Answer, RagAnswerer, check_within_index, format_answer
 from rag_jax.commands.common import (
   ask,
   define_common_flags,
@@ -27,6 +27,7 @@ from rag_jax.commands.common import (
   printable_paragraph,
   run_command,
 )
+from rag_jax.utils.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ flags.DEFINE_enum("decoding", "thorough", ["thorough", "fast"],
                   "RAG-Sequence decoding (RAG-Token has one).", flag_values=FLAGS)
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                   "Compute dtype (bfloat16 on accelerators).", flag_values=FLAGS)
-flags.DEFINE_integer("max_chars", 300, "Truncate printed passages.", flag_values=FLAGS)
+flags.DEFINE_integer("max_chars", 300, "Truncate printed passages.", lower_bound=1,
+                     flag_values=FLAGS)
 define_common_flags(FLAGS)
 
 
@@ -68,7 +70,18 @@ def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> int:
   return run_command(lambda: _answer(questions, stdin or sys.stdin, stdout or sys.stdout), FLAGS)
 
 
+def check_flags() -> None:
+  """The flags that cannot work together or with the index, refused before anything loads."""
+  if FLAGS.num_return_sequences > FLAGS.num_beams:
+    raise UsageError(f"--num_return_sequences={FLAGS.num_return_sequences} is more than "
+                     f"--num_beams={FLAGS.num_beams}: beam search returns at most num_beams "
+                     "answers per question")
+  if FLAGS.n_docs is not None:
+    check_within_index("--n_docs", FLAGS.n_docs, FLAGS.index_dir)
+
+
 def _answer(questions: list[str], stdin, stdout) -> int:
+  check_flags()
   answerer = RagAnswerer(FLAGS.checkpoint, FLAGS.index_dir, n_docs=FLAGS.n_docs,
                          dtype=jnp.dtype(FLAGS.dtype))
   options = dict(num_beams=FLAGS.num_beams, max_length=FLAGS.max_length,

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from absl import flags
 
+from rag_jax.answer import check_within_index
 from rag_jax.commands.common import (
   ask,
   define_common_flags,
@@ -33,7 +34,8 @@ flags.DEFINE_string("question_encoder", None, "DPRQuestionEncoder directory.", f
 flags.DEFINE_string("tokenizer", None, "Tokenizer directory (default: --question_encoder).",
                     flag_values=FLAGS)
 flags.DEFINE_integer("k", 5, "Passages per question.", lower_bound=1, flag_values=FLAGS)
-flags.DEFINE_integer("max_chars", 300, "Truncate printed passages.", flag_values=FLAGS)
+flags.DEFINE_integer("max_chars", 300, "Truncate printed passages.", lower_bound=1,
+                     flag_values=FLAGS)
 define_common_flags(FLAGS)
 
 
@@ -57,6 +59,7 @@ def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> int:
 
 
 def _search(questions: list[str], stdin, stdout) -> int:
+  check_within_index("--k", FLAGS.k, FLAGS.dir)
   retriever = Retriever.load(FLAGS.dir, FLAGS.question_encoder, FLAGS.tokenizer)
 
   def search(batch: list[str]) -> str:

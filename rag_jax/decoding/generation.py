@@ -73,7 +73,7 @@ class DecoderInfo:
     name = DECODER_NAMES[self.kind] + (f" {self.decoding}" if self.decoding else "")
     parts = [name, "greedy" if self.num_beams == 1 else f"{self.num_beams} beams"]
     if self.n_docs is not None:
-      parts.append(f"{self.n_docs} docs")
+      parts.append(f"{self.n_docs} doc{'s' if self.n_docs != 1 else ''}")
     parts.append(f"max_length {self.max_length}")
     if self.num_return_sequences > 1:
       parts.append(f"{self.num_return_sequences} returned")

@@ -1,12 +1,15 @@
 """The evaluation loop: questions in fixed-shape batches -> predictions.jsonl, resumable.
 
 `run_loop(examples, predict, path, batch_size)` calls `predict` on batches of exactly
-`batch_size` questions (the last batch padded by repeating its last question, so that jitted
-retrieval and decoding compile once), shows a progress bar (questions/s, ETA), and appends one
-JSON line per question to `path` after each batch (flushed). A killed evaluation started again
-with the same file skips the questions already written (a partly written last line is dropped)
-and refuses a file whose questions are not the ones being evaluated. Metrics are computed from
-the file afterwards (rag_jax.evaluation.scoring), so they never depend on what stayed in memory.
+`batch_size` examples (the last batch padded by repeating its last example, so that jitted
+retrieval and decoding compile once; a predictor reads each example's own answers, never a
+table keyed by question text, as one question may appear twice with other answers), shows a
+progress bar (questions/s, ETA), and appends one JSON line per question to `path` after each
+batch (flushed). A killed evaluation started again with the same file skips the questions
+already written (a last line without its newline, a write cut by a kill, is dropped and
+answered again) and refuses a file whose questions are not the ones being evaluated, or that
+holds a line that is not a complete record (named by line). Metrics are computed from the file
+afterwards (rag_jax.evaluation.scoring), so they never depend on what stayed in memory.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from tqdm import tqdm
 
 from rag_jax.utils.errors import InputError
 
-# A batch of questions -> one record per question (JSON-ready: prediction, passages, ...).
-PredictFn = Callable[[list[str]], list[dict[str, Any]]]
+# A batch of examples -> one record per example (JSON-ready: prediction, passages, ...).
+PredictFn = Callable[[list["EvalExample"]], list[dict[str, Any]]]
 # (prediction, example) -> whether it is correct (None: the task has no per-question verdict).
 CorrectFn = Callable[[str, "EvalExample"], bool | None]
 
@@ -57,17 +60,42 @@ def gold_fields(example: EvalExample) -> dict[str, Any]:
 
 def read_predictions(path: str | os.PathLike, truncate_partial: bool = False
                      ) -> list[dict[str, Any]]:
-  """The complete records of a predictions.jsonl ([] when absent). A last line without its
-  newline (a write cut by a kill) is left out, and with truncate_partial cut from the file."""
+  """The complete records of a predictions.jsonl ([] when absent).
+
+  A last line without its newline is a write cut by a kill (the loop writes whole lines): it is
+  left out, and with truncate_partial cut from the file, so that its question is answered again.
+  A complete line that is not a JSON record (a damaged or foreign file) is refused by file:line:
+  resuming past it would mix its questions' results with guesses.
+  """
   path = Path(path)
   if not path.exists():
     return []
   data = path.read_bytes()
   complete = data[:data.rfind(b"\n") + 1]
+  records = []
+  for number, line in enumerate(complete.splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise InputError(f"{path}:{number}: not a prediction record ({_reason(e)}); the file is "
+                       "damaged: delete it (or its folder) to evaluate again") from None
+    if not isinstance(record, dict):
+      raise InputError(f"{path}:{number}: not a prediction record (a JSON "
+                       f"{type(record).__name__}, not an object); the file is damaged: delete "
+                       "it (or its folder) to evaluate again")
+    records.append(record)
   if truncate_partial and len(complete) != len(data):
     with path.open("r+b") as f:
       f.truncate(len(complete))
-  return [json.loads(line) for line in complete.decode("utf-8").splitlines() if line]
+  return records
+
+
+def _reason(error: UnicodeDecodeError | json.JSONDecodeError) -> str:
+  if isinstance(error, UnicodeDecodeError):
+    return f"not UTF-8 at byte {error.start}"
+  return f"invalid JSON at column {error.colno}: {error.msg}"
 
 
 def run_loop(examples: Sequence[EvalExample], predict: PredictFn, path: str | os.PathLike,
@@ -97,8 +125,7 @@ def run_loop(examples: Sequence[EvalExample], predict: PredictFn, path: str | os
       disable=not progress) as bar:
     for start in range(len(done), len(examples), batch_size):
       chunk = list(examples[start:start + batch_size])
-      questions = [e.question for e in chunk]
-      outputs = predict(questions + [questions[-1]] * (batch_size - len(chunk)))[:len(chunk)]
+      outputs = predict(chunk + [chunk[-1]] * (batch_size - len(chunk)))[:len(chunk)]
       lines = []
       for i, (example, output) in enumerate(zip(chunk, outputs, strict=True)):
         record = {"index": start + i, "question": example.question, "id": example.id,

@@ -83,7 +83,8 @@ def paper_runs(config: ml_collections.ConfigDict, workdir: str | os.PathLike) ->
       name=f"{ev.task}-{config.model_type}-{ev.split}", examples=read_examples(config),
       checkpoint=checkpoint_of(config, workdir), index_dir=index_dir,
       model_type=config.model_type, n_docs=row.n_docs, generate=generate,
-      metrics=tuple(ev.metrics), batch_size=ev.batch_size, recall_ks=ints(ev.recall_ks),
+      metrics=tuple(ev.metrics), batch_size=ev.batch_size,
+      recall_ks=ints(ev.recall_ks, "config.eval.recall_ks"),
       reference={k: v / 100 for k, v in row.paper.items()}, reference_label=ev.paper_label,
       regex_answers=ev.reader == "curatedtrec", max_question_length=config.max_source_length,
       dtype=config.dtype, question_encoder=config.question_encoder_checkpoint)]

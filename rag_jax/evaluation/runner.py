@@ -2,16 +2,23 @@
 metrics.json and a table beside a reference number (the paper's, or train.py's report).
 
 One :class:`EvalRun` says what to evaluate (questions, checkpoint, index, decoder settings,
-metrics, the number to compare with); :func:`evaluate` runs it in one of three modes, each in its
-own folder under `<workdir>/eval/<run name>/` (a killed evaluation started again resumes there):
+metrics, the number to compare with); :func:`evaluate` runs it in one of three modes under
+`<workdir>/eval/<run name>/`, each folder keyed by what decides its contents, so that the modes
+live side by side in one workdir and a killed evaluation started again resumes where it stopped:
 
   answers         retrieval + decoding (rag_jax.answer.RagAnswerer) in fixed-shape batches:
-                  predictions.jsonl, metrics.json, the table printed and in table.md;
-  retrieval_only  the question encoder alone over the index, top max(recall_ks) passages:
-                  retrieval/predictions.jsonl and metrics.json with recall@k and precision@k;
-  docs            the paper's Figure 3: the answers mode at each number of docs
-                  (docs_<K>/...) and retrieval recall@K, written as figure3.png, figure3.md and
+                  predictions.jsonl, metrics.json, the table printed and in table.md, in the
+                  row's folder itself (n_docs: the row's);
+  retrieval_only  the question encoder alone over the index: retrieval/predictions.jsonl (each
+                  question's top passages, see :func:`retrieve`), and metrics.json / table.md
+                  with recall@k and precision@k at each of recall_ks;
+  docs            the paper's Figure 3: the answers mode at each number of docs K, in docs_<K>/
+                  (a sweep extended later reuses its finished points), and retrieval recall@K
+                  from the same retrieval/ folder, written as figure3.png, figure3.md and
                   figure3.json.
+
+Each folder records the settings that decide its contents in settings.json and refuses to resume
+under others (another checkpoint, index, question count, decoding...).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import jax.numpy as jnp
 from tqdm import tqdm
 
 from rag_jax import checkpoints, metrics
-from rag_jax.answer import RagAnswerer
+from rag_jax.answer import RagAnswerer, check_within_index, index_passages
 from rag_jax.evaluation import scoring
 from rag_jax.evaluation.loop import EvalExample, PredictFn, read_predictions, run_loop
 from rag_jax.models.rag import RagModel
@@ -120,33 +127,33 @@ def check_settings(folder: Path, settings: dict[str, Any], *, add: bool = False)
 
 
 def answer_predictor(answerer: RagAnswerer, run: EvalRun) -> PredictFn:
-  """Questions -> {prediction, score, titles, passage_ids, doc_scores, decoder} per question."""
+  """Examples -> {prediction, score, titles, passage_ids, doc_scores, decoder} per example."""
   kwargs = dict(run.generate, architecture=architecture_of(run.model_type))
   if run.model_type != "rag_sequence":
     kwargs.pop("decoding", None)
 
-  def predict(questions: list[str]) -> list[dict[str, Any]]:
+  def predict(examples: list[EvalExample]) -> list[dict[str, Any]]:
     return [{"prediction": a.text, "score": a.score,
              "titles": [h.title for h in a.passages], "passage_ids": [h.id for h in a.passages],
              "doc_scores": [h.score for h in a.passages], "decoder": a.decoder.to_dict()}
-            for a in answerer(questions, **kwargs)]
+            for a in answerer([e.question for e in examples], **kwargs)]
 
   return predict
 
 
 def retrieval_predictor(retriever: Retriever, run: EvalRun, k: int) -> PredictFn:
-  """Questions -> the top-k passages' {titles, passage_ids, doc_scores, has_answer}; has_answer
-  is DPR's answer-in-passage test of each passage (regex for CuratedTrec)."""
-  answers = {e.question: e.answers for e in run.examples}
+  """Examples -> the top-k passages' {titles, passage_ids, doc_scores, has_answer}; has_answer
+  is DPR's answer-in-passage test of each passage against that example's own answers (regex for
+  CuratedTrec): a question asked twice with other answers is scored against each row's."""
   match_type = "regex" if run.regex_answers else "string"
 
-  def predict(questions: list[str]) -> list[dict[str, Any]]:
-    ids, mask = retriever.tokenize(questions)
+  def predict(examples: list[EvalExample]) -> list[dict[str, Any]]:
+    ids, mask = retriever.tokenize([e.question for e in examples])
     hits = retriever.hits(*retriever.search(ids, mask, k))
     return [{"titles": [h.title for h in row], "passage_ids": [h.id for h in row],
              "doc_scores": [h.score for h in row],
-             "has_answer": [metrics.has_answer(answers[q], h.text, match_type) for h in row]}
-            for q, row in zip(questions, hits, strict=True)]
+             "has_answer": [metrics.has_answer(e.answers, h.text, match_type) for h in row]}
+            for e, row in zip(examples, hits, strict=True)]
 
   return predict
 
@@ -209,8 +216,9 @@ def answers_mode(run: EvalRun, folder: Path, answerer: RagAnswerer | None = None
     answerer = load_answerer(run) if answerer is None else answerer
     check_settings(folder, {"search": answerer.search}, add=True)
     log.info("%s: %d of %d questions already in %s", run.name, done, len(run.examples), path)
+    docs = f"{run.n_docs} doc{'s' if run.n_docs != 1 else ''}"
     run_loop(run.examples, answer_predictor(answerer, run), path, run.batch_size,
-             correct=scoring.correct_fn(run.metrics), desc=f"{run.name} ({run.n_docs} docs)",
+             correct=scoring.correct_fn(run.metrics), desc=f"{run.name} ({docs})",
              progress=progress)
   records = read_predictions(path)
   result = {"name": run.name, "questions": len(records), "n_docs": run.n_docs,
@@ -223,24 +231,63 @@ def answers_mode(run: EvalRun, folder: Path, answerer: RagAnswerer | None = None
   return result
 
 
-def retrieval_mode(run: EvalRun, folder: Path, ks: Sequence[int] | None = None,
-                   progress: bool = True) -> dict[str, Any]:
-  """Top max(ks) passages per question -> recall@k / precision@k, in `folder`."""
-  ks = tuple(run.recall_ks if ks is None else ks)
-  retriever = None
-  path = folder / "predictions.jsonl"
-  check_settings(folder, {**run.settings(), "generate": None, "n_docs": max(ks),
-                          "question_encoder": run.question_encoder})
-  if len(read_predictions(path)) < len(run.examples):
-    retriever = load_retriever(run)
-    k = min(max(ks), len(retriever.store))
-    if k < max(ks):
-      log.warning("the index holds %d passages: recall@k for k > %d left out", k, k)
-    run_loop(run.examples, retrieval_predictor(retriever, run, k), path, run.batch_size,
-             desc=f"{run.name} retrieval", progress=progress)
+def retrieval_settings(run: EvalRun) -> dict[str, Any]:
+  """What decides the passages retrieved for each question (not their number: see retrieve)."""
+  return {"checkpoint": str(run.checkpoint), "question_encoder": run.question_encoder,
+          "index_dir": str(run.index_dir), "questions": len(run.examples),
+          "max_question_length": run.max_question_length, "dtype": run.dtype}
+
+
+def retrieval_depth(records: Sequence[dict[str, Any]]) -> int:
+  """Passages written per question in retrieval records (0: none written yet)."""
+  return len(records[0]["passage_ids"]) if records else 0
+
+
+def retrieve(run: EvalRun, folder: Path, depth: int, progress: bool = True
+             ) -> list[dict[str, Any]]:
+  """Every question's top passages, at least `depth` of them, in folder/predictions.jsonl.
+
+  The folder keeps the deepest list asked of it: --retrieval_only asks for max(recall_ks), the
+  docs sweep for its largest K, and a deeper list serves a shallower request, whose figures read
+  the first k passages of each list (DPR's top-k accuracies come from one top-100 list the same
+  way; over an exact index the first k of a top-K search are the top-k search's passages, ties
+  aside). A deeper request than the folder holds retrieves every question again into
+  predictions.deeper.jsonl, which replaces predictions.jsonl once complete: a kill resumes it,
+  and the shallower file stays whole until then. `depth` is at most the index's size."""
+  check_settings(folder, retrieval_settings(run))
+  path, deeper = folder / "predictions.jsonl", folder / "predictions.deeper.jsonl"
   records = read_predictions(path)
+  written = retrieval_depth(records)
+  if written >= depth and len(records) == len(run.examples):
+    return records
+  target, k = path, max(written, depth)
+  if records and written < depth:
+    target = deeper
+    begun = retrieval_depth(read_predictions(deeper))
+    if 0 < begun < depth:
+      deeper.unlink()  # a shallower deepening cut by a kill: this one supersedes it
+    k = max(depth, begun)
+  retriever = load_retriever(run)
+  run_loop(run.examples, retrieval_predictor(retriever, run, k), target, run.batch_size,
+           desc=f"{run.name} retrieval (top {k})", progress=progress)
+  if target == deeper:
+    os.replace(deeper, path)
+  return read_predictions(path)
+
+
+def retrieval_mode(run: EvalRun, folder: Path, progress: bool = True) -> dict[str, Any]:
+  """recall@k / precision@k at each of run.recall_ks (a k above the index's size left out,
+  with a warning) from folder/predictions.jsonl (:func:`retrieve`), written to metrics.json and
+  table.md in `folder`."""
+  ks = tuple(run.recall_ks)
+  depth = max(ks)
+  count = index_passages(run.index_dir)
+  if count is not None and depth > count:
+    log.warning("the index holds %d passages: recall@k for k > %d left out", count, count)
+    depth = count
+  records = retrieve(run, folder, depth, progress)
   result = {"name": run.name, "questions": len(records),
-            "metrics": scoring.retrieval_metrics(records, ks)}
+            "metrics": scoring.retrieval_metrics(records, [k for k in ks if k <= depth])}
   write_json(folder / "metrics.json", result)
   (folder / "table.md").write_text(table(run, result["metrics"], "retrieval") + "\n")
   return result
@@ -248,9 +295,13 @@ def retrieval_mode(run: EvalRun, folder: Path, ks: Sequence[int] | None = None,
 
 def docs_mode(run: EvalRun, folder: Path, docs: Sequence[int], progress: bool = True
               ) -> dict[str, Any]:
-  """The paper's Figure 3: the headline metric and retrieval recall against K docs."""
+  """The paper's Figure 3: the headline metric and retrieval recall against K docs. Each K is
+  answered in folder/docs_<K>/ (a finished one is read, not answered again); recall@K comes
+  from folder/retrieval/ (:func:`retrieve`, shared with --retrieval_only)."""
   docs = sorted(set(docs))
-  retrieval = retrieval_mode(run, folder / "retrieval", docs, progress)["metrics"]
+  check_within_index("--docs", max(docs), run.index_dir)
+  retrieval = scoring.retrieval_metrics(retrieve(run, folder / "retrieval", max(docs), progress),
+                                        docs)
   answerer = None
   rows = []
   for k in docs:
@@ -296,11 +347,24 @@ def plot_figure3(rows: list[dict[str, Any]], metric: str, title: str, path: Path
   os.replace(tmp, path)
 
 
+def check_modes(retrieval_only: bool, docs: Sequence[int]) -> None:
+  """Refuses --docs with --retrieval_only (the sweep answers questions; retrieval_only does not)."""
+  if retrieval_only and docs:
+    raise InputError("--docs and --retrieval_only: give one of them (--docs answers at each "
+                     "number of docs and writes retrieval recall@K too)")
+
+
 def evaluate(runs: Sequence[EvalRun], workdir: str | os.PathLike, *, retrieval_only: bool = False,
              docs: Sequence[int] = (), progress: bool = True) -> list[dict[str, Any]]:
-  """Runs each EvalRun in the chosen mode under <workdir>/eval/<name>/ and prints its table."""
-  if retrieval_only and docs:
-    raise ValueError("choose one of retrieval_only and docs")
+  """Runs each EvalRun in the chosen mode under <workdir>/eval/<name>/ and prints its table.
+  Settings that cannot work (both modes; more docs than an index holds) are refused before any
+  of them runs."""
+  check_modes(retrieval_only, docs)
+  for run in runs:
+    if docs:
+      check_within_index("--docs", max(docs), run.index_dir)
+    elif not retrieval_only:
+      check_within_index(f"{run.name}: n_docs", run.n_docs, run.index_dir)
   workdir = Path(workdir)
   (workdir / "eval").mkdir(parents=True, exist_ok=True)
   results = []
@@ -323,13 +387,20 @@ def evaluate(runs: Sequence[EvalRun], workdir: str | os.PathLike, *, retrieval_o
   return results
 
 
-def ints(values: str | Sequence[int]) -> tuple[int, ...]:
-  """"5,10,20" or a sequence -> a tuple of positive ints."""
+def ints(values: str | Sequence[int], what: str = "numbers") -> tuple[int, ...]:
+  """"5,10,20" or a sequence -> a tuple of positive ints; `what` names the flag or config field
+  in the error for anything else."""
   items = values.split(",") if isinstance(values, str) else list(values)
-  out = tuple(int(v) for v in items if str(v).strip())
-  if any(v <= 0 for v in out):
-    raise InputError(f"expected positive numbers, got {values!r}")
-  return out
+  try:
+    out = tuple(int(v) for v in items if str(v).strip())
+    if all(v > 0 for v in out):
+      return out
+  except (TypeError, ValueError):
+    pass
+  shown = values if isinstance(values, str) else ",".join(map(str, values))
+  raise InputError(f"{what}={shown}: expected positive whole numbers separated by commas, "
+                   "e.g. 5,10,20")
 
 
-__all__ = ["EvalRun", "evaluate", "answers_mode", "retrieval_mode", "docs_mode", "ints"]
+__all__ = ["EvalRun", "evaluate", "answers_mode", "retrieval_mode", "docs_mode", "retrieve",
+           "check_modes", "ints"]
