@@ -59,9 +59,12 @@ def evaluate(positional: list[str]) -> None:
     raise UsageError(f"{CONFIG.path}: not an evaluation config (config.trainer {kind!r}, "
                      f"expected one of {sorted(RUNS)}, and an `eval` group); use "
                      "configs/paper_<task>.py or configs/default.py")
+  from rag_jax.training import config_check  # here: it loads jax, after the flags
+
+  config_check.validate(config)  # every field the evaluation reads, before any file is read
   module, runs = RUNS[kind]
   runs = getattr(importlib.import_module(module), runs)
-  from rag_jax.evaluation import runner  # here: it loads jax and the models, after the flags
+  from rag_jax.evaluation import runner  # here: it loads the models, after the flags
   try:
     docs = runner.ints(_DOCS.value, "--docs")
     runner.check_modes(_RETRIEVAL_ONLY.value, docs)

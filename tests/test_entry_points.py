@@ -94,6 +94,16 @@ def test_scripts_name_an_os_error_in_one_line_with_exit_1(tmp_path):
   assert (tmp_path / "file").read_text() == "keep me"
 
 
+def test_evaluate_py_validates_the_config_before_reading_any_file(tmp_path):
+  """A paper row's bad evaluation field is named before its (missing) files are looked at."""
+  proc = _run("evaluate.py", "--config=configs/paper_nq.py", "--config.eval.batch_size=0",
+              f"--workdir={tmp_path / 'w'}")
+  assert (proc.returncode, proc.stdout) == (1, "")
+  assert proc.stderr == ("error: config.eval.batch_size = 0: must be an integer >= 1 (invalid "
+                         "config: nothing was run or written)\n")
+  assert not (tmp_path / "w").exists()
+
+
 def _line(error: BaseException) -> tuple[int, str]:
   """(exit code, stderr) of the error policy for a body raising `error`."""
   stderr = io.StringIO()
