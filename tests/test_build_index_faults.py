@@ -224,3 +224,20 @@ def test_a_full_disk_names_the_output_directory(world, tmp_path, capsys, monkeyp
   assert build_index.main(_flags(root, corpus, out)) == 1
   assert capsys.readouterr().err == (
       f"error: No space left on device (errno 28); in a file under {out}\n")
+
+
+def test_an_encoder_directory_without_its_vocabulary_is_named(world, tmp_path, capsys):  # noqa: F811
+  """A DPR encoder directory whose tokenizer files are gone (no vocab.txt, no tokenizer.json):
+  transformers' AutoTokenizer would build an empty vocabulary and every passage would encode as
+  unknown tokens; build_index names the missing file and writes nothing."""
+  root, corpus, *_ = world
+  encoder = tmp_path / "ctx"
+  shutil.copytree(root / "ctx", encoder)
+  for name in ("vocab.txt", "tokenizer.json"):
+    (encoder / name).unlink(missing_ok=True)
+  flags = _flags(root, corpus, tmp_path / "kb")
+  flags[flags.index("--encoder") + 1] = str(encoder)
+  assert build_index.main(flags) == 1
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: {encoder / 'vocab.txt'}: no such file"), err
+  assert not (tmp_path / "kb").exists()

@@ -37,9 +37,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
-from rag_jax.checkpoints import load_pretrained
+from rag_jax.checkpoints import load_pretrained, load_tokenizer
 from rag_jax.parallel import local_data_mesh
 from rag_jax.retrieval.embeddings import (
   EmbeddingFormatError,
@@ -264,7 +263,9 @@ def encode_from_checkpoint(store: PassageStore, out: str | os.PathLike, encoder_
 
 
   model, params = load_pretrained(encoder_path, dtype=jnp.dtype(compute_dtype))
-  tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or encoder_path)
+  # transformers' own rule, and a directory missing its vocabulary named (AutoTokenizer alone
+  # builds an empty vocabulary there: every passage would encode as unknown tokens).
+  tokenizer = load_tokenizer(tokenizer_path or encoder_path)
   info = {"encoder": file_fingerprint(encoder_path),
           "tokenizer": str(Path(tokenizer_path or encoder_path).resolve()),
           "compute_dtype": compute_dtype}
