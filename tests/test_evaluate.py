@@ -72,14 +72,15 @@ def test_loop_pads_batches_resumes_after_a_kill_and_refuses_another_file(tmp_pat
     loop.run_loop([loop.EvalExample("z", ("a",))] * 7, predict, path, 3, progress=False)
 
 
-@pytest.mark.parametrize("garbled", [b'{"index": 1, "quest\n', b"\xff\xfe\n", b"[1, 2]\n"])
+@pytest.mark.parametrize("garbled", [b'{"index": 1, "quest\n', b"\xff\xfe\n", b"[1, 2]\n",
+                                     b'{"index": 1, "answers": "Obama"}\n'])
 def test_a_garbled_prediction_line_is_named_and_kept(tmp_path, garbled):
   """A complete line that is not a record (a damaged file, not a kill: the loop writes whole
   lines) is refused by file:line, and the file is left as it was."""
   path = tmp_path / "predictions.jsonl"
   good = b'{"index": 0, "question": "q0", "prediction": "a0"}\n'
   path.write_bytes(good + garbled + good.replace(b"0", b"2"))
-  with pytest.raises(ValueError, match=rf"^{path}:2: not a prediction record \("):
+  with pytest.raises(ValueError, match=rf"^{path}:2: (not a prediction record \(|answers )"):
     loop.run_loop([loop.EvalExample(f"q{i}", ("a",)) for i in range(4)],
                   lambda batch: [{"prediction": "x"}] * len(batch), path, 2, progress=False)
   assert path.read_bytes() == good + garbled + good.replace(b"0", b"2")

@@ -252,6 +252,10 @@ def test_tune_index_command_on_questions_through_the_question_encoder(data, dpr_
   assert tune_index.main([f"--dir={out}", f"--question_encoder={tmp_path / 'qenc'}",
                           f"--questions={tmp_path / 'q.qa.csv'}", "--reorders=200,lots"]) == 2
   assert "--reorders: expected whole numbers, got 200,lots" in capsys.readouterr().err
+  # Refused before anything is read (here a missing questions file is not even looked at).
+  assert tune_index.main([f"--dir={out}", f"--question_encoder={tmp_path / 'qenc'}",
+                          f"--questions={tmp_path / 'none.txt'}", "--reorders=lots"]) == 2
+  assert "--reorders: expected whole numbers, got lots" in capsys.readouterr().err
   assert tune_index.main([f"--dir={out}", f"--question_encoder={tmp_path / 'qenc'}",
                           f"--questions={tmp_path / 'q.qa.csv'}", "--k=30001"]) == 1
   assert capsys.readouterr().err == (f"error: --k=30001: more than the 30000 passages of "

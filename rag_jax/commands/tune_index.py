@@ -88,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _tune() -> int:
+  reorders = int_list(FLAGS.reorders, "--reorders")  # a typo refused before any slow work
   questions = read_questions(FLAGS.questions)
   retriever = Retriever.load(FLAGS.dir, FLAGS.question_encoder, FLAGS.tokenizer)
   index = retriever.index
@@ -107,7 +108,6 @@ def _tune() -> int:
     rows = np.sort(np.random.default_rng(0).choice(len(questions), FLAGS.sample, replace=False))
     questions = [questions[i] for i in rows]
   queries = embed_questions(retriever, questions, FLAGS.batch_size, not FLAGS.quiet)
-  reorders = int_list(FLAGS.reorders, "--reorders")
   before = f"{index.config.leaves_to_search} leaves, reorder {index.config.reorder}"
   found = index.calibrate(queries, FLAGS.target_recall, FLAGS.k, reorders=reorders,
                           progress=not FLAGS.quiet)

@@ -64,8 +64,9 @@ def read_predictions(path: str | os.PathLike, truncate_partial: bool = False
 
   A last line without its newline is a write cut by a kill (the loop writes whole lines): it is
   left out, and with truncate_partial cut from the file, so that its question is answered again.
-  A complete line that is not a JSON record (a damaged or foreign file) is refused by file:line:
-  resuming past it would mix its questions' results with guesses.
+  A complete line that is not a JSON record, or whose gold `answers` are not a list of strings
+  (a damaged or foreign file), is refused by file:line: resuming past it would mix its
+  questions' results with guesses, and a str would be scored letter by letter.
   """
   path = Path(path)
   if not path.exists():
@@ -85,6 +86,11 @@ def read_predictions(path: str | os.PathLike, truncate_partial: bool = False
       raise InputError(f"{path}:{number}: not a prediction record (a JSON "
                        f"{type(record).__name__}, not an object); the file is damaged: delete "
                        "it (or its folder) to evaluate again")
+    answers = record.get("answers", [])
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+      raise InputError(f"{path}:{number}: answers {str(answers)[:40]!r} is not a list of "
+                       "strings; the file is damaged: delete it (or its folder) to evaluate "
+                       "again")
     records.append(record)
   if truncate_partial and len(complete) != len(data):
     with path.open("r+b") as f:
