@@ -5,7 +5,9 @@
 For each JSON file NAME.json the section between `<!-- begin NAME -->` and `<!-- end NAME -->`
 of the markdown file is replaced (appended at the end if the markers are missing; a missing file
 is created), so the figures in the docs are always the JSON's. The file is replaced whole, never
-left half-written.
+left half-written. `commit` is the repository commit of the JSON (added to the file when it is
+kept in docs/benchmark_results/). `python -m benchmarks.doc_tables` renders every marked table of
+README.md and docs/*.md, these included.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ def render(report: dict[str, Any]) -> str:
            f"CPUs; jax {m['jax']}, flax {m['flax']}, torch {m.get('torch', '-')}, "
            f"transformers {m['transformers']}; compute {c.get('compute_dtype', '-')}"
            f"{'; XLA_FLAGS=' + m['xla_flags'] if m.get('xla_flags') else ''}"
-           f"{'; compilation cache on' if m.get('compilation_cache') else ''})", ""]
+           f"{'; compilation cache on' if m.get('compilation_cache') else ''}"
+           f"; commit {report.get('commit', 'not recorded')})", ""]
   if c:
     lines += [f"Ceilings measured in the same run: {c['matmul_size']}^3 matmul "
               f"{_num(c.get('jax_matmul_flops', 0) / 1e12)} TFLOP/s (jax), "

@@ -11,7 +11,7 @@ model sizes; the closed book too. Step counts are lower than the default job's (
 that 2 worlds x 7 trainings fit about 25 minutes on 2 CPU cores: `rag_steps` below; the same
 comparison with the default job's steps is `--config.worlds.default.rag.num_train_steps=300`.
 The FEVER-like rows (six more trainings on claims, default world) are `config.fever`.
-Report: workdir/report.md, the PNGs beside it; docs/paper_in_miniature.md.
+Report: workdir/report.md, the PNGs beside it; docs/world.md, "The paper in miniature".
 
 `--config=configs/world_paper.py:tiny`: every phase on a tiny default world only, a few steps
 each (a couple of minutes on 2 CPU cores): a wiring check, not a measurement.

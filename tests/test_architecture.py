@@ -1,4 +1,4 @@
-"""The package's import rules (README.md, "Layout"), read from the source with `ast`:
+"""The package's import rules (docs/architecture.md, "Layout"), read from the source with `ast`:
 
 - imports flow down the layers below, or stay inside one package;
 - no import cycle between modules;
@@ -45,7 +45,8 @@ def unit(module: str) -> str:
     name = ".".join(parts[:n])
     if name in LAYERS:
       return name
-  raise KeyError(f"{module} belongs to no layer of LAYERS: add it there and to the README")
+  raise KeyError(f"{module} belongs to no layer of LAYERS: add it there and to "
+                 "docs/architecture.md")
 
 
 def package_modules() -> dict[str, ast.Module]:

@@ -1,0 +1,218 @@
+"""The results tables of README.md and docs/*.md, rendered from the JSON they report.
+
+  python -m benchmarks.doc_tables            # rewrites every marked table in place
+  python -m benchmarks.doc_tables --check    # exit 1 if a table differs from its JSON
+
+A table sits between `<!-- begin NAME -->` and `<!-- end NAME -->`. NAME is a file stem of
+docs/benchmark_results/ (benchmark.py's JSON, rendered by benchmarks.report), or one of the
+views below of those files and of docs/results/*.json (a default-job report.json with the run's
+`command`, `date`, `commit` and `host` added). Each table carries one caption line: command,
+date, hardware, commit.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from absl import app, flags
+
+from benchmarks import report as bench_report
+from rag_jax.utils.atomic import atomic_file
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARK_RESULTS = ROOT / "docs" / "benchmark_results"
+RESULTS = ROOT / "docs" / "results"
+MARKER = re.compile(r"<!-- begin (?P<name>[\w.]+) -->\n.*?<!-- end (?P=name) -->", re.S)
+
+
+def _load(path: Path) -> dict[str, Any]:
+  return json.loads(path.read_text())
+
+
+def _bench(name: str) -> dict[str, Any]:
+  report = _load(BENCHMARK_RESULTS / f"{name}.json")
+  bench_report.derive(report)
+  return report
+
+
+def world_caption(r: dict[str, Any]) -> str:
+  """`command` (date; hardware; jax; commit; seconds of phases)."""
+  m = r["machine"]
+  return (f"`{r['command']}` ({r['date']}; {m['cpu_cores']} CPU cores, {r['host']}, "
+          f"{len(m['devices'])} {'device' if len(m['devices']) == 1 else 'devices'}; "
+          f"jax {m['jax']}; commit {r['commit']}; {r['total_seconds']:.0f} s of phases)")
+
+
+def _models(r: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+  return [("RAG-Sequence", r["rag_sequence"]), ("RAG-Token", r["rag_token"])]
+
+
+def world_summary(r: dict[str, Any]) -> str:
+  """The README's table: held-out EM, recall@1 and hot-swap per model."""
+  k1 = next(iter(r["retriever"]["recall_before"]))
+  lines = [world_caption(r), "",
+           "| model | held-out EM | " + k1 + " after training | changed facts following world "
+           "2's index |", "|---|---|---|---|"]
+  for label, m in _models(r):
+    s = m["hot_swap"]
+    lines.append(f"| {label} | **{m['heldout_em']:.3f}** | {m['recall_after'][k1]:.3f} | "
+                 f"{s['follow_new_index']} / {s['changed']} |")
+  cb = r["closed_book"]
+  lines.append(f"| closed-book BART | **{cb['heldout_em']:.3f}** (majority answer "
+               f"{r['majority_em']:.3f}) | | |")
+  return "\n".join(lines)
+
+
+def world_tables(r: dict[str, Any]) -> str:
+  """docs/world.md's tables: EM and losses, recall before / after, hot-swap, phase seconds."""
+  ks = list(r["retriever"]["recall_before"])
+  lines = [world_caption(r), "",
+           "| model (training objective) | decoder that ran | held-out EM | train loss (first -> "
+           "last window) | steps/s |", "|---|---|---|---|---|"]
+  for label, m in _models(r):
+    lines.append(f"| {label} | {m['decoder']['name']} | **{m['heldout_em']:.3f}** | "
+                 f"{m['train_loss_first']:.3f} -> {m['train_loss_last']:.3f} | "
+                 f"{m['steps_per_s']:.2f} |")
+  cb = r["closed_book"]
+  lines += [f"| closed-book BART (same size, steps) | {cb['decoder']['name']} | "
+            f"**{cb['heldout_em']:.3f}** | {cb['train_loss_first']:.3f} -> "
+            f"{cb['train_loss_last']:.3f} | |",
+            f"| majority answer per attribute | | {r['majority_em']:.3f} | | |", "",
+            "| question encoder | " + " | ".join(ks) + " |", "|---|" + "---|" * len(ks),
+            "| retriever (before RAG training) | "
+            + " | ".join(f"{r['retriever']['recall_before'][k]:.3f}" for k in ks) + " |"]
+  for label, m in _models(r):
+    lines.append(f"| after {label} training | "
+                 + " | ".join(f"{m['recall_after'][k]:.3f}" for k in ks) + " |")
+  lines += ["", "| hot-swap to world 2's index | changed facts | new value | old value |",
+            "|---|---|---|---|"]
+  for label, m in _models(r):
+    s = m["hot_swap"]
+    lines.append(f"| {label} | {s['changed']} | {s['follow_new_index']} | "
+                 f"{s['keep_old_answer']} |")
+  phases = r["phase_seconds"]
+  lines += ["", "| phase | " + " | ".join(phases) + " | total |",
+            "|---|" + "---|" * (len(phases) + 1),
+            "| seconds | " + " | ".join(f"{v:.1f}" for v in phases.values())
+            + f" | **{r['total_seconds']:.1f}** |"]
+  return "\n".join(lines)
+
+
+def _where(r: dict[str, Any]) -> str:
+  """'2026-11-28, 1 x cpu, 2 host CPUs, commit 5c328e3': when, on what, from which commit."""
+  m = r["machine"]
+  return (f"{r['date'][:10]}, {m['devices']}, {m['cpu_count']} host CPUs, "
+          f"commit {r.get('commit', 'not recorded')}")
+
+
+def _bench_caption(r: dict[str, Any]) -> str:
+  return f"`{r['command']}` ({_where(r)})"
+
+
+# The README's headline: (label, workload, case prefix) per row, one column per JSON.
+HEADLINE_ROWS = (
+    ("training step, RAG-Sequence", "train", "rag_sequence"),
+    ("training step, RAG-Token", "train", "rag_token"),
+    ("RAG-Token beam search", "generate", "RAG-Token beam"),
+    ("RAG-Sequence thorough decoding", "generate", "RAG-Sequence thorough"),
+)
+HEADLINE_COLUMNS = (("paper_h200", "1 x H200, BART-large, bf16"),
+                    ("base_cpu", "2 CPU cores, BART-base, float32"))
+
+
+def headline(_: Any = None) -> str:
+  """The README's benchmark table: rag_jax's speed over transformers' in the same run."""
+  reports = {stem: _bench(stem) for stem, _ in HEADLINE_COLUMNS}
+  lines = ["| rag_jax vs transformers | " + " | ".join(t for _, t in HEADLINE_COLUMNS) + " |",
+           "|---|" + "---:|" * len(HEADLINE_COLUMNS)]
+  for label, workload, case in HEADLINE_ROWS:
+    cells = []
+    for stem, _ in HEADLINE_COLUMNS:
+      row = next(x for x in reports[stem]["results"]
+                 if x["workload"] == workload and x["case"].startswith(case))
+      cells.append(f"**{row['ratio_to_peer']:.2f}x**")
+    lines.append(f"| {label} | " + " | ".join(cells) + " |")
+  sources = "; ".join(
+      f"[{stem}](docs/benchmark_results/{stem}.json): {_where(reports[stem])}"
+      for stem, _ in HEADLINE_COLUMNS)
+  lines += ["", f"Ratio = transformers' time / rag_jax's, same run, weights and inputs; {sources}; "
+            "commands in [docs/benchmarks.md](docs/benchmarks.md)."]
+  return "\n".join(lines)
+
+
+def calibration(r: dict[str, Any]) -> str:
+  """The settings ScaNN's calibration timed on its sample, per target recall."""
+  lines = [_bench_caption(r), "",
+           "| target recall@100 | reorder | leaves found | recall@100 (sample) | q/s (sample) |",
+           "|---:|---:|---:|---:|---:|"]
+  for row in r["results"]:
+    ours = row["rag_jax"]
+    if "calibration_settings" not in ours:
+      continue
+    best = max(s[3] for s in ours["calibration_settings"])
+    for leaves, reorder, recall, qps in ours["calibration_settings"]:
+      q = f"**{qps:,.0f}**" if qps == best else f"{qps:,.0f}"
+      lines.append(f"| {ours['target_recall']} | {reorder} | {leaves} | {recall:.3f} | {q} |")
+  return "\n".join(lines)
+
+
+# Marker name -> (renderer, its JSON source; None: the renderer reads its own).
+VIEWS: dict[str, tuple[Callable[[Any], str], Path | None]] = {
+    "world_default.summary": (world_summary, RESULTS / "world_default.json"),
+    "world_default": (world_tables, RESULTS / "world_default.json"),
+    "benchmark_headline": (headline, None),
+    "base_cpu_retrieval.calibration": (calibration, BENCHMARK_RESULTS / "base_cpu_retrieval.json"),
+}
+
+
+def render(name: str) -> str:
+  """The markdown of one marker name."""
+  if name in VIEWS:
+    fn, source = VIEWS[name]
+    return fn(None if source is None else
+              (_bench(source.stem) if source.parent == BENCHMARK_RESULTS else _load(source)))
+  path = BENCHMARK_RESULTS / f"{name}.json"
+  if not path.exists():
+    raise KeyError(f"no table named {name!r}: neither a view of benchmarks/doc_tables.py nor "
+                   f"{path.relative_to(ROOT)}")
+  return bench_report.render(_load(path))
+
+
+def markdown_files() -> list[Path]:
+  return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def regenerate(text: str) -> str:
+  """text with every marked table replaced by its rendering."""
+  return MARKER.sub(lambda m: f"<!-- begin {m['name']} -->\n{render(m['name'])}\n"
+                              f"<!-- end {m['name']} -->", text)
+
+
+_CHECK = flags.DEFINE_bool("check", False, "Only compare; exit 1 where a table differs.")
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  stale = []
+  for path in markdown_files():
+    text = path.read_text()
+    new = regenerate(text)
+    if new == text:
+      continue
+    stale.append(str(path.relative_to(ROOT)))
+    if not _CHECK.value:
+      with atomic_file(path, "w") as f:
+        f.write(new)
+  if stale:
+    print(("stale: " if _CHECK.value else "rewritten: ") + ", ".join(stale))
+    if _CHECK.value:
+      sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)
