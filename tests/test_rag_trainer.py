@@ -318,3 +318,22 @@ def test_n_docs_beyond_the_index_is_refused_before_training(setup, tmp_path):
   assert str(e.value) == (f"config.n_docs asks for 30 passages, more than the {len(PEOPLE)} of "
                           f"{index} (invalid config: nothing was run or written)")
   assert not (tmp_path / "run").exists()
+
+
+def test_lengths_beyond_the_checkpoints_position_tables_are_refused_before_training(setup,
+                                                                                   tmp_path):
+  # Both fixture models have 64 positions. Before: a source length of 128 failed in the first
+  # retrieval with a broadcasting traceback, after the workdir had recorded the config (so the
+  # corrected rerun was refused as another config).
+  root, dirs = setup
+  config = _config(root, dirs)
+  config.max_source_length = 128
+  config.max_combined_length = 65
+  with pytest.raises(config_check.ConfigError) as e:
+    rag_trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  assert str(e.value) == (
+      f"config.max_source_length = 128: must be <= max_position_embeddings 64 of "
+      f"{dirs['question']}/config.json; config.max_combined_length = 65: must be <= "
+      f"max_position_embeddings 64 of {dirs['generator']}/config.json (invalid config: nothing "
+      "was run or written)")
+  assert not (tmp_path / "run").exists()

@@ -189,6 +189,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   architecture_of(config.model_type)
   check_config_paths(config)
   check_index_fields(config)
+  check_model_lengths(config)
   workdir = Path(workdir)
   with workdir_lock(workdir):
     loop.check_workdir(config, workdir)
@@ -246,6 +247,34 @@ def check_index_fields(config: ml_collections.ConfigDict) -> None:
   index = Path(config.index_dir) / "index"
   config_check.check_index_size(config, "rag", int(read_meta(index)["count"]), str(index),
                                 evaluation=False)
+
+
+def check_model_lengths(config: ml_collections.ConfigDict) -> None:
+  """The token lengths against the checkpoints' position tables, read from their config.json
+  before the workdir is touched: max_source_length against the question encoder's,
+  max_combined_length and max_target_length against the generator's (a longer input has no
+  position to embed). One ConfigError lists every length too long."""
+  if config.rag_checkpoint:
+    rag = checkpoints.read_config(config.rag_checkpoint)
+    where = f"{config.rag_checkpoint}/config.json"
+    question, generator = rag.get("question_encoder", {}), rag.get("generator", {})
+    places = (f"{where} (question_encoder)", f"{where} (generator)")
+  else:
+    question = checkpoints.read_config(config.question_encoder_checkpoint)
+    generator = checkpoints.read_config(config.generator_checkpoint)
+    places = (f"{config.question_encoder_checkpoint}/config.json",
+              f"{config.generator_checkpoint}/config.json")
+  limits = (("max_source_length", question, places[0]),
+            ("max_combined_length", generator, places[1]),
+            ("max_target_length", generator, places[1]))
+  found = [f"config.{field} = {config[field]}: must be <= max_position_embeddings "
+           f"{model['max_position_embeddings']} of {place}"
+           for field, model, place in limits
+           if "max_position_embeddings" in model
+           and config[field] > model["max_position_embeddings"]]
+  if found:
+    raise config_check.ConfigError("; ".join(found) + " (invalid config: nothing was run or "
+                                   "written)")
 
 
 def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None:
