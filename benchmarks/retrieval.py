@@ -25,9 +25,10 @@ import numpy as np
 from benchmarks import flops, profile, timing
 from benchmarks.cli import FAISS_EF, SCANN_SPECS
 from benchmarks.presets import Preset
+from rag_jax.metrics import id_recall_at_k
 from rag_jax.parallel import data_mesh
 from rag_jax.retrieval.exact import ExactConfig, ExactIndex, make_search_fn
-from rag_jax.retrieval.synthetic import clustered_embeddings, noisy_copies, recall_at
+from rag_jax.retrieval.synthetic import clustered_embeddings, noisy_copies
 
 KS = (1, 20, 100)
 
@@ -55,7 +56,8 @@ def _qps(search, queries: np.ndarray, repeats: int) -> tuple[dict[str, Any], np.
 
 
 def _recalls(ids: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-  return {f"recall@{k}": recall_at(ids, truth, k) for k in KS if k <= truth.shape[1]}
+  ks = [k for k in KS if k <= truth.shape[1]]
+  return {f"recall@{k}": r for k, r in id_recall_at_k(ids, truth, ks, count="shared").items()}
 
 
 def host_data(preset: Preset, repeats: int, peer: bool, rows: int | None = None,

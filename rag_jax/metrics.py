@@ -225,23 +225,42 @@ def answer_recall_at_k(answers: Sequence[Sequence[str]], passages: Sequence[Sequ
 
 
 def id_recall_at_k(retrieved_ids: Sequence[Sequence[object]] | np.ndarray,
-                   gold_ids: Sequence[Collection[object]], ks: Iterable[int]) -> dict[int, float]:
-  """Fraction of questions with any gold passage id among the top k retrieved ids.
+                   gold_ids: Sequence[Collection[object]] | np.ndarray, ks: Iterable[int],
+                   count: str = "any", pad: object = -1) -> dict[int, float]:
+  """Recall@k of retrieved ids against gold ids, {k: recall} for each k in ks.
 
-  retrieved_ids [N, n_retrieved] in rank order; gold_ids [N] collections of ids (a question may
-  have several gold passages). The synthetic-world job scores retrieval this way.
+  retrieved_ids [N, n_retrieved] in rank order (rows may be ragged); gold_ids [N] collections.
+  count="any": the fraction of questions with any gold id among the top k retrieved (the
+    question-answering recall; a question may have several gold passages, in any order).
+  count="shared": mean over queries of |top k retrieved & first k gold| / k, the ANN-benchmarks
+    recall@k of a search against the exact neighbours gold_ids [N, >= k] in rank order.
+  Ids compare as sets (a repeated id counts once); the id `pad` (a search's filler when it
+  returns fewer than k rows) never matches, and a row shorter than k counts its missing places
+  as misses.
   """
+  if count not in ("any", "shared"):
+    raise ValueError(f"count must be 'any' or 'shared', got {count!r}")
   _check_lengths(retrieved_ids, gold_ids, "gold id sets", ("retrieved_ids", "gold_ids"))
   for i, row in enumerate(retrieved_ids):
     _refuse_str(row, f"retrieved_ids[{i}]", "a list of ids")
   ks = list(ks)
-  hits = {k: 0 for k in ks}
-  for row, gold in zip(retrieved_ids, gold_ids, strict=True):
-    gold = set(np.asarray(list(gold)).tolist())
-    row = np.asarray(row).tolist()
+  if any(k <= 0 for k in ks):
+    raise ValueError(f"every k must be positive, got {ks}")
+  hits = dict.fromkeys(ks, 0)
+  for i, (row, gold) in enumerate(zip(retrieved_ids, gold_ids, strict=True)):
+    row, gold = np.asarray(row).tolist(), np.asarray(list(gold)).tolist()
+    if count == "any":
+      gold = set(gold) - {pad}
+      first = next((r for r, x in enumerate(row) if x in gold), math.inf)
+      for k in ks:
+        hits[k] += first < k
+      continue
     for k in ks:
-      hits[k] += any(r in gold for r in row[:k])
-  return {k: hits[k] / len(gold_ids) for k in ks}
+      if len(gold) < k:
+        raise ValueError(f"gold_ids[{i}] has {len(gold)} ids; recall@{k} of shared ids needs k")
+      hits[k] += len((set(row[:k]) & set(gold[:k])) - {pad})
+  n = len(gold_ids)
+  return {k: hits[k] / (n * k if count == "shared" else n) for k in ks}
 
 
 def strip_title(title: str) -> str:

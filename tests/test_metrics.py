@@ -177,6 +177,50 @@ def test_id_recall_at_k_by_hand():
   assert m.id_recall_at_k(retrieved, gold, ks=[1, 2, 3]) == {1: 1 / 3, 2: 2 / 3, 3: 2 / 3}
 
 
+def brute_force_recall(retrieved, gold, k, count):
+  """recall@k read off the definition, one retrieved place at a time: "any" asks whether any of
+  the first k places holds a gold id; "shared" counts the distinct ids of the first k gold
+  neighbours that some place of the first k holds, over k. The padding id -1 is never gold."""
+  per_row = []
+  for row, g in zip(retrieved, gold, strict=True):
+    row = [int(x) for x in row]
+    if count == "any":
+      per_row.append(any(x != -1 and x in [int(y) for y in g] for x in row[:k]))
+    else:
+      distinct = [y for i, y in enumerate(int(v) for v in g[:k]) if y not in g[:i]]
+      per_row.append(sum(y != -1 and y in row[:k] for y in distinct) / k)
+  return sum(per_row) / len(per_row)
+
+
+@pytest.mark.parametrize("count", ["any", "shared"])
+def test_id_recall_at_k_equals_a_brute_force_count(count):
+  # Ragged rows, repeated ids, -1 padding on both sides, ids as numpy and Python ints.
+  rng = np.random.default_rng(7)
+  retrieved, gold = [], []
+  for _ in range(200):
+    row = rng.integers(-1, 12, rng.integers(0, 9)).tolist()
+    retrieved.append(row if rng.random() < 0.5 else np.asarray(row))
+    ids = rng.integers(-1, 12, 8 if count == "shared" else 3)
+    gold.append(ids if count == "shared" else set(ids.tolist()))
+  ks = [1, 2, 5, 8]
+  got = m.id_recall_at_k(retrieved, gold, ks, count=count)
+  for k in ks:
+    assert got[k] == pytest.approx(brute_force_recall(retrieved, gold, k, count), abs=1e-12)
+
+
+def test_id_recall_at_k_shared_ids_by_hand():
+  found = np.array([[1, 2, 3, -1], [4, 5, 6, 7], [8, 9, 10, 11], [-1, -1, -1, -1]])
+  truth = np.array([[3, 2, 1, 0], [7, 6, 5, 4], [0, 1, 2, 3], [-1, 5, 6, 7]])
+  got = m.id_recall_at_k(found, truth, [2, 4], count="shared")
+  assert got == {2: (1 + 0 + 0 + 0) / 8, 4: (3 + 4 + 0 + 0) / 16}  # -1 meets -1: no match
+  # The question-answering recall of the same rows: any gold id among the top k.
+  assert m.id_recall_at_k(found, truth, [1, 4]) == {1: 2 / 4, 4: 2 / 4}
+  with pytest.raises(ValueError, match=r"gold_ids\[0\] has 4 ids"):
+    m.id_recall_at_k(found, truth, [5], count="shared")
+  with pytest.raises(ValueError, match="count must be"):
+    m.id_recall_at_k(found, truth, [1], count="all")
+
+
 def test_precision_at_k_eval_rag_hand_cases():
   retrieved = [["A", "A", "B", "C"], ["C", "D"], ["E"]]
   gold = [{"A", "C"}, {"C"}, {"F"}]

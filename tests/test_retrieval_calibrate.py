@@ -15,7 +15,6 @@ from rag_jax.retrieval.calibrate import (
   calibrate_built_index,
   exact_topk,
   load_queries,
-  mean_recall,
 )
 from rag_jax.retrieval.corpus import Passage
 from rag_jax.retrieval.embeddings import save_embeddings
@@ -23,10 +22,11 @@ from rag_jax.retrieval.index import IndexDimensionError
 from rag_jax.retrieval.pipeline import build_from_corpus
 from rag_jax.retrieval.retriever import Retriever
 from rag_jax.retrieval.scann_index import ScannConfig, ScannIndex
-from rag_jax.retrieval.synthetic import clustered_embeddings, recall_at
+from rag_jax.retrieval.synthetic import clustered_embeddings
 from rag_jax.utils.errors import InputError, InputNotFoundError, NonFiniteError, UserError
 from tests.test_retrieval_embeddings import write_dpr_pickles
 from tests.test_retrieval_encode import save_tokenizer
+from tests.test_retrieval_scann import recall_at
 
 
 def brute_force_ids(queries, db, k):
@@ -61,15 +61,6 @@ def test_exact_topk_equals_a_full_sort_for_arrays_and_stores(data, tmp_path, row
   store = save_embeddings(db, tmp_path / f"emb{rows_per_block}", shard_size=4_096)
   _, from_store = exact_topk(queries[:50], store, 100, rows_per_block=rows_per_block)
   np.testing.assert_array_equal(from_store, truth[:50])
-
-
-def test_mean_recall_counts_shared_ids_per_query():
-  found = np.array([[1, 2, 3, -1], [4, 5, 6, 7], [8, 9, 10, 11]])
-  truth = np.array([[3, 2, 1, 0], [7, 6, 5, 4], [0, 1, 2, 3]])
-  assert mean_recall(found, truth) == pytest.approx((3 + 4 + 0) / 12)
-  rng = np.random.default_rng(0)  # chunked over queries: the same as recall_at's sets
-  found, truth = (np.argsort(rng.random((300, 3000)), axis=1)[:, :1000] for _ in range(2))
-  assert mean_recall(found, truth) == pytest.approx(recall_at(found, truth, 1000), abs=1e-4)
 
 
 @pytest.mark.parametrize("target", [0.9, 0.98])

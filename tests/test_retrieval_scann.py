@@ -3,11 +3,17 @@
 import numpy as np
 import pytest
 
+from rag_jax import metrics
 from rag_jax.retrieval.backends import load_index
 from rag_jax.retrieval.embeddings import save_embeddings
 from rag_jax.retrieval.index import IndexDimensionError, IndexFileError
 from rag_jax.retrieval.scann_index import ScannConfig, ScannIndex
-from rag_jax.retrieval.synthetic import clustered_embeddings, recall_at
+from rag_jax.retrieval.synthetic import clustered_embeddings
+
+
+def recall_at(found, truth, k):
+  """The ANN-benchmarks recall@k of found [Q, >=k] against the exact neighbours truth [Q, >=k]."""
+  return metrics.id_recall_at_k(found, truth, [k], count="shared")[k]
 
 
 def numpy_topk(queries, db, k):

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm import tqdm
 
+from rag_jax.metrics import id_recall_at_k
 from rag_jax.retrieval.embeddings import EmbeddingStore
 from rag_jax.retrieval.index import (
   Embeddings,
@@ -151,16 +152,6 @@ def exact_topk(queries: np.ndarray, embeddings: Embeddings, k: int, rows_per_blo
   return np.take_along_axis(best_scores, order, -1), np.take_along_axis(best_ids, order, -1)
 
 
-def mean_recall(found: np.ndarray, truth: np.ndarray) -> float:
-  """Mean over queries of |found_q & truth_q| / k for (Q, k) id arrays (-1 never matches)."""
-  k = truth.shape[1]
-  step = max(1, (1 << 24) // (k * k))  # queries per chunk: a chunk x k x k mask of <= 16 MB
-  hits = 0
-  for s in range(0, len(truth), step):
-    hits += int((found[s:s + step, :, None] == truth[s:s + step, None, :]).any(axis=-1).sum())
-  return hits / (len(truth) * k)
-
-
 def reorder_sizes(k: int, configured: int) -> tuple[int, ...]:
   """The reorder sizes tried by default: k x (1.5, 2, 3, 4) and the configured one, largest
   first. Not k itself: with no spare candidates the approximate scores alone would choose the
@@ -212,7 +203,7 @@ def calibrate_search(index: TunableIndex, queries: np.ndarray, target_recall: fl
     _, ids = index.search(queries, k, leaves_to_search=width, reorder=reorder)
     seconds = time.perf_counter() - start
     if (width, reorder) not in tried:
-      tried[(width, reorder)] = mean_recall(ids, truth)
+      tried[(width, reorder)] = id_recall_at_k(ids, truth, [k], count="shared")[k]
       log.info("leaves_to_search %d of %d, reorder %d: recall@%d %.4f (%.3f s)", width,
                num_leaves, reorder, k, tried[(width, reorder)], seconds)
     return tried[(width, reorder)], seconds

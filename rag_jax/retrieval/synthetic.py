@@ -40,9 +40,3 @@ def noisy_copies(x: np.ndarray, num_queries: int, rng: np.random.Generator) -> n
   qi = rng.choice(n, num_queries, replace=False)
   q = x[qi] + rng.standard_normal((num_queries, dim), dtype=np.float32) * (0.5 / np.sqrt(dim))
   return np.ascontiguousarray(q, dtype=np.float32)
-
-
-def recall_at(found: np.ndarray, truth: np.ndarray, k: int) -> float:
-  """Mean over queries of |found[:, :k] & truth[:, :k]| / k (the ANN-benchmarks recall@k)."""
-  hits = [len(set(f[:k].tolist()) & set(t[:k].tolist())) for f, t in zip(found, truth, strict=True)]
-  return float(np.mean(hits)) / k

@@ -46,7 +46,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from rag_jax import checkpoints
+from rag_jax import checkpoints, metrics
 from rag_jax.models.bert import BertConfig, DPREncoder
 from rag_jax.parallel import data_mesh
 from rag_jax.retrieval.encode import tokenize_passages
@@ -306,6 +306,5 @@ def recall_at_k(question_embeddings: np.ndarray, passage_embeddings: np.ndarray,
   """Exact-search recall@k: the share of questions whose gold passage row is in the top k."""
   scores = question_embeddings @ passage_embeddings.T  # [Q, N]
   top = np.argsort(-scores, axis=1)[:, :max(ks)]
-  hit_rank = np.where(top == np.asarray(gold_rows)[:, None], np.arange(top.shape[1]), top.shape[1])
-  first = hit_rank.min(axis=1)
-  return {f"recall@{k}": float((first < k).mean()) for k in ks}
+  recall = metrics.id_recall_at_k(top, np.asarray(gold_rows)[:, None], ks)
+  return {f"recall@{k}": r for k, r in recall.items()}
