@@ -20,6 +20,7 @@ from benchmarks import flops, models, timing
 from benchmarks.cli import rescore_setting
 from benchmarks.presets import Preset
 from rag_jax.decoding.generation import generate
+from rag_jax.models.rag import architecture_of
 
 MODES = (("rag_token", "beam"), ("rag_sequence", "thorough"), ("rag_sequence", "fast"))
 
@@ -101,7 +102,7 @@ def run_case(preset: Preset, kind: str, decoding: str, n_docs: int, dtype: str, 
               "decoding": decoding, "n_docs": n_docs, "batch": preset.batch,
               "num_beams": preset.num_beams, "tokens": preset.target_length, "dtype": dtype,
               "unit": "questions", "items": preset.batch, "flops_hand": hand, "rag_jax": ours,
-              "peer": theirs and {"name": f"transformers {models.RAG_CLASSES[kind]}.generate",
+              "peer": theirs and {"name": f"transformers {architecture_of(kind)}.generate",
                                   **theirs}}
     if decoding == "thorough":
       result["rescore"] = {"setting": spec, "rescore_candidates": group,

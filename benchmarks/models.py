@@ -20,8 +20,7 @@ import numpy as np
 from benchmarks.presets import Preset
 from benchmarks.timing import torch_device
 from rag_jax.checkpoints import load_pretrained
-
-RAG_CLASSES = {"rag_sequence": "RagSequenceForGeneration", "rag_token": "RagTokenForGeneration"}
+from rag_jax.models.rag import architecture_of
 
 
 def _tmp_root() -> str | None:
@@ -40,7 +39,7 @@ def torch_rag(preset: Preset, kind: str, n_docs: int):
   config = tf.RagConfig.from_question_encoder_generator_configs(q, g, n_docs=n_docs)
   torch.manual_seed(0)
   with torch.device(torch_device()):
-    return getattr(tf, RAG_CLASSES[kind])(config)
+    return getattr(tf, architecture_of(kind))(config)
 
 
 def torch_context_encoder(preset: Preset):

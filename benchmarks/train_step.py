@@ -24,13 +24,13 @@ import numpy as np
 from benchmarks import flops, models, profile, timing
 from benchmarks.presets import Preset
 from rag_jax import losses
+from rag_jax.models.rag import MODEL_TYPES, architecture_of
 from rag_jax.parallel import data_mesh, global_batch, replicate
 from rag_jax.training import optimizer
 from rag_jax.training.rag_step import make_train_step
 from rag_jax.training.state import create_train_state
 
-LOSSES = {"rag_sequence": losses.rag_sequence_nll, "rag_token": losses.rag_token_nll}
-KINDS = tuple(LOSSES)
+KINDS = tuple(MODEL_TYPES)
 
 
 def optimizer_config() -> ml_collections.ConfigDict:
@@ -82,7 +82,8 @@ def jax_side(model, params, batch: dict[str, np.ndarray], kind: str, repeats: in
   """Compiles and times rag_jax's step; returns timing, compile time, XLA FLOPs and memory,
   and with `profile_calls` a per-op profile of that many more steps (benchmarks/profile.py)."""
   mesh = data_mesh()
-  loss_fn = functools.partial(LOSSES[kind], epsilon=0.0, pad_token_id=1)  # as the peer
+  # Label smoothing off and BART's pad id, as the peer.
+  loss_fn = functools.partial(losses.MODEL_TYPE_LOSSES[kind], epsilon=0.0, pad_token_id=1)
   timing.reset_host_peak()
   state = replicate(create_train_state(model.apply, params,
                                        optimizer.make_optimizer(optimizer_config(), params),
@@ -148,7 +149,7 @@ def run_case(preset: Preset, kind: str, n_docs: int, dtype: str, repeats: int, w
         "kind": kind, "attention": attention, "n_docs": n_docs, "batch": preset.batch,
         "dtype": dtype, "unit": "questions", "items": preset.batch, "flops_hand": hand,
         "rag_jax": ours,
-        "peer": theirs and {"name": f"transformers {models.RAG_CLASSES[kind]} + torch AdamW",
+        "peer": theirs and {"name": f"transformers {architecture_of(kind)} + torch AdamW",
                             **theirs}}
 
 

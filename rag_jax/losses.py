@@ -156,3 +156,7 @@ def rag_token_nll(seq_logits: Array, doc_scores: Array, target: Array, *,
   keep = tgt != pad_token_id
   ll, smooth = jnp.where(keep, ll, 0.0), jnp.where(keep, smooth, 0.0)
   return _finish(ll.sum(axis=1), smooth.sum(axis=1), epsilon, logp.shape[-1], reduce_loss)
+
+
+# config.model_type -> its negative log-likelihood (models.rag.MODEL_TYPES names the classes).
+MODEL_TYPE_LOSSES = {"rag_sequence": rag_sequence_nll, "rag_token": rag_token_nll}

@@ -18,6 +18,7 @@ from configs import rag_finetune
 from rag_jax import answer as answer_lib
 from rag_jax.checkpoints import load_pretrained
 from rag_jax.data import qa
+from rag_jax.models import rag
 from rag_jax.retrieval.pipeline import build_from_corpus
 from rag_jax.training import config_check, rag_trainer
 from rag_jax.utils.errors import UserError
@@ -143,6 +144,16 @@ def test_host_retrieval_trains_the_same_model(setup, tmp_path):
 
 
 ARCHITECTURES = {"rag_sequence": "RagSequenceForGeneration", "rag_token": "RagTokenForGeneration"}
+
+
+def test_each_model_type_names_its_transformers_class_and_back():
+  for model_type, name in ARCHITECTURES.items():
+    assert rag.architecture_of(model_type) == name and rag.model_type_of(name) == model_type
+    assert transformers.RagPreTrainedModel in getattr(transformers, name).__mro__
+  with pytest.raises(ValueError, match="expected one of"):
+    rag.architecture_of("bart")
+  with pytest.raises(ValueError, match="cannot tell RAG-Token from RAG-Sequence"):
+    rag.model_type_of("RagModel")
 
 
 @pytest.fixture(scope="module")

@@ -35,8 +35,8 @@ from rag_jax.decoding.rag_sequence import (
     rag_sequence_search,
 )
 from rag_jax.decoding.rag_token import compiled_rag_token_search, rag_token_search
-from rag_jax.models.bart import BartForConditionalGeneration
-from rag_jax.models.rag import RagModel
+from rag_jax.models.bart import BartConfig, BartForConditionalGeneration
+from rag_jax.models.rag import MODEL_TYPES, RagModel, model_type_of
 from rag_jax.utils.errors import check_finite
 
 # GenerationConfig defaults (transformers 5.23) and the keys read from a checkpoint's config.
@@ -47,8 +47,7 @@ GENERATION_DEFAULTS: dict[str, Any] = dict(
 
 
 # The transformers class whose `generate` each decoder reproduces, and its name in reports.
-ARCHITECTURES = {"bart": "BartForConditionalGeneration", "rag_token": "RagTokenForGeneration",
-                 "rag_sequence": "RagSequenceForGeneration"}
+ARCHITECTURES = {"bart": BartConfig.architecture, **MODEL_TYPES}
 DECODER_NAMES = {"bart": "BART", "rag_token": "RAG-Token", "rag_sequence": "RAG-Sequence"}
 
 
@@ -110,13 +109,7 @@ def _kind(model: Any, architecture: str | None) -> str:
     return "bart"
   if not isinstance(model, RagModel):
     raise TypeError(f"generate expects a BART or RAG model, got {type(model).__name__}")
-  arch = architecture or model.config.architecture
-  if arch == "RagTokenForGeneration":
-    return "rag_token"
-  if arch == "RagSequenceForGeneration":
-    return "rag_sequence"
-  raise ValueError(f"cannot tell RAG-Token from RAG-Sequence for architecture {arch!r}; pass "
-                   "architecture='RagTokenForGeneration' or 'RagSequenceForGeneration'")
+  return model_type_of(architecture or model.config.architecture)
 
 
 def _crop(sequences: np.ndarray, lengths: np.ndarray) -> np.ndarray:

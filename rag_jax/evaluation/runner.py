@@ -39,9 +39,8 @@ from rag_jax import checkpoints, metrics
 from rag_jax.answer import RagAnswerer, check_within_index, index_passages
 from rag_jax.evaluation import scoring
 from rag_jax.evaluation.loop import EvalExample, PredictFn, read_predictions, run_loop
-from rag_jax.models.rag import RagModel
+from rag_jax.models.rag import RagModel, architecture_of
 from rag_jax.retrieval.retriever import Retriever
-from rag_jax.training.rag_trainer import architecture_of
 from rag_jax.utils.atomic import atomic_file
 from rag_jax.utils.errors import InputError
 from rag_jax.utils.logs import workdir_logging

@@ -33,13 +33,13 @@ from rag_jax.answer import answer_program
 from rag_jax.data.passage_table import TableSpec
 from rag_jax.decoding import finish, plan_generation
 from rag_jax.models import presets
-from rag_jax.models.rag import RagModel
+from rag_jax.models.rag import RagModel, architecture_of
 from rag_jax.parallel import data_mesh, global_batch, replicate
 from rag_jax.retrieval.device import DeviceRetrieval
 from rag_jax.retrieval.embeddings import DTYPES
 from rag_jax.training import optimizer
 from rag_jax.training.rag_step import make_train_step
-from rag_jax.training.rag_trainer import ARCHITECTURES, loss_function
+from rag_jax.training.rag_trainer import loss_function
 from rag_jax.training.state import create_train_state
 from rag_jax.utils.logs import workdir_logging
 
@@ -52,7 +52,7 @@ def model_of(config: ml_collections.ConfigDict) -> RagModel:
                            question_encoder=config.model.question_encoder.to_dict(),
                            generator=config.model.generator.to_dict(), n_docs=config.n_docs,
                            max_combined_length=config.max_combined_length,
-                           architecture=ARCHITECTURES[config.model_type])
+                           architecture=architecture_of(config.model_type))
   return RagModel(cfg, dtype=jnp.dtype(config.dtype))
 
 

@@ -25,6 +25,28 @@ from rag_jax.models.bert import BertConfig, DPREncoder
 
 Array = jax.Array
 
+# A RAG model's kind (config.model_type, a decoder's kind) -> the transformers class it is trained,
+# exported and decoded as: the loss, the generate() it reproduces, its config.json architectures.
+MODEL_TYPES = {"rag_sequence": "RagSequenceForGeneration", "rag_token": "RagTokenForGeneration"}
+
+
+def architecture_of(model_type: str) -> str:
+  """config.model_type ("rag_sequence" or "rag_token") -> its transformers class name."""
+  if model_type not in MODEL_TYPES:
+    raise ValueError(f"config.model_type {model_type!r}: expected one of {sorted(MODEL_TYPES)}")
+  return MODEL_TYPES[model_type]
+
+
+def model_type_of(architecture: str) -> str:
+  """A RAG checkpoint's transformers class name -> its model_type; ValueError for another class
+  (RagModel, which holds no objective)."""
+  for model_type, name in MODEL_TYPES.items():
+    if name == architecture:
+      return model_type
+  raise ValueError(f"cannot tell RAG-Token from RAG-Sequence for architecture {architecture!r}; "
+                   f"pass architecture= one of {sorted(MODEL_TYPES.values())}")
+
+
 _RAG_FIELDS = (
     "n_docs", "max_combined_length", "title_sep", "doc_sep", "prefix", "label_smoothing",
     "exclude_bos_score", "do_marginalize", "reduce_loss", "do_deduplication",
@@ -53,7 +75,7 @@ class RagConfig:
   pad_token_id: int | None = None
   eos_token_id: int | None = None
   decoder_start_token_id: int | None = None
-  architecture: str = "RagSequenceForGeneration"  # Or RagTokenForGeneration / RagModel.
+  architecture: str = MODEL_TYPES["rag_sequence"]  # Or RagTokenForGeneration / RagModel.
   hf_extra: str = "{}"  # JSON of the other config.json fields, written back on export.
 
   @classmethod
@@ -71,7 +93,7 @@ class RagConfig:
     known = {k: v for k, v in known.items()
              if v is not None or k in ("prefix", "bos_token_id", "pad_token_id", "eos_token_id",
                                        "decoder_start_token_id")}
-    arch = (hf.get("architectures") or ["RagSequenceForGeneration"])[0]
+    arch = (hf.get("architectures") or [MODEL_TYPES["rag_sequence"]])[0]
     skip = set(_RAG_FIELDS) | {"architectures", "question_encoder", "generator"}
     extra = {k: v for k, v in hf.items() if k not in skip}
     return cls(question_encoder=q, generator=g, **known, architecture=arch,

@@ -43,7 +43,7 @@ from rag_jax import checkpoints, losses
 from rag_jax.data import contexts, qa
 from rag_jax.data.passage_table import question_parts
 from rag_jax.data.sampling import epoch_rows
-from rag_jax.models.rag import RagConfig, RagModel
+from rag_jax.models.rag import RagConfig, RagModel, architecture_of
 from rag_jax.parallel import data_mesh, global_batch, replicate
 from rag_jax.retrieval import device as device_retrieval
 from rag_jax.retrieval.backends import load_index
@@ -60,18 +60,6 @@ from rag_jax.utils.logs import workdir_logging
 
 log = logging.getLogger(__name__)
 
-LOSSES = {"rag_sequence": losses.rag_sequence_nll, "rag_token": losses.rag_token_nll}
-# The transformers class of the model trained with each objective (its export's architectures).
-ARCHITECTURES = {"rag_sequence": "RagSequenceForGeneration", "rag_token": "RagTokenForGeneration"}
-
-
-def architecture_of(model_type: str) -> str:
-  """config.model_type -> the architecture trained, exported and decoded."""
-  if model_type not in ARCHITECTURES:
-    raise ValueError(f"config.model_type {model_type!r}: expected one of {sorted(ARCHITECTURES)}")
-  return ARCHITECTURES[model_type]
-
-
 def loss_function(config: ml_collections.ConfigDict, model: RagModel):
   """The configured marginal likelihood with the generator's special ids."""
   architecture_of(config.model_type)
@@ -79,7 +67,7 @@ def loss_function(config: ml_collections.ConfigDict, model: RagModel):
   kw: dict[str, Any] = dict(epsilon=config.label_smoothing, pad_token_id=gen.pad_token_id)
   if config.model_type == "rag_sequence":
     kw.update(exclude_bos_score=config.exclude_bos_score, bos_token_id=gen.bos_token_id)
-  return functools.partial(LOSSES[config.model_type], **kw)
+  return functools.partial(losses.MODEL_TYPE_LOSSES[config.model_type], **kw)
 
 
 def load_model(config: ml_collections.ConfigDict
