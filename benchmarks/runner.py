@@ -239,6 +239,7 @@ def run(options: dict[str, Any], groups: list[str], command: str) -> dict[str, A
   isolate = isolates(options, timing.on_accelerator())
   report = {"preset": options["preset"], "command": command,
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "commit": timing.source_commit(),
             "machine": timing.machine(), "options": options,
             "shape": presets.get(options["preset"]).__dict__, "ceilings": None,
             "results": [], "errors": [], "seconds": {}}

@@ -41,6 +41,11 @@ def test_json_has_every_field(report):
   assert report["errors"] == []
   assert {"jax", "flax", "transformers", "torch", "devices", "host"} <= set(report["machine"])
   assert report["machine"]["compilation_cache"] == ""  # none: compile_s is a compile
+  # The commit measured, as git names it (before: no commit; tables said "not recorded").
+  head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                        text=True, check=True).stdout.strip()
+  clean = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT).returncode == 0
+  assert report["commit"] == head + ("" if clean else "+changes")
   ceilings = report["ceilings"]
   for key in ("jax_matmul_flops", "torch_matmul_flops", "copy_bandwidth", "matmul_peak_flops",
               "jax_copy_bandwidth", "torch_copy_bandwidth"):
