@@ -264,20 +264,7 @@ def test_ask_reads_text_streams_without_bytes_too():
 WARNING_ONCE = """
 import sys
 from rag_jax.commands import search
-from rag_jax.retrieval.retriever import Hit
-
-class Checked:
-  def unknown_warnings(self):
-    return ["question 1: 1 unknown token(s)"]
-
-class StubRetriever:
-  @classmethod
-  def load(cls, *args):
-    return cls()
-  def check(self, batch):
-    return Checked()
-  def retrieve(self, batch, k):
-    return [[Hit(row=0, score=1.0, id="1", title="T", text="x")] for _ in batch]
+from tests.test_entry_points import StubRetriever
 
 search.Retriever = StubRetriever
 sys.exit(search.main(["--dir=unused", "--question_encoder=unused", "who"]))
