@@ -37,7 +37,7 @@ def build_report(config: ml_collections.ConfigDict, phases: dict[str, Any]) -> d
         "export_architecture": ev[name]["export_architecture"],
         "decoder": ev[name]["decoder"],
         "heldout_em": ev[name]["em"],
-        "recall_after": ev[name]["recall_after"],
+        "recall_after": ev[name]["recall"],
         "hot_swap_follow_new": swap["follow_new_index"] / max(swap["changed"], 1),
         "hot_swap_keep_old": swap["keep_old_answer"] / max(swap["changed"], 1),
         "hot_swap": swap,
