@@ -1,9 +1,10 @@
 """`python train.py`'s default job (configs/default.py): a small RAG trained from nothing on a
 synthetic knowledge world, measured against a closed-book BART (docs/world.md).
 
-`train_and_evaluate(config, workdir)` runs these phases, each shown with a progress bar, each
-recorded in workdir/phases.json with its wall time once complete (a rerun skips finished phases;
-a phase killed in the middle resumes from its own checkpoints or starts again):
+`train_and_evaluate(config, workdir)` runs these phases with the world experiments' phase runner
+(rag_jax.experiments.world.phases), each shown with a progress bar, each recorded in
+workdir/phases.json with its wall time once complete (a rerun skips finished phases; a phase
+killed in the middle resumes from its own checkpoints or starts again):
 
   world        rag_jax.experiments.world.data: passages (DPR format), questions, held-out
                split, world 2
@@ -17,7 +18,8 @@ a phase killed in the middle resumes from its own checkpoints or starts again):
   closed_book  the same BART size and steps on question -> answer (rag_jax.training.seq2seq)
   evaluation   held-out exact match (answers decoded with rag_jax.answer / decoding, each
                model with its own kind's decoder, recorded in the report), recall@k of the
-               question encoder before and after RAG training, index hot-swap
+               question encoder before and after RAG training, index hot-swap (the row
+               evaluator of rag_jax.experiments.world.evaluation)
 
 The report (report.json, report.md, printed) holds every figure. A workdir holding a finished
 run is not retrained: the report is printed again. A workdir holding another config is refused,
