@@ -59,9 +59,9 @@ def evaluate(positional: list[str]) -> None:
     raise UsageError(f"{CONFIG.path}: not an evaluation config (config.trainer {kind!r}, "
                      f"expected one of {sorted(RUNS)}, and an `eval` group); use "
                      "configs/paper_<task>.py or configs/default.py")
-  from rag_jax.training import config_check  # here: it loads jax, after the flags
+  from rag_jax.evaluation import paper  # here: it loads jax, after the flags
 
-  config_check.validate(config)  # every field the evaluation reads, before any file is read
+  paper.validate(config)  # every field the evaluation reads, before any file is read
   module, runs = RUNS[kind]
   runs = getattr(importlib.import_module(module), runs)
   from rag_jax.evaluation import runner  # here: it loads the models, after the flags

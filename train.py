@@ -61,10 +61,10 @@ def train(positional: list[str]) -> None:
   if positional:
     raise UsageError(f"unexpected arguments {positional}; every setting is a flag")
   configure_host_allocator()  # Before jax starts its CPU client.
-  from rag_jax.training import config_check  # here: it loads jax (seconds), after the flags
+  from rag_jax.evaluation import paper  # here: it loads jax (seconds), after the flags
   quiet_console()
   config = CONFIG.value
-  config_check.validate(config)
+  paper.validate(config)  # every field, a paper row's `eval` group too, before any phase
   with os_errors_under(_WORKDIR.value):
     report = TRAINERS[config.trainer](config, _WORKDIR.value)
   if report and config.trainer not in ("world", "world_paper"):  # Print their own.

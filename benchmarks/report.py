@@ -5,8 +5,8 @@
 For each JSON file NAME.json the section between `<!-- begin NAME -->` and `<!-- end NAME -->`
 of the markdown file is replaced (appended at the end if the markers are missing; a missing file
 is created), so the figures in the docs are always the JSON's. The file is replaced whole, never
-left half-written. `commit` is the repository commit of the JSON (added to the file when it is
-kept in docs/benchmark_results/). `python -m benchmarks.doc_tables` renders every marked table of
+left half-written. `commit` is the checkout's commit the run measured (benchmarks/timing.py,
+source_commit). `python -m benchmarks.doc_tables` renders every marked table of
 README.md and docs/*.md, these included.
 """
 

@@ -4,9 +4,7 @@ Groups run in a fixed order (the machine's ceilings first), each in a child proc
 (`--group`; `--isolate=auto` keeps only the tiny preset on CPU in-process, for its one-minute
 run), so one group's memory (jax's and torch's caching allocators keep what they took; on CPU,
 the host heap a previous group left) or a crash cannot disturb the next, and a group that
-overruns its share of `--time_budget_s` is stopped and recorded as such. On CPU, a group run in
-the process after the training group was slower for rag_jax alone (base preset, RAG-Token
-decoding 4.6 s against 4.07 s in a fresh process; transformers' 7.2 s either way).
+overruns its share of `--time_budget_s` is stopped and recorded as such.
 """
 
 from __future__ import annotations
@@ -239,6 +237,7 @@ def run(options: dict[str, Any], groups: list[str], command: str) -> dict[str, A
   isolate = isolates(options, timing.on_accelerator())
   report = {"preset": options["preset"], "command": command,
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "commit": timing.source_commit(),
             "machine": timing.machine(), "options": options,
             "shape": presets.get(options["preset"]).__dict__, "ceilings": None,
             "results": [], "errors": [], "seconds": {}}

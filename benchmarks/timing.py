@@ -12,8 +12,10 @@ import dataclasses
 import os
 import platform
 import resource
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -188,6 +190,22 @@ def copy_bandwidth(gib: float, peer: bool) -> dict[str, float]:
     out["torch_copy_bandwidth"] = torch_rate
   out["copy_bandwidth"] = max(out.values())
   return out
+
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def source_commit(root: Path = REPOSITORY) -> str:
+  """The short hash of the checkout's commit, with "+changes" when tracked files differ from it
+  (the figures are then not that commit's); "not a git checkout" elsewhere."""
+  def git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                          check=False)
+  head = git("rev-parse", "--short", "HEAD")
+  if head.returncode:
+    return "not a git checkout"
+  changed = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+  return head.stdout.strip() + ("+changes" if changed else "")
 
 
 def machine() -> dict[str, Any]:

@@ -41,6 +41,11 @@ def test_json_has_every_field(report):
   assert report["errors"] == []
   assert {"jax", "flax", "transformers", "torch", "devices", "host"} <= set(report["machine"])
   assert report["machine"]["compilation_cache"] == ""  # none: compile_s is a compile
+  # The commit measured, as git names it (before: no commit; tables said "not recorded").
+  head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                        text=True, check=True).stdout.strip()
+  clean = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT).returncode == 0
+  assert report["commit"] == head + ("" if clean else "+changes")
   ceilings = report["ceilings"]
   for key in ("jax_matmul_flops", "torch_matmul_flops", "copy_bandwidth", "matmul_peak_flops",
               "jax_copy_bandwidth", "torch_copy_bandwidth"):
@@ -100,7 +105,8 @@ def test_json_has_every_field(report):
 
 
 def test_faiss_peer_is_the_fastest_at_equal_recall_else_the_most_accurate():
-  # efSearch 128 / 256 / 512 at 1M rows: recall@100 0.901 / 0.930 / 0.948 (docs/benchmarks.md).
+  # Rows shaped as benchmarks/retrieval.py writes them (efSearch 512 at 1M rows: recall@100
+  # 0.948, docs/benchmark_results/paper_cpu_1m.json).
   rows = [{"name": "ef128", "recall@100": 0.901, "queries_per_s": 1873.0},
           {"name": "ef256", "recall@100": 0.930, "queries_per_s": 900.0},
           {"name": "ef512", "recall@100": 0.948, "queries_per_s": 436.0},

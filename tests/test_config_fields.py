@@ -1,4 +1,5 @@
-"""Every field a run reads is checked before its first phase (rag_jax/training/config_check.py):
+"""Every field a run reads is checked before its first phase (rag_jax/training/config_check.py,
+rag_jax/evaluation/paper.py for a paper row's `eval` group):
 each shipped config's every leaf has a rule; the `eval` groups (the world's, a paper row's,
 paper_scale's) are checked with the rest; fields bounded by the number of passages are checked
 against the world's before any phase. A change to a field only evaluation reads never locks a
@@ -29,7 +30,8 @@ UNCHECKED = ("trainer", "group_learning_rates", "model.question_encoder", "model
 
 
 def _leaves(config) -> set[str]:
-  return {k.removeprefix("config.") for k in loop._leaves(json.loads(config.to_json_best_effort()))}
+  tree = json.loads(config.to_json_best_effort())
+  return {k.removeprefix("config.") for k in loop.config_leaves(tree)}
 
 
 def _covered(leaf: str, fields: set[str]) -> bool:
@@ -39,7 +41,7 @@ def _covered(leaf: str, fields: set[str]) -> bool:
 
 
 def _rule_fields(config, trainer: str) -> set[str]:
-  rules = config_check.RULES[trainer] + (config_check.PAPER_ROW_EVAL
+  rules = config_check.RULES[trainer] + (paper_eval.EVAL_RULES
                                          if trainer == "rag" and "eval" in config else [])
   fields = {r.field for r in rules} | set(UNCHECKED)
   if trainer == "world":
@@ -53,7 +55,7 @@ def test_every_field_of_every_config_has_a_rule(name):
   # then failed in the evaluation), nor several training fields.
   module, _, size = name.partition(":")
   config = importlib.import_module(f"configs.{module}").get_config(*([size] if size else []))
-  config_check.validate(config)
+  paper_eval.validate(config)
   if config.trainer == "world_paper":
     fields = _rule_fields(config, "world_paper")
     for world in config.worlds:
@@ -68,7 +70,7 @@ def test_the_rules_know_the_registries_names():
   config.eval.reader = "csv"
   config.eval.metrics = ("exact_match", "bleu_4")
   with pytest.raises(config_check.ConfigError) as e:
-    config_check.validate(config)
+    paper_eval.validate(config)
   assert str(e.value) == (
       f"config.eval.reader = 'csv': must be one of {sorted(paper_eval.READERS)}; "
       f"config.eval.metrics = ('exact_match', 'bleu_4'): must be a non-empty list of metric "
@@ -80,7 +82,7 @@ def test_eval_groups_are_checked_with_the_rest():
   config.eval.recall_ks = (1, 0)
   config.eval.num_beams = 0
   with pytest.raises(config_check.ConfigError) as e:
-    config_check.validate(config)
+    paper_eval.validate(config)
   assert str(e.value) == ("config.eval.num_beams = 0: must be an integer >= 1; "
                           "config.eval.recall_ks = (1, 0): must be a non-empty list of integers "
                           ">= 1" + NOTHING_RUN)
@@ -89,7 +91,7 @@ def test_eval_groups_are_checked_with_the_rest():
   config.eval.fever_classes = 4
   config.eval.split = "test/2"
   with pytest.raises(config_check.ConfigError) as e:
-    config_check.validate(config)
+    paper_eval.validate(config)
   assert str(e.value) == (
       "config.eval.split = 'test/2': must be a non-empty name without '/'; "
       "config.eval.fever_classes = 4: must be one of [2, 3]; "
@@ -98,18 +100,18 @@ def test_eval_groups_are_checked_with_the_rest():
   config.eval.min_length = 60
   with pytest.raises(config_check.ConfigError, match=r"^config.eval.min_length = 60: must be <= "
                                                      r"eval.max_length \(50\)"):
-    config_check.validate(config)
+    paper_eval.validate(config)
   config = paper_scale.get_config()
   config.update_from_flattened_dict({"index_rows": 40, "eval.n_docs": 50})
   with pytest.raises(config_check.ConfigError) as e:
-    config_check.validate(config)
+    paper_eval.validate(config)
   assert str(e.value) == ("config.eval.n_docs asks for 50 passages, more than the 40 of the "
                           "random index (config.index_rows)" + NOTHING_RUN)
   config = world_paper.get_config("tiny")
   config.paper.sweep_questions = 0
   config.worlds.default.eval.batch_size = -1
   with pytest.raises(config_check.ConfigError) as e:
-    config_check.validate(config)
+    paper_eval.validate(config)
   assert str(e.value) == ("config.worlds.default.eval.batch_size = -1: must be an integer >= 1; "
                           "config.paper.sweep_questions = 0: must be an integer >= 1"
                           + NOTHING_RUN)

@@ -104,6 +104,15 @@ def test_evaluate_py_validates_the_config_before_reading_any_file(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
+def test_train_py_validates_a_paper_rows_eval_group_before_training(tmp_path):
+  """train.py on a paper row names a bad evaluation field before training, not hours after."""
+  proc = _run("train.py", "--config=configs/paper_nq.py", "--config.eval.reader=csv",
+              f"--workdir={tmp_path / 'w'}")
+  assert (proc.returncode, proc.stdout) == (1, "")
+  assert proc.stderr.startswith("error: config.eval.reader = 'csv': must be one of [")
+  assert not (tmp_path / "w").exists()
+
+
 def _line(error: BaseException) -> tuple[int, str]:
   """(exit code, stderr) of the error policy for a body raising `error`."""
   stderr = io.StringIO()
@@ -255,20 +264,7 @@ def test_ask_reads_text_streams_without_bytes_too():
 WARNING_ONCE = """
 import sys
 from rag_jax.commands import search
-from rag_jax.retrieval.retriever import Hit
-
-class Checked:
-  def unknown_warnings(self):
-    return ["question 1: 1 unknown token(s)"]
-
-class StubRetriever:
-  @classmethod
-  def load(cls, *args):
-    return cls()
-  def check(self, batch):
-    return Checked()
-  def retrieve(self, batch, k):
-    return [[Hit(row=0, score=1.0, id="1", title="T", text="x")] for _ in batch]
+from tests.test_entry_points import StubRetriever
 
 search.Retriever = StubRetriever
 sys.exit(search.main(["--dir=unused", "--question_encoder=unused", "who"]))

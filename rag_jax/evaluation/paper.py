@@ -16,8 +16,10 @@ from typing import Any
 import ml_collections
 
 from rag_jax.data import tasks
+from rag_jax.evaluation import scoring
 from rag_jax.evaluation.loop import EvalExample
 from rag_jax.evaluation.runner import EvalRun, ints
+from rag_jax.training import config_check as cc
 from rag_jax.utils.errors import InputError
 
 # eval.reader -> (file, eval config) -> TaskSplit.
@@ -32,6 +34,37 @@ READERS = {
                                                                     Path(path).stem),
     "tfds": lambda path, c: tasks.read_tfds_qa(c.tfds_name, c.tfds_split, path or None),
 }
+
+
+# A paper-row config's `eval` group (configs/paper_common.py), read here.
+EVAL_RULES = [
+    cc.Rule("eval.task", cc.name),
+    cc.Rule("eval.reader", cc.one_among(lambda: list(READERS))),
+    cc.Rule("eval.test_file", cc.text), cc.Rule("eval.test_file_hint", cc.text),
+    cc.Rule("eval.split", cc.name),
+    cc.Rule("eval.tfds_name", cc.text), cc.Rule("eval.tfds_split", cc.text),
+    cc.Rule("eval.fever_classes", cc.one_of(2, 3)),
+    cc.Rule("eval.limit", cc.integer(0)),
+    cc.Rule("eval.checkpoint", cc.text), cc.Rule("eval.index_dir", cc.text),
+    cc.Rule("eval.max_length", cc.integer(1)),
+    cc.Rule("eval.min_length", cc.integer(0)),
+    cc.Rule("eval.batch_size", cc.integer(1)),
+    cc.Rule("eval.metrics", cc.names_of(lambda: list(scoring.METRICS), "metric names")),
+    cc.Rule("eval.recall_ks", cc.positive_ints),
+    cc.Rule("eval.paper_label", cc.text),
+    cc.Rule("eval.msmarco_answers_fallback", cc.boolean, optional=True),
+    *[cc.Rule(f"eval.{kind}.{f}", check) for kind in ("rag_sequence", "rag_token")
+      for f, check in (("n_docs", cc.integer(1)), ("num_beams", cc.integer(1)),
+                       ("decoding", cc.one_of("thorough", "fast")), ("paper", cc.number_map))],
+]
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """config_check.validate for any config train.py or evaluate.py takes, with a paper row's
+  `eval` group (trainer "rag" with an `eval` group) checked too: evaluate.py reads it, and
+  train.py checks it before training so that a bad value is named before hours of training."""
+  paper_row = config.get("trainer") == "rag" and "eval" in config
+  cc.validate(config, extra_rules=EVAL_RULES if paper_row else ())
 
 
 def read_examples(config: ml_collections.ConfigDict) -> tuple[EvalExample, ...]:

@@ -11,8 +11,10 @@ Ties: ``lax.top_k`` is stable (equal values keep their input order), the running
 before each new chunk, and devices are gathered in row order, so among equal scores the smaller
 row id always wins, exactly like a numpy ``lexsort((ids, -scores))``.
 
-Roofline: one pass reads the database once; at 21M x 768 in bf16 that is 32 GB, ~7.5 ms on one
-H200, compute-bound beyond ~180 queries per batch (docs/retrieval.md).
+Roofline: one pass reads the database once (21M x 768 in bf16: 32 GB) and does 2 x 768 FLOPs per
+row and query, so B queries do B FLOPs per byte read in bf16: a batch is bound by memory
+bandwidth below the accelerator's FLOPs-per-byte ratio (about 200 on an H100 or H200) and by
+compute above it.
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ Every error is a ConfigError naming the dotted field, its value and the allowed 
 `config.rag.num_train_steps = -5: must be an integer >= 1`; all bad fields are listed at once,
 on one line.
 The world job's `rag` group is checked with the RAG trainer's rules (less the paths and token
-lengths, which the job fills in). The `eval` groups (the world's, a paper row's, paper_scale's)
-are checked with the rest, before any phase runs, although only evaluation reads them.
+lengths, which the job fills in). The `eval` groups (the world's, paper_scale's, and a paper
+row's through rag_jax.evaluation.paper.validate) are checked with the rest, before any phase
+runs, although only evaluation reads them.
 
 Fields bounded by the index's number of passages (passages per question, the world's recall@k
 depths) are checked by check_index_size as soon as that number is known: the RAG trainer reads
@@ -127,16 +128,6 @@ def number_map(v: Any) -> str | None:
   return "a mapping of metric names to finite numbers"
 
 
-def _metric_names() -> list[str]:
-  from rag_jax.evaluation import scoring  # Imported when checked: it imports the trainers.
-  return list(scoring.METRICS)
-
-
-def _reader_names() -> list[str]:
-  from rag_jax.evaluation import paper  # Imported when checked: it imports the trainers.
-  return list(paper.READERS)
-
-
 # The optimizer and loop fields that every trainer reads (rag_jax/training/optimizer.py, loop.py).
 TRAINING = [
     Rule("seed", integer(0)),
@@ -184,29 +175,6 @@ RAG = [*RAG_NUMBERS, Rule("model_type", one_of("rag_sequence", "rag_token")),
        Rule("max_combined_length", integer(1)),
        *[Rule(f, text) for f in ("rag_checkpoint", "question_encoder_checkpoint",
                                  "generator_checkpoint", "index_dir", "data_dir")]]
-
-# A paper-row config's `eval` group (configs/paper_common.py), read by evaluate.py
-# (rag_jax/evaluation/paper.py); checked wherever the config has one.
-PAPER_ROW_EVAL = [
-    Rule("eval.task", name),
-    Rule("eval.reader", one_among(_reader_names)),
-    Rule("eval.test_file", text), Rule("eval.test_file_hint", text),
-    Rule("eval.split", name),
-    Rule("eval.tfds_name", text), Rule("eval.tfds_split", text),
-    Rule("eval.fever_classes", one_of(2, 3)),
-    Rule("eval.limit", integer(0)),
-    Rule("eval.checkpoint", text), Rule("eval.index_dir", text),
-    Rule("eval.max_length", integer(1)),
-    Rule("eval.min_length", integer(0)),
-    Rule("eval.batch_size", integer(1)),
-    Rule("eval.metrics", names_of(_metric_names, "metric names")),
-    Rule("eval.recall_ks", positive_ints),
-    Rule("eval.paper_label", text),
-    Rule("eval.msmarco_answers_fallback", boolean, optional=True),
-    *[Rule(f"eval.{kind}.{f}", check) for kind in ("rag_sequence", "rag_token")
-      for f, check in (("n_docs", integer(1)), ("num_beams", integer(1)),
-                       ("decoding", one_of("thorough", "fast")), ("paper", number_map))],
-]
 
 REVERSAL = [
     *TRAINING, _LABEL_SMOOTHING,
@@ -334,13 +302,13 @@ def _relations(config: ml_collections.ConfigDict, trainer: str, prefix: str) -> 
 
 
 def validate(config: ml_collections.ConfigDict, trainer: str | None = None,
-             prefix: str = "config") -> None:
+             prefix: str = "config", extra_rules: Sequence[Rule] = ()) -> None:
   """Raises ConfigError listing every field of `config` outside its range for `trainer`
   (default: config.trainer, which must name one of RULES; there is no default trainer).
 
-  A config with a paper row's `eval` group (configs/paper_*.py, trainer "rag") has that group
-  checked too: evaluate.py reads it, and train.py checks it before training so that a bad value
-  is named before hours of training rather than after."""
+  extra_rules: rules of a group that a later stage reads, checked with the rest (a paper row's
+  `eval` group, rag_jax.evaluation.paper.validate: train.py checks it before training so that a
+  bad value is named before hours of training rather than after)."""
   if trainer is None:
     trainer = config.get("trainer")
     known = ["world", "reversal", "rag", "paper_scale", "world_paper"]
@@ -358,8 +326,7 @@ def validate(config: ml_collections.ConfigDict, trainer: str | None = None,
         found.append(str(e).removesuffix(_NOTHING_RUN))
   else:
     found = []
-  rules = RULES[trainer] + (PAPER_ROW_EVAL if trainer == "rag" and "eval" in config else [])
-  found += problems(config, rules, prefix)
+  found += problems(config, [*RULES[trainer], *extra_rules], prefix)
   if not found:
     found = _relations(config, trainer, prefix)
   if found:

@@ -27,12 +27,12 @@ class WorkdirConfigError(UserError, ValueError):
   """The workdir holds a run of another config; the message names each differing field."""
 
 
-def _leaves(tree: Any, prefix: str = "config") -> dict[str, Any]:
+def config_leaves(tree: Any, prefix: str = "config") -> dict[str, Any]:
   """{dotted path: value} of every leaf of a JSON tree (a dict is a group, anything else a leaf)."""
   if isinstance(tree, dict) and tree:
     out: dict[str, Any] = {}
     for key, value in tree.items():
-      out.update(_leaves(value, f"{prefix}.{key}"))
+      out.update(config_leaves(value, f"{prefix}.{key}"))
     return out
   return {prefix: tree}
 
@@ -67,7 +67,7 @@ def config_differences(previous: dict[str, Any], current: dict[str, Any],
                        keep: Callable[[str], bool] = lambda field: True) -> list[str]:
   """`config.a.b: X in the workdir, Y now` for each leaf that differs (missing: <absent>) and
   that `keep` selects."""
-  old, new = _leaves(previous), _leaves(current)
+  old, new = config_leaves(previous), config_leaves(current)
   absent = "<absent>"
   return [f"{k}: {json.dumps(old.get(k, absent))} in the workdir, {json.dumps(new.get(k, absent))}"
           " now" for k in sorted(set(old) | set(new))

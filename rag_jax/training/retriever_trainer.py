@@ -47,6 +47,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from rag_jax import checkpoints, metrics
+from rag_jax.data.sampling import epoch_rows
 from rag_jax.models.bert import BertConfig, DPREncoder
 from rag_jax.parallel import data_mesh
 from rag_jax.retrieval.encode import tokenize_passages
@@ -90,18 +91,6 @@ def default_config(**overrides: Any) -> ml_collections.ConfigDict:
   config.seed = 0  # Initialisation, data order, dropout.
   config.update(overrides)
   return config
-
-
-def epoch_order_rows(seed: int, step: int, n_examples: int, batch_size: int) -> np.ndarray:
-  """Rows of `step`'s batch: epoch e reads the (e+1)-th permutation drawn from one numpy
-  generator seeded with `seed` (a pure function of the step, so a resumed run reads the same
-  pairs), remainder dropped."""
-  per_epoch = n_examples // batch_size
-  epoch, offset = divmod(step, per_epoch)
-  rng = np.random.default_rng(seed)
-  for _ in range(epoch + 1):
-    order = rng.permutation(n_examples)
-  return order[offset * batch_size:(offset + 1) * batch_size]
 
 
 @dataclasses.dataclass
@@ -265,7 +254,7 @@ def train_retriever(questions: list[str], titles: list[str], texts: list[str], t
                 ["input_ids"], pad, q_ids.shape[1])  # [B, Lq]: the static width
 
   def train_step(state: TrainState, index: int):
-    rows = epoch_order_rows(config.seed, index, len(questions), config.batch_size)
+    rows = epoch_rows(config.seed, index, len(questions), config.batch_size)
     batch = {"q": question_batch(rows, index), "p": p_ids[rows], "pid": passage_ids[rows]}
     if use_negatives:
       batch.update(n=n_ids[rows], nid=n_pids[rows])

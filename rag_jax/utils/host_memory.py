@@ -1,35 +1,28 @@
 """The host allocator setting the entry points apply for XLA's CPU backend.
 
-XLA's CPU runtime allocates each execution's temporaries as one block (166 MB for the default
-job's RAG training step) and frees it when the execution ends. glibc serves a block that large
-from a fresh anonymous mmap (above its mmap threshold, or larger than a thread arena's 64 MB
-heap), so every step page-faults and zeroes the whole block again and unmaps it on the way
-out: measured with `perf` at about a quarter of the default job's step on 2 CPU cores (kernel
-time in clear_page / the page-fault path / munmap; docs/benchmarks.md). With one arena, no
-mmap-served blocks and no trimming, the freed block stays in the process's heap and the next
-step reuses its pages. Trimming is off, not merely high: at BART-base's training step the
-temporaries are 2.6 GiB, above the largest threshold mallopt takes (2 GiB), and with that
-threshold glibc gave the freed block back to the system after some steps and the next step
-page-faulted it in again: 6-7 s of kernel time, such steps taking 10.5-11.5 s instead of 7.3-9.8
-(docs/benchmarks.md).
+XLA's CPU runtime allocates each execution's temporaries as one block and frees it when the
+execution ends. glibc serves a block that large from a fresh anonymous mmap (above its mmap
+threshold, or larger than a thread arena's heap), so every step page-faults and zeroes the whole
+block again and unmaps it on the way out. With one arena, no mmap-served blocks and no trimming,
+the freed block stays in the process's heap and the next step reuses its pages. Trimming is off,
+not merely high: a block can exceed the largest threshold mallopt takes (2 GiB; BART-base's
+training step needs more), and glibc would then give it back and fault it in again.
 
 The price: memory freed by the process stays with it instead of going back to the system (its
 resident size stays at its peak, as with the caching allocators of torch and of jax on
 accelerators), and all threads share one malloc arena. That suits a process that runs XLA on the
 host CPU; where an accelerator plugin is installed (host memory holds indexes and feeds, XLA's
-temporaries live on the device) nothing is changed. It has to run before jax starts its CPU
+temporaries live on the device) nothing is changed. It must be applied before jax starts its CPU
 client: a thread keeps the arena it first allocated from.
 
 The same call makes jax run single-device CPU programs inline (jax's
 `jax_cpu_enable_async_dispatch` off). With asynchronous dispatch the runtime frees an
-execution's temporaries on a worker thread after the outputs are ready, and a caller that starts
-the next execution at once (a training loop) has it allocate its own block first: traced at the
-BART-base training step (2.6 GiB of temporaries), every step's block was allocated before the
-last one was freed, so the heap held two, 9.1 GiB at the peak instead of 6.5, kept for the rest
-of the run since nothing is trimmed. Inline, a call returns after its block is freed and the
-next call reuses it. A training step on the CPU keeps every core busy, so there is little host
-work to overlap with it. Programs over several devices (the tests' forced host devices) stay
-asynchronous: jax applies the setting to single-device programs only.
+execution's temporaries on a worker thread after the outputs are ready, so a caller that starts
+the next execution at once (a training loop) has it allocate its own block first and the heap
+holds two blocks at its peak, kept since nothing is trimmed. Inline, a call returns after its
+block is freed and the next call reuses it. Programs over several devices (the tests' forced
+host devices) stay asynchronous: jax applies the setting to single-device programs only.
+docs/benchmarks.md gives the measured effect.
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
-"""The default job's evaluation: exact match, retrieval recall and index hot-swapping.
+"""The world experiments' evaluation: exact match, retrieval recall and index hot-swapping.
 
-Everything is measured on the held-out questions (facts never asked in training):
+:func:`evaluate_row` scores one RAG row (a trained export over its index) on held-out questions;
+the default job (:func:`evaluate_job`), the paper in miniature and its FEVER-like rows
+(rag_jax.experiments.world.paper, .fever) all score their rows with it. In the default job,
+everything is measured on the held-out questions (facts never asked in training):
 - exact match of RAG-Sequence, RAG-Token (rag_jax.answer.RagAnswerer with the fine-tuned
   question encoder: where config.rag.retrieval resolves to the devices, as in training, exact
   retrieval over the index's embeddings and decoding in one device program; else the ScaNN
@@ -25,6 +28,7 @@ EM beside the report's.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -34,12 +38,10 @@ import numpy as np
 from tqdm import tqdm
 
 from rag_jax import checkpoints, metrics
-from rag_jax.answer import RagAnswerer
 from rag_jax.decoding.generation import generate
 from rag_jax.evaluation import runner, scoring
 from rag_jax.evaluation.loop import EvalExample, run_loop
 from rag_jax.retrieval.retriever import Retriever
-from rag_jax.retrieval.store import PassageStore
 from rag_jax.utils.errors import InputNotFoundError
 
 RAG_MODELS = ("rag_sequence", "rag_token")
@@ -77,9 +79,9 @@ def one_decoder(decoders: Iterable[Any]) -> dict[str, Any]:
 
 def heldout_run(workdir: Path, name: str, cfg: Any, reference: dict[str, float] | None = None,
                 retrieval: str = "host") -> runner.EvalRun:
-  """The held-out questions of the world in `workdir` answered by its `name` export, with the
-  job's decoding options and answering path (`retrieval`, config.rag.retrieval's value): one
-  evaluate.py row."""
+  """The held-out questions of the world in `workdir` answered by its workdir/`name`/export, with
+  the job's decoding options, recall_ks and answering path (`retrieval`, config.rag.retrieval's
+  value): one evaluate.py row (the paper's rows replace its model_type, index, examples...)."""
   world = json.loads((workdir / "world" / "world.json").read_text())
   lines = lambda f: (workdir / "world" / f).read_text().splitlines()  # noqa: E731
   examples = tuple(EvalExample(q, (a,), gold_ids=(g,)) for q, a, g in zip(
@@ -106,86 +108,143 @@ def evaluation_runs(config: Any, workdir: str | Path) -> list[runner.EvalRun]:
                       retrieval=config.rag.get("retrieval", "host")) for name in RAG_MODELS]
 
 
-def gold_rows(store: Any, ids: Sequence[str]) -> np.ndarray:
-  """Passage-store rows of the DPR ids `ids`."""
-  row_of = {store.doc_id(r): r for r in range(len(store))}
-  return np.asarray([row_of[i] for i in ids])
+def search_ids(retriever: Retriever, questions: list[str], k: int, batch: int, desc: str
+               ) -> list[list[str]]:
+  """DPR ids of each question's top-k passages, best first, in fixed-size batches."""
+
+  def ids(chunk: list[str]) -> list[list[str]]:
+    rows = retriever.search(*retriever.tokenize(chunk), k)[1]  # [B, k] store rows
+    return [[retriever.store.doc_id(int(r)) for r in row] for row in rows]
+
+  return chunked(ids, questions, batch, desc)
 
 
-def recall(rows: np.ndarray, gold: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
-  """recall@k: share of questions whose gold passage is among the first k retrieved rows."""
-  hit = rows == gold[:, None]  # [Q, K]
-  return {f"recall@{k}": float(hit[:, :k].any(axis=1).mean()) for k in ks}
+def recall_at_k(retrieved_ids: Sequence[Sequence[str]], gold_ids: Sequence[str],
+                ks: Sequence[int]) -> dict[str, float]:
+  """{"recall@k": share of questions whose one gold passage id is among their first k}
+  (rag_jax.metrics.id_recall_at_k, keyed as the reports print it)."""
+  found = metrics.id_recall_at_k(retrieved_ids, [[g] for g in gold_ids], ks)
+  return {f"recall@{k}": v for k, v in found.items()}
 
 
-def search_rows(retriever: Retriever, questions: list[str], k: int, batch: int, desc: str
-                ) -> np.ndarray:
-  """Store rows [Q, k] of each question's top-k passages, in fixed-size batches."""
+@dataclasses.dataclass(frozen=True)
+class SwapQuestions:
+  """The held-out questions whose fact world 2 changed, to be answered over world 2's index
+  (paper section 4.5): their rows among the held-out questions and both worlds' answers."""
 
-  def rows(chunk: list[str]) -> list[np.ndarray]:
-    ids, mask = retriever.tokenize(chunk)
-    return list(retriever.search(ids, mask, k)[1])
+  index_dir: Path
+  rows: list[int]
+  old: list[str]  # world 1's answers
+  new: list[str]  # world 2's answers
 
-  return np.stack(chunked(rows, questions, batch, desc))
+
+@dataclasses.dataclass(frozen=True)
+class HotSwap:
+  """Counts over the `changed` facts: answers over world 2's index that give world 2's value
+  (follow_new_index) or still world 1's (keep_old_answer); answers over world 1's index that
+  give world 1's value (old_index_gave_old_answer) or world 2's (old_index_gave_new_answer)."""
+
+  changed: int
+  follow_new_index: int
+  keep_old_answer: int
+  old_index_gave_old_answer: int
+  old_index_gave_new_answer: int
+  decoder: dict[str, Any]
+
+  def share(self, count: int) -> float:
+    return count / max(self.changed, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowScores:
+  """One RAG row on held-out questions: SQuAD exact match of its answers (the predictions file
+  of `run`), recall@k of its question encoder over its index (the questions with a gold
+  passage), the decoder that ran, and the hot-swap counts where measured."""
+
+  em: float
+  recall: dict[str, float]
+  decoder: dict[str, Any]
+  hot_swap: HotSwap | None = None
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> RowScores:
+    swap = d.get("hot_swap")
+    return cls(**{**d, "hot_swap": HotSwap(**swap) if swap else None})
+
+
+def evaluate_row(run: runner.EvalRun, predictions: Path, swap: SwapQuestions | None = None
+                 ) -> tuple[RowScores, list[dict[str, Any]]]:
+  """(scores, records) of one RAG row (see :class:`RowScores`): `run`'s examples answered with
+  evaluate.py's loop into `predictions` (resumed where it holds some; a record per example, with
+  its `prediction` and `correct`), recall at run.recall_ks of run.checkpoint's question encoder
+  over run.index_dir, and with `swap` the hot-swap counts."""
+  answerer = runner.load_answerer(run)
+  records = run_loop(run.examples, runner.answer_predictor(answerer, run), predictions,
+                     run.batch_size, correct=scoring.correct_fn(run.metrics),
+                     desc=f"answers ({run.name})")
+  predicted = [r["prediction"] for r in records]
+  gold = [e for e in run.examples if e.gold_ids]
+  found = search_ids(answerer.retriever, [e.question for e in gold], max(run.recall_ks),
+                     run.batch_size, f"recall ({run.name})")
+  scores = RowScores(em=scoring.METRICS["exact_match"](records),
+                     recall=recall_at_k(found, [e.gold_ids[0] for e in gold], run.recall_ks),
+                     decoder=one_decoder(r["decoder"] for r in records))
+  if swap is None:
+    return scores, records
+  swapped = runner.load_answerer(dataclasses.replace(run, index_dir=str(swap.index_dir)))
+  answered = chunked(lambda qs: swapped(qs, **run.generate),
+                     [run.examples[r].question for r in swap.rows], run.batch_size,
+                     f"hot-swap ({run.name})")
+  before = [normalize(predicted[r]) for r in swap.rows]
+  after = [normalize(a.text) for a in answered]
+  old, new = [normalize(a) for a in swap.old], [normalize(a) for a in swap.new]
+  agree = lambda xs, ys: sum(x == y for x, y in zip(xs, ys, strict=True))  # noqa: E731
+  hot_swap = HotSwap(changed=len(swap.rows), follow_new_index=agree(after, new),
+                     keep_old_answer=agree(after, old),
+                     old_index_gave_old_answer=agree(before, old),
+                     old_index_gave_new_answer=agree(before, new),
+                     decoder=one_decoder(a.decoder for a in answered))
+  return dataclasses.replace(scores, hot_swap=hot_swap), records
+
+
+def swap_questions(workdir: Path, index_dir: Path) -> SwapQuestions:
+  """The changed held-out facts of the world in `workdir` (world/), over `index_dir`."""
+  world = json.loads((workdir / "world" / "world.json").read_text())
+  lines = lambda f: (workdir / "world" / f).read_text().splitlines()  # noqa: E731
+  rows = world["changed_heldout_rows"]
+  old, new = lines("val.target"), lines("val_swapped.target")
+  return SwapQuestions(index_dir, rows, [old[r] for r in rows], [new[r] for r in rows])
 
 
 def evaluate_job(workdir: Path, world: dict[str, Any], cfg: Any, retrieval: str = "host"
                  ) -> dict[str, Any]:
   """Every figure of the report's evaluation part (see the module docstring); `retrieval`: the
   answering path of the RAG models (RagAnswerer's, config.rag.retrieval in the job)."""
-
-  lines = lambda name: (workdir / "world" / name).read_text().splitlines()  # noqa: E731
-  questions, answers = lines("val.source"), lines("val.target")
-  swapped = lines("val_swapped.target")
-  changed = world["changed_heldout_rows"]
+  questions = (workdir / "world" / "val.source").read_text().splitlines()
+  answers = (workdir / "world" / "val.target").read_text().splitlines()
   ks = tuple(cfg.recall_ks)
-  store = PassageStore(workdir / "index" / "passages")
-  gold = gold_rows(store, world["heldout_gold_passages"])
   gen_kwargs = dict(num_beams=cfg.num_beams, max_length=cfg.max_answer_tokens)
-  out: dict[str, Any] = {"heldout_questions": len(questions), "changed_facts": len(changed),
+  out: dict[str, Any] = {"heldout_questions": len(questions),
+                         "changed_facts": len(world["changed_heldout_rows"]),
                          "majority_em": world["heldout_majority_em"],
                          "decoding_options": gen_kwargs}
 
   # Recall of the retriever's question encoder (before RAG training).
   retriever = Retriever.load(workdir / "index", workdir / "retriever" / "question_encoder",
                              max_length=QUESTION_TOKENS)
-  rows = search_rows(retriever, questions, max(ks), cfg.batch_size, "recall (retriever)")
-  out["recall_before"] = recall(rows, gold, ks)
+  found = search_ids(retriever, questions, max(ks), cfg.batch_size, "recall (retriever)")
+  out["recall_before"] = recall_at_k(found, world["heldout_gold_passages"], ks)
 
   for name in RAG_MODELS:
     export = workdir / name / "export"
-    answerer = RagAnswerer(export, workdir / "index", max_question_length=QUESTION_TOKENS,
-                           retrieval=retrieval)
-    rows = search_rows(answerer.retriever, questions, max(ks), cfg.batch_size,
-                       f"recall ({name})")
-    run = heldout_run(workdir, name, cfg, retrieval=retrieval)
-    records = run_loop(run.examples, runner.answer_predictor(answerer, run),
-                       workdir / name / "heldout_predictions.jsonl", run.batch_size,
-                       correct=scoring.correct_fn(run.metrics), desc=f"answers ({name})")
+    scores, records = evaluate_row(heldout_run(workdir, name, cfg, retrieval=retrieval),
+                                   workdir / name / "heldout_predictions.jsonl",
+                                   swap_questions(workdir, workdir / "index_swapped"))
     predicted = [r["prediction"] for r in records]
-    swapped_answerer = RagAnswerer(export, workdir / "index_swapped",
-                                   max_question_length=QUESTION_TOKENS, retrieval=retrieval)
-    changed_q = [questions[r] for r in changed]
-    swap_answered = chunked(lambda qs, a=swapped_answerer: a(qs, **gen_kwargs), changed_q,
-                            cfg.batch_size, f"hot-swap ({name})")
-    after_swap = [a.text for a in swap_answered]
-    new = [normalize(swapped[r]) for r in changed]
-    old = [normalize(answers[r]) for r in changed]
-    after_swap = [normalize(p) for p in after_swap]
-    before_swap = [normalize(predicted[r]) for r in changed]
     out[name] = {
         "trained_as": json.loads((workdir / name / "report.json").read_text())["model_type"],
         "export_architecture": checkpoints.read_config(export)["architectures"][0],
-        "decoder": one_decoder(r["decoder"] for r in records),
-        "em": scoring.METRICS["exact_match"](records),
-        "recall_after": recall(rows, gold, ks),
-        "hot_swap": {
-            "changed": len(changed),
-            "follow_new_index": sum(p == a for p, a in zip(after_swap, new, strict=True)),
-            "keep_old_answer": sum(p == a for p, a in zip(after_swap, old, strict=True)),
-            "old_index_gave_old_answer": sum(p == a for p, a in zip(before_swap, old, strict=True)),
-            "decoder": one_decoder(a.decoder for a in swap_answered),
-        },
+        **dataclasses.asdict(scores),
         "examples": [{"question": q, "answer": a, "predicted": p}
                      for q, a, p in list(zip(questions, answers, predicted, strict=True))[:5]],
     }

@@ -22,6 +22,7 @@ the FEVER generator's tokenizer.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -29,11 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from rag_jax.answer import RagAnswerer
+from rag_jax.evaluation.loop import EvalExample
 from rag_jax.experiments.world import claims as world_claims
 from rag_jax.experiments.world import evaluation as world_eval
 from rag_jax.experiments.world import job as world_job
 from rag_jax.experiments.world.data import WorldConfig, generate_world
+from rag_jax.experiments.world.phases import Phase
 from rag_jax.experiments.world.rows import (
     MODELS,
     RETRIEVERS,
@@ -42,7 +44,6 @@ from rag_jax.experiments.world.rows import (
     retriever_overrides,
     row_name,
 )
-from rag_jax.retrieval.store import PassageStore
 
 # The paper's FEVER-3 label accuracy (Table 6, dev). Classification makes RAG-Sequence and
 # RAG-Token the same model there, so the paper gives one figure per retriever.
@@ -108,70 +109,96 @@ def row_phase(fever_cfg: Any, retriever: str, model: str) -> Callable[[world_job
   return run
 
 
+@dataclasses.dataclass(frozen=True)
+class FeverRow:
+  """One row's held-out label accuracy (overall and per class), the deciding passage's recall@k
+  (the supports / refutes claims), how often each label word was predicted, and the decoder."""
+
+  row: str
+  retriever: str
+  accuracy: float
+  per_class: dict[str, float]
+  recall: dict[str, float]
+  predicted_labels: dict[str, int]
+  decoder: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class FeverEvaluation:
+  """The FEVER-like column of one world: the held-out claims and every row's figures."""
+
+  heldout_claims: int
+  counts: dict[str, int]
+  majority_accuracy: float
+  rows: dict[str, FeverRow]
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> FeverEvaluation:
+    return cls(**{**d, "rows": {k: FeverRow(**v) for k, v in d["rows"].items()}})
+
+
 def phase_evaluation(job: world_job.Job, fever_cfg: Any) -> dict[str, Any]:
-  """Held-out label accuracy of every row, per class, and the deciding passage's recall@k."""
+  """Held-out label accuracy of every row, per class, and the deciding passage's recall@k: each
+  row scored by the world experiments' row evaluator (rag_jax.experiments.world.evaluation),
+  its answers in fever/<row>/heldout_predictions.jsonl."""
   data = fever_dir(job.workdir) / "data"
-  claims = (data / "val.source").read_text().splitlines()
-  labels = (data / "val.target").read_text().splitlines()
+  lines = lambda name: (data / name).read_text().splitlines()  # noqa: E731
   meta = json.loads((data / "claims.json").read_text())
-  classes = np.asarray(meta["heldout_labels"])
-  decided = [i for i, pid in enumerate(meta["heldout_gold_passages"]) if pid]
-  batch = job.config.eval.batch_size
-  out: dict[str, Any] = {"heldout_claims": len(claims), "counts": meta["heldout_counts"],
-                         "majority_accuracy": max(meta["heldout_counts"].values()) / len(claims),
-                         "rows": {}}
+  examples = tuple(EvalExample(c, (label,), gold_ids=(pid,) if pid else ())
+                   for c, label, pid in zip(lines("val.source"), lines("val.target"),
+                                            meta["heldout_gold_passages"], strict=True))
+  classes = meta["heldout_labels"]
+  rows = {}
   for retriever in RETRIEVERS:
-    store = PassageStore(index_dir(job.workdir, retriever) / "passages")
-    gold = world_eval.gold_rows(store, [meta["heldout_gold_passages"][i] for i in decided])
     for model in MODELS:
       name = row_name(retriever, model)
-      answerer = RagAnswerer(fever_dir(job.workdir) / name / "export",
-                             index_dir(job.workdir, retriever),
-                             max_question_length=world_eval.QUESTION_TOKENS)
-      predicted = world_eval.chunked(
-          lambda cs, a=answerer: [x.text for x in a(cs, num_beams=1,
-                                                    max_length=fever_cfg.max_label_tokens)],
-          claims, batch, f"FEVER labels ({name})")
-      hit = np.asarray([world_eval.normalize(p) == world_eval.normalize(g)
-                        for p, g in zip(predicted, labels, strict=True)])
-      rows = world_eval.search_rows(answerer.retriever, [claims[i] for i in decided],
-                                    max(RECALL_KS), batch, f"FEVER recall ({name})")
-      out["rows"][name] = {
-          "row": ROW_NAMES[(retriever, model)], "retriever": retriever,
-          "accuracy": float(hit.mean()),
-          "per_class": {c: float(hit[classes == c].mean()) for c in world_claims.CLASSES},
-          "recall": world_eval.recall(rows, gold, RECALL_KS),
-          "predicted_labels": {w: int(sum(world_eval.normalize(p) == w for p in predicted))
-                               for w in world_claims.LABEL_WORDS.values()}}
-  return out
+      run = dataclasses.replace(
+          world_eval.heldout_run(job.workdir, f"fever/{name}", job.config.eval),
+          model_type=model, index_dir=str(index_dir(job.workdir, retriever)), examples=examples,
+          generate={"num_beams": 1, "max_length": fever_cfg.max_label_tokens},
+          recall_ks=RECALL_KS)
+      scores, records = world_eval.evaluate_row(
+          run, fever_dir(job.workdir) / name / "heldout_predictions.jsonl")
+      predicted = [world_eval.normalize(r["prediction"]) for r in records]
+      rows[name] = FeverRow(
+          row=ROW_NAMES[(retriever, model)], retriever=retriever, accuracy=scores.em,
+          per_class={c: float(np.mean([r["correct"] for r, k in zip(records, classes, strict=True)
+                                       if k == c])) for c in world_claims.CLASSES},
+          recall=scores.recall,
+          predicted_labels={w: predicted.count(w) for w in world_claims.LABEL_WORDS.values()},
+          decoder=scores.decoder)
+  counts = meta["heldout_counts"]
+  return dataclasses.asdict(FeverEvaluation(
+      heldout_claims=len(examples), counts=counts,
+      majority_accuracy=max(counts.values()) / len(examples), rows=rows))
 
 
-def phases(fever_cfg: Any) -> list[tuple[str, Callable[[world_job.Job], Any]]]:
-  out: list[tuple[str, Callable[[world_job.Job], Any]]] = [("fever_claims", phase_claims)]
-  out += [(f"fever_{row_name(r, m)}", row_phase(fever_cfg, r, m))
-          for r in RETRIEVERS for m in MODELS]
-  out.append(("fever_evaluation", lambda job: phase_evaluation(job, fever_cfg)))
-  return out
+def phases(fever_cfg: Any) -> list[Phase]:
+  """The FEVER-like phases of one world, in order (see the module docstring)."""
+  return [Phase("fever_claims", phase_claims),
+          *(Phase(f"fever_{row_name(r, m)}", row_phase(fever_cfg, r, m))
+            for r in RETRIEVERS for m in MODELS),
+          Phase("fever_evaluation", lambda job: phase_evaluation(job, fever_cfg))]
 
 
 def _pct(x: float) -> str:
   return f"{100 * x:.1f}"
 
 
-def markdown(ev: dict[str, Any], steps: int) -> list[str]:
+def markdown(ev: FeverEvaluation, steps: int) -> list[str]:
   """The FEVER-like table of one world (report.md lines)."""
-  c = ev["counts"]
-  parts = [f"FEVER-like (held-out label accuracy, %; {ev['heldout_claims']} held-out claims: "
+  c = ev.counts
+  parts = [f"FEVER-like (held-out label accuracy, %; {ev.heldout_claims} held-out claims: "
            f"{c['SUPPORTS']} supports / {c['REFUTES']} refutes / {c['NOT ENOUGH INFO']} not "
-           f"enough info, majority {_pct(ev['majority_accuracy'])}; {steps} steps per row; "
+           f"enough info, majority {_pct(ev.majority_accuracy)}; {steps} steps per row; "
            "paper: FEVER-3 dev label accuracy, one figure per retriever)", "",
            "| row | accuracy here | supports | refutes | not enough info | recall@1 | "
            "recall@5 | paper FEVER-3 |", "|---|---|---|---|---|---|---|---|"]
-  for row in ev["rows"].values():
-    pc, rec = row["per_class"], row["recall"]
-    parts.append(f"| {row['row']} | {_pct(row['accuracy'])} | {_pct(pc['SUPPORTS'])} | "
+  for row in ev.rows.values():
+    pc, rec = row.per_class, row.recall
+    parts.append(f"| {row.row} | {_pct(row.accuracy)} | {_pct(pc['SUPPORTS'])} | "
                  f"{_pct(pc['REFUTES'])} | {_pct(pc['NOT ENOUGH INFO'])} | "
                  f"{_pct(rec['recall@1'])} | {_pct(rec['recall@5'])} | "
-                 f"{PAPER_TABLE6_FEVER3[row['retriever']]} |")
+                 f"{PAPER_TABLE6_FEVER3[row.retriever]} |")
   return parts + ["", "(recall@k: the passage stating the claim's fact among the row's first k "
                   "for the held-out supports / refutes claims)", ""]

@@ -1,9 +1,10 @@
 """`python train.py`'s default job (configs/default.py): a small RAG trained from nothing on a
 synthetic knowledge world, measured against a closed-book BART (docs/world.md).
 
-`train_and_evaluate(config, workdir)` runs these phases, each shown with a progress bar, each
-recorded in workdir/phases.json with its wall time once complete (a rerun skips finished phases;
-a phase killed in the middle resumes from its own checkpoints or starts again):
+`train_and_evaluate(config, workdir)` runs these phases with the world experiments' phase runner
+(rag_jax.experiments.world.phases), each shown with a progress bar, each recorded in
+workdir/phases.json with its wall time once complete (a rerun skips finished phases; a phase
+killed in the middle resumes from its own checkpoints or starts again):
 
   world        rag_jax.experiments.world.data: passages (DPR format), questions, held-out
                split, world 2
@@ -17,7 +18,8 @@ a phase killed in the middle resumes from its own checkpoints or starts again):
   closed_book  the same BART size and steps on question -> answer (rag_jax.training.seq2seq)
   evaluation   held-out exact match (answers decoded with rag_jax.answer / decoding, each
                model with its own kind's decoder, recorded in the report), recall@k of the
-               question encoder before and after RAG training, index hot-swap
+               question encoder before and after RAG training, index hot-swap (the row
+               evaluator of rag_jax.experiments.world.evaluation)
 
 The report (report.json, report.md, printed) holds every figure. A workdir holding a finished
 run is not retrained: the report is printed again. A workdir holding another config is refused,
@@ -32,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from rag_jax import checkpoints
@@ -49,6 +49,7 @@ from rag_jax.data.sampling import epoch_rows
 from rag_jax.experiments.world import evaluation as world_eval
 from rag_jax.experiments.world import report as world_report
 from rag_jax.experiments.world.data import WorldConfig, build_world, generate_world
+from rag_jax.experiments.world.phases import Phase, PhaseLog, run_phases
 from rag_jax.experiments.world.tokenizer import train_tokenizer, world_texts
 from rag_jax.models import presets
 from rag_jax.models.bart import BartForConditionalGeneration, shift_tokens_right
@@ -59,42 +60,13 @@ from rag_jax.retrieval.encode import EncodeConfig
 from rag_jax.retrieval.pipeline import build_from_corpus
 from rag_jax.training import config_check, loop, rag_trainer, seq2seq
 from rag_jax.training.retriever_trainer import bm25_hard_negatives, default_config, train_retriever
-from rag_jax.utils.atomic import atomic_directory, atomic_file
+from rag_jax.utils.atomic import atomic_directory
 from rag_jax.utils.lock import workdir_lock
 from rag_jax.utils.logs import workdir_logging
 
 log = logging.getLogger(__name__)
 PHASES = ("world", "tokenizer", "retriever", "index", "rag_sequence", "rag_token", "closed_book",
           "evaluation")
-
-
-class PhaseLog:
-  """workdir/phases.json: {phase: {"seconds": wall time, "result": its summary}} (atomic)."""
-
-  def __init__(self, workdir: Path):
-    self.path = workdir / "phases.json"
-    self.phases: dict[str, Any] = (json.loads(self.path.read_text()) if self.path.exists()
-                                   else {})
-
-  def done(self, name: str) -> bool:
-    return name in self.phases
-
-  def result(self, name: str) -> Any:
-    return self.phases[name]["result"]
-
-  def finish(self, name: str, seconds: float, result: Any) -> None:
-    self.phases[name] = {"seconds": round(seconds, 2), "result": result}
-    self._save()
-
-  def forget(self, names: tuple[str, ...]) -> None:
-    """Marks the phases `names` as not done (the next run runs them again)."""
-    for name in names:
-      self.phases.pop(name, None)
-    self._save()
-
-  def _save(self) -> None:
-    with atomic_file(self.path, "w") as f:
-      json.dump(self.phases, f, indent=2)
 
 
 @dataclasses.dataclass
@@ -370,11 +342,6 @@ PHASE_FUNCTIONS: dict[str, Callable[[Job], dict[str, Any]]] = {
     "closed_book": phase_closed_book, "evaluation": phase_evaluation}
 
 
-def console(line: str) -> None:
-  """One line on the console that does not break a progress bar."""
-  tqdm.write(line)
-
-
 def _summary_world(r: dict[str, Any]) -> str:
   return (f"{r['people']} people, {r['passages']} passages, {r['train_questions']} training / "
           f"{r['heldout_questions']} held-out questions, {r['changed_heldout']} facts changed "
@@ -454,20 +421,9 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, stop_after_phase: str
           flush=True)
     phases = PhaseLog(workdir)
     job = Job(config, workdir, phases)
-    for i, name in enumerate(PHASES, 1):
-      if phases.done(name):
-        console(f"[{i}/{len(PHASES)}] {name}: done in an earlier run "
-                f"({phases.phases[name]['seconds']:.1f} s)")
-        continue
-      log.info("phase %s ...", name)
-      start = time.time()
-      result = PHASE_FUNCTIONS[name](job)
-      phases.finish(name, time.time() - start, result)
-      log.info("phase %s: %.1f s, %s", name, time.time() - start, result)
-      console(f"[{i}/{len(PHASES)}] {name}: {time.time() - start:.1f} s, "
-              f"{PHASE_SUMMARIES[name](result)}")
-      if name == stop_after_phase:
-        return None
+    if not run_phases(job, [Phase(name, PHASE_FUNCTIONS[name], PHASE_SUMMARIES[name])
+                            for name in PHASES], phases, stop_after=stop_after_phase):
+      return None
     report = world_report.build_report(config, phases.phases)
     world_report.write_report(report, workdir)
   print("\n" + world_report.markdown(report), flush=True)

@@ -6,6 +6,7 @@ decoding calls (rag_jax.experiments.world.evaluation)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -16,6 +17,7 @@ import jax
 import ml_collections
 
 from rag_jax.decoding.generation import DECODER_NAMES
+from rag_jax.experiments.world.evaluation import HotSwap
 from rag_jax.utils.atomic import atomic_file
 
 
@@ -31,16 +33,16 @@ def build_report(config: ml_collections.ConfigDict, phases: dict[str, Any]) -> d
   models = {}
   for name in ("rag_sequence", "rag_token"):
     train = phases[name]["result"]
-    swap = ev[name]["hot_swap"]
+    swap = HotSwap(**ev[name]["hot_swap"])
     models[name] = {
         "trained_as": ev[name]["trained_as"],
         "export_architecture": ev[name]["export_architecture"],
         "decoder": ev[name]["decoder"],
         "heldout_em": ev[name]["em"],
-        "recall_after": ev[name]["recall_after"],
-        "hot_swap_follow_new": swap["follow_new_index"] / max(swap["changed"], 1),
-        "hot_swap_keep_old": swap["keep_old_answer"] / max(swap["changed"], 1),
-        "hot_swap": swap,
+        "recall_after": ev[name]["recall"],
+        "hot_swap_follow_new": swap.share(swap.follow_new_index),
+        "hot_swap_keep_old": swap.share(swap.keep_old_answer),
+        "hot_swap": dataclasses.asdict(swap),
         "train_loss_first": train["loss_first"], "train_loss_last": train["loss_last"],
         "steps": train["steps"], "steps_per_s": train["steps_per_s"],
         "examples": ev[name]["examples"],

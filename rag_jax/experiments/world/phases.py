@@ -1,0 +1,94 @@
+"""The phase runner of the world experiments (the default job, the paper in miniature and its
+FEVER-like rows).
+
+A job is a list of named phases run in order in one workdir. Each finished phase's result (JSON)
+and wall time are recorded in workdir/phases.json, atomically, as the phase ends: a rerun skips
+the recorded phases (one console line each) and runs the others, so a job killed in the middle
+resumes at the phase it was in (which resumes from its own checkpoints or starts again).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from rag_jax.utils.atomic import atomic_file
+
+log = logging.getLogger(__name__)
+
+
+class PhaseLog:
+  """workdir/phases.json: {phase: {"seconds": wall time, "result": its summary}} (atomic)."""
+
+  def __init__(self, workdir: Path):
+    self.path = workdir / "phases.json"
+    self.phases: dict[str, Any] = (json.loads(self.path.read_text()) if self.path.exists()
+                                   else {})
+
+  def done(self, name: str) -> bool:
+    return name in self.phases
+
+  def result(self, name: str) -> Any:
+    return self.phases[name]["result"]
+
+  def finish(self, name: str, seconds: float, result: Any) -> None:
+    self.phases[name] = {"seconds": round(seconds, 2), "result": result}
+    self._save()
+
+  def forget(self, names: Sequence[str]) -> None:
+    """Marks the phases `names` as not done (the next run runs them again)."""
+    for name in names:
+      self.phases.pop(name, None)
+    self._save()
+
+  def _save(self) -> None:
+    with atomic_file(self.path, "w") as f:
+      json.dump(self.phases, f, indent=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """One named step of a job: run(job) -> its JSON result; summary(result) -> the text after
+  the phase's wall time on its console line (none: the wall time alone)."""
+
+  name: str
+  run: Callable[[Any], Any]
+  summary: Callable[[Any], str] | None = None
+
+
+def console(line: str) -> None:
+  """One line on the console that does not break a progress bar."""
+  tqdm.write(line)
+
+
+def run_phases(job: Any, phases: Sequence[Phase], phase_log: PhaseLog, label: str = "",
+               stop_after: str | None = None) -> bool:
+  """Runs the phases of `phases` not yet in `phase_log`, in order, each recorded as it ends.
+
+  Prints one line per phase: `[<label> i/n] name: <seconds> s, <summary>`, or `... done in an
+  earlier run (<seconds> s)` for a recorded one. Returns False where it stopped after the phase
+  `stop_after` (as a kill would: the next call resumes), True once every phase is recorded.
+  """
+  prefix = f"{label} " if label else ""
+  for i, phase in enumerate(phases, 1):
+    tag = f"[{prefix}{i}/{len(phases)}] {phase.name}"
+    if phase_log.done(phase.name):
+      console(f"{tag}: done in an earlier run ({phase_log.phases[phase.name]['seconds']:.1f} s)")
+      continue
+    log.info("phase %s ...", phase.name)
+    start = time.time()
+    result = phase.run(job)
+    seconds = time.time() - start
+    phase_log.finish(phase.name, seconds, result)
+    log.info("phase %s: %.1f s, %s", phase.name, seconds, result)
+    console(f"{tag}: {seconds:.1f} s" + (f", {phase.summary(result)}" if phase.summary else ""))
+    if phase.name == stop_after:
+      return False
+  return True
