@@ -49,6 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.retriever.learning_rate = 1e-3  # Peak AdamW rate (3e-3 collapsed in our tries).
   config.retriever.warmup_steps = 50  # Linear warm-up, then linear decay.
   config.retriever.question_eda = 0.0  # EDA word noise on training questions (0: off).
+  config.retriever.hard_negatives = False  # One BM25 hard negative per question (DPR's recipe).
 
   config.generator = ml_collections.ConfigDict()
   config.generator.d_model = 128  # BART width (1.09M parameters with the word tokenizer).

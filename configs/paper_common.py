@@ -54,6 +54,10 @@ def get_config(task: str, *, reader: str, test_file_hint: str, metrics: tuple[st
   ev.tfds_name = ""  # reader="tfds" only: the TFDS dataset (test_file = its data_dir).
   ev.tfds_split = "validation"  # reader="tfds" only: NQ-open's validation = the paper's test.
   ev.fever_classes = fever_classes  # reader="fever": 3-way or 2-way.
+  # reader="msmarco_nlg" only. False: the NLG task's questions, those with wellFormedAnswers.
+  # True: every answered question, scored against its wellFormedAnswers if any, else its
+  # extractive `answers` (not the NLG task).
+  ev.msmarco_answers_fallback = False
   ev.limit = 0  # Evaluate the first `limit` questions only (0: all).
   # The checkpoint evaluated: this, else <workdir>/export (a train.py run of this config in the
   # same workdir), else rag_checkpoint (e.g. the released facebook/rag-sequence-nq).

@@ -24,7 +24,4 @@ def get_config():
              "rag_sequence": {"bleu1": 44.2, "rouge_l": 40.8, "distinct_trigrams": 83.5}},
       paper_label="paper (Tables 2 and 5, test)", test=paper_common.GENERATION_TEST)
   config.max_target_length = 64  # Answers are sentences (the reference script's 25 cuts them).
-  # False: the NLG task's questions, those with wellFormedAnswers. True: every answered question,
-  # scored against its wellFormedAnswers if any, else its extractive `answers` (not the NLG task).
-  config.eval.msmarco_answers_fallback = False
   return config

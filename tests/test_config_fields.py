@@ -7,6 +7,7 @@ finished training out: the workdir keeps its trained models and redoes its evalu
 
 import importlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,38 @@ def test_every_field_of_every_config_has_a_rule(name):
   else:
     fields = _rule_fields(config, config.trainer)
   assert sorted(leaf for leaf in _leaves(config) if not _covered(leaf, fields)) == []
+
+
+def _ruled_fields(config) -> list[str]:
+  """The fields a rule of `config`'s trainer names (a paper row's `eval` rules included)."""
+  def of(c, trainer: str) -> set[str]:
+    extra = paper_eval.EVAL_RULES if trainer == "rag" and "eval" in c else []
+    return {r.field for r in config_check.RULES[trainer] + extra}
+  fields = of(config, config.trainer)
+  if config.trainer == "world_paper":
+    fields |= {f"worlds.{w}.{f}" for w in config.worlds for f in of(config.worlds[w], "world")}
+  return sorted(fields)
+
+
+@pytest.mark.parametrize("name", ["rag_finetune", "paper_msmarco", "paper_scale",
+                                  "world_paper:tiny"])
+def test_every_ruled_field_is_required(name):
+  # A field's default lives in configs/ and the library reads it plainly: a config without it is
+  # refused by name before any work. Before, six rules were optional (device_index_dtype,
+  # retriever_kind, ..., retriever.question_eda, fever.*) and their readers invented defaults.
+  module, _, size = name.partition(":")
+  config = importlib.import_module(f"configs.{module}").get_config(*([size] if size else []))
+  fields = _ruled_fields(config)
+  assert len(fields) > 20
+  for field in fields:
+    config_without = config.copy_and_resolve_references()
+    *parents, leaf = field.split(".")
+    group = config_without
+    for part in parents:
+      group = group[part]
+    del group[leaf]
+    with pytest.raises(config_check.ConfigError, match=rf"config\.{re.escape(field)} is missing"):
+      paper_eval.validate(config_without)
 
 
 def test_the_rules_know_the_registries_names():

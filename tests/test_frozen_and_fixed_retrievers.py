@@ -12,7 +12,16 @@ from rag_jax.training import optimizer
 from rag_jax.training.rag_step import make_train_step
 from rag_jax.training.retriever_trainer import in_batch_loss
 from rag_jax.training.state import create_train_state
-from tests.test_rag_train_step import LOSS, B, L, N, _batch, _model, _opt_config
+from tests.test_rag_train_step import (
+  GROUP_LEARNING_RATES,
+  LOSS,
+  B,
+  L,
+  N,
+  _batch,
+  _model,
+  _opt_config,
+)
 
 
 def _init(model):
@@ -48,13 +57,14 @@ def test_frozen_group_keeps_the_question_encoder_bit_identical():
   model = _model()
   params = jax.device_get(_init(model))
   batches = [_batch(seed=i) for i in range(3)]  # With dropout and weight decay 0.01.
-  frozen_cfg = _opt_config()
-  frozen_cfg.frozen_groups = ("question_encoder",)
-  frozen = _run(model, params, optimizer.make_optimizer(frozen_cfg, params), batches)
+  frozen = _run(model, params, optimizer.make_optimizer(
+      _opt_config(), params, group_learning_rates=GROUP_LEARNING_RATES,
+      frozen_groups=("question_encoder",)), batches)
   assert _bitwise_equal(frozen["question_encoder"], params["question_encoder"])
   assert _max_moves(params, frozen)["generator"] > 1e-4
   # The same steps without the switch do move it (so the check above can fail).
-  trained = _run(model, params, optimizer.make_optimizer(_opt_config(), params), batches)
+  trained = _run(model, params, optimizer.make_optimizer(
+      _opt_config(), params, group_learning_rates=GROUP_LEARNING_RATES), batches)
   assert _max_moves(params, trained)["question_encoder"] > 1e-6
 
 

@@ -56,8 +56,10 @@ def _opt_config():
   # the step compare the sharded and unsharded computations, not Adam's view of rounding noise.
   return ml_collections.ConfigDict(dict(
       learning_rate=1e-3, warmup_steps=0, num_train_steps=10, lr_end=0.0, lr_power=1.0,
-      weight_decay=0.01, max_grad_norm=1.0, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-4,
-      group_learning_rates={"question_encoder": 1e-4}))
+      weight_decay=0.01, max_grad_norm=1.0, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-4))
+
+
+GROUP_LEARNING_RATES = {"question_encoder": 1e-4}  # The question encoder's own peak rate.
 
 
 def _state(model, mesh=None):
@@ -67,7 +69,7 @@ def _state(model, mesh=None):
       jax.random.key(0), batch["context_input_ids"].reshape(B * N, L),
       batch["context_attention_mask"].reshape(B * N, L), batch["labels"],
       input_ids=batch["input_ids"], retrieved_doc_embeds=batch["doc_embeds"])["params"]
-  tx = optimizer.make_optimizer(_opt_config(), params)
+  tx = optimizer.make_optimizer(_opt_config(), params, group_learning_rates=GROUP_LEARNING_RATES)
   state = create_train_state(model.apply, params, tx, jax.random.key_data(jax.random.key(1)))
   return state if mesh is None else replicate(state, mesh)
 

@@ -27,7 +27,7 @@ READERS = {
     "dpr_qa_csv": lambda path, c: tasks.read_dpr_qa_csv(path),
     "curatedtrec": lambda path, c: tasks.read_curatedtrec(path),
     "msmarco_nlg": lambda path, c: tasks.read_msmarco_nlg(
-        path, skip_no_answer=True, answers_fallback=c.get("msmarco_answers_fallback", False)),
+        path, skip_no_answer=True, answers_fallback=c.msmarco_answers_fallback),
     "searchqa_jeopardy": lambda path, c: tasks.read_searchqa_jeopardy(path),
     "fever": lambda path, c: tasks.read_fever(path, num_classes=c.fever_classes),
     "source_target": lambda path, c: tasks.read_source_target_task(Path(path).parent,
@@ -52,7 +52,7 @@ EVAL_RULES = [
     cc.Rule("eval.metrics", cc.names_of(lambda: list(scoring.METRICS), "metric names")),
     cc.Rule("eval.recall_ks", cc.positive_ints),
     cc.Rule("eval.paper_label", cc.text),
-    cc.Rule("eval.msmarco_answers_fallback", cc.boolean, optional=True),
+    cc.Rule("eval.msmarco_answers_fallback", cc.boolean),
     *[cc.Rule(f"eval.{kind}.{f}", check) for kind in ("rag_sequence", "rag_token")
       for f, check in (("n_docs", cc.integer(1)), ("num_beams", cc.integer(1)),
                        ("decoding", cc.one_of("thorough", "fast")), ("paper", cc.number_map))],

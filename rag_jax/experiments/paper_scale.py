@@ -135,7 +135,8 @@ def _run(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, Any]:
                mesh.devices.size, {k: round(v, 2) for k, v in plan.items()})
 
   params = init(jax.random.key(config.seed))
-  tx = optimizer.make_optimizer(config, params)
+  tx = optimizer.make_optimizer(config, params, group_learning_rates=config.group_learning_rates,
+                                frozen_groups=config.frozen_groups)
   state = replicate(create_train_state(model.apply, params, tx,
                                        jax.random.key_data(jax.random.key(config.seed))), mesh)
   del params

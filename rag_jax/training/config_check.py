@@ -40,11 +40,11 @@ class ConfigError(UserError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-  """field: dotted path below the config; check(value) -> None if allowed, else the range text."""
+  """field: dotted path below the config; check(value) -> None if allowed, else the range text.
+  Every field is required: its default lives in configs/, the library reads it plainly."""
 
   field: str
   check: Callable[[Any], str | None]
-  optional: bool = False  # A missing field is allowed (the reader has a default).
 
 
 def integer(low: int | None = None, high: int | None = None) -> Callable[[Any], str | None]:
@@ -156,13 +156,13 @@ RAG_NUMBERS = [
     Rule("n_docs", integer(1)),
     Rule("retrieval", one_of("auto", "device", "host")),
     Rule("device_index_memory_fraction", number(0, 1, low_open=True)),
-    Rule("device_index_dtype", one_of("auto", "float32", "bfloat16"), optional=True),
+    Rule("device_index_dtype", one_of("auto", "float32", "bfloat16")),
     Rule("dtype", _DTYPE),
-    Rule("retriever_kind", one_of("dense", "bm25"), optional=True),
+    Rule("retriever_kind", one_of("dense", "bm25")),
     Rule("frozen_groups", lambda v: None if isinstance(v, list | tuple) and all(
-        isinstance(x, str) for x in v) else "a list of top-level parameter names", optional=True),
-    Rule("exclude_bos_score", boolean, optional=True),
-    Rule("prepend_decoder_start", boolean, optional=True),
+        isinstance(x, str) for x in v) else "a list of top-level parameter names"),
+    Rule("exclude_bos_score", boolean),
+    Rule("prepend_decoder_start", boolean),
 ]
 # Those the world job fills in (paths, kind, seed, the token lengths it measures on the world).
 RAG_JOB_FILLED = ("trainer", "model_type", "rag_checkpoint", "question_encoder_checkpoint",
@@ -203,14 +203,14 @@ WORLD = [
     Rule("retriever.warmup_steps", integer(0)),
     Rule("retriever.learning_rate", number(0, low_open=True)),
     Rule("retriever.dropout", number(0, 1, high_open=True)),
-    Rule("retriever.question_eda", number(0, 1), optional=True),
-    Rule("retriever.hard_negatives", boolean, optional=True),
+    Rule("retriever.question_eda", number(0, 1)),
+    Rule("retriever.hard_negatives", boolean),
     *[Rule(f"generator.{f}", integer(1)) for f in ("d_model", "layers", "heads", "ffn_dim")],
     Rule("generator.dropout", number(0, 1, high_open=True)),
     # The evaluation phase's (and evaluate.py's) group: evaluation-only (loop.EVALUATION_ONLY).
     *[Rule(f"eval.{f}", integer(1)) for f in ("batch_size", "num_beams", "max_answer_tokens")],
     Rule("eval.recall_ks", positive_ints),
-    *[Rule(f"rag.{r.field}", r.check, r.optional) for r in RAG_NUMBERS],
+    *[Rule(f"rag.{r.field}", r.check) for r in RAG_NUMBERS],
 ]
 
 # configs/world_paper.py beyond its worlds (each checked with WORLD): Figures 2 and 3, the
@@ -219,15 +219,14 @@ WORLD_PAPER = [
     Rule("paper.docs", positive_ints),
     Rule("paper.sweep_questions", integer(1)),
     Rule("paper.figure2_questions", integer(0)),
-    Rule("fever.worlds", strings, optional=True),
-    Rule("fever.num_train_steps", integer(1), optional=True),
-    Rule("fever.max_label_tokens", integer(1), optional=True),
+    Rule("fever.worlds", strings),
+    Rule("fever.num_train_steps", integer(1)),
+    Rule("fever.max_label_tokens", integer(1)),
 ]
 
 PAPER_SCALE = [
     *RAG, Rule("model.preset", one_of("tiny", "base", "large")), Rule("index_rows", integer(1)),
     Rule("chunk_size", integer(1)),
-    Rule("device_index_dtype", one_of("auto", "float32", "bfloat16")),
     *[Rule(f"eval.{f}", integer(1)) for f in ("batch_size", "n_docs", "num_beams", "max_length")],
     Rule("eval.decoding", one_of("thorough", "fast")),
     Rule("eval.rescore_candidates", integer(0)),
@@ -256,8 +255,6 @@ def problems(config: ml_collections.ConfigDict, rules: Sequence[Rule], prefix: s
     try:
       value = _get(config, rule.field)
     except KeyError:
-      if rule.optional:
-        continue
       out.append(f"{prefix}.{rule.field} is missing")
       continue
     wanted = rule.check(value)
@@ -270,7 +267,7 @@ def _relations(config: ml_collections.ConfigDict, trainer: str, prefix: str) -> 
   """Checks between fields (and against the devices), on configs whose fields passed."""
   out = []
   if trainer == "world_paper":
-    if "fever" in config and (unknown := sorted(set(config.fever.worlds) - set(config.worlds))):
+    if unknown := sorted(set(config.fever.worlds) - set(config.worlds)):
       out.append(f"{prefix}.fever.worlds names {unknown}, not worlds of {prefix}.worlds "
                  f"({list(config.worlds)})")
     return out

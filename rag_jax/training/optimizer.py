@@ -11,6 +11,7 @@ in the reference. `final_logits_bias` is a buffer in transformers (never trained
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import flax.traverse_util
@@ -47,16 +48,18 @@ def is_frozen(path: tuple[str, ...]) -> bool:
 
 
 def make_optimizer(config: ml_collections.ConfigDict, params: Any,
-                   frozen: Any = is_frozen) -> optax.GradientTransformation:
+                   frozen: Callable[[tuple[str, ...]], bool] = is_frozen,
+                   group_learning_rates: Mapping[str, float] | None = None,
+                   frozen_groups: Iterable[str] = ()) -> optax.GradientTransformation:
   """AdamW + warm-up/polynomial decay + global-norm clipping, frozen leaves held at zero update.
 
-  Config fields: learning_rate, warmup_steps, num_train_steps, lr_end, lr_power, weight_decay,
-  max_grad_norm (0 disables clipping), adam_b1, adam_b2, adam_eps, and optionally
-  group_learning_rates: {top-level parameter name: peak learning rate} (e.g. a smaller rate for
-  RAG's "question_encoder" than for its "generator"; the synthetic world's RAG training
-  needed 3e-5 against 7e-4, configs/default.py), and frozen_groups: top-level parameter names
-  whose every leaf gets no update at all (RAG's "question_encoder": the paper's "-Frozen" rows).
-  `frozen(path) -> bool` picks further parameters that get no update at all.
+  Config fields (every trainer's, config_check.TRAINING): learning_rate, warmup_steps,
+  num_train_steps, lr_end, lr_power, weight_decay, max_grad_norm (0 disables clipping), adam_b1,
+  adam_b2, adam_eps. The RAG trainer's own fields come as arguments: group_learning_rates,
+  {top-level parameter name: peak learning rate} (e.g. a smaller rate for RAG's
+  "question_encoder" than for its "generator", configs/default.py), and frozen_groups, top-level
+  parameter names whose every leaf gets no update at all (RAG's "question_encoder": the paper's
+  "-Frozen" rows). `frozen(path) -> bool` picks further parameters that get no update at all.
   A frozen parameter's update is exactly zero (optax.set_to_zero, no weight decay), so it stays
   bit-identical; its gradient is zeroed before clipping.
   Clipping acts on the global norm of all trained gradients together, as in the reference.
@@ -68,8 +71,8 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any,
     return optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
                        weight_decay=config.weight_decay, mask=weight_decay_mask)
 
-  groups = dict(config.get("group_learning_rates", None) or {})
-  frozen_groups = set(config.get("frozen_groups", None) or ())
+  groups = dict(group_learning_rates or {})
+  frozen_groups = set(frozen_groups)
   flat = flax.traverse_util.flatten_dict(params)
   top = sorted({path[0] for path in flat})
   for field, names in (("group_learning_rates", groups), ("frozen_groups", frozen_groups)):

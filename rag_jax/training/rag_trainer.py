@@ -275,37 +275,34 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
   store = PassageStore(Path(config.index_dir) / "passages")
   feed = RetrievalFeed(model, index, store, tokenizers.question_encoder, tokenizers.generator,
                        config.n_docs)
-  kind = config.get("retriever_kind", "dense")
+  kind = config.retriever_kind
   if (kind == "bm25") != isinstance(index, TextIndex):
     raise ValueError(f"config.retriever_kind={kind!r} but {config.index_dir}/index is a "
                      f"{index.kind!r} index (bm25 needs a bm25 index, dense an exact or scann one)")
-  frozen_groups = tuple(config.get("frozen_groups", None) or ())
+  frozen_groups = tuple(config.frozen_groups)
   if feed.fixed_doc_scores and "question_encoder" not in frozen_groups:
     frozen_groups += ("question_encoder",)  # Unused by a fixed prior: no update at all.
 
   def tokenized(split):
     questions, answers = qa.read_source_target(config.data_dir, split)
     start = (model.config.generator.decoder_start_token_id
-             if config.get("prepend_decoder_start", False) else None)
+             if config.prepend_decoder_start else None)
     return qa.tokenize_qa(tokenizers.question_encoder, tokenizers.generator, questions, answers,
                           config.max_source_length, config.max_target_length, start), answers
 
   train, _ = tokenized("train")
   val, val_answers = tokenized("val")
 
-  opt_config = ml_collections.ConfigDict(config.to_dict())
-  opt_config.frozen_groups = frozen_groups
-  tx = optimizer.make_optimizer(opt_config, params)
+  tx = optimizer.make_optimizer(config, params, group_learning_rates=config.group_learning_rates,
+                                frozen_groups=frozen_groups)
   state = create_train_state(model.apply, params, tx,
                              jax.random.key_data(jax.random.key(config.seed)))
   state = replicate(state, mesh)
   loss_fn = loss_function(config, model)
   retrieval = device_retrieval.setup(
-      "host" if feed.fixed_doc_scores else config.get("retrieval", "auto"), index, store,
-      feed.assembler,
+      "host" if feed.fixed_doc_scores else config.retrieval, index, store, feed.assembler,
       Path(config.index_dir) / "passage_tables", config.n_docs, mesh,
-      dtype=config.get("device_index_dtype", "auto"),
-      memory_fraction=config.get("device_index_memory_fraction", 0.5))
+      dtype=config.device_index_dtype, memory_fraction=config.device_index_memory_fraction)
   train_questions = QuestionBatches(feed, train)
   step_fn = make_train_step(model, mesh, loss_fn, retrieval=retrieval,
                             fixed_doc_scores=feed.fixed_doc_scores)

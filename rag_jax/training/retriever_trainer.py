@@ -177,7 +177,7 @@ def train_retriever(questions: list[str], titles: list[str], texts: list[str], t
   temporary directory. hard_negatives: (titles, texts) aligned with the pairs, one negative
   passage each (e.g. from :func:`bm25_hard_negatives`); used when config.hard_negatives."""
   config = config or default_config()
-  use_negatives = bool(config.get("hard_negatives", False))
+  use_negatives = config.hard_negatives
   if use_negatives and (hard_negatives is None or len(hard_negatives[0]) != len(questions)):
     raise ValueError("config.hard_negatives needs hard_negatives=(titles, texts) with one "
                      f"passage per pair ({len(questions)})")
@@ -242,7 +242,7 @@ def train_retriever(questions: list[str], titles: list[str], texts: list[str], t
   step_fn = jax.jit(step, in_shardings=(replicated, data), out_shardings=(replicated, replicated),
                     donate_argnums=0)
 
-  alpha = float(config.get("question_eda", 0.0))
+  alpha = float(config.question_eda)
   vocabulary = sorted({w for q in questions for w in q.split()})
 
   def question_batch(rows: np.ndarray, index: int) -> np.ndarray:
