@@ -11,7 +11,8 @@ Every score is a fraction in [0, 1] (the paper's tables print 100 x these).
                      answerability-weighted BLEU-1)
   FEVER              label_accuracy
   diversity          distinct_trigram_ratio (paper §4.5, Table 5)
-  retrieval          answer_recall_at_k (DPR's has_answer), id_recall_at_k, precision_at_k
+  retrieval          answer_recall_at_k (DPR's has_answer), id_recall_at_k, recall_from_hits,
+                     precision_at_k
                      (transformers' eval_rag.py), doc_score_diagnostics (retrieval collapse)
 
 docs/evaluation.md lists each metric's definition, its oracle test and the differences from the
@@ -21,6 +22,7 @@ predictions) raises InputError: iterated, it would score letter by letter.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import string
@@ -216,12 +218,23 @@ def answer_recall_at_k(answers: Sequence[Sequence[str]], passages: Sequence[Sequ
   _check_lengths(answers, passages, "passage lists", ("answers", "passages"))
   for i, gold in enumerate(answers):
     _refuse_str(gold, f"answers[{i}]", "a list of gold answers")
-  first_hit = []
-  for gold, texts in zip(answers, passages, strict=True):
-    hit = next((i for i, t in enumerate(texts) if has_answer(gold, t, match_type)), None)
-    first_hit.append(math.inf if hit is None else hit)
-  first = np.asarray(first_hit, dtype=np.float64)
-  return {k: float(np.mean(first < k)) for k in ks}
+  return recall_from_hits((map(functools.partial(has_answer, gold, match_type=match_type), texts)
+                           for gold, texts in zip(answers, passages, strict=True)), ks)
+
+
+def recall_from_hits(hits: Iterable[Iterable[bool]], ks: Iterable[int]) -> dict[int, float]:
+  """{k: the fraction of questions with a hit among their first k places}.
+
+  hits [N][n_places]: each question's per-place flags in rank order, read up to the first True
+  (they may be lazy); a question with fewer than k places uses the ones it has.
+  """
+  ks = list(ks)
+  if any(k <= 0 for k in ks):
+    raise ValueError(f"every k must be positive, got {ks}")
+  first = [next((i for i, hit in enumerate(row) if hit), math.inf) for row in hits]
+  if not first:
+    raise ValueError("no questions to score")
+  return {k: sum(f < k for f in first) / len(first) for k in ks}
 
 
 def id_recall_at_k(retrieved_ids: Sequence[Sequence[object]] | np.ndarray,
@@ -243,24 +256,20 @@ def id_recall_at_k(retrieved_ids: Sequence[Sequence[object]] | np.ndarray,
   _check_lengths(retrieved_ids, gold_ids, "gold id sets", ("retrieved_ids", "gold_ids"))
   for i, row in enumerate(retrieved_ids):
     _refuse_str(row, f"retrieved_ids[{i}]", "a list of ids")
+  ids = [(np.asarray(row).tolist(), np.asarray(list(gold)).tolist())
+         for row, gold in zip(retrieved_ids, gold_ids, strict=True)]
+  if count == "any":
+    return recall_from_hits((map((set(gold) - {pad}).__contains__, row) for row, gold in ids), ks)
   ks = list(ks)
   if any(k <= 0 for k in ks):
     raise ValueError(f"every k must be positive, got {ks}")
   hits = dict.fromkeys(ks, 0)
-  for i, (row, gold) in enumerate(zip(retrieved_ids, gold_ids, strict=True)):
-    row, gold = np.asarray(row).tolist(), np.asarray(list(gold)).tolist()
-    if count == "any":
-      gold = set(gold) - {pad}
-      first = next((r for r, x in enumerate(row) if x in gold), math.inf)
-      for k in ks:
-        hits[k] += first < k
-      continue
+  for i, (row, gold) in enumerate(ids):
     for k in ks:
       if len(gold) < k:
         raise ValueError(f"gold_ids[{i}] has {len(gold)} ids; recall@{k} of shared ids needs k")
       hits[k] += len((set(row[:k]) & set(gold[:k])) - {pad})
-  n = len(gold_ids)
-  return {k: hits[k] / (n * k if count == "shared" else n) for k in ks}
+  return {k: hits[k] / (len(ids) * k) for k in ks}
 
 
 def strip_title(title: str) -> str:

@@ -171,6 +171,14 @@ def test_answer_recall_at_k_by_hand():
       {1: 1 / 3, 2: 1 / 3, 3: 2 / 3, 20: 2 / 3}
 
 
+def test_recall_from_hits_reads_each_row_up_to_its_first_hit():
+  def row_then_fail(flags):
+    yield from flags
+    raise AssertionError("read past the first hit")
+  hits = [row_then_fail([False, True]), [], row_then_fail([True]), [False, False, False]]
+  assert m.recall_from_hits(hits, [1, 2, 3]) == {1: 1 / 4, 2: 2 / 4, 3: 2 / 4}
+
+
 def test_id_recall_at_k_by_hand():
   retrieved = np.array([[3, 1, 2], [5, 6, 7], [9, 8, 4]])
   gold = [{1}, {0}, {4, 9}]

@@ -105,7 +105,7 @@ def retrieval_metrics(records: Records, ks: Sequence[int]) -> dict[str, float]:
     recall = metrics.id_recall_at_k([r["passage_ids"] for r in records],
                                     [r["gold_ids"] for r in records], ks)
   else:
-    recall = {k: float(np.mean([any(r["has_answer"][:k]) for r in records])) for k in ks}
+    recall = metrics.recall_from_hits([r["has_answer"] for r in records], ks)
   out.update({f"recall@{k}": v for k, v in recall.items()})
   if all(r.get("gold_titles") for r in records):
     titles = [[metrics.strip_title(t) for t in r["titles"]] for r in records]
