@@ -11,10 +11,11 @@ from collections.abc import Sequence
 from absl import flags
 
 from benchmarks.presets import Preset
+from rag_jax.models.rag import MODEL_TYPES
 
 WORKLOADS = ("train", "retrieval", "generate", "encode")
 GROUPS = ("ceilings", *WORKLOADS, "max_batch_jax", "max_batch_torch")
-TRAIN_KINDS = ("rag_sequence", "rag_token")
+TRAIN_KINDS = tuple(MODEL_TYPES)
 ATTENTIONS = ("xla", "cudnn")
 # The defaults of --scann and --faiss_ef: ScaNN's default width and the width tuned to
 # recall@100 0.95; faiss HNSW at three efSearch values, so that each ScaNN row finds a faiss

@@ -19,6 +19,7 @@ from rag_jax.data import tasks
 from rag_jax.evaluation import scoring
 from rag_jax.evaluation.loop import EvalExample
 from rag_jax.evaluation.runner import EvalRun, ints
+from rag_jax.models.rag import MODEL_TYPES
 from rag_jax.training import config_check as cc
 from rag_jax.utils.errors import InputError
 
@@ -53,7 +54,7 @@ EVAL_RULES = [
     cc.Rule("eval.recall_ks", cc.positive_ints),
     cc.Rule("eval.paper_label", cc.text),
     cc.Rule("eval.msmarco_answers_fallback", cc.boolean),
-    *[cc.Rule(f"eval.{kind}.{f}", check) for kind in ("rag_sequence", "rag_token")
+    *[cc.Rule(f"eval.{kind}.{f}", check) for kind in MODEL_TYPES
       for f, check in (("n_docs", cc.integer(1)), ("num_beams", cc.integer(1)),
                        ("decoding", cc.one_of("thorough", "fast")), ("paper", cc.number_map))],
 ]

@@ -31,6 +31,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from rag_jax.models.rag import MODEL_TYPES
 from rag_jax.utils.errors import UserError
 
 
@@ -170,7 +171,7 @@ RAG_JOB_FILLED = ("trainer", "model_type", "rag_checkpoint", "question_encoder_c
                   "max_target_length", "max_combined_length")
 # The RAG trainer on its own also reads the model kind, the token lengths and the paths (which
 # rag_jax.training.rag_trainer.check_config_paths checks for their files).
-RAG = [*RAG_NUMBERS, Rule("model_type", one_of("rag_sequence", "rag_token")),
+RAG = [*RAG_NUMBERS, Rule("model_type", one_of(*MODEL_TYPES)),
        Rule("max_source_length", integer(1)), Rule("max_target_length", integer(1)),
        Rule("max_combined_length", integer(1)),
        *[Rule(f, text) for f in ("rag_checkpoint", "question_encoder_checkpoint",
