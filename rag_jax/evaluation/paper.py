@@ -64,8 +64,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """config_check.validate for any config train.py or evaluate.py takes, with a paper row's
   `eval` group (trainer "rag" with an `eval` group) checked too: evaluate.py reads it, and
   train.py checks it before training so that a bad value is named before hours of training."""
-  paper_row = config.get("trainer") == "rag" and "eval" in config
-  cc.validate(config, extra_rules=EVAL_RULES if paper_row else ())
+  if config.get("trainer") == "rag" and "eval" in config:  # A paper row.
+    cc.validate(config, extra_rules=EVAL_RULES, extra_relations=eval_relations)
+  else:
+    cc.validate(config)
+
+
+def eval_relations(config: ml_collections.ConfigDict, prefix: str) -> list[str]:
+  """The paper row's `eval` fields against each other (each one passed its rule)."""
+  ev = config.eval
+  if ev.min_length > ev.max_length:
+    return [f"{prefix}.eval.min_length = {ev.min_length}: must be <= eval.max_length "
+            f"({ev.max_length})"]
+  return []
 
 
 def read_examples(config: ml_collections.ConfigDict) -> tuple[EvalExample, ...]:

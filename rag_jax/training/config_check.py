@@ -290,9 +290,6 @@ def _relations(config: ml_collections.ConfigDict, trainer: str, prefix: str) -> 
       if number(0, low_open=True)(lr) is not None:
         out.append(f"{prefix}.{g}group_learning_rates.{group} = {lr!r}: must be a finite "
                    "number > 0")
-  if trainer == "rag" and "eval" in config and config.eval.min_length > config.eval.max_length:
-    out.append(f"{prefix}.eval.min_length = {config.eval.min_length}: must be <= "
-               f"eval.max_length ({config.eval.max_length})")
   if trainer == "paper_scale":  # Its index is random, index_rows x dim: a pure config relation.
     out += index_problems(passages_needed(config, trainer), config.index_rows,
                           f"the random index ({prefix}.index_rows)", prefix)
@@ -300,13 +297,17 @@ def _relations(config: ml_collections.ConfigDict, trainer: str, prefix: str) -> 
 
 
 def validate(config: ml_collections.ConfigDict, trainer: str | None = None,
-             prefix: str = "config", extra_rules: Sequence[Rule] = ()) -> None:
+             prefix: str = "config", extra_rules: Sequence[Rule] = (),
+             extra_relations: Callable[[ml_collections.ConfigDict, str], list[str]] | None = None
+             ) -> None:
   """Raises ConfigError listing every field of `config` outside its range for `trainer`
   (default: config.trainer, which must name one of RULES; there is no default trainer).
 
   extra_rules: rules of a group that a later stage reads, checked with the rest (a paper row's
   `eval` group, rag_jax.evaluation.paper.validate: train.py checks it before training so that a
-  bad value is named before hours of training rather than after)."""
+  bad value is named before hours of training rather than after); extra_relations(config,
+  prefix) -> one line per broken relation between that group's fields, checked once every field
+  passed."""
   if trainer is None:
     trainer = config.get("trainer")
     known = ["world", "reversal", "rag", "paper_scale", "world_paper"]
@@ -327,6 +328,7 @@ def validate(config: ml_collections.ConfigDict, trainer: str | None = None,
   found += problems(config, [*RULES[trainer], *extra_rules], prefix)
   if not found:
     found = _relations(config, trainer, prefix)
+    found += extra_relations(config, prefix) if extra_relations else []
   if found:
     raise ConfigError("; ".join(found) + _NOTHING_RUN)
 
