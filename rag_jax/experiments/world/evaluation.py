@@ -105,7 +105,7 @@ def evaluation_runs(config: Any, workdir: str | Path) -> list[runner.EvalRun]:
                             "reads a finished `python train.py` run (give its --workdir)")
   report = json.loads((workdir / "report.json").read_text())
   return [heldout_run(workdir, name, config.eval, {"exact_match": report[name]["heldout_em"]},
-                      retrieval=config.rag.get("retrieval", "host")) for name in RAG_MODELS]
+                      retrieval=config.rag.retrieval) for name in RAG_MODELS]
 
 
 def search_ids(retriever: Retriever, questions: list[str], k: int, batch: int, desc: str

@@ -97,7 +97,7 @@ def row_phase(fever_cfg: Any, retriever: str, model: str) -> Callable[[world_job
   """Trains one FEVER row: claims -> label word, from fever/rag_init, with the row's retriever."""
   def run(job: world_job.Job) -> dict[str, Any]:
     lengths = job.phases.result("fever_claims")["lengths"]
-    prepend = int(job.config.rag.get("prepend_decoder_start", False))
+    prepend = int(job.config.rag.prepend_decoder_start)
     steps = fever_cfg.num_train_steps
     return world_job.train_rag_row(
         job, model, f"fever/{row_name(retriever, model)}",

@@ -144,7 +144,7 @@ def phase_retriever(job: Job) -> dict[str, Any]:
   gold = [passages[pid] for pid in job.world_meta()["train_gold_passages"]]
   lengths = job.lengths()
   negatives = None
-  if c.get("hard_negatives", False):  # DPR's recipe; the BM25 index of the paper experiment.
+  if c.hard_negatives:  # DPR's recipe; the BM25 index of the paper experiment.
     negatives = _bm25_negatives(job, questions, passages)
   result = train_retriever(
       questions, [t for t, _ in gold], [x for _, x in gold], job.tokenizer(), _encoder_config(job),
@@ -153,7 +153,7 @@ def phase_retriever(job: Job) -> dict[str, Any]:
                      max_question_length=lengths["question"],
                      max_passage_length=lengths["passage"], seed=job.config.seed,
                      hard_negatives=negatives is not None,
-                     question_eda=c.get("question_eda", 0.0)),
+                     question_eda=c.question_eda),
       out=job.workdir / "retriever", hard_negatives=negatives)
   return {"loss_first": result.losses[0][1], "loss_last": result.losses[-1][1],
           "chance_loss": float(np.log(c.batch_size)), "steps": c.num_train_steps}
@@ -333,7 +333,7 @@ def phase_closed_book(job: Job) -> dict[str, Any]:
 
 def phase_evaluation(job: Job) -> dict[str, Any]:
   return world_eval.evaluate_job(job.workdir, job.world_meta(), job.config.eval,
-                                 retrieval=job.config.rag.get("retrieval", "host"))
+                                 retrieval=job.config.rag.retrieval)
 
 
 PHASE_FUNCTIONS: dict[str, Callable[[Job], dict[str, Any]]] = {

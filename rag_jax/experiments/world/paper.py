@@ -203,7 +203,7 @@ def phase_evaluation(job: world_job.Job, paper_cfg: Any, world: str) -> dict[str
   return dataclasses.asdict(ev)
 
 
-def phases(paper_cfg: Any, world: str, fever_cfg: Any = None) -> list[Phase]:
+def phases(paper_cfg: Any, world: str, fever_cfg: Any) -> list[Phase]:
   """The world's phases in order; the FEVER-like ones last, where fever_cfg.worlds has it."""
   out = [Phase("world", world_job.phase_world), Phase("tokenizer", world_job.phase_tokenizer),
          Phase("bm25", phase_bm25), Phase("retriever", world_job.phase_retriever),
@@ -211,7 +211,7 @@ def phases(paper_cfg: Any, world: str, fever_cfg: Any = None) -> list[Phase]:
   out += [Phase(row_name(r, m), _row_phase(r, m)) for r in RETRIEVERS for m in MODELS]
   out += [Phase("closed_book", world_job.phase_closed_book),
           Phase("evaluation", lambda job: phase_evaluation(job, paper_cfg, world))]
-  if fever_cfg is not None and world in fever_cfg.worlds:
+  if world in fever_cfg.worlds:
     out += fever.phases(fever_cfg)
   return out
 
@@ -251,7 +251,7 @@ def _run_world(config: ml_collections.ConfigDict, world: str, workdir: Path) -> 
   workdir.mkdir(parents=True, exist_ok=True)
   phase_log = PhaseLog(workdir)
   run_phases(world_job.Job(wcfg, workdir, phase_log),
-             phases(config.paper, world, config.get("fever")), phase_log, label=world)
+             phases(config.paper, world, config.fever), phase_log, label=world)
   with_fever = phase_log.done("fever_evaluation")
   return WorldReport(
       evaluation=WorldEvaluation.from_dict(phase_log.result("evaluation")),
