@@ -21,7 +21,13 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from rag_jax.commands.common import define_common_flags, int_list, parse_flags, run_command
+from rag_jax.commands.common import (
+  define_common_flags,
+  int_list,
+  parse_flags,
+  run_command,
+  start_processes,
+)
 from rag_jax.retrieval.calibrate import CalibrationSpec, describe, load_queries
 from rag_jax.retrieval.corpus import FORMATS, check_corpus
 from rag_jax.retrieval.encode import EncodeConfig
@@ -113,6 +119,7 @@ def _calibration() -> CalibrationSpec | None:
 
 
 def _build() -> int:
+  start_processes(FLAGS, "rag_jax.commands.build_index", FLAGS.out, multi_process=False)
   calibration = _calibration()  # a bad query file fails before any stage runs
   check_corpus(FLAGS.corpus)  # a bad corpus is refused before even the lock file is written
   # One build per --out (a second one is refused, naming the first); an OSError that names no
