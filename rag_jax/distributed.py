@@ -28,6 +28,7 @@ and load jax (seconds) only once the flags are parsed.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -254,3 +255,15 @@ def on_primary(name: str, action: Callable[[], object], timeout_s: float) -> Non
     raise error
   if first:
     raise DistributedError(f"process 0 failed, so {describe()} stops: {first}")
+
+
+def check_same(name: str, facts: dict[str, str], timeout_s: float, what: str) -> None:
+  """Refuses (DistributedError on every process) when any process's `facts` differ from process
+  0's, naming the field, the process and both values; `what` says what must agree. Nothing on
+  one process."""
+  gathered = [json.loads(t) for t in all_gather_text(name, json.dumps(facts), timeout_s)]
+  for p, theirs in enumerate(gathered[1:], start=1):
+    for key, value in gathered[0].items():
+      if theirs.get(key) != value:
+        raise DistributedError(f"process {p} was given another {key} than process 0 "
+                               f"({theirs.get(key)} vs {value}); {what} (nothing was written)")

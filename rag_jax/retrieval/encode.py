@@ -50,7 +50,13 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from rag_jax.checkpoints import load_pretrained, load_tokenizer
-from rag_jax.distributed import DistributedError, all_gather_text, barrier, on_primary
+from rag_jax.distributed import (
+  DistributedError,
+  all_gather_text,
+  barrier,
+  check_same,
+  on_primary,
+)
 from rag_jax.parallel import local_data_mesh
 from rag_jax.retrieval.embeddings import (
   EmbeddingFormatError,
@@ -204,20 +210,6 @@ def run_facts(store: PassageStore, tokenizer, encoder_info: dict[str, Any],
           "embedding dim": str(dim)}
 
 
-def check_agreement(facts: dict[str, str]) -> None:
-  """Refuses (DistributedError) when any process's facts differ from process 0's, naming the
-  field, the processes and both values. Nothing on one process."""
-  gathered = [json.loads(t) for t in all_gather_text("encode/facts", json.dumps(facts),
-                                                     AGREE_TIMEOUT_S)]
-  for p, theirs in enumerate(gathered[1:], start=1):
-    for key, value in gathered[0].items():
-      if theirs.get(key) != value:
-        raise DistributedError(
-            f"process {p} was given another {key} than process 0 ({theirs.get(key)} vs "
-            f"{value}); every process must encode the same corpus with the same encoder and "
-            "settings (nothing was written)")
-
-
 def _usable_shard(existing: EmbeddingStore, i: int) -> bool:
   """Whether shard `i` of an earlier run is there and whole. Shards are written atomically, so
   one that disagrees with the manifest (truncated or damaged on disk, or missing from a complete
@@ -262,7 +254,9 @@ def encode_passages(store: PassageStore, out: str | os.PathLike, *, model, param
   manifest = make_manifest(len(store), embedding_dim(model, params), config.dtype,
                            config.shard_size, info)
   process, processes = jax.process_index(), jax.process_count()
-  check_agreement(run_facts(store, tokenizer, encoder_info, config, manifest["dim"]))
+  check_same("encode/facts", run_facts(store, tokenizer, encoder_info, config, manifest["dim"]),
+             AGREE_TIMEOUT_S, "every process must encode the same corpus with the same encoder "
+             "and settings")
   on_primary("encode/prepared", lambda: _prepare_dir(out, manifest), AGREE_TIMEOUT_S)
   if not (out / "manifest.json").exists():
     raise DistributedError(f"process {process} of {processes} does not see {out}/manifest.json, "
@@ -273,14 +267,14 @@ def encode_passages(store: PassageStore, out: str | os.PathLike, *, model, param
   share = range(process, len(bounds), processes)  # shard i: process i mod P
   todo = [i for i in share if not _usable_shard(existing, i)]
   todo_now = todo if max_new_shards is None else todo[:max_new_shards]
+  share_rows = sum(bounds[i][1] - bounds[i][0] for i in share)
   if processes > 1:
-    log.info("process %d of %d: %d of its %d shards to encode", process, processes, len(todo),
-             len(share))
+    log.info("process %d of %d: shards %s (%d rows) are its share, %d to encode", process,
+             processes, list(share), share_rows, len(todo))
 
   encode = make_encode_fn(model, mesh, config.axis)
   params = jax.device_put(params, NamedSharding(mesh, P()))
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  share_rows = sum(bounds[i][1] - bounds[i][0] for i in share)
   done = share_rows - sum(bounds[i][1] - bounds[i][0] for i in todo)
 
   def tokenize(i: int) -> list[list[int]]:

@@ -25,6 +25,7 @@ before anything is written, and a build that fails before finishing a stage leav
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -33,12 +34,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from rag_jax.distributed import is_primary, on_primary
+from rag_jax.distributed import check_same, is_primary, on_primary
 from rag_jax.retrieval.backends import load_index, make_index
 from rag_jax.retrieval.calibrate import CalibrationSpec, calibrate_built_index
 from rag_jax.retrieval.corpus import check_corpus
 from rag_jax.retrieval.embeddings import EmbeddingStore, convert_dpr_pickles
-from rag_jax.retrieval.encode import SHARE_TIMEOUT_S, EncodeConfig, encode_from_checkpoint
+from rag_jax.retrieval.encode import (
+  AGREE_TIMEOUT_S,
+  SHARE_TIMEOUT_S,
+  EncodeConfig,
+  encode_from_checkpoint,
+)
 from rag_jax.retrieval.exact import ExactConfig
 from rag_jax.retrieval.index import Index
 from rag_jax.retrieval.scann_index import ScannConfig, ScannIndex
@@ -234,6 +240,20 @@ def _build(corpus: str | os.PathLike, out: Path, *, encoder: str | None, tokeniz
   return index
 
 
+def corpus_file_fingerprint(path: str | os.PathLike, edge: int = 1 << 20) -> str:
+  """'<name>, <size> bytes, sha256 <hex>' of a corpus file's size and first and last `edge`
+  bytes (cheap for a 13 GB file; another file or version differs in it; paths may differ
+  between hosts, so only the name counts)."""
+  path = Path(path)
+  size = path.stat().st_size
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    h.update(f.read(edge))
+    f.seek(max(edge, size - edge))
+    h.update(f.read(edge))
+  return f"{path.name}, {size} bytes, sha256 {h.hexdigest()[:16]}"
+
+
 def encode_corpus(corpus: str | os.PathLike, out: str | os.PathLike, *, encoder: str,
                   tokenizer: str | None = None, fmt: str = "auto",
                   split_words: int | None = 100, encode_config: EncodeConfig | None = None,
@@ -252,6 +272,9 @@ def encode_corpus(corpus: str | os.PathLike, out: str | os.PathLike, *, encoder:
     The complete embeddings (every process), or None if stopped early.
   """
   out = Path(out)
+  check_same("pipeline/corpus", {"corpus file": corpus_file_fingerprint(corpus), "format": fmt,
+                                 "split_words": str(split_words)}, AGREE_TIMEOUT_S,
+             "every process must read the same corpus file the same way")
   held = contextlib.ExitStack()
   owner: list[Ownership] = []
 
