@@ -99,7 +99,7 @@ def benchmark(positional: list[str]) -> None:
   if positional:
     raise UsageError(f"unexpected arguments {positional}; every setting is a flag")
   configure_host_allocator()  # As train.py does; before jax starts its CPU client.
-  start_processes(flags.FLAGS, "benchmark.py", _WORKDIR.value, multi_process=False)
+  start_processes(flags.FLAGS, "benchmark.py")
   from benchmarks import runner  # here: it loads jax and torch (seconds), after the flags
   options = {"preset": _PRESET.value, "dtype": _DTYPE.value, "repeats": _REPEATS.value,
              "warmup": _WARMUP.value, "n_docs": [int(n) for n in _N_DOCS.value],

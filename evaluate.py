@@ -52,7 +52,7 @@ def evaluate(positional: list[str]) -> None:
   if positional:
     raise UsageError(f"unexpected arguments {positional}; every setting is a flag")
   configure_host_allocator()  # Before jax starts its CPU client.
-  start_processes(FLAGS, "evaluate.py", _WORKDIR.value, multi_process=False)
+  start_processes(FLAGS, "evaluate.py")
   quiet_console()
   config = CONFIG.value
   kind = config.get("trainer")

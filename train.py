@@ -61,7 +61,7 @@ def train(positional: list[str]) -> None:
   if positional:
     raise UsageError(f"unexpected arguments {positional}; every setting is a flag")
   configure_host_allocator()  # Before jax starts its CPU client.
-  start_processes(FLAGS, "train.py", _WORKDIR.value, multi_process=False)
+  start_processes(FLAGS, "train.py")
   from rag_jax.evaluation import paper  # here: it loads jax (seconds), after the flags
   quiet_console()
   config = CONFIG.value

@@ -54,9 +54,10 @@ def setup(tmp_path_factory):
   return root, corpus, ref.to_array()
 
 
-def launch(root: Path, corpus: Path, out: Path, logs: Path, **env) -> subprocess.CompletedProcess:
-  command = [sys.executable, "-m", "rag_jax.commands.launch", "--num_processes=2",
-             "--cpu_devices=2", f"--log_dir={logs}", "--grace_s=2", "--",
+def launch(root: Path, corpus: Path, out: Path, logs: Path, processes: int = 2, devices: int = 2,
+           **env) -> subprocess.CompletedProcess:
+  command = [sys.executable, "-m", "rag_jax.commands.launch", f"--num_processes={processes}",
+             f"--cpu_devices={devices}", f"--log_dir={logs}", "--grace_s=2", "--",
              sys.executable, "-m", "rag_jax.commands.encode_passages", f"--corpus={corpus}",
              f"--encoder={root / 'encoder'}", f"--out={out}", *FLAGS]
   environ = {**os.environ, "PYTHONPATH": str(ROOT), **env}
@@ -123,4 +124,40 @@ def test_processes_given_different_corpora_are_refused_before_work(tmp_path, set
   assert line[0].endswith("every process must read the same corpus file the same way (nothing "
                           "was written)")
   assert (tmp_path / "logs" / "process-1.log").read_text().strip().splitlines()[-1] == line[0]
+  assert not (tmp_path / "wiki").exists()
+
+
+@pytest.mark.slow
+def test_four_processes_of_one_device(tmp_path, setup):
+  """4 x 1 device: bit for bit a one-process encoding on 1 device (the same batch shapes);
+  against the 2-device one, rows differ by float32 rounding only (a device's batch of 8 rows
+  instead of 4 changes how XLA's CPU matmul blocks the sums)."""
+  root, corpus, ref = setup
+  run = launch(root, corpus, tmp_path / "wiki", tmp_path / "logs", processes=4, devices=1)
+  assert run.returncode == 0, run.stdout + run.stderr
+  got = EmbeddingStore(tmp_path / "wiki" / "embeddings").to_array()
+  one = encode_from_checkpoint(PassageStore(tmp_path / "wiki" / "passages"), tmp_path / "one",
+                               str(root / "encoder"), config=CONFIG,
+                               mesh=Mesh(np.array(jax.devices()[:1]), ("data",)), progress=False)
+  np.testing.assert_array_equal(got, one.to_array())
+  np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6)
+  for i, shards in ((1, [1]), (2, [2]), (3, [3])):
+    assert f"process {i} of 4: shards {shards} " in (tmp_path / "logs" / f"process-{i}.log"
+                                                      ).read_text()
+
+
+@pytest.mark.slow
+def test_a_single_process_command_refuses_several(tmp_path, setup):
+  root, corpus, _ = setup
+  command = [sys.executable, "-m", "rag_jax.commands.launch", "--num_processes=2",
+             "--cpu_devices=1", f"--log_dir={tmp_path / 'logs'}", "--",
+             sys.executable, "-m", "rag_jax.commands.build_index", f"--corpus={corpus}",
+             f"--encoder={root / 'encoder'}", f"--out={tmp_path / 'wiki'}", "--quiet"]
+  run = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                       capture_output=True, text=True, timeout=TIMEOUT_S)
+  assert run.returncode == 1
+  lines = run.stderr.strip().splitlines()
+  assert ("error: rag_jax.commands.build_index runs on one process; it was started as process 0 "
+          "of 2 (docs/distributed.md lists the stages that run on several)") in lines
+  assert lines[-1].startswith("error: process ") and " of 2 exited with status 1" in lines[-1]
   assert not (tmp_path / "wiki").exists()

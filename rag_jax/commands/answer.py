@@ -82,7 +82,7 @@ def check_flags() -> None:
 
 
 def _answer(questions: list[str], stdin, stdout) -> int:
-  start_processes(FLAGS, "rag_jax.commands.answer", None, multi_process=False)
+  start_processes(FLAGS, "rag_jax.commands.answer")
   check_flags()
   answerer = RagAnswerer(FLAGS.checkpoint, FLAGS.index_dir, n_docs=FLAGS.n_docs,
                          dtype=jnp.dtype(FLAGS.dtype))

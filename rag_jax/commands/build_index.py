@@ -119,7 +119,7 @@ def _calibration() -> CalibrationSpec | None:
 
 
 def _build() -> int:
-  start_processes(FLAGS, "rag_jax.commands.build_index", FLAGS.out, multi_process=False)
+  start_processes(FLAGS, "rag_jax.commands.build_index")
   calibration = _calibration()  # a bad query file fails before any stage runs
   check_corpus(FLAGS.corpus)  # a bad corpus is refused before even the lock file is written
   # One build per --out (a second one is refused, naming the first); an OSError that names no

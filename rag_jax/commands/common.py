@@ -71,16 +71,19 @@ def define_common_flags(flag_values: flags.FlagValues) -> None:
                        lower_bound=1, flag_values=flag_values)
 
 
-def start_processes(flag_values: flags.FlagValues, program: str, log_dir: str | Path | None,
-                    multi_process: bool) -> int:
+def start_processes(flag_values: flags.FlagValues, program: str,
+                    log_dir: str | Path | None = None) -> int:
   """Joins the multi-process job the flags or the environment describe (rag_jax/distributed.py;
-  nothing on one process) and returns the number of processes. A program whose stages do not
-  run on several processes yet (`multi_process` False) refuses them in one line."""
+  nothing on one process) and returns the number of processes.
+
+  log_dir: for a program that runs on several processes, where the processes other than 0
+  write their output. None: the program runs on one process, and refuses several in one line
+  (before writing anything)."""
   count = initialize(flag_values["coordinator_address"].value,
                      flag_values["num_processes"].value, flag_values["process_id"].value,
                      distributed=flag_values["distributed"].value,
                      timeout_s=flag_values["distributed_timeout"].value, log_dir=log_dir)
-  if count > 1 and not multi_process:
+  if count > 1 and log_dir is None:
     raise DistributedError(f"{program} runs on one process; it was started as {describe()} "
                            "(docs/distributed.md lists the stages that run on several)")
   return count

@@ -71,8 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _encode() -> int:
   check_corpus(FLAGS.corpus)  # a bad corpus is refused before any process is joined
   out = Path(FLAGS.out)
-  processes = start_processes(FLAGS, "rag_jax.commands.encode_passages", out / ".logs",
-                              multi_process=True)
+  processes = start_processes(FLAGS, "rag_jax.commands.encode_passages", out / ".logs")
   if not is_primary():  # its stderr is its log file (rag_jax/distributed.py): INFO lines too
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(FORMAT))

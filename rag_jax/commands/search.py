@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> int:
 
 
 def _search(questions: list[str], stdin, stdout) -> int:
-  start_processes(FLAGS, "rag_jax.commands.search", None, multi_process=False)
+  start_processes(FLAGS, "rag_jax.commands.search")
   check_within_index("--k", FLAGS.k, FLAGS.dir)
   retriever = Retriever.load(FLAGS.dir, FLAGS.question_encoder, FLAGS.tokenizer)
 

@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _tune() -> int:
-  start_processes(FLAGS, "rag_jax.commands.tune_index", FLAGS.dir, multi_process=False)
+  start_processes(FLAGS, "rag_jax.commands.tune_index")
   reorders = int_list(FLAGS.reorders, "--reorders")  # a typo refused before any slow work
   questions = read_questions(FLAGS.questions)
   retriever = Retriever.load(FLAGS.dir, FLAGS.question_encoder, FLAGS.tokenizer)
