@@ -213,16 +213,27 @@ def _client():
   return client
 
 
+# Calls so far per exchange or barrier name: each call gets its own keys (the key-value store
+# refuses a key set twice), and every process makes the same calls in the same order.
+_calls: dict[str, int] = {}
+
+
+def _key(name: str) -> str:
+  _calls[name] = _calls.get(name, 0) + 1
+  return f"rag_jax/{name}/{_calls[name]}"
+
+
 def all_gather_text(name: str, value: str, timeout_s: float) -> list[str]:
   """Every process's `value` for the exchange `name`, in process order (one process: [value]).
-  Each process must call it with the same `name`, once; waits at most timeout_s per peer."""
+  Every process makes the same calls in the same order (a name may recur); waits at most
+  timeout_s per peer."""
   import jax  # here: seconds to load, after the flags (module docstring)
 
   if jax.process_count() == 1:
     return [value]
-  client = _client()
-  client.key_value_set(f"rag_jax/{name}/{jax.process_index()}", value)
-  return [client.blocking_key_value_get(f"rag_jax/{name}/{p}", int(timeout_s * 1000))
+  client, key = _client(), _key(name)
+  client.key_value_set(f"{key}/{jax.process_index()}", value)
+  return [client.blocking_key_value_get(f"{key}/{p}", int(timeout_s * 1000))
           for p in range(jax.process_count())]
 
 
@@ -232,7 +243,7 @@ def barrier(name: str, timeout_s: float) -> None:
   import jax  # here: seconds to load, after the flags (module docstring)
 
   if jax.process_count() > 1:
-    _client().wait_at_barrier(f"rag_jax/{name}", int(timeout_s * 1000))
+    _client().wait_at_barrier(_key(name), int(timeout_s * 1000))
 
 
 def on_primary(name: str, action: Callable[[], object], timeout_s: float) -> None:

@@ -2,6 +2,7 @@
 a cluster manager, one-line errors for bad ones, a bounded wait for an unreachable coordinator;
 the local launcher's environment and failure line (rag_jax/commands/launch.py)."""
 
+import subprocess
 import sys
 import time
 
@@ -95,3 +96,26 @@ def test_launcher_names_the_first_failing_process_and_stops_the_others(tmp_path)
   assert str(e.value) == (f"process 1 of 2 exited with status 3 (its output: "
                           f"{tmp_path / 'process-1.log'}; last line: error: something went "
                           "wrong); the other processes were stopped")
+
+
+@pytest.mark.slow
+def test_exchanges_and_barriers_can_recur_in_one_job(tmp_path):
+  """Two encodings in one job make the same exchanges twice: each call gets its own keys (the
+  coordination service refuses a key set twice)."""
+  script = ("from rag_jax.distributed import all_gather_text, barrier, initialize, is_primary\n"
+            "n = initialize()\n"
+            "import jax\n"
+            "p = str(jax.process_index())\n"
+            "a = all_gather_text('x', 'a' + p, 60)\n"
+            "barrier('y', 60)\n"
+            "b = all_gather_text('x', 'b' + p, 60)\n"
+            "barrier('y', 60)\n"
+            "print(n, a, b, flush=True)\n")
+  out = tmp_path / "out.txt"
+  env = {**launch.os.environ, "PYTHONPATH": str(launch.Path(__file__).resolve().parents[1])}
+  with open(out, "w") as f:
+    subprocess.run([sys.executable, "-m", "rag_jax.commands.launch", "--num_processes=2",
+                    "--cpu_devices=1", f"--log_dir={tmp_path}", "--", sys.executable, "-c",
+                    script], env=env, stdout=f, check=True, timeout=120)
+  assert out.read_text().splitlines() == ["2 ['a0', 'a1'] ['b0', 'b1']"]
+  assert (tmp_path / "process-1.log").read_text().splitlines() == ["2 ['a0', 'a1'] ['b0', 'b1']"]
