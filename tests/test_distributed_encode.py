@@ -88,8 +88,9 @@ def test_killed_process_is_named_and_a_rerun_resumes(tmp_path, setup):
   run = launch(root, corpus, out, tmp_path / "logs",
                RAG_JAX_KILL_AT="encode:shard_written:process1")
   assert run.returncode == 1
-  assert run.stderr.strip().splitlines()[-1].startswith(
-      "error: process 1 of 2 was killed by SIGKILL (its output: ")
+  assert run.stderr.strip().splitlines()[-1] == (
+      f"error: process 1 of 2 was killed by SIGKILL (its output: {tmp_path / 'logs'}/"
+      "process-1.log); the other processes were stopped")
   manifest = json.loads((out / "embeddings" / "manifest.json").read_text())
   assert manifest["complete"] is False  # no manifest names shards that are missing
   with pytest.raises(Exception, match="complete=false"):

@@ -135,7 +135,9 @@ def launch(command: Sequence[str], num_processes: int, *, cpu_devices: int | Non
       if failed is not None:
         stop(procs, grace_s)
         where = "this console" if failed == 0 else str(logs[failed])
-        tail = "" if failed == 0 else last_line(logs[failed])
+        # A process that exits with a status printed why last (`error: ...`); a signal's last
+        # line is whatever the process was doing, left to its log.
+        tail = "" if failed == 0 or codes[failed] < 0 else last_line(logs[failed])
         raise ProcessFailed(
             f"process {failed} of {num_processes} {describe_exit(codes[failed])} (its output: "
             f"{where}{'; last line: ' + tail if tail else ''}); the other processes were "
