@@ -1,0 +1,72 @@
+"""The exact index over the global mesh of two processes (2 fake CPU devices each, gloo): each
+process holds only its rows, and search equals numpy brute force and a one-process index on as
+many devices, ids and scores, ties included."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from rag_jax.retrieval.exact import ExactConfig, ExactIndex
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ExactConfig(chunk_size=16, query_batch_size=4)
+
+# Integer-valued vectors: exact float32 scores and many ties; row 150 repeats row 7 and query 1
+# is row 7, so its best two scores tie.
+DATA = """
+import numpy as np
+rng = np.random.default_rng(0)
+emb = rng.integers(-3, 4, (203, 16)).astype(np.float32)
+emb[150] = emb[7]
+queries = rng.integers(-3, 4, (9, 16)).astype(np.float32)
+queries[1] = emb[7]
+"""
+
+WORKER = DATA + """
+import sys
+from rag_jax.distributed import initialize, is_primary
+initialize()
+import jax
+from rag_jax.parallel import data_mesh
+from rag_jax.retrieval.exact import ExactConfig, ExactIndex
+index = ExactIndex.build(emb, ExactConfig(chunk_size=16, query_batch_size=4), mesh=data_mesh())
+scores, ids = index.search(queries, 10)
+rows = sorted(int(r) for s in index.db.addressable_shards for r in
+              np.arange(index.db.shape[0])[s.index[0]])
+if is_primary():
+  np.savez(sys.argv[1], scores=scores, ids=ids)
+print("rows", jax.process_index(), rows[0], rows[-1], len(rows), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_exact_index_over_two_processes_equals_one_process(tmp_path):
+  out = tmp_path / "result.npz"
+  run = subprocess.run(
+      [sys.executable, "-m", "rag_jax.commands.launch", "--num_processes=2", "--cpu_devices=2",
+       f"--log_dir={tmp_path}", "--", sys.executable, "-c", WORKER, str(out)],
+      cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+      timeout=240)
+  assert run.returncode == 0, run.stdout + run.stderr
+  # 203 rows padded to 4 devices x 64: process 0 holds rows 0-127, process 1 rows 128-255.
+  assert "rows 0 0 127 128" in run.stdout
+  assert "rows 1 128 255 128" in (tmp_path / "process-1.log").read_text()
+  namespace: dict = {}
+  exec(DATA, namespace)  # noqa: S102 (the same inputs as the processes)
+  emb, queries = namespace["emb"], namespace["queries"]
+  got = np.load(out)
+  scores = queries @ emb.T
+  order = np.lexsort((np.broadcast_to(np.arange(len(emb)), scores.shape), -scores))[:, :10]
+  np.testing.assert_array_equal(got["ids"], order)  # ties to the smaller row
+  np.testing.assert_array_equal(got["scores"], np.take_along_axis(scores, order, 1))
+  assert list(got["ids"][1][:2]) == [7, 150]
+  one = ExactIndex.build(emb, CONFIG, mesh=Mesh(np.array(jax.devices()[:4]), ("data",)))
+  one_scores, one_ids = one.search(queries, 10)
+  np.testing.assert_array_equal(got["ids"], one_ids)
+  np.testing.assert_array_equal(got["scores"], one_scores)
