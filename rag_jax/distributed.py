@@ -28,12 +28,13 @@ and load jax (seconds) only once the flags are parsed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,18 +190,44 @@ def redirect_output(path: Path) -> None:
   os.close(fd)
 
 
-def is_primary() -> bool:
-  """Whether this process writes shared files and the console (process 0, or the only one)."""
+_alone = False  # inside `alone()`: this process works by itself
+
+
+def process_index() -> int:
+  """This process's index among those working together (0 inside `alone()`)."""
   import jax  # here: seconds to load, after the flags (module docstring)
 
-  return jax.process_index() == 0
+  return 0 if _alone else jax.process_index()
+
+
+def process_count() -> int:
+  """How many processes work together: jax.process_count(), or 1 inside `alone()`."""
+  import jax  # here: seconds to load, after the flags (module docstring)
+
+  return 1 if _alone else jax.process_count()
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+  """For a block that process 0 runs by itself after the others are done (build_index's index
+  stage after a multi-process encoding): rag_jax's exchanges and barriers, and the stages that
+  split work by process, act as on one process instead of waiting for peers."""
+  global _alone
+  previous, _alone = _alone, True
+  try:
+    yield
+  finally:
+    _alone = previous
+
+
+def is_primary() -> bool:
+  """Whether this process writes shared files and the console (process 0, or the only one)."""
+  return process_index() == 0
 
 
 def describe() -> str:
   """'process I of N' (for messages)."""
-  import jax  # here: seconds to load, after the flags (module docstring)
-
-  return f"process {jax.process_index()} of {jax.process_count()}"
+  return f"process {process_index()} of {process_count()}"
 
 
 def _client():
@@ -227,22 +254,18 @@ def all_gather_text(name: str, value: str, timeout_s: float) -> list[str]:
   """Every process's `value` for the exchange `name`, in process order (one process: [value]).
   Every process makes the same calls in the same order (a name may recur); waits at most
   timeout_s per peer."""
-  import jax  # here: seconds to load, after the flags (module docstring)
-
-  if jax.process_count() == 1:
+  if process_count() == 1:
     return [value]
   client, key = _client(), _key(name)
-  client.key_value_set(f"{key}/{jax.process_index()}", value)
+  client.key_value_set(f"{key}/{process_index()}", value)
   return [client.blocking_key_value_get(f"{key}/{p}", int(timeout_s * 1000))
-          for p in range(jax.process_count())]
+          for p in range(process_count())]
 
 
 def barrier(name: str, timeout_s: float) -> None:
   """Waits until every process reaches barrier `name` (at most timeout_s; a dead peer fails it
   once jax's heartbeat timeout declares it dead). Nothing on one process."""
-  import jax  # here: seconds to load, after the flags (module docstring)
-
-  if jax.process_count() > 1:
+  if process_count() > 1:
     _client().wait_at_barrier(_key(name), int(timeout_s * 1000))
 
 
@@ -250,14 +273,12 @@ def on_primary(name: str, action: Callable[[], object], timeout_s: float) -> Non
   """Runs `action` on process 0 only, then on every process raises what it raised: process 0
   its own error (a UserError or OSError), the others a DistributedError quoting it, so that no
   process waits for, or goes on after, a step that failed on process 0."""
-  import jax  # here: seconds to load, after the flags (module docstring)
-
   error = None
   if is_primary():
     try:
       action()
     except (UserError, OSError) as e:
-      if jax.process_count() == 1:
+      if process_count() == 1:
         raise
       error = e
   first = all_gather_text(name, "" if error is None else str(error) or type(error).__name__,

@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 from transformers import DPRConfig, DPRContextEncoder
 
 from rag_jax.commands.launch import child_env, free_port
+from rag_jax.retrieval.backends import load_index
 from rag_jax.retrieval.embeddings import EmbeddingStore
 from rag_jax.retrieval.encode import EncodeConfig, encode_from_checkpoint
 from rag_jax.retrieval.store import PassageStore, build_store_from_file
@@ -55,23 +56,25 @@ def setup(tmp_path_factory):
 
 
 def launch(root: Path, corpus: Path, out: Path, logs: Path, processes: int = 2, devices: int = 2,
-           **env) -> subprocess.CompletedProcess:
+           command: str = "encode_passages", *extra: str, **env) -> subprocess.CompletedProcess:
   command = [sys.executable, "-m", "rag_jax.commands.launch", f"--num_processes={processes}",
              f"--cpu_devices={devices}", f"--log_dir={logs}", "--grace_s=2", "--",
-             sys.executable, "-m", "rag_jax.commands.encode_passages", f"--corpus={corpus}",
-             f"--encoder={root / 'encoder'}", f"--out={out}", *FLAGS]
+             sys.executable, "-m", f"rag_jax.commands.{command}", f"--corpus={corpus}",
+             f"--encoder={root / 'encoder'}", f"--out={out}", *FLAGS, *extra]
   environ = {**os.environ, "PYTHONPATH": str(ROOT), **env}
   return subprocess.run(command, cwd=ROOT, env=environ, capture_output=True, text=True,
                         timeout=TIMEOUT_S)
 
 
 def test_two_processes_equal_one_process_row_for_row(tmp_path, setup):
+  """build_index on two processes: they split the encoding, process 0 builds the index."""
   root, corpus, ref = setup
-  run = launch(root, corpus, tmp_path / "wiki", tmp_path / "logs")
+  run = launch(root, corpus, tmp_path / "wiki", tmp_path / "logs", 2, 2, "build_index",
+               "--index=exact")
   assert run.returncode == 0, run.stdout + run.stderr
   # Only process 0 prints; process 1 logs its share (shards 1 and 3 of 0..4) to its file.
   assert run.stdout.strip().splitlines() == [
-      f"encoded 45 passages x 16 on 2 process(es) in {tmp_path / 'wiki'}/embeddings"]
+      f"built an exact index of 45 passages x 16 in {tmp_path / 'wiki'}/index"]
   log = (tmp_path / "logs" / "process-1.log").read_text()
   assert "process 1 of 2: shards [1, 3] (20 rows) are its share, 2 to encode" in log
   emb = EmbeddingStore(tmp_path / "wiki" / "embeddings")
@@ -80,6 +83,9 @@ def test_two_processes_equal_one_process_row_for_row(tmp_path, setup):
   # The store process 0 built is the corpus, row for row.
   store = PassageStore(tmp_path / "wiki" / "passages")
   assert [store.text(i) for i in range(45)] == [p.text for p in make_passages(45)]
+  scores, ids = load_index(tmp_path / "wiki" / "index").search(ref[:6], 5)  # every row's own
+  brute = ref[:6] @ ref.T
+  np.testing.assert_array_equal(ids, np.argsort(-brute, axis=1, kind="stable")[:, :5])
 
 
 def test_killed_process_is_named_and_a_rerun_resumes(tmp_path, setup):
@@ -152,13 +158,12 @@ def test_a_single_process_command_refuses_several(tmp_path, setup):
   root, corpus, _ = setup
   command = [sys.executable, "-m", "rag_jax.commands.launch", "--num_processes=2",
              "--cpu_devices=1", f"--log_dir={tmp_path / 'logs'}", "--",
-             sys.executable, "-m", "rag_jax.commands.build_index", f"--corpus={corpus}",
-             f"--encoder={root / 'encoder'}", f"--out={tmp_path / 'wiki'}", "--quiet"]
+             sys.executable, str(ROOT / "train.py"), f"--workdir={tmp_path / 'run'}"]
   run = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                        capture_output=True, text=True, timeout=TIMEOUT_S)
   assert run.returncode == 1
   lines = run.stderr.strip().splitlines()
-  assert ("error: rag_jax.commands.build_index runs on one process; it was started as process 0 "
-          "of 2 (docs/distributed.md lists the stages that run on several)") in lines
+  assert ("error: train.py runs on one process; it was started as process 0 of 2 "
+          "(docs/distributed.md lists the stages that run on several)") in lines
   assert lines[-1].startswith("error: process ") and " of 2 exited with status 1" in lines[-1]
-  assert not (tmp_path / "wiki").exists()
+  assert not (tmp_path / "run").exists()

@@ -35,8 +35,15 @@ from typing import Any, TextIO
 from absl import flags
 from ml_collections import config_flags
 
-from rag_jax.distributed import DEFAULT_TIMEOUT_S, DistributedError, describe, initialize
+from rag_jax.distributed import (
+  DEFAULT_TIMEOUT_S,
+  DistributedError,
+  describe,
+  initialize,
+  is_primary,
+)
 from rag_jax.utils.errors import InputError, UsageError, UserError
+from rag_jax.utils.logs import FORMAT
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -86,6 +93,11 @@ def start_processes(flag_values: flags.FlagValues, program: str,
   if count > 1 and log_dir is None:
     raise DistributedError(f"{program} runs on one process; it was started as {describe()} "
                            "(docs/distributed.md lists the stages that run on several)")
+  if count > 1 and not is_primary():  # stderr is its log file: rag_jax's INFO records too
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(FORMAT))
+    logging.getLogger("rag_jax").addHandler(handler)
+    logging.getLogger("rag_jax").setLevel(logging.INFO)
   return count
 
 

@@ -18,7 +18,6 @@ OUT/.logs/process-<i>.log.
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +31,6 @@ from rag_jax.retrieval.encode import EncodeConfig
 from rag_jax.retrieval.pipeline import encode_corpus
 from rag_jax.utils.errors import os_errors_under
 from rag_jax.utils.lock import output_lock
-from rag_jax.utils.logs import FORMAT
 
 FLAGS = flags.FlagValues()
 _F = {"flag_values": FLAGS}
@@ -72,11 +70,6 @@ def _encode() -> int:
   check_corpus(FLAGS.corpus)  # a bad corpus is refused before any process is joined
   out = Path(FLAGS.out)
   processes = start_processes(FLAGS, "rag_jax.commands.encode_passages", out / ".logs")
-  if not is_primary():  # its stderr is its log file (rag_jax/distributed.py): INFO lines too
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(FORMAT))
-    logging.getLogger("rag_jax").addHandler(handler)
-    logging.getLogger("rag_jax").setLevel(logging.INFO)
   with os_errors_under(out):
     emb = encode_corpus(
         FLAGS.corpus, out, encoder=FLAGS.encoder, tokenizer=FLAGS.tokenizer, fmt=FLAGS.format,

@@ -56,6 +56,8 @@ from rag_jax.distributed import (
   barrier,
   check_same,
   on_primary,
+  process_count,
+  process_index,
 )
 from rag_jax.parallel import local_data_mesh
 from rag_jax.retrieval.embeddings import (
@@ -253,7 +255,7 @@ def encode_passages(store: PassageStore, out: str | os.PathLike, *, model, param
           "input": "[CLS] title [SEP] text [SEP]"}
   manifest = make_manifest(len(store), embedding_dim(model, params), config.dtype,
                            config.shard_size, info)
-  process, processes = jax.process_index(), jax.process_count()
+  process, processes = process_index(), process_count()
   check_same("encode/facts", run_facts(store, tokenizer, encoder_info, config, manifest["dim"]),
              AGREE_TIMEOUT_S, "every process must encode the same corpus with the same encoder "
              "and settings")
