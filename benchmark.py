@@ -27,7 +27,11 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 from absl import flags  # noqa: E402
 
 from benchmarks import cli  # noqa: E402
-from rag_jax.commands.common import define_common_flags, run_main  # noqa: E402
+from rag_jax.commands.common import (  # noqa: E402
+  define_common_flags,
+  run_main,
+  start_processes,
+)
 from rag_jax.utils.errors import UsageError, os_errors_under  # noqa: E402
 from rag_jax.utils.host_memory import configure_host_allocator  # noqa: E402
 from rag_jax.utils.logs import LogFile  # noqa: E402
@@ -95,6 +99,7 @@ def benchmark(positional: list[str]) -> None:
   if positional:
     raise UsageError(f"unexpected arguments {positional}; every setting is a flag")
   configure_host_allocator()  # As train.py does; before jax starts its CPU client.
+  start_processes(flags.FLAGS, "benchmark.py")
   from benchmarks import runner  # here: it loads jax and torch (seconds), after the flags
   options = {"preset": _PRESET.value, "dtype": _DTYPE.value, "repeats": _REPEATS.value,
              "warmup": _WARMUP.value, "n_docs": [int(n) for n in _N_DOCS.value],

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from absl import flags
 
-from rag_jax.commands.common import ConfigFile, define_common_flags, run_main
+from rag_jax.commands.common import ConfigFile, define_common_flags, run_main, start_processes
 from rag_jax.utils.errors import InputError, UsageError, os_errors_under
 from rag_jax.utils.host_memory import configure_host_allocator
 from rag_jax.utils.logs import quiet_console
@@ -52,6 +52,7 @@ def evaluate(positional: list[str]) -> None:
   if positional:
     raise UsageError(f"unexpected arguments {positional}; every setting is a flag")
   configure_host_allocator()  # Before jax starts its CPU client.
+  start_processes(FLAGS, "evaluate.py")
   quiet_console()
   config = CONFIG.value
   kind = config.get("trainer")

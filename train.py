@@ -18,7 +18,7 @@ from pathlib import Path
 
 from absl import flags
 
-from rag_jax.commands.common import ConfigFile, define_common_flags, run_main
+from rag_jax.commands.common import ConfigFile, define_common_flags, run_main, start_processes
 from rag_jax.utils.errors import UsageError, os_errors_under
 from rag_jax.utils.host_memory import configure_host_allocator
 from rag_jax.utils.logs import quiet_console
@@ -61,6 +61,7 @@ def train(positional: list[str]) -> None:
   if positional:
     raise UsageError(f"unexpected arguments {positional}; every setting is a flag")
   configure_host_allocator()  # Before jax starts its CPU client.
+  start_processes(FLAGS, "train.py")
   from rag_jax.evaluation import paper  # here: it loads jax (seconds), after the flags
   quiet_console()
   config = CONFIG.value

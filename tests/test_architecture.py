@@ -21,7 +21,7 @@ PACKAGE = ROOT / "rag_jax"
 # Lower numbers sit lower: a module may import from a lower layer or from its own package.
 LAYERS = {
     "rag_jax.utils": 0,
-    "rag_jax.parallel": 1, "rag_jax.models": 1,
+    "rag_jax.parallel": 1, "rag_jax.distributed": 1, "rag_jax.models": 1,
     "rag_jax.checkpoints": 2, "rag_jax.losses": 2, "rag_jax.metrics": 2, "rag_jax.data": 2,
     "rag_jax.retrieval": 3,
     "rag_jax.decoding": 4,

@@ -57,6 +57,12 @@ class Store:
 
 @pytest.fixture(scope="module")
 def world():
+  return make_world()
+
+
+def make_world() -> dict:
+  """The tiny RAG model, its parameters, questions and a passage database with exact ties (also
+  built by each process of tests/multiprocess_retrieval_worker.py)."""
   titles = [TITLES[i % len(TITLES)] for i in range(N_PASSAGES)]
   texts = [TEXTS[(3 * i) % len(TEXTS)] + ("" if i % 4 == 1 else f" fact {i}.")
            for i in range(N_PASSAGES)]
@@ -91,7 +97,8 @@ def mesh_of(n):
   return Mesh(np.array(jax.devices()[:n]), ("data",))
 
 
-def _setup(world, mesh, db=None):
+def setup_retrieval(world, mesh, db=None):
+  """(host feed, passage table, device retrieval, the questions' batch) on `mesh`."""
   index = ExactIndex.build(world["db"] if db is None else db, ExactConfig(chunk_size=8),
                            mesh=mesh)
   feed = RetrievalFeed(world["model"], index, world["store"], world["q_tok"], world["g_tok"],
@@ -110,7 +117,7 @@ def _setup(world, mesh, db=None):
 @pytest.mark.parametrize("devices", [1, 8])
 def test_retrieved_ids_scores_and_rows_equal_the_host_path(world, devices):
   mesh = mesh_of(devices)
-  feed, table, retrieval, question_batch = _setup(world, mesh)
+  feed, table, retrieval, question_batch = setup_retrieval(world, mesh)
   rows = np.arange(B)
   host, host_rows = feed.batch(world["params"], world["data"], rows)
   _, host_scores = feed.retrieve(world["params"], world["data"].input_ids,
@@ -132,27 +139,33 @@ def test_retrieved_ids_scores_and_rows_equal_the_host_path(world, devices):
   assert no_room.any() and (~no_room).any()
 
 
+def loss_fn(kind: str):
+  """The RAG loss of `kind` with label smoothing, as the train-step tests use it."""
+  return functools.partial(
+      {"rag_sequence": losses.rag_sequence_nll, "rag_token": losses.rag_token_nll}[kind],
+      epsilon=0.1, pad_token_id=1)
+
+
+def train_state(world):
+  """A fresh AdamW train state of the world's parameters (on the host)."""
+  opt = ml_collections.ConfigDict(dict(
+      learning_rate=1e-3, warmup_steps=0, num_train_steps=10, lr_end=0.0, lr_power=1.0,
+      weight_decay=0.01, max_grad_norm=1.0, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-4))
+  tx = optimizer.make_optimizer(opt, world["params"])
+  return create_train_state(world["model"].apply, world["params"], tx,
+                            jax.random.key_data(jax.random.key(1)))
+
+
 @pytest.mark.parametrize("kind", ["rag_sequence", "rag_token"])
 @pytest.mark.parametrize("devices", [1, 8])
 def test_train_steps_equal_the_host_path(world, kind, devices):
   mesh = mesh_of(devices)
   model = world["model"]
-  feed, _, retrieval, question_batch = _setup(world, mesh)
-  loss_fn = functools.partial(
-      {"rag_sequence": losses.rag_sequence_nll, "rag_token": losses.rag_token_nll}[kind],
-      epsilon=0.1, pad_token_id=1)
-  opt = ml_collections.ConfigDict(dict(
-      learning_rate=1e-3, warmup_steps=0, num_train_steps=10, lr_end=0.0, lr_power=1.0,
-      weight_decay=0.01, max_grad_norm=1.0, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-4))
-
-  def state():
-    tx = optimizer.make_optimizer(opt, world["params"])
-    return replicate(create_train_state(model.apply, world["params"], tx,
-                                        jax.random.key_data(jax.random.key(1))), mesh)
-
-  host_step = make_train_step(model, mesh, loss_fn)
-  device_step = make_train_step(model, mesh, loss_fn, retrieval=retrieval)
-  host_state, dev_state = state(), state()
+  feed, _, retrieval, question_batch = setup_retrieval(world, mesh)
+  host_step = make_train_step(model, mesh, loss_fn(kind))
+  device_step = make_train_step(model, mesh, loss_fn(kind), retrieval=retrieval)
+  host_state = replicate(train_state(world), mesh)
+  dev_state = replicate(train_state(world), mesh)
   for _ in range(3):
     batch, _ = feed.batch(host_state.params, world["data"], np.arange(B))
     host_state, host_metrics = host_step(host_state, global_batch(batch, mesh))
@@ -169,11 +182,11 @@ def test_train_steps_equal_the_host_path(world, kind, devices):
 def test_hot_swap_replaces_the_index_without_recompiling(world):
   mesh = mesh_of(8)
   model = world["model"]
-  _, _, retrieval, question_batch = _setup(world, mesh)
+  _, _, retrieval, question_batch = setup_retrieval(world, mesh)
   step = jax.jit(lambda p, b, a: retrieval.complete_batch(model, p, b, a))
   before = jax.device_get(step(world["params"], question_batch, retrieval.arrays))
   other = np.random.default_rng(5).standard_normal(world["db"].shape).astype(np.float32)
-  feed2, table2, _, _ = _setup(world, mesh, db=other)
+  feed2, table2, _, _ = setup_retrieval(world, mesh, db=other)
   retrieval.swap(feed2.index, table2)
   after = jax.device_get(step(world["params"], question_batch, retrieval.arrays))
   host2, rows2 = feed2.batch(world["params"], world["data"], np.arange(B))
@@ -184,7 +197,7 @@ def test_hot_swap_replaces_the_index_without_recompiling(world):
 
 
 def test_passage_table_round_trip_and_mismatch_is_named(world, tmp_path):
-  feed, table, _, _ = _setup(world, mesh_of(1))
+  feed, table, _, _ = setup_retrieval(world, mesh_of(1))
   table.save(tmp_path / "table")
   loaded = PassageTable.load(tmp_path / "table")
   np.testing.assert_array_equal(loaded.tokens, table.tokens)
@@ -208,7 +221,7 @@ def test_passage_table_round_trip_and_mismatch_is_named(world, tmp_path):
 
 
 def test_load_or_build_keeps_one_table_per_tokenizer(world, tmp_path):
-  feed, table, _, _ = _setup(world, mesh_of(1))
+  feed, table, _, _ = setup_retrieval(world, mesh_of(1))
   store = world["store"]
   built = load_or_build(tmp_path, store.titles_and_texts, N_PASSAGES, feed.assembler,
                         progress=False)
@@ -230,7 +243,7 @@ def test_load_or_build_keeps_one_table_per_tokenizer(world, tmp_path):
 def test_setup_chooses_the_device_where_the_index_fits_and_says_when_not(world, tmp_path,
                                                                          caplog):
   mesh = mesh_of(8)
-  feed, table, _, _ = _setup(world, mesh)
+  feed, table, _, _ = setup_retrieval(world, mesh)
   args = (feed.index, world["store"], feed.assembler, tmp_path / "tables", N_DOCS, mesh)
   chosen = device_retrieval.setup("auto", *args, progress=False)
   assert isinstance(chosen, DeviceRetrieval) and chosen.count == N_PASSAGES

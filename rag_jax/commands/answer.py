@@ -26,6 +26,7 @@ from rag_jax.commands.common import (
   printable,
   printable_paragraph,
   run_command,
+  start_processes,
 )
 from rag_jax.utils.errors import UsageError
 
@@ -81,6 +82,7 @@ def check_flags() -> None:
 
 
 def _answer(questions: list[str], stdin, stdout) -> int:
+  start_processes(FLAGS, "rag_jax.commands.answer")
   check_flags()
   answerer = RagAnswerer(FLAGS.checkpoint, FLAGS.index_dir, n_docs=FLAGS.n_docs,
                          dtype=jnp.dtype(FLAGS.dtype))

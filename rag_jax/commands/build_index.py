@@ -12,21 +12,33 @@ queries: rag_jax/retrieval/calibrate.py). Search it with
 second one is refused naming the first (the lock file .OUT.lock beside OUT; one left by a killed
 build is taken over, rag_jax/utils/lock.py). The last line printed, --quiet or not, says where
 the index went.
+
+On several processes (rag_jax/distributed.py, docs/distributed.md) the store and the embeddings
+are built as rag_jax.commands.encode_passages builds them, in place in OUT (every process its
+share of the shards), then process 0 alone builds the index and prints.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from absl import flags
 
-from rag_jax.commands.common import define_common_flags, int_list, parse_flags, run_command
+from rag_jax.commands.common import (
+  define_common_flags,
+  int_list,
+  parse_flags,
+  run_command,
+  start_processes,
+)
+from rag_jax.distributed import alone, is_primary, on_primary
 from rag_jax.retrieval.calibrate import CalibrationSpec, describe, load_queries
 from rag_jax.retrieval.corpus import FORMATS, check_corpus
-from rag_jax.retrieval.encode import EncodeConfig
+from rag_jax.retrieval.encode import SHARE_TIMEOUT_S, EncodeConfig
 from rag_jax.retrieval.exact import ExactConfig
-from rag_jax.retrieval.pipeline import build_from_corpus
+from rag_jax.retrieval.pipeline import build_from_corpus, encode_corpus
 from rag_jax.retrieval.scann_index import ScannConfig
 from rag_jax.utils.errors import UsageError, os_errors_under
 from rag_jax.utils.lock import output_lock
@@ -52,6 +64,8 @@ flags.DEFINE_integer("max_length", EncodeConfig.max_length, "Passage tokens.", l
                      **_F)
 flags.DEFINE_integer("shard_size", EncodeConfig.shard_size, "Embeddings per saved shard.",
                      lower_bound=1, **_F)
+flags.DEFINE_integer("length_bucket", EncodeConfig.length_bucket, "Passage token lengths are "
+                     "padded to a multiple of this.", lower_bound=1, **_F)
 flags.DEFINE_enum("dtype", "float32", ["float32", "float16", "bfloat16"],
                   "Storage dtype of the embeddings.", **_F)
 flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "Encoder compute dtype.",
@@ -115,10 +129,33 @@ def _calibration() -> CalibrationSpec | None:
 def _build() -> int:
   calibration = _calibration()  # a bad query file fails before any stage runs
   check_corpus(FLAGS.corpus)  # a bad corpus is refused before even the lock file is written
-  # One build per --out (a second one is refused, naming the first); an OSError that names no
-  # file (a full disk) is said to be under --out.
-  with output_lock(FLAGS.out), os_errors_under(FLAGS.out):
-    index = _build_locked(calibration)
+  out = Path(FLAGS.out)
+  if start_processes(FLAGS, "rag_jax.commands.build_index", out / ".logs") > 1:
+    # Several processes: the store and the embeddings split between them (in place in OUT),
+    # then process 0 alone builds the index from them, as a rerun on one process would.
+    if FLAGS.dpr_embeddings:
+      raise UsageError("--dpr_embeddings converts files on one process; start build_index as "
+                       "one process (docs/distributed.md)")
+    with os_errors_under(out):
+      encode_corpus(FLAGS.corpus, out, encoder=FLAGS.encoder, tokenizer=FLAGS.tokenizer,
+                    fmt=FLAGS.format, split_words=FLAGS.split_words or None,
+                    encode_config=_encode_config(), compute_dtype=FLAGS.compute_dtype,
+                    progress=not FLAGS.quiet, lock=output_lock)
+    built = []
+
+    def index_stage() -> None:  # process 0 by itself; the others wait (jax's shutdown would
+      with alone(), output_lock(out), os_errors_under(out):  # time out on a long index build)
+        built.append(_build_locked(calibration))
+
+    on_primary("build_index/index", index_stage, SHARE_TIMEOUT_S)
+    if not is_primary():
+      return 0
+    index = built[0]
+  else:
+    # One build per --out (a second one is refused, naming the first); an OSError that names
+    # no file (a full disk) is said to be under --out.
+    with output_lock(out), os_errors_under(out):
+      index = _build_locked(calibration)
   found = getattr(index, "calibration", None)
   if found is not None:
     print(describe(found))
@@ -128,12 +165,17 @@ def _build() -> int:
   return 0
 
 
+def _encode_config() -> EncodeConfig:
+  return EncodeConfig(batch_size=FLAGS.batch_size, max_length=FLAGS.max_length,
+                      shard_size=FLAGS.shard_size, dtype=FLAGS.dtype,
+                      length_bucket=FLAGS.length_bucket)
+
+
 def _build_locked(calibration: CalibrationSpec | None):
   return build_from_corpus(
       FLAGS.corpus, FLAGS.out, encoder=FLAGS.encoder, tokenizer=FLAGS.tokenizer,
       fmt=FLAGS.format, split_words=FLAGS.split_words or None, index_type=FLAGS.index,
-      encode_config=EncodeConfig(batch_size=FLAGS.batch_size, max_length=FLAGS.max_length,
-                                 shard_size=FLAGS.shard_size, dtype=FLAGS.dtype),
+      encode_config=_encode_config(),
       compute_dtype=FLAGS.compute_dtype,
       scann_config=ScannConfig(num_leaves=FLAGS.num_leaves,
                                leaves_fraction=FLAGS.leaves_fraction, reorder=FLAGS.reorder,

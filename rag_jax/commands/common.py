@@ -35,7 +35,15 @@ from typing import Any, TextIO
 from absl import flags
 from ml_collections import config_flags
 
+from rag_jax.distributed import (
+  DEFAULT_TIMEOUT_S,
+  DistributedError,
+  describe,
+  initialize,
+  is_primary,
+)
 from rag_jax.utils.errors import InputError, UsageError, UserError
+from rag_jax.utils.logs import FORMAT
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -51,9 +59,46 @@ def int_list(values: list[str], flag: str) -> tuple[int, ...] | None:
 
 
 def define_common_flags(flag_values: flags.FlagValues) -> None:
-  """The flags of every command: --traceback."""
+  """The flags of every command: --traceback and how to join a multi-process job
+  (rag_jax/distributed.py)."""
   flags.DEFINE_bool("traceback", False, "On an anticipated error, show its traceback (by "
                     "default it prints one 'error: ...' line).", flag_values=flag_values)
+  flags.DEFINE_enum("distributed", "auto", ["auto", "yes", "no"], "Join a multi-process job: "
+                    "auto (when the flags below, RAG_JAX_* variables, SLURM, Open MPI or a TPU "
+                    "slice say so), yes (always; jax detects the cluster), no.",
+                    flag_values=flag_values)
+  flags.DEFINE_string("coordinator_address", None, "Multi-process job: HOST:PORT of process 0.",
+                      flag_values=flag_values)
+  flags.DEFINE_integer("num_processes", None, "Multi-process job: number of processes.",
+                       lower_bound=1, flag_values=flag_values)
+  flags.DEFINE_integer("process_id", None, "Multi-process job: this process's id, 0 to "
+                       "num_processes - 1.", lower_bound=0, flag_values=flag_values)
+  flags.DEFINE_integer("distributed_timeout", DEFAULT_TIMEOUT_S, "Multi-process job: seconds "
+                       "to wait for the coordinator and for every process to join.",
+                       lower_bound=1, flag_values=flag_values)
+
+
+def start_processes(flag_values: flags.FlagValues, program: str,
+                    log_dir: str | Path | None = None) -> int:
+  """Joins the multi-process job the flags or the environment describe (rag_jax/distributed.py;
+  nothing on one process) and returns the number of processes.
+
+  log_dir: for a program that runs on several processes, where the processes other than 0
+  write their output. None: the program runs on one process, and refuses several in one line
+  (before writing anything)."""
+  count = initialize(flag_values["coordinator_address"].value,
+                     flag_values["num_processes"].value, flag_values["process_id"].value,
+                     distributed=flag_values["distributed"].value,
+                     timeout_s=flag_values["distributed_timeout"].value, log_dir=log_dir)
+  if count > 1 and log_dir is None:
+    raise DistributedError(f"{program} runs on one process; it was started as {describe()} "
+                           "(docs/distributed.md lists the stages that run on several)")
+  if count > 1 and not is_primary():  # stderr is its log file: rag_jax's INFO records too
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(FORMAT))
+    logging.getLogger("rag_jax").addHandler(handler)
+    logging.getLogger("rag_jax").setLevel(logging.INFO)
+  return count
 
 
 # Console output ---------------------------------------------------------------------------------

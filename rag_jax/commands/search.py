@@ -21,6 +21,7 @@ from rag_jax.commands.common import (
   printable,
   printable_paragraph,
   run_command,
+  start_processes,
 )
 from rag_jax.retrieval.retriever import Hit, Retriever
 
@@ -59,6 +60,7 @@ def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> int:
 
 
 def _search(questions: list[str], stdin, stdout) -> int:
+  start_processes(FLAGS, "rag_jax.commands.search")
   check_within_index("--k", FLAGS.k, FLAGS.dir)
   retriever = Retriever.load(FLAGS.dir, FLAGS.question_encoder, FLAGS.tokenizer)
 

@@ -24,7 +24,13 @@ import numpy as np
 from absl import flags
 from tqdm import tqdm
 
-from rag_jax.commands.common import define_common_flags, int_list, parse_flags, run_command
+from rag_jax.commands.common import (
+  define_common_flags,
+  int_list,
+  parse_flags,
+  run_command,
+  start_processes,
+)
 from rag_jax.data.tasks import read_dpr_qa_csv
 from rag_jax.retrieval.calibrate import CalibrationSpec, describe
 from rag_jax.retrieval.retriever import Retriever
@@ -88,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _tune() -> int:
+  start_processes(FLAGS, "rag_jax.commands.tune_index")
   reorders = int_list(FLAGS.reorders, "--reorders")  # a typo refused before any slow work
   questions = read_questions(FLAGS.questions)
   retriever = Retriever.load(FLAGS.dir, FLAGS.question_encoder, FLAGS.tokenizer)

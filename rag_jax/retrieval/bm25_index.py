@@ -36,14 +36,16 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import bm25s
 import numpy as np
 
 from rag_jax.retrieval.index import IndexFileError, TextIndex, read_meta
 from rag_jax.utils.atomic import atomic_directory
 from rag_jax.utils.errors import UserError
+
+if TYPE_CHECKING:
+  import bm25s
 
 
 class IndexNotBuiltError(UserError, RuntimeError):
@@ -63,6 +65,9 @@ class Bm25Config:
 def tokenize(texts: Sequence[str], config: Bm25Config) -> list[list[str]]:
   """The words BM25 sees of each text (bm25s' tokenizer: lower case, >= 2 word characters,
   stop words out)."""
+  import bm25s  # here: importing bm25s runs a jax computation (its top-k probe), which starts
+  # jax's backend: a command must be able to start jax.distributed first (rag_jax/distributed.py)
+
   return bm25s.tokenize(list(texts), stopwords=config.stopwords or None, return_ids=False,
                         show_progress=False)
 
@@ -86,6 +91,8 @@ class Bm25Index(TextIndex):
     config = config or Bm25Config()
     if not len(texts):
       raise ValueError("no passages to index (an empty corpus)")
+    import bm25s  # here: its import starts jax's backend (see `tokenize`)
+
     model = bm25s.BM25(k1=config.k1, b=config.b, method=config.method)
     model.index(tokenize(texts, config), show_progress=False)
     return cls(model, len(texts), config)
@@ -140,5 +147,7 @@ class Bm25Index(TextIndex):
     if not (path / "bm25s" / "params.index.json").exists():
       raise IndexFileError(f"{path / 'bm25s' / 'params.index.json'} is missing: {path} is not a "
                            "complete saved bm25 index")
+    import bm25s  # here: its import starts jax's backend (see `tokenize`)
+
     model = bm25s.BM25.load(str(path / "bm25s"), show_progress=False)
     return cls(model, meta["count"], Bm25Config(**meta["config"]))

@@ -17,12 +17,23 @@ Resumption: shards are written atomically in order; a rerun with the same settin
 shard file that exists (it was complete, or it would not exist) and deletes stale temporaries.
 The manifest records the encoder's checksum, the tokenizer and `max_length`, and a rerun with
 different ones refuses to mix embeddings from two encoders.
+
+Several processes (rag_jax/distributed.py; `out` on a file system they share): shard i is
+encoded by process i mod P over its local devices, with the same batches as on one process, so
+each shard's rows equal a one-process encoding with the same local devices bit for bit. Before
+any work the processes compare what they were given (:func:`run_facts`: the corpus's count and
+a hash of sampled rows, the encoder's checksum, the tokenizer's vocabulary, the settings) and
+refuse, naming the field and the processes, if one differs. Process 0 alone prepares the
+directory and writes the manifest; it marks the manifest complete only once every process has
+reported its share done and every shard checks against it, so a job with a dead process leaves
+``complete: false``, and its rerun encodes only the shards that are missing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -39,6 +50,15 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from rag_jax.checkpoints import load_pretrained, load_tokenizer
+from rag_jax.distributed import (
+  DistributedError,
+  all_gather_text,
+  barrier,
+  check_same,
+  on_primary,
+  process_count,
+  process_index,
+)
 from rag_jax.parallel import local_data_mesh
 from rag_jax.retrieval.embeddings import (
   EmbeddingFormatError,
@@ -55,6 +75,11 @@ log = logging.getLogger(__name__)
 
 # Manifest fields that must agree for a rerun to resume instead of refusing.
 _RESUME_KEYS = ("count", "dim", "dtype", "shard_size")
+# How long processes wait for each other: to agree before work (all start together), and for
+# the slowest share (a dead process is found sooner: jax's heartbeat timeout aborts the job).
+AGREE_TIMEOUT_S = 600
+SHARE_TIMEOUT_S = 7 * 24 * 3600
+SAMPLED_ROWS = 64  # passages hashed to tell two corpora apart
 
 
 @dataclass(frozen=True)
@@ -158,6 +183,35 @@ def _prepare_dir(out: Path, manifest: dict) -> None:
     write_manifest(out, manifest)
 
 
+def corpus_fingerprint(store: PassageStore, rows: int = SAMPLED_ROWS) -> str:
+  """'<count> passages, rows sha256 <hex>': the count and a hash of `rows` evenly spaced rows'
+  title and text (cheap at 21M rows; another corpus, split or order differs in it)."""
+  h = hashlib.sha256()
+  picks = np.unique(np.linspace(0, len(store) - 1, min(rows, len(store))).astype(np.int64))
+  for r in picks if len(store) else ():
+    h.update(f"{r}\t{store.title(r)}\t{store.text(r)}\n".encode("utf-8", "surrogatepass"))
+  return f"{len(store)} passages, rows sha256 {h.hexdigest()[:16]}"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+  """The tokenizer's class and a hash of its vocabulary (paths differ between hosts)."""
+  vocab = sorted(tokenizer.get_vocab().items())
+  digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+  return f"{type(tokenizer).__name__}, {len(vocab)} tokens, sha256 {digest}"
+
+
+def run_facts(store: PassageStore, tokenizer, encoder_info: dict[str, Any],
+              config: EncodeConfig, dim: int) -> dict[str, str]:
+  """What every process of one encoding must agree on, as strings to compare."""
+  encoder = encoder_info.get("encoder")
+  return {"corpus": corpus_fingerprint(store),
+          "encoder": str(encoder.get("sha256") if isinstance(encoder, dict) else encoder),
+          "tokenizer": tokenizer_fingerprint(tokenizer),
+          "compute_dtype": str(encoder_info.get("compute_dtype", "")),
+          "config": json.dumps(dataclasses.asdict(config), sort_keys=True),
+          "embedding dim": str(dim)}
+
+
 def _usable_shard(existing: EmbeddingStore, i: int) -> bool:
   """Whether shard `i` of an earlier run is there and whole. Shards are written atomically, so
   one that disagrees with the manifest (truncated or damaged on disk, or missing from a complete
@@ -183,9 +237,11 @@ def encode_passages(store: PassageStore, out: str | os.PathLike, *, model, param
     encoder_info: identifies encoder + tokenization in the manifest (see file_fingerprint).
     config: see :class:`EncodeConfig`.
     mesh: 1-D device mesh (default: all local devices).
-    max_new_shards: stop after writing this many shards (for tests and time-sliced jobs).
+    max_new_shards: stop after writing this many shards (for tests and time-sliced jobs); on
+      several processes, this many of each process's share.
   Returns:
-    The complete :class:`EmbeddingStore`, or None when stopped early by `max_new_shards`.
+    The complete :class:`EmbeddingStore` (on every process), or None when stopped early by
+    `max_new_shards` (on any process).
   """
   config = config or EncodeConfig()
   positions = model.config.max_position_embeddings
@@ -199,22 +255,35 @@ def encode_passages(store: PassageStore, out: str | os.PathLike, *, model, param
           "input": "[CLS] title [SEP] text [SEP]"}
   manifest = make_manifest(len(store), embedding_dim(model, params), config.dtype,
                            config.shard_size, info)
-  _prepare_dir(out, manifest)
+  process, processes = process_index(), process_count()
+  check_same("encode/facts", run_facts(store, tokenizer, encoder_info, config, manifest["dim"]),
+             AGREE_TIMEOUT_S, "every process must encode the same corpus with the same encoder "
+             "and settings")
+  on_primary("encode/prepared", lambda: _prepare_dir(out, manifest), AGREE_TIMEOUT_S)
+  if not (out / "manifest.json").exists():
+    raise DistributedError(f"process {process} of {processes} does not see {out}/manifest.json, "
+                           "which process 0 wrote: the output must be on a file system every "
+                           "process shares")
   existing = EmbeddingStore(out, require_complete=False)
   bounds = shard_bounds(len(store), config.shard_size)
-  todo = [i for i in range(len(bounds)) if not _usable_shard(existing, i)]
+  share = range(process, len(bounds), processes)  # shard i: process i mod P
+  todo = [i for i in share if not _usable_shard(existing, i)]
   todo_now = todo if max_new_shards is None else todo[:max_new_shards]
+  share_rows = sum(bounds[i][1] - bounds[i][0] for i in share)
+  if processes > 1:
+    log.info("process %d of %d: shards %s (%d rows) are its share, %d to encode", process,
+             processes, list(share), share_rows, len(todo))
 
   encode = make_encode_fn(model, mesh, config.axis)
   params = jax.device_put(params, NamedSharding(mesh, P()))
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  done = len(store) - sum(bounds[i][1] - bounds[i][0] for i in todo)
+  done = share_rows - sum(bounds[i][1] - bounds[i][0] for i in todo)
 
   def tokenize(i: int) -> list[list[int]]:
     titles, texts = store.titles_and_texts(*bounds[i])
     return tokenize_passages(tokenizer, titles, texts, config.max_length)
 
-  bar = tqdm(total=len(store), initial=done, unit=" passages", unit_scale=True,
+  bar = tqdm(total=share_rows, initial=done, unit=" passages", unit_scale=True,
              disable=not progress, desc="encoding passages", smoothing=0.1)
   with ThreadPoolExecutor(max_workers=1) as pool:
     future = pool.submit(tokenize, todo_now[0]) if todo_now else None
@@ -235,12 +304,27 @@ def encode_passages(store: PassageStore, out: str | os.PathLike, *, model, param
         _collect(result, *pending, bar)
       write_shard(out, i, result, config.dtype)
       kill_point("encode:shard_written")
+      kill_point(f"encode:shard_written:process{process}")
   bar.close()
-  if len(todo_now) < len(todo):
+  left = [str(len(todo) - len(todo_now))]
+  if processes > 1:  # every share's outcome, once the slowest is done
+    left = all_gather_text("encode/done", left[0], SHARE_TIMEOUT_S)
+  if any(n != "0" for n in left):
     return None
+  on_primary("encode/complete", lambda: _complete(out, manifest), AGREE_TIMEOUT_S)
+  barrier("encode/published", AGREE_TIMEOUT_S)
+  return EmbeddingStore(out)
+
+
+def _complete(out: Path, manifest: dict) -> None:
+  """Marks the manifest complete once every shard is there and checks against it."""
+  existing = EmbeddingStore(out, require_complete=False)
+  missing = [i for i in range(len(existing.bounds)) if not existing.check_shard(i)]
+  if missing:
+    raise EmbeddingFormatError(f"{out}: shard(s) {missing[:5]} missing after every process "
+                               "reported its share done; rerun the encoding")
   manifest["complete"] = True
   write_manifest(out, manifest)
-  return EmbeddingStore(out)
 
 
 def _collect(result: np.ndarray, rows: np.ndarray, emb: jax.Array, bar) -> None:

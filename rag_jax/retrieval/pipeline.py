@@ -25,19 +25,26 @@ before anything is written, and a build that fails before finishing a stage leav
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
+from rag_jax.distributed import check_same, is_primary, on_primary
 from rag_jax.retrieval.backends import load_index, make_index
 from rag_jax.retrieval.calibrate import CalibrationSpec, calibrate_built_index
 from rag_jax.retrieval.corpus import check_corpus
-from rag_jax.retrieval.embeddings import convert_dpr_pickles
-from rag_jax.retrieval.encode import EncodeConfig, encode_from_checkpoint
+from rag_jax.retrieval.embeddings import EmbeddingStore, convert_dpr_pickles
+from rag_jax.retrieval.encode import (
+  AGREE_TIMEOUT_S,
+  SHARE_TIMEOUT_S,
+  EncodeConfig,
+  encode_from_checkpoint,
+)
 from rag_jax.retrieval.exact import ExactConfig
 from rag_jax.retrieval.index import Index
 from rag_jax.retrieval.scann_index import ScannConfig, ScannIndex
@@ -231,3 +238,60 @@ def _build(corpus: str | os.PathLike, out: Path, *, encoder: str | None, tokeniz
   with owner.stage("build.json"), atomic_file(out / "build.json", "w") as f:
     json.dump(record, f, indent=2)
   return index
+
+
+def corpus_file_fingerprint(path: str | os.PathLike, edge: int = 1 << 20) -> str:
+  """'<name>, <size> bytes, sha256 <hex>' of a corpus file's size and first and last `edge`
+  bytes (cheap for a 13 GB file; another file or version differs in it; paths may differ
+  between hosts, so only the name counts)."""
+  path = Path(path)
+  size = path.stat().st_size
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    h.update(f.read(edge))
+    f.seek(max(edge, size - edge))
+    h.update(f.read(edge))
+  return f"{path.name}, {size} bytes, sha256 {h.hexdigest()[:16]}"
+
+
+def encode_corpus(corpus: str | os.PathLike, out: str | os.PathLike, *, encoder: str,
+                  tokenizer: str | None = None, fmt: str = "auto",
+                  split_words: int | None = 100, encode_config: EncodeConfig | None = None,
+                  compute_dtype: str = "float32", progress: bool = True,
+                  lock: Callable[[Path], contextlib.AbstractContextManager] | None = None,
+                  ) -> EmbeddingStore | None:
+  """The passage-store and embedding stages of :func:`build_from_corpus`, on every process of
+  the job (rag_jax/distributed.py): process 0 builds OUT/passages while the others wait, then
+  each encodes its share of OUT/embeddings (rag_jax/retrieval/encode.py). OUT is written in
+  place, under the same ownership manifest, so ``build_index --out=OUT`` on one process then
+  reuses both stages and builds the index.
+
+  Args:
+    lock: process 0 holds lock(OUT) for the run (the command's `output_lock`).
+  Returns:
+    The complete embeddings (every process), or None if stopped early.
+  """
+  out = Path(out)
+  check_same("pipeline/corpus", {"corpus file": corpus_file_fingerprint(corpus), "format": fmt,
+                                 "split_words": str(split_words)}, AGREE_TIMEOUT_S,
+             "every process must read the same corpus file the same way")
+  held = contextlib.ExitStack()
+  owner: list[Ownership] = []
+
+  def passages() -> None:
+    check_corpus(corpus)
+    if lock is not None:
+      held.enter_context(lock(out))
+    out.mkdir(parents=True, exist_ok=True)
+    owner.append(Ownership(out))
+    with owner[0].stage("passages"):
+      build_store(corpus, out, fmt, split_words, progress)
+
+  with held:
+    on_primary("pipeline/passages", passages, SHARE_TIMEOUT_S)
+    store = PassageStore(out / "passages")
+    stage = owner[0].stage("embeddings") if is_primary() else contextlib.nullcontext()
+    with stage:
+      return encode_from_checkpoint(store, out / "embeddings", encoder, tokenizer,
+                                    config=encode_config, compute_dtype=compute_dtype,
+                                    progress=progress)
