@@ -22,6 +22,9 @@ from typing import Any
 from absl import app, flags
 
 from benchmarks import report as bench_report
+from rag_jax.experiments.world.fever import PAPER_TABLE6_FEVER3
+from rag_jax.experiments.world.paper_report import PAPER_TABLE1_NQ, PAPER_TABLE6_NQ, WorldReport
+from rag_jax.experiments.world.paper_report import RECALL_KS as PAPER_RECALL_KS
 from rag_jax.utils.atomic import atomic_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,6 +106,112 @@ def world_tables(r: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def world_hard(_: Any = None) -> str:
+  """docs/world.md's harder-world tables: EM, recall and hot-swap, with EDA and without it (the
+  same config with retriever.question_eda = 0)."""
+  r, plain = _load(RESULTS / "world_hard.json"), _load(RESULTS / "world_hard_no_eda.json")
+  ks = list(r["retriever"]["recall_before"])
+  lines = [world_caption(r), "", f"Without EDA: {world_caption(plain)}", "",
+           "| model | decoder | held-out EM | without EDA |", "|---|---|---|---|"]
+  pairs = list(zip(_models(r), _models(plain), strict=True))
+  for (label, m), (_, p) in pairs:
+    lines.append(f"| {label} | {m['decoder']['name']} | **{m['heldout_em']:.3f}** | "
+                 f"{p['heldout_em']:.3f} |")
+  cb, cb_plain = r["closed_book"], plain["closed_book"]
+  lines += [f"| closed-book BART | {cb['decoder']['name']} | **{cb['heldout_em']:.3f}** | "
+            f"{cb_plain['heldout_em']:.3f} |",
+            f"| majority answer per attribute | | {r['majority_em']:.3f} | "
+            f"{plain['majority_em']:.3f} |", "",
+            "| question encoder (held-out paraphrases) | " + " | ".join(ks) + " | without EDA |",
+            "|---|" + "---|" * (len(ks) + 1)]
+  rows = [("retriever (before RAG training)", r["retriever"]["recall_before"],
+           plain["retriever"]["recall_before"])]
+  rows += [(f"after {label} training", m["recall_after"], p["recall_after"])
+           for (label, m), (_, p) in pairs]
+  for label, ours, theirs in rows:
+    lines.append(f"| {label} | " + " | ".join(f"{ours[k]:.3f}" for k in ks) + " | "
+                 + " / ".join(f"{theirs[k]:.3f}" for k in ks) + " |")
+  lines += ["", "| hot-swap to world 2's index | changed facts | new value | old value | "
+            "without EDA (new / old) |", "|---|---|---|---|---|"]
+  for (label, m), (_, p) in pairs:
+    s, t = m["hot_swap"], p["hot_swap"]
+    lines.append(f"| {label} | {s['changed']} | {s['follow_new_index']} | "
+                 f"{s['keep_old_answer']} | {t['follow_new_index']} / {t['keep_old_answer']} |")
+  return "\n".join(lines)
+
+
+def _pct(x: float) -> str:
+  return f"{100 * x:.1f}"
+
+
+def _paper_worlds(r: dict[str, Any]) -> list[tuple[str, Any]]:
+  return [(name, WorldReport.from_dict(w)) for name, w in r["worlds"].items()]
+
+
+def world_paper_table6(r: dict[str, Any]) -> str:
+  """Tables 1 and 6 in miniature: held-out EM and recall@k of every row, per world, beside the
+  paper's NQ EM (Table 6 dev; Table 1 test for the learned rows)."""
+  worlds = _paper_worlds(r)
+  head = " | ".join(f"{name} world: EM | " + " / ".join(f"R@{k}" for k in PAPER_RECALL_KS)
+                    for name, _ in worlds)
+  lines = [world_caption(r), "", f"| row | {head} | paper NQ |",
+           "|---|" + "---|---|" * len(worlds) + "---|"]
+  majority = " / ".join(_pct(w.evaluation.majority_em) for _, w in worlds)
+  lines.append(f"| closed-book BART (majority answer {majority}) | "
+               + " | ".join(f"{_pct(w.closed_book_em)} | " for _, w in worlds)
+               + " | (T5-11B 34.5) |")
+  for key, row in worlds[0][1].evaluation.rows.items():
+    cells = []
+    for _, w in worlds:
+      s = w.evaluation.rows[key].scores
+      cells.append(f"{_pct(s.em)} | "
+                   + " / ".join(_pct(s.recall[f"recall@{k}"]) for k in PAPER_RECALL_KS))
+    test = PAPER_TABLE1_NQ.get(row.row)
+    paper = f"{PAPER_TABLE6_NQ[row.row]}" + (f" (test {test})" if test else "")
+    lines.append(f"| {row.row} | " + " | ".join(cells) + f" | {paper} |")
+  return "\n".join(lines)
+
+
+def world_paper_hot_swap(r: dict[str, Any]) -> str:
+  """The hot-swap 2x2 of every row, per world: % of the changed facts answered with world 1's /
+  world 2's value, over world 1's index and over world 2's."""
+  worlds = _paper_worlds(r)
+  lines = [world_caption(r), "",
+           "| row | " + " | ".join(f"{name} world, index 1 | index 2" for name, _ in worlds)
+           + " |", "|---|" + "---|---|" * len(worlds)]
+  for key, row in worlds[0][1].evaluation.rows.items():
+    cells = []
+    for _, w in worlds:
+      h = w.evaluation.rows[key].scores.hot_swap
+      cells += [f"{_pct(h.share(h.old_index_gave_old_answer))} / "
+                f"{_pct(h.share(h.old_index_gave_new_answer))}",
+                f"{_pct(h.share(h.keep_old_answer))} / {_pct(h.share(h.follow_new_index))}"]
+    lines.append(f"| {row.row} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def world_paper_fever(r: dict[str, Any]) -> str:
+  """The FEVER-like column: label accuracy, per class, and the deciding passage's recall@k of
+  every row, per world that has it, beside the paper's FEVER-3 dev accuracy."""
+  worlds = [(name, w) for name, w in _paper_worlds(r) if w.fever is not None]
+  lines = [world_caption(r), ""]
+  for name, w in worlds:
+    ev = w.fever
+    c = ev.counts
+    lines += [f"{name} world: {ev.heldout_claims} held-out claims ({c['SUPPORTS']} supports / "
+              f"{c['REFUTES']} refutes / {c['NOT ENOUGH INFO']} not enough info, majority "
+              f"{_pct(ev.majority_accuracy)} %), {w.fever_steps} steps per row", "",
+              "| row | accuracy | supports | refutes | not enough info | deciding passage "
+              "R@1 / R@5 | paper FEVER-3 |", "|---|---|---|---|---|---|---|"]
+    for row in ev.rows.values():
+      pc, rec = row.per_class, row.recall
+      lines.append(f"| {row.row} | {_pct(row.accuracy)} | {_pct(pc['SUPPORTS'])} | "
+                   f"{_pct(pc['REFUTES'])} | {_pct(pc['NOT ENOUGH INFO'])} | "
+                   f"{_pct(rec['recall@1'])} / {_pct(rec['recall@5'])} | "
+                   f"{PAPER_TABLE6_FEVER3[row.retriever]} |")
+  return "\n".join(lines)
+
+
 def _where(r: dict[str, Any]) -> str:
   """'2026-11-28, 1 x cpu, 2 host CPUs, commit 5c328e3': when, on what, from which commit."""
   m = r["machine"]
@@ -167,6 +276,10 @@ VIEWS: dict[str, tuple[Callable[[Any], str], Path | None]] = {
     "world_default": (world_tables, RESULTS / "world_default.json"),
     "benchmark_headline": (headline, None),
     "base_cpu_retrieval.calibration": (calibration, BENCHMARK_RESULTS / "base_cpu_retrieval.json"),
+    "world_hard": (world_hard, None),
+    "world_paper.table6": (world_paper_table6, RESULTS / "world_paper.json"),
+    "world_paper.hot_swap": (world_paper_hot_swap, RESULTS / "world_paper.json"),
+    "world_paper.fever": (world_paper_fever, RESULTS / "world_paper.json"),
 }
 
 

@@ -7,8 +7,9 @@ retriever x RAG-Sequence, RAG-Token) with their FEVER-like column, the hot-swap 
 
 Each world is its own job config (configs/default.py, configs/world_hard.py) with DPR's BM25 hard
 negatives for the retriever. Every RAG row of a world trains with the same steps, batch, seed and
-model sizes; the closed book too. Step counts are lower than the default job's (300 / 600) so
-that 2 worlds x 7 trainings fit about 25 minutes on 2 CPU cores: `rag_steps` below; the same
+model sizes; the closed book too. Step counts are half the default job's (300 / 600) so that
+the 2 worlds' 14 trainings and the 6 FEVER-like ones stay within an hour on 2 CPU cores (the
+measured time: docs/world.md): `rag_steps` below; the same
 comparison with the default job's steps is `--config.worlds.default.rag.num_train_steps=300`.
 The FEVER-like rows (six more trainings on claims, default world) are `config.fever`.
 Report: workdir/report.md, the PNGs beside it; docs/world.md, "The paper in miniature".

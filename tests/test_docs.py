@@ -94,3 +94,25 @@ def test_readme_is_a_front_page_with_ci_test_command():
   command = "pip install -r requirements-test.txt && python -m pytest"
   assert f"    {command}\n" in readme.decode()
   assert (ROOT / ".ci" / "run").read_text().rstrip().splitlines()[-1] == command
+
+
+def test_world_paper_table_reports_every_rows_em_as_the_job_wrote_it():
+  """Each world's held-out EM per row (report.json's floats, formatted here) in docs/world.md's
+  Table 6 line of that row, in world order."""
+  report = json.loads((ROOT / "docs" / "results" / "world_paper.json").read_text())
+  text = (ROOT / "docs" / "world.md").read_text()
+  lines = text[text.index("<!-- begin world_paper.table6"):].splitlines()
+  for key, row in report["worlds"]["default"]["evaluation"]["rows"].items():
+    table6 = next(line for line in lines if line.startswith(f"| {row['row']} | "))
+    cells = [c.strip() for c in table6.strip("|").split("|")]
+    ems = [f"{100 * w['evaluation']['rows'][key]['scores']['em']:.1f}"
+           for w in report["worlds"].values()]
+    assert cells[1::2][:len(ems)] == ems, (row["row"], cells)
+
+
+def test_every_results_json_is_shown_in_the_docs():
+  shown = "".join(p.read_text() for p in MARKDOWN)
+  feeds = {"world_hard_no_eda": "world_hard"}  # Its "without EDA" column.
+  for path in sorted((ROOT / "docs" / "results").glob("*.json")):
+    table = feeds.get(path.stem, path.stem)
+    assert f"<!-- begin {table}" in shown, f"{path.name} feeds no table"
