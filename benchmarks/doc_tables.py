@@ -22,7 +22,7 @@ from typing import Any
 from absl import app, flags
 
 from benchmarks import report as bench_report
-from rag_jax.experiments.world.fever import PAPER_TABLE6_FEVER3
+from rag_jax.experiments.world.fever import markdown as fever_markdown
 from rag_jax.experiments.world.paper_report import PAPER_TABLE1_NQ, PAPER_TABLE6_NQ, WorldReport
 from rag_jax.experiments.world.paper_report import RECALL_KS as PAPER_RECALL_KS
 from rag_jax.utils.atomic import atomic_file
@@ -191,25 +191,13 @@ def world_paper_hot_swap(r: dict[str, Any]) -> str:
 
 
 def world_paper_fever(r: dict[str, Any]) -> str:
-  """The FEVER-like column: label accuracy, per class, and the deciding passage's recall@k of
-  every row, per world that has it, beside the paper's FEVER-3 dev accuracy."""
-  worlds = [(name, w) for name, w in _paper_worlds(r) if w.fever is not None]
+  """The FEVER-like column of each world that has it, as the job's report.md shows it (label
+  accuracy, per class, the deciding passage's recall@k, the paper's FEVER-3 dev accuracy)."""
   lines = [world_caption(r), ""]
-  for name, w in worlds:
-    ev = w.fever
-    c = ev.counts
-    lines += [f"{name} world: {ev.heldout_claims} held-out claims ({c['SUPPORTS']} supports / "
-              f"{c['REFUTES']} refutes / {c['NOT ENOUGH INFO']} not enough info, majority "
-              f"{_pct(ev.majority_accuracy)} %), {w.fever_steps} steps per row", "",
-              "| row | accuracy | supports | refutes | not enough info | deciding passage "
-              "R@1 / R@5 | paper FEVER-3 |", "|---|---|---|---|---|---|---|"]
-    for row in ev.rows.values():
-      pc, rec = row.per_class, row.recall
-      lines.append(f"| {row.row} | {_pct(row.accuracy)} | {_pct(pc['SUPPORTS'])} | "
-                   f"{_pct(pc['REFUTES'])} | {_pct(pc['NOT ENOUGH INFO'])} | "
-                   f"{_pct(rec['recall@1'])} / {_pct(rec['recall@5'])} | "
-                   f"{PAPER_TABLE6_FEVER3[row.retriever]} |")
-  return "\n".join(lines)
+  for name, w in _paper_worlds(r):
+    if w.fever is not None:
+      lines += [f"{name} world:", "", *fever_markdown(w.fever, w.fever_steps)]
+  return "\n".join(lines).rstrip()
 
 
 def _where(r: dict[str, Any]) -> str:
