@@ -20,6 +20,7 @@ from typing import Any
 from tqdm import tqdm
 
 from rag_jax.utils.atomic import atomic_file
+from rag_jax.utils.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,14 @@ class PhaseLog:
 
   def __init__(self, workdir: Path):
     self.path = workdir / "phases.json"
-    self.phases: dict[str, Any] = (json.loads(self.path.read_text()) if self.path.exists()
-                                   else {})
+    self.phases: dict[str, Any] = {}
+    if self.path.exists():
+      try:
+        self.phases = json.loads(self.path.read_text())
+      except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{self.path}: not the JSON this job writes ({e}); it records the "
+                         "finished phases: restore it, or delete it to run every phase "
+                         "again") from None
 
   def done(self, name: str) -> bool:
     return name in self.phases
@@ -83,9 +90,9 @@ def run_phases(job: Any, phases: Sequence[Phase], phase_log: PhaseLog, label: st
       console(f"{tag}: done in an earlier run ({phase_log.phases[phase.name]['seconds']:.1f} s)")
       continue
     log.info("phase %s ...", phase.name)
-    start = time.time()
+    start = time.monotonic()
     result = phase.run(job)
-    seconds = time.time() - start
+    seconds = time.monotonic() - start
     phase_log.finish(phase.name, seconds, result)
     log.info("phase %s: %.1f s, %s", phase.name, seconds, result)
     console(f"{tag}: {seconds:.1f} s" + (f", {phase.summary(result)}" if phase.summary else ""))
