@@ -55,10 +55,12 @@ def bart(tmp: Path, name: str = "scaled_odd_heads", seed: int = 0, **overrides):
   return model, path
 
 
-def dpr(tmp: Path, kind: str = "question", projection_dim: int = 0, seed: int = 0):
+def dpr(tmp: Path, kind: str = "question", projection_dim: int = 0, seed: int = 0,
+        init_std: float = 0.02):
   """A DPRQuestionEncoder / DPRContextEncoder saved to tmp; returns (torch model, path)."""
   torch.manual_seed(seed)
-  config = transformers.DPRConfig(**DPR_CONFIG, projection_dim=projection_dim)
+  config = transformers.DPRConfig(**DPR_CONFIG, projection_dim=projection_dim,
+                                  initializer_range=init_std)
   cls = {"question": transformers.DPRQuestionEncoder,
          "context": transformers.DPRContextEncoder}[kind]
   model = cls(config).eval()

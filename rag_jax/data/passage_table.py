@@ -16,6 +16,10 @@ truncated to nothing.
 On disk (a directory written atomically, beside the index): tokens.npy, lengths.npy and
 table.json (the format, the shapes, head / tail / pad ids, the context format and the
 tokenizer's vocabulary size, checked against the generator tokenizer before training).
+
+Training the context encoder needs a second table: every passage as the context encoder reads it
+(`EncoderTable`, `[CLS] title [SEP] text [SEP]` from the context tokenizer, as the index was
+encoded), so the step re-encodes its retrieved passages from rows gathered on the devices.
 """
 
 from __future__ import annotations
@@ -233,3 +237,60 @@ def assemble_rows(passage_tokens: jax.Array, passage_lengths: jax.Array,
                             jnp.where(r < content + nt, tail_tok, spec.pad_id)))
   mask = (r < content + nt).astype(jnp.int32)
   return ids.astype(jnp.int32), mask
+
+
+@dataclasses.dataclass
+class EncoderTable:
+  """Every passage tokenized for the context encoder: tokens [N, Lc] (uint16 when the vocabulary
+  fits, else int32; padded with pad_id), lengths [N] int32 (real tokens, specials included);
+  Lc = the longest passage after truncation to max_length."""
+
+  tokens: np.ndarray
+  lengths: np.ndarray
+  pad_id: int
+  tokenizer_sha: str
+
+  def __len__(self) -> int:
+    return len(self.lengths)
+
+  @property
+  def width(self) -> int:
+    return self.tokens.shape[1]
+
+
+def build_encoder_table(titles_and_texts: Any, count: int, tokenizer: Any, max_length: int,
+                        block: int = 4096, progress: bool = True) -> EncoderTable:
+  """Tokenizes every passage once as the context encoder reads it: the tokenizer's pair encoding
+  of (title, text), truncated longest-first to max_length (as transformers' RagRetriever
+  tokenizes its retrieved docs for the context encoder, and as the index was encoded).
+
+  titles_and_texts: f(start, stop) -> (titles, texts) for rows [start, stop).
+  """
+  dtype = np.uint16 if len(tokenizer) <= 1 << 16 else np.int32
+  pad_id = int(tokenizer.pad_token_id)
+  tokens = np.full((count, max_length), pad_id, dtype)
+  lengths = np.zeros((count,), np.int32)
+  with tqdm(total=count, desc="encoder table", unit="passage", disable=not progress) as bar:
+    for start in range(0, count, block):
+      stop = min(count, start + block)
+      titles, texts = titles_and_texts(start, stop)
+      enc = tokenizer(list(titles), list(texts), truncation=True, max_length=max_length,
+                      return_attention_mask=False, return_token_type_ids=False)
+      for row, ids in enumerate(enc["input_ids"], start):
+        tokens[row, :len(ids)] = ids
+        lengths[row] = len(ids)
+      bar.update(stop - start)
+  width = max(1, int(lengths.max(initial=0)))
+  return EncoderTable(np.ascontiguousarray(tokens[:, :width]), lengths, pad_id,
+                      tokenizer_sha(tokenizer))
+
+
+def encoder_rows(tokens: jax.Array, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Gathered EncoderTable rows -> the context encoder's inputs.
+
+  tokens: [..., Lc]; lengths: [...]. Returns (input_ids, attention_mask), both [..., Lc] int32
+  (right padded, as the context tokenizer pads).
+  """
+  positions = jnp.arange(tokens.shape[-1], dtype=jnp.int32)  # [Lc]
+  mask = (positions < lengths.astype(jnp.int32)[..., None]).astype(jnp.int32)
+  return tokens.astype(jnp.int32), mask

@@ -2,10 +2,14 @@
 
 Parameters: {"question_encoder": <DPREncoder params>, "generator": <BART params>}, the layout of
 transformers' RagSequenceForGeneration / RagTokenForGeneration (`rag.question_encoder.*`,
-`rag.generator.*`). Retrieval happens outside the model (the index is frozen and lives on the host
-or is sharded over devices); the model receives the retrieved passages' embeddings or their scores
+`rag.generator.*`). Retrieval happens outside the model (the index lives on the host or is
+sharded over devices); the model receives the retrieved passages' embeddings or their scores
 and the generator inputs built from them, as transformers' RAG does when `context_input_ids`
 are passed in.
+
+When the context encoder is trained too (transformers' `set_context_encoder_for_training`), its
+DPREncoder parameters sit beside those two under CTX_ENCODER, and `embed_documents` re-encodes
+the retrieved passages with them; the resulting d(z) is passed in as `retrieved_doc_embeds`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from rag_jax.models.bart import BartConfig, BartForConditionalGeneration
 from rag_jax.models.bert import BertConfig, DPREncoder
 
 Array = jax.Array
+
+# The context encoder's subtree in a train state's parameters (transformers: `rag.ctx_encoder`).
+CTX_ENCODER = "ctx_encoder"
 
 # A RAG model's kind (config.model_type, a decoder's kind) -> the transformers class it is trained,
 # exported and decoded as: the loss, the generate() it reproduces, its config.json architectures.
@@ -172,3 +179,20 @@ class RagModel(nn.Module):
                          deterministic=deterministic)
     return RagOutput(logits=out.logits, doc_scores=layers.at_least_f32(doc_scores),
                      question_embeddings=question_embeddings)
+
+
+def embed_documents(ctx_encoder: DPREncoder, ctx_params: Any, input_ids: Array,
+                    attention_mask: Array, *, deterministic: bool = True,
+                    rngs: dict[str, Array] | None = None) -> Array:
+  """d(z) of passages tokenized for the context encoder ([CLS] title [SEP] text [SEP]).
+
+  input_ids, attention_mask: [..., Lc] (e.g. [B, n, Lc] retrieved passages, or [R, Lc] rows of
+  the index to re-encode). Returns [..., D] float32. Pure: the train step differentiates it with
+  respect to ctx_params; an index refresh calls it on rows of the device passage table.
+  """
+  lead, length = input_ids.shape[:-1], input_ids.shape[-1]
+  out = ctx_encoder.apply({"params": ctx_params},
+                          input_ids.reshape(-1, length),  # [..., Lc] -> [R, Lc]
+                          attention_mask.reshape(-1, length), deterministic=deterministic,
+                          rngs=rngs)
+  return out.pooler_output.reshape(*lead, -1)  # [R, D] -> [..., D]

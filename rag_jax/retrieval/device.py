@@ -6,9 +6,11 @@ back. Here all of it is part of one program (the train step, or answering from q
 answer ids), over arrays resident on the devices and sharded by rows over the mesh like the
 exact index's database:
 
-    embeddings [R, D]   the frozen passage embeddings d(z) (ExactIndex.db)
-    tokens     [R, W]   every passage's generator part (rag_jax.data.passage_table)
-    lengths    [R]
+    embeddings  [R, D]   the passage embeddings d(z) (ExactIndex.db)
+    tokens      [R, W]   every passage's generator part (rag_jax.data.passage_table)
+    lengths     [R]
+    doc_tokens  [R, Lc]  optional, when the context encoder is trained: every passage as the
+    doc_lengths [R]      context encoder reads it (passage_table.EncoderTable)
 
 For a batch of questions: q(x) with the current question encoder (no gradient: the loss
 recomputes doc_scores = q(x) . d(z) with gradients, as in the host path), the exact top-n
@@ -17,7 +19,9 @@ the n passages' embeddings and token parts across shards (each device contribute
 holds; a psum joins them), and rag_jax.data.passage_table.assemble_rows. The result is the
 batch layout of rag_jax.training.rag_step, with the same ids, scores and generator rows as the
 host path (tests/test_device_retrieval.py); answering (rag_jax.answer) feeds the same rows to the
-compiled decoding search (tests/test_device_answer.py).
+compiled decoding search (tests/test_device_answer.py). With doc_tokens the batch also carries
+the retrieved passages' context-encoder inputs, which the step re-encodes: the search reads the
+resident embeddings, the loss fresh ones.
 
 Memory: the arrays are arguments of the program, not constants, so hot-swapping the index (another
 world, a rebuilt corpus of the same size) passes new arrays without recompiling.
@@ -37,7 +41,14 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from rag_jax.data.passage_table import PassageTable, TableSpec, assemble_rows, load_or_build
+from rag_jax.data.passage_table import (
+  EncoderTable,
+  PassageTable,
+  TableSpec,
+  assemble_rows,
+  encoder_rows,
+  load_or_build,
+)
 from rag_jax.models.rag import RagModel
 from rag_jax.retrieval.embeddings import DTYPES
 from rag_jax.retrieval.exact import ExactConfig, ExactIndex, make_search_fn, shard_rows
@@ -65,8 +76,9 @@ def fits_on_devices(count: int, dim: int, width: int, embedding_itemsize: int,
 class DeviceRetrieval:
   """The device-resident index (see the module docstring) and how to search it.
 
-  arrays: {"embeddings", "tokens", "lengths"}, sharded by rows over `mesh`'s `axis`; pass them
-  to the step (they are its third argument). `swap` replaces them with another index's.
+  arrays: {"embeddings", "tokens", "lengths"} (+ "doc_tokens", "doc_lengths" when built with an
+  EncoderTable), sharded by rows over `mesh`'s `axis`; pass them to the step (they are its third
+  argument). `swap` replaces them with another index's.
   """
 
   mesh: Mesh
@@ -80,22 +92,31 @@ class DeviceRetrieval:
   arrays: dict[str, Array]
 
   @classmethod
-  def build(cls, index: ExactIndex, table: PassageTable, n_docs: int) -> DeviceRetrieval:
-    """Puts `table` beside `index`'s database, on the index's mesh, in the same row layout."""
-    if len(table) != index.count:
-      raise ValueError(f"passage table has {len(table)} passages but the index has "
-                       f"{index.count}")
+  def build(cls, index: ExactIndex, table: PassageTable, n_docs: int,
+            encoder_table: EncoderTable | None = None) -> DeviceRetrieval:
+    """Puts `table` (and `encoder_table`, for training the context encoder) beside `index`'s
+    database, on the index's mesh, in the same row layout."""
+    for name, t in (("passage table", table), ("encoder table", encoder_table)):
+      if t is not None and len(t) != index.count:
+        raise ValueError(f"{name} has {len(t)} passages but the index has {index.count}")
     total = index.db.shape[0]
-    tokens = shard_rows(lambda a, b: table.tokens[a:b], index.count, total, (table.spec.width,),
-                        table.spec.dtype, index.mesh, index.config.axis)
-    lengths = shard_rows(lambda a, b: table.lengths[a:b], index.count, total, (), np.int32,
-                         index.mesh, index.config.axis)
+
+    def rows(array: np.ndarray) -> Array:
+      return shard_rows(lambda a, b: array[a:b], index.count, total, array.shape[1:],
+                        array.dtype, index.mesh, index.config.axis)
+
+    arrays = {"embeddings": index.db, "tokens": rows(table.tokens),
+              "lengths": rows(np.asarray(table.lengths, np.int32))}
+    if encoder_table is not None:
+      arrays["doc_tokens"] = rows(encoder_table.tokens)
+      arrays["doc_lengths"] = rows(np.asarray(encoder_table.lengths, np.int32))
+      logging.info("device retrieval: encoder table %d x %d (%s) for the context encoder",
+                   len(encoder_table), encoder_table.width, encoder_table.tokens.dtype)
     logging.info("device retrieval: %d passages x %d dims (%s) + passage table %d x %d (%s) on "
                  "%d devices", index.count, index.dim, index.db.dtype, len(table),
                  table.spec.width, table.spec.dtype, index.mesh.devices.size)
     return cls(index.mesh, table.spec, n_docs, index.count, index.rows_per_shard,
-               index.chunk_size, index.config.matmul, index.config.axis,
-               {"embeddings": index.db, "tokens": tokens, "lengths": lengths})
+               index.chunk_size, index.config.matmul, index.config.axis, arrays)
 
   @classmethod
   def random(cls, mesh: Mesh, spec: TableSpec, count: int, dim: int, n_docs: int, *,
@@ -132,9 +153,12 @@ class DeviceRetrieval:
     return cls(mesh, spec, n_docs, count, rows_per_shard, chunk, matmul, axis,
                {"embeddings": emb, "tokens": tok, "lengths": lengths})
 
-  def swap(self, index: ExactIndex, table: PassageTable) -> None:
+  def swap(self, index: ExactIndex, table: PassageTable,
+           encoder_table: EncoderTable | None = None) -> None:
     """Replaces the resident arrays by another index's (same shapes: no recompilation)."""
-    other = DeviceRetrieval.build(index, table, self.n_docs)
+    if (encoder_table is None) != ("doc_tokens" not in self.arrays):
+      raise ValueError("swap: pass an encoder table exactly when the resident index has one")
+    other = DeviceRetrieval.build(index, table, self.n_docs, encoder_table)
     if other.spec != self.spec:
       raise ValueError(f"the new passage table follows {other.spec}, not {self.spec}")
     if (other.count, other.rows_per_shard, other.chunk_size) != (
@@ -146,7 +170,7 @@ class DeviceRetrieval:
   @property
   def shardings(self) -> dict[str, NamedSharding]:
     rows = NamedSharding(self.mesh, P(self.axis))
-    return {"embeddings": rows, "tokens": rows, "lengths": rows}
+    return {name: rows for name in self.arrays}
 
   def search(self, queries: Array, embeddings: Array) -> tuple[Array, Array]:
     """Exact top-n_docs: (scores [B, n] float32, passage ids [B, n] int32)."""
@@ -209,15 +233,24 @@ class DeviceRetrieval:
   def complete_batch(self, model: RagModel, params: Any, batch: dict[str, Array],
                      arrays: dict[str, Array]) -> dict[str, Array]:
     """Questions -> the full train-step batch (rag_step.BATCH_KEYS) plus "doc_ids" and
-    "retrieval_scores" [B, n]. Pure; call it inside jit."""
+    "retrieval_scores" [B, n]; with "doc_tokens" among the arrays also "doc_input_ids" and
+    "doc_attention_mask" [B, n, Lc], the context encoder's inputs (rag_step.ENCODER_BATCH_KEYS).
+    Pure; call it inside jit."""
+    keys = ("embeddings", "tokens", "lengths")
+    if "doc_tokens" in arrays:
+      keys += ("doc_tokens", "doc_lengths")
     scores, ids, rows = self.retrieve(model, params, batch["input_ids"], batch["attention_mask"],
-                                      arrays, ("embeddings", "tokens", "lengths"))
+                                      arrays, keys)
     ctx, ctx_mask = assemble_rows(rows["tokens"], rows["lengths"], batch["question_tokens"],
                                   batch["question_lengths"], self.spec)
-    return {**{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "weights")},
-            "context_input_ids": ctx, "context_attention_mask": ctx_mask,
-            "doc_embeds": rows["embeddings"].astype(jnp.float32), "doc_ids": ids,
-            "retrieval_scores": scores}
+    out = {**{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "weights")},
+           "context_input_ids": ctx, "context_attention_mask": ctx_mask,
+           "doc_embeds": rows["embeddings"].astype(jnp.float32), "doc_ids": ids,
+           "retrieval_scores": scores}
+    if "doc_tokens" in arrays:
+      out["doc_input_ids"], out["doc_attention_mask"] = encoder_rows(
+          rows["doc_tokens"], rows["doc_lengths"])  # [B, n, Lc]
+    return out
 
 
 def device_budget_bytes(fraction: float, devices: Any = None) -> float:
