@@ -9,6 +9,7 @@ arithmetic (the context encoder's projection bias moves every doc score of a que
 same amount, and p(z|x) is a softmax), and in float32 they hold rounding noise of the size of
 the terms that cancel, about 1e-7 of the largest gradient on either side."""
 
+import dataclasses
 import functools
 
 import jax
@@ -20,13 +21,18 @@ import torch
 
 from rag_jax import losses
 from rag_jax.checkpoints import load_pretrained, to_hf_state_dict
-from rag_jax.parallel import data_mesh, replicate
+from rag_jax.data.passage_table import build_encoder_table, encoder_rows
+from rag_jax.models.bert import DPREncoder
+from rag_jax.models.rag import embed_documents
+from rag_jax.parallel import data_mesh, global_batch, replicate
+from rag_jax.retrieval.device import DeviceRetrieval
 from rag_jax.training.rag_step import (
   BatchShapeError,
   make_train_step,
   without_context_encoder,
 )
 from rag_jax.training.state import create_train_state
+from tests import test_device_retrieval
 from tests import torch_reference as ref
 
 B, N, LQ, L, LC = 8, 3, 7, 12, 10
@@ -147,3 +153,78 @@ def test_a_batch_without_the_context_encoder_inputs_is_named(reference):
   del batch["doc_input_ids"]
   with pytest.raises(BatchShapeError, match=r"missing \['doc_input_ids'\]"):
     step(state, batch)
+
+
+@pytest.fixture(scope="module")
+def world():
+  return test_device_retrieval.make_world()
+
+
+def _context_encoder(world):
+  """A context encoder of the question encoder's shape, and its initial parameters."""
+  config = dataclasses.replace(world["model"].config.question_encoder,
+                               architecture="DPRContextEncoder")
+  ctx_model = DPREncoder(config)
+  ids = np.ones((2, 8), np.int32)
+  return ctx_model, jax.jit(ctx_model.init)(jax.random.key(7), ids, ids)["params"]
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_device_retrieval_scores_use_the_fresh_encoding(world, devices):
+  """The index is encoded by the initial context encoder; the step retrieves with it (stale) and
+  scores the retrieved passages with the current context encoder (fresh). Each step's loss and
+  prior equal a recomputation from the host's encoder-table rows of the passages it retrieved,
+  encoded by the context encoder's own forward; after one step the fresh scores differ from the
+  index's (the check can fail)."""
+  mesh = test_device_retrieval.mesh_of(devices)
+  model, loss = world["model"], test_device_retrieval.loss_fn("rag_sequence")
+  ctx_model, ctx_params = _context_encoder(world)
+  enc_table = build_encoder_table(world["store"].titles_and_texts,
+                                  test_device_retrieval.N_PASSAGES, world["q_tok"],
+                                  max_length=24, block=7, progress=False)
+  assert len(set(enc_table.lengths.tolist())) > 3  # Rows of several lengths (padding masked).
+  db = np.asarray(embed_documents(ctx_model, ctx_params,
+                                  *encoder_rows(enc_table.tokens, enc_table.lengths)))
+  feed, table, _, question_batch = test_device_retrieval.setup_retrieval(world, mesh, db=db)
+  retrieval = DeviceRetrieval.build(feed.index, table, N, enc_table)
+  assert set(retrieval.arrays) == {"embeddings", "tokens", "lengths", "doc_tokens",
+                                   "doc_lengths"}
+  state = replicate(create_train_state(
+      model.apply, {**world["params"], "ctx_encoder": ctx_params}, optax.adam(1e-2),
+      jax.random.key_data(jax.random.key(1))), mesh)
+  step = make_train_step(model, mesh, loss, deterministic=True, donate=False,
+                         retrieval=retrieval, context_encoder=ctx_model)
+  complete = jax.jit(lambda p, b, a: retrieval.complete_batch(model, p, b, a))
+  batch = global_batch(question_batch, mesh)
+  labels = question_batch["labels"]
+  for i in range(2):
+    params = jax.device_get(state.params)
+    state, metrics = step(state, batch, retrieval.arrays)
+    rag_params = without_context_encoder(params)
+    got = jax.device_get(complete(rag_params, question_batch, retrieval.arrays))
+    # Retrieval: the exact top-n of q(x) . (the index's stale embeddings).
+    q = np.asarray(model.apply({"params": rag_params}, question_batch["input_ids"],
+                               question_batch["attention_mask"], method=model.embed_questions))
+    top = -np.sort(-(q @ db.T), axis=1)[:, :N]
+    np.testing.assert_allclose(got["retrieval_scores"], top, rtol=1e-5, atol=1e-5)
+    # The retrieved rows, re-encoded on the host from the encoder table by the context encoder.
+    rows = got["doc_ids"].reshape(-1)
+    ids = enc_table.tokens[rows].astype(np.int32)
+    mask = (np.arange(enc_table.width) < enc_table.lengths[rows][:, None]).astype(np.int32)
+    fresh = np.asarray(ctx_model.apply({"params": params["ctx_encoder"]}, ids, mask)
+                       .pooler_output).reshape(B, N, -1)
+    scores = np.einsum("bd,bnd->bn", q, fresh)
+    out = model.apply({"params": rag_params}, got["context_input_ids"].reshape(B * N, -1),
+                      got["context_attention_mask"].reshape(B * N, -1), labels,
+                      doc_scores=scores)
+    np.testing.assert_allclose(metrics["loss_sum"], loss(out.logits, out.doc_scores, labels).sum(),
+                               rtol=1e-5)
+    prior = np.exp(scores - scores.max(1, keepdims=True))
+    np.testing.assert_allclose(metrics["top_doc_prior_sum"],
+                               (prior.max(1) / prior.sum(1)).sum(), rtol=1e-5)
+    stale = got["doc_embeds"]
+    if i == 0:  # The index was encoded by these parameters: fresh and stale agree.
+      np.testing.assert_allclose(fresh, stale, atol=1e-5, rtol=0)
+    else:  # One step later they do not.
+      assert np.abs(fresh - stale).max() > 1e-3
+      assert np.abs(scores - np.einsum("bd,bnd->bn", q, stale)).max() > 1e-3
