@@ -22,6 +22,9 @@ PAPER_QA_TEST = {"rag_sequence": 50, "rag_token": 15}  # Paper, Appendix A: test
 def get_config(model_type: str = "rag_sequence") -> ml_collections.ConfigDict:
   config = rag_finetune.get_config()
   config.trainer = "paper_scale"  # train.py dispatch: rag_jax.experiments.paper_scale.
+  for field in ("train_context_encoder", "context_encoder_checkpoint",
+                "context_encoder_max_length"):
+    del config[field]  # The RAG trainer's alone: a random index has no context encoder.
   config.model_type = model_type
   config.model = ml_collections.ConfigDict()
   config.model.preset = "large"  # BERT-base question encoder + BART-large generator.

@@ -34,6 +34,12 @@ def get_config() -> ml_collections.ConfigDict:
   # bm25: a fixed BM25 retriever (index_dir holds a bm25 index) whose scores are the logits of
   # p(z|x), the question encoder unused and frozen (the paper's "RAG-*-BM25" rows, Table 6).
   config.retriever_kind = "dense"
+  # Also train the DPR context encoder (transformers' set_context_encoder_for_training): the
+  # retrieved passages re-encoded in every step, doc scores from the fresh embeddings; the index
+  # itself stays as built. Its own rate: group_learning_rates.ctx_encoder (else learning_rate).
+  config.train_context_encoder = False
+  config.context_encoder_checkpoint = ""  # The DPRContextEncoder (+ tokenizer) of the index.
+  config.context_encoder_max_length = 256  # Passage tokens, as build_index's --max_length.
   config.device_index_dtype = "auto"  # Device copy of the index: auto = bf16 on GPU/TPU.
   config.device_index_memory_fraction = 0.5  # auto: device if index + table fit this share.
   config.max_source_length = 128  # Question tokens (question encoder).
@@ -46,7 +52,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 8  # Global batch of questions (split over all devices).
   config.num_train_steps = 10_000  # Optimizer steps (the schedule's length).
   config.learning_rate = 3e-5  # Peak AdamW learning rate.
-  config.group_learning_rates = ml_collections.ConfigDict()  # e.g. question_encoder=1e-5.
+  # e.g. question_encoder=1e-5 (and ctx_encoder=... with train_context_encoder).
+  config.group_learning_rates = ml_collections.ConfigDict()
   # Top-level parameters never updated, e.g. ("question_encoder",): the paper's "-Frozen" rows.
   config.frozen_groups = ()
   config.warmup_steps = 500  # Linear warm-up from 0.

@@ -348,3 +348,48 @@ def test_lengths_beyond_the_checkpoints_position_tables_are_refused_before_train
       f"max_position_embeddings 64 of {dirs['generator']}/config.json (invalid config: nothing "
       "was run or written)")
   assert not (tmp_path / "run").exists()
+
+
+def test_the_context_encoder_trains_with_the_generator(setup, tmp_path):
+  """config.train_context_encoder: the DPRContextEncoder that built the index is trained through
+  the retrieved passages' re-encoding (host and device retrieval give the same first losses),
+  at its own rate, and exported beside the RAG model as a checkpoint transformers loads."""
+  root, dirs = setup
+  reports, curves = {}, {}
+  for mode in ("device", "host"):
+    config = _config(root, dirs)
+    config.retrieval = mode
+    config.train_context_encoder = True
+    config.context_encoder_checkpoint = str(dirs["context"])
+    config.context_encoder_max_length = 16
+    config.group_learning_rates = {"ctx_encoder": 1e-3}
+    config.num_train_steps = config.eval_every = config.checkpoint_every = 10
+    reports[mode] = rag_trainer.train_and_evaluate(config, str(tmp_path / mode))
+    assert reports[mode]["retrieval"] == mode and reports[mode]["train_context_encoder"]
+    curves[mode] = [json.loads(x)["loss"] for x in
+                    (tmp_path / mode / "metrics.jsonl").read_text().splitlines() if x]
+  assert curves["host"][0] == pytest.approx(curves["device"][0], rel=1e-3)  # first 5 steps
+  assert list((root / "kb" / "passage_tables").glob("encoder-*/table.json"))
+  export = tmp_path / "device" / "export" / "ctx_encoder"
+  _, trained = load_pretrained(export)
+  _, initial = load_pretrained(dirs["context"])
+  moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), trained, initial)
+  assert max(jax.tree.leaves(moved)) > 1e-4
+  torch_ctx = transformers.DPRContextEncoder.from_pretrained(export)
+  np.testing.assert_allclose(
+      torch_ctx.ctx_encoder.bert_model.embeddings.word_embeddings.weight.detach().numpy(),
+      trained["bert_model"]["embeddings"]["word_embeddings"]["embedding"], atol=0)
+
+
+def test_training_the_context_encoder_needs_its_checkpoint_and_a_dense_retriever(setup,
+                                                                                 tmp_path):
+  root, dirs = setup
+  config = _config(root, dirs)
+  config.train_context_encoder = True
+  with pytest.raises(config_check.ConfigError, match=r"needs config\.context_encoder_checkpoint"):
+    rag_trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  config.context_encoder_checkpoint = str(dirs["context"])
+  config.retriever_kind = "bm25"
+  with pytest.raises(config_check.ConfigError, match=r"needs config\.retriever_kind = 'dense'"):
+    rag_trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()

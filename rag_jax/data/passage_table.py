@@ -42,6 +42,7 @@ from rag_jax.utils.atomic import atomic_directory
 from rag_jax.utils.errors import UserError
 
 TABLE_FORMAT = "rag_jax.passage_table/1"
+ENCODER_TABLE_FORMAT = "rag_jax.encoder_table/1"
 
 
 def tokenizer_sha(tokenizer: Any) -> str:
@@ -249,6 +250,7 @@ class EncoderTable:
   lengths: np.ndarray
   pad_id: int
   tokenizer_sha: str
+  max_length: int
 
   def __len__(self) -> int:
     return len(self.lengths)
@@ -256,6 +258,30 @@ class EncoderTable:
   @property
   def width(self) -> int:
     return self.tokens.shape[1]
+
+  def save(self, path: str | os.PathLike, overwrite: bool = True) -> None:
+    with atomic_directory(path, overwrite=overwrite) as tmp:
+      np.save(tmp / "tokens.npy", self.tokens)
+      np.save(tmp / "lengths.npy", self.lengths)
+      meta = {"format": ENCODER_TABLE_FORMAT, "count": len(self), "width": self.width,
+              "pad_id": self.pad_id, "tokenizer_sha": self.tokenizer_sha,
+              "max_length": self.max_length}
+      (tmp / "table.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+  @classmethod
+  def load(cls, path: str | os.PathLike, mmap: bool = True) -> EncoderTable:
+    path = Path(path)
+    meta = json.loads((path / "table.json").read_text())
+    if meta.get("format") != ENCODER_TABLE_FORMAT:
+      raise PassageTableMismatch(f"{path}/table.json: format {meta.get('format')!r}, expected "
+                                 f"{ENCODER_TABLE_FORMAT!r}")
+    mode = "r" if mmap else None
+    tokens = np.load(path / "tokens.npy", mmap_mode=mode)
+    lengths = np.load(path / "lengths.npy", mmap_mode=mode)
+    if tokens.shape != (meta["count"], meta["width"]) or len(lengths) != meta["count"]:
+      raise PassageTableMismatch(f"{path}: tokens {tokens.shape} / lengths {lengths.shape} do "
+                                 f"not match table.json")
+    return cls(tokens, lengths, meta["pad_id"], meta["tokenizer_sha"], meta["max_length"])
 
 
 def build_encoder_table(titles_and_texts: Any, count: int, tokenizer: Any, max_length: int,
@@ -282,7 +308,28 @@ def build_encoder_table(titles_and_texts: Any, count: int, tokenizer: Any, max_l
       bar.update(stop - start)
   width = max(1, int(lengths.max(initial=0)))
   return EncoderTable(np.ascontiguousarray(tokens[:, :width]), lengths, pad_id,
-                      tokenizer_sha(tokenizer))
+                      tokenizer_sha(tokenizer), max_length)
+
+
+def load_or_build_encoder_table(directory: str | os.PathLike, titles_and_texts: Any,
+                                count: int, tokenizer: Any, max_length: int,
+                                progress: bool = True) -> EncoderTable:
+  """The encoder table for (`tokenizer`, `max_length`) under directory/encoder-<key>, built and
+  saved there first if it does not exist (atomically), as load_or_build does for passage
+  tables."""
+  sha = tokenizer_sha(tokenizer)
+  key = hashlib.sha256(f"{sha}/{max_length}".encode()).hexdigest()[:16]
+  path = Path(directory) / f"encoder-{key}"
+  if (path / "table.json").is_file():
+    table = EncoderTable.load(path)
+  else:
+    table = build_encoder_table(titles_and_texts, count, tokenizer, max_length,
+                                progress=progress)
+    table.save(path, overwrite=False)
+  if (table.tokenizer_sha, table.max_length, len(table)) != (sha, max_length, count):
+    raise PassageTableMismatch(f"{path}: an encoder table for another tokenizer, length or "
+                               f"corpus ({len(table)} passages, max_length {table.max_length})")
+  return table
 
 
 def encoder_rows(tokens: jax.Array, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:

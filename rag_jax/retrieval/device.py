@@ -271,14 +271,16 @@ RETRIEVAL_MODES = ("auto", "device", "host")
 
 def setup(mode: str, index: Any, store: Any, assembler: Any, tables_dir: Any, n_docs: int,
           mesh: Mesh, *, dtype: str = "auto", memory_fraction: float = 0.5,
-          progress: bool = True) -> DeviceRetrieval | None:
+          progress: bool = True,
+          encoder_table: EncoderTable | None = None) -> DeviceRetrieval | None:
   """The choice between device and host retrieval (training and answering); None: the host path.
 
   mode "host": the host path. "device": retrieval on the devices (an error if the index does not
   fit). "auto": in the step when the passage embeddings (in `dtype`: "auto" = bf16 on
   accelerators, float32 on CPU) plus the passage table fit in `memory_fraction` of the devices'
   memory (summed over the mesh: the rows are sharded), else the host path, said in one log line.
-  The passage table is loaded from, or built once into, `tables_dir` (one per tokenizer).
+  The passage table is loaded from, or built once into, `tables_dir` (one per tokenizer). An
+  `encoder_table` (training the context encoder) goes on the devices too, and counts in the fit.
   An exact `index` in another dtype or on another mesh is re-placed in place
   (ExactIndex.place), so its embeddings are on the devices once.
   """
@@ -292,6 +294,8 @@ def setup(mode: str, index: Any, store: Any, assembler: Any, tables_dir: Any, n_
   spec = TableSpec.of(assembler)
   need = index_bytes(index.count, index.dim, spec.width, np.dtype(DTYPES[dtype]).itemsize,
                      spec.dtype.itemsize)
+  if encoder_table is not None:
+    need += encoder_table.tokens.nbytes + 4 * len(encoder_table)
   budget = device_budget_bytes(memory_fraction, list(mesh.devices.flat))
   if need > budget:
     message = (f"the index ({index.count} passages x {index.dim} in {dtype} + passage table "
@@ -313,4 +317,4 @@ def setup(mode: str, index: Any, store: Any, assembler: Any, tables_dir: Any, n_
     index.place(dataclasses.replace(index.config, dtype=dtype), mesh)
   logging.info("retrieval: on the devices (%.1f GiB of %.1f GiB budget)", need / 2**30,
                budget / 2**30)
-  return DeviceRetrieval.build(exact, table, n_docs)
+  return DeviceRetrieval.build(exact, table, n_docs, encoder_table)

@@ -168,7 +168,8 @@ RAG_NUMBERS = [
 # Those the world job fills in (paths, kind, seed, the token lengths it measures on the world).
 RAG_JOB_FILLED = ("trainer", "model_type", "rag_checkpoint", "question_encoder_checkpoint",
                   "generator_checkpoint", "index_dir", "data_dir", "seed", "max_source_length",
-                  "max_target_length", "max_combined_length")
+                  "max_target_length", "max_combined_length", "context_encoder_checkpoint",
+                  "context_encoder_max_length")
 # The RAG trainer on its own also reads the model kind, the token lengths and the paths (which
 # rag_jax.training.rag_trainer.check_config_paths checks for their files).
 RAG = [*RAG_NUMBERS, Rule("model_type", one_of(*MODEL_TYPES)),
@@ -176,6 +177,11 @@ RAG = [*RAG_NUMBERS, Rule("model_type", one_of(*MODEL_TYPES)),
        Rule("max_combined_length", integer(1)),
        *[Rule(f, text) for f in ("rag_checkpoint", "question_encoder_checkpoint",
                                  "generator_checkpoint", "index_dir", "data_dir")]]
+# Training the context encoder: the RAG trainer's (the world job fills the encoder's path and
+# passage length with its retriever's); not paper_scale's (its index is random).
+_TRAIN_CONTEXT_ENCODER = Rule("train_context_encoder", boolean)
+RAG_TRAINER = [*RAG, _TRAIN_CONTEXT_ENCODER, Rule("context_encoder_checkpoint", text),
+               Rule("context_encoder_max_length", integer(1))]
 
 REVERSAL = [
     *TRAINING, _LABEL_SMOOTHING,
@@ -211,7 +217,7 @@ WORLD = [
     # The evaluation phase's (and evaluate.py's) group: evaluation-only (loop.EVALUATION_ONLY).
     *[Rule(f"eval.{f}", integer(1)) for f in ("batch_size", "num_beams", "max_answer_tokens")],
     Rule("eval.recall_ks", positive_ints),
-    *[Rule(f"rag.{r.field}", r.check) for r in RAG_NUMBERS],
+    *[Rule(f"rag.{r.field}", r.check) for r in (*RAG_NUMBERS, _TRAIN_CONTEXT_ENCODER)],
 ]
 
 # configs/world_paper.py beyond its worlds (each checked with WORLD): Figures 2 and 3, the
@@ -234,7 +240,7 @@ PAPER_SCALE = [
     Rule("eval.rescore_positions", integer(0)),
 ]
 
-RULES: dict[str, list[Rule]] = {"world": WORLD, "reversal": REVERSAL, "rag": RAG,
+RULES: dict[str, list[Rule]] = {"world": WORLD, "reversal": REVERSAL, "rag": RAG_TRAINER,
                                 "seq2seq": [*TRAINING], "paper_scale": PAPER_SCALE,
                                 "world_paper": WORLD_PAPER}
 
@@ -290,6 +296,15 @@ def _relations(config: ml_collections.ConfigDict, trainer: str, prefix: str) -> 
       if number(0, low_open=True)(lr) is not None:
         out.append(f"{prefix}.{g}group_learning_rates.{group} = {lr!r}: must be a finite "
                    "number > 0")
+  if trainer == "rag" and config.train_context_encoder:
+    if config.retriever_kind != "dense":
+      out.append(f"{prefix}.train_context_encoder = True: needs {prefix}.retriever_kind = "
+                 f"'dense' (not {config.retriever_kind!r}: a fixed retriever has no context "
+                 "encoder)")
+    if not config.context_encoder_checkpoint:
+      out.append(f"{prefix}.train_context_encoder = True: needs "
+                 f"{prefix}.context_encoder_checkpoint (the DPRContextEncoder that encoded the "
+                 "index, with its tokenizer)")
   if trainer == "paper_scale":  # Its index is random, index_rows x dim: a pure config relation.
     out += index_problems(passages_needed(config, trainer), config.index_rows,
                           f"the random index ({prefix}.index_rows)", prefix)

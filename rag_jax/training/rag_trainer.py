@@ -18,6 +18,12 @@ index, gradients into the question encoder unless `config.frozen_groups` holds
 retrieved on the host, the question encoder frozen: the paper's "-BM25" rows). Same trainer,
 same step; only the batch's prior and the optimizer's frozen group differ.
 
+`config.train_context_encoder` also trains the DPR context encoder that built the index
+(`config.context_encoder_checkpoint`): the retrieved passages are re-encoded in every step from a
+second table of their context-encoder ids (cached under the index's passage_tables/), the index
+itself stays as built; the encoder is checkpointed with the rest and exported to
+export/ctx_encoder/ (a DPRContextEncoder with its tokenizer).
+
 `config.model_type` is the one source of truth for the model's kind: it picks the loss, and the
 model that is trained, exported and decoded is RagSequenceForGeneration (rag_sequence) or
 RagTokenForGeneration (rag_token) whatever the starting checkpoint's `architectures` say.
@@ -41,9 +47,9 @@ import numpy as np
 
 from rag_jax import checkpoints, losses
 from rag_jax.data import contexts, qa
-from rag_jax.data.passage_table import question_parts
+from rag_jax.data.passage_table import load_or_build_encoder_table, question_parts
 from rag_jax.data.sampling import epoch_rows
-from rag_jax.models.rag import RagConfig, RagModel, architecture_of
+from rag_jax.models.rag import CTX_ENCODER, RagConfig, RagModel, architecture_of
 from rag_jax.parallel import data_mesh, global_batch, replicate
 from rag_jax.retrieval import device as device_retrieval
 from rag_jax.retrieval.backends import load_index
@@ -51,7 +57,7 @@ from rag_jax.retrieval.device import DeviceRetrieval
 from rag_jax.retrieval.index import TextIndex, read_meta
 from rag_jax.retrieval.store import PassageStore
 from rag_jax.training import config_check, loop, optimizer
-from rag_jax.training.rag_step import make_eval_step, make_train_step
+from rag_jax.training.rag_step import make_eval_step, make_train_step, without_context_encoder
 from rag_jax.training.retrieval_feed import RetrievalFeed
 from rag_jax.training.state import create_train_state
 from rag_jax.utils.errors import InputNotFoundError
@@ -107,6 +113,22 @@ def load_model(config: ml_collections.ConfigDict
       max_combined_length=config.max_combined_length, label_smoothing=config.label_smoothing,
       exclude_bos_score=config.exclude_bos_score))
   return model, params, tokenizers
+
+
+def load_context_encoder(config: ml_collections.ConfigDict, model: RagModel
+                         ) -> tuple[Any, Any, Any]:
+  """(DPREncoder, its params, its tokenizer) from config.context_encoder_checkpoint; its
+  embeddings must have the question encoder's width (their inner product is the score)."""
+  path = config.context_encoder_checkpoint
+  ctx_model, ctx_params = checkpoints.load_pretrained(path, dtype=jnp.dtype(config.dtype))
+  if getattr(ctx_model.config, "architecture", None) != "DPRContextEncoder":
+    raise ValueError(f"config.context_encoder_checkpoint={path}: a {type(ctx_model).__name__} "
+                     "checkpoint, not a DPRContextEncoder")
+  q_dim = model.config.question_encoder.embedding_dim
+  if ctx_model.config.embedding_dim != q_dim:
+    raise ValueError(f"config.context_encoder_checkpoint={path} embeds into "
+                     f"{ctx_model.config.embedding_dim} dims, the question encoder into {q_dim}")
+  return ctx_model, ctx_params, checkpoints.load_tokenizer(path)
 
 
 def _answer_in_passages(feed: RetrievalFeed, answers: list[str], doc_rows: np.ndarray) -> float:
@@ -223,6 +245,8 @@ def check_config_paths(config: ml_collections.ConfigDict) -> None:
     need("question_encoder_checkpoint", "config.json",
          hint=ckpt_hint + " (or set config.rag_checkpoint)")
     need("generator_checkpoint", "config.json", hint=ckpt_hint)
+  if config.train_context_encoder:
+    need("context_encoder_checkpoint", "config.json", hint=ckpt_hint + " (a DPRContextEncoder)")
   for split in ("train", "val"):
     need("data_dir", f"{split}.source", f"{split}.target",
          hint="one question (.source) and one answer (.target) per line")
@@ -273,8 +297,14 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
   model, params, tokenizers = load_model(config)
   index = load_index(Path(config.index_dir) / "index")
   store = PassageStore(Path(config.index_dir) / "passages")
+  tables_dir = Path(config.index_dir) / "passage_tables"
+  ctx_model = ctx_tokenizer = encoder_table = None
+  if config.train_context_encoder:
+    ctx_model, params[CTX_ENCODER], ctx_tokenizer = load_context_encoder(config, model)
+    encoder_table = load_or_build_encoder_table(tables_dir, store.titles_and_texts, index.count,
+                                                ctx_tokenizer, config.context_encoder_max_length)
   feed = RetrievalFeed(model, index, store, tokenizers.question_encoder, tokenizers.generator,
-                       config.n_docs)
+                       config.n_docs, encoder_table=encoder_table)
   kind = config.retriever_kind
   if (kind == "bm25") != isinstance(index, TextIndex):
     raise ValueError(f"config.retriever_kind={kind!r} but {config.index_dir}/index is a "
@@ -301,13 +331,13 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
   loss_fn = loss_function(config, model)
   retrieval = device_retrieval.setup(
       "host" if feed.fixed_doc_scores else config.retrieval, index, store, feed.assembler,
-      Path(config.index_dir) / "passage_tables", config.n_docs, mesh,
-      dtype=config.device_index_dtype, memory_fraction=config.device_index_memory_fraction)
+      tables_dir, config.n_docs, mesh, dtype=config.device_index_dtype,
+      memory_fraction=config.device_index_memory_fraction, encoder_table=encoder_table)
   train_questions = QuestionBatches(feed, train)
   step_fn = make_train_step(model, mesh, loss_fn, retrieval=retrieval,
-                            fixed_doc_scores=feed.fixed_doc_scores)
+                            fixed_doc_scores=feed.fixed_doc_scores, context_encoder=ctx_model)
   eval_fn = make_eval_step(model, mesh, loss_fn, retrieval=retrieval,
-                           fixed_doc_scores=feed.fixed_doc_scores)
+                           fixed_doc_scores=feed.fixed_doc_scores, context_encoder=ctx_model)
   run_eval = functools.partial(evaluate, config, feed=feed, data=val, answers=val_answers,
                                eval_fn=eval_fn, mesh=mesh, retrieval=retrieval)
   logging.info("RAG %s: %d parameters, %d devices, %d train / %d val examples, %s retriever, "
@@ -337,10 +367,14 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
 
   final = run_eval(params=state.params)
   params_host = jax.device_get(state.params)
-  export = checkpoints.save_pretrained(model, params_host, workdir / "export",
-                                       tokenizer=tokenizers)
+  export = checkpoints.save_pretrained(model, without_context_encoder(params_host),
+                                       workdir / "export", tokenizer=tokenizers)
+  if ctx_model is not None:
+    checkpoints.save_pretrained(ctx_model, params_host[CTX_ENCODER], export / "ctx_encoder",
+                                tokenizer=ctx_tokenizer)
   report = {"model_type": config.model_type, "architecture": model.config.architecture,
             "retriever_kind": kind, "frozen_groups": list(frozen_groups),
+            "train_context_encoder": bool(config.train_context_encoder),
             "steps": config.num_train_steps, "retrieval": "host" if retrieval is None else "device",
             "devices": mesh.devices.size, **{f"val_{k}": v for k, v in final.items()},
             "export": str(export)}

@@ -10,6 +10,9 @@ recomputed inside the step so that gradients reach the question encoder.
 Over a text index (BM25, rag_jax.retrieval.bm25_index) the batch holds the index's scores as
 "doc_scores" instead of "doc_embeds" (rag_jax.training.rag_step.SCORE_BATCH_KEYS): a fixed
 retriever whose scores are the logits of p(z|x), the paper's "RAG-*-BM25" rows.
+
+With an `encoder_table` (training the context encoder) the batch also holds the retrieved
+passages' context-encoder inputs, "doc_input_ids" / "doc_attention_mask" [B, n, Lc], its rows.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from rag_jax.data import contexts
+from rag_jax.data.passage_table import EncoderTable
 from rag_jax.data.qa import TokenizedQA
 from rag_jax.models.rag import RagModel
 from rag_jax.retrieval.index import TextIndex
@@ -30,8 +34,10 @@ class RetrievalFeed:
   """Builds train-step batches (see rag_jax.training.rag_step) for rows of a TokenizedQA."""
 
   def __init__(self, model: RagModel, index: Any, store: Any, question_tokenizer: Any,
-               generator_tokenizer: Any, n_docs: int, cache_size: int = 1_000_000):
+               generator_tokenizer: Any, n_docs: int, cache_size: int = 1_000_000,
+               encoder_table: EncoderTable | None = None):
     self.index, self.store, self.n_docs = index, store, n_docs
+    self.encoder_table = encoder_table
     self.question_tokenizer = question_tokenizer
     self.retriever = Retriever(index, store, question_tokenizer, question_embedder(model))
     self.assembler = contexts.ContextAssembler(
@@ -84,4 +90,9 @@ class RetrievalFeed:
       batch["doc_scores"] = np.asarray(doc_scores, np.float32)  # [B, n]
     else:
       batch["doc_embeds"] = self.index.embeddings(doc_rows).astype(np.float32)  # [B, n, D]
+    if self.encoder_table is not None:
+      table = self.encoder_table
+      batch["doc_input_ids"] = np.asarray(table.tokens[doc_rows], np.int32)  # [B, n, Lc]
+      batch["doc_attention_mask"] = (np.arange(table.width) < np.asarray(
+          table.lengths)[doc_rows][..., None]).astype(np.int32)  # [B, n, Lc]
     return batch, doc_rows

@@ -199,6 +199,9 @@ def _rag_config(job: Job, model_type: str) -> ml_collections.ConfigDict:
   # The answer with its specials, plus the decoder start token when it is prepended.
   cfg.max_target_length = lengths["answer"] + int(cfg.prepend_decoder_start)
   cfg.max_combined_length = lengths["combined"]
+  # The context encoder that built the index (trained only with config.rag.train_context_encoder).
+  cfg.context_encoder_checkpoint = str(job.workdir / "retriever" / "context_encoder")
+  cfg.context_encoder_max_length = lengths["passage"]
   cfg.seed = job.config.seed
   return cfg
 
