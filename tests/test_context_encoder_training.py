@@ -21,7 +21,11 @@ import torch
 
 from rag_jax import losses
 from rag_jax.checkpoints import load_pretrained, to_hf_state_dict
-from rag_jax.data.passage_table import build_encoder_table, encoder_rows
+from rag_jax.data.passage_table import (
+  build_encoder_table,
+  encoder_rows,
+  load_or_build_encoder_table,
+)
 from rag_jax.models.bert import DPREncoder
 from rag_jax.models.rag import embed_documents
 from rag_jax.parallel import data_mesh, global_batch, replicate
@@ -228,3 +232,22 @@ def test_device_retrieval_scores_use_the_fresh_encoding(world, devices):
     else:  # One step later they do not.
       assert np.abs(fresh - stale).max() > 1e-3
       assert np.abs(scores - np.einsum("bd,bnd->bn", q, stale)).max() > 1e-3
+
+
+def test_encoder_table_rows_are_the_context_tokenizers(world, tmp_path):
+  """Each row is the context tokenizer's pair encoding of (title, text) as transformers'
+  RagRetriever makes it for the context encoder (truncation, padding="longest"); the table is
+  saved once per (tokenizer, max_length) and loaded back unchanged."""
+  store, tok = world["store"], world["q_tok"]
+  count = test_device_retrieval.N_PASSAGES
+  titles, texts = store.titles_and_texts(0, count)
+  for max_length in (24, 9):  # 9: truncation, longest first.
+    expected = tok(titles, texts, truncation=True, max_length=max_length, padding="longest")
+    table = load_or_build_encoder_table(tmp_path, store.titles_and_texts, count, tok,
+                                        max_length, progress=False)
+    ids, mask = encoder_rows(table.tokens, table.lengths)
+    np.testing.assert_array_equal(ids, expected["input_ids"])
+    np.testing.assert_array_equal(mask, expected["attention_mask"])
+    again = load_or_build_encoder_table(tmp_path, None, count, tok, max_length)
+    np.testing.assert_array_equal(again.tokens, table.tokens)
+  assert len(list(tmp_path.glob("encoder-*/table.json"))) == 2
