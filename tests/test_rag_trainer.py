@@ -353,18 +353,24 @@ def test_lengths_beyond_the_checkpoints_position_tables_are_refused_before_train
 def test_the_context_encoder_trains_with_the_generator(setup, tmp_path):
   """config.train_context_encoder: the DPRContextEncoder that built the index is trained through
   the retrieved passages' re-encoding (host and device retrieval give the same first losses),
-  at its own rate, and exported beside the RAG model as a checkpoint transformers loads."""
+  at its own rate, checkpointed with the rest (a killed run resumes to the same encoder), and
+  exported beside the RAG model as a checkpoint transformers loads."""
   root, dirs = setup
-  reports, curves = {}, {}
-  for mode in ("device", "host"):
+
+  def config_for(mode):
     config = _config(root, dirs)
     config.retrieval = mode
     config.train_context_encoder = True
     config.context_encoder_checkpoint = str(dirs["context"])
     config.context_encoder_max_length = 16
     config.group_learning_rates = {"ctx_encoder": 1e-3}
-    config.num_train_steps = config.eval_every = config.checkpoint_every = 10
-    reports[mode] = rag_trainer.train_and_evaluate(config, str(tmp_path / mode))
+    config.num_train_steps = config.eval_every = 10
+    config.checkpoint_every = 5
+    return config
+
+  reports, curves = {}, {}
+  for mode in ("device", "host"):
+    reports[mode] = rag_trainer.train_and_evaluate(config_for(mode), str(tmp_path / mode))
     assert reports[mode]["retrieval"] == mode and reports[mode]["train_context_encoder"]
     curves[mode] = [json.loads(x)["loss"] for x in
                     (tmp_path / mode / "metrics.jsonl").read_text().splitlines() if x]
@@ -375,6 +381,12 @@ def test_the_context_encoder_trains_with_the_generator(setup, tmp_path):
   _, initial = load_pretrained(dirs["context"])
   moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), trained, initial)
   assert max(jax.tree.leaves(moved)) > 1e-4
+  # Killed after step 7 (last checkpoint: step 5), resumed: the same context encoder.
+  killed = tmp_path / "killed"
+  assert rag_trainer.train_and_evaluate(config_for("device"), str(killed), stop_after=7) is None
+  rag_trainer.train_and_evaluate(config_for("device"), str(killed))
+  _, resumed = load_pretrained(killed / "export" / "ctx_encoder")
+  jax.tree.map(np.testing.assert_array_equal, resumed, trained)
   torch_ctx = transformers.DPRContextEncoder.from_pretrained(export)
   np.testing.assert_allclose(
       torch_ctx.ctx_encoder.bert_model.embeddings.word_embeddings.weight.detach().numpy(),
