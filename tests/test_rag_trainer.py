@@ -401,6 +401,10 @@ def test_training_the_context_encoder_needs_its_checkpoint_and_a_dense_retriever
   with pytest.raises(config_check.ConfigError, match=r"needs config\.context_encoder_checkpoint"):
     rag_trainer.train_and_evaluate(config, str(tmp_path / "run"))
   config.context_encoder_checkpoint = str(dirs["context"])
+  config.context_encoder_max_length = 65  # The fixture's encoders have 64 positions.
+  with pytest.raises(config_check.ConfigError, match=r"context_encoder_max_length = 65: must be "
+                     r"<= max_position_embeddings 64 of .*context/config\.json"):
+    rag_trainer.train_and_evaluate(config, str(tmp_path / "run"))
   config.retriever_kind = "bm25"
   with pytest.raises(config_check.ConfigError, match=r"needs config\.retriever_kind = 'dense'"):
     rag_trainer.train_and_evaluate(config, str(tmp_path / "run"))

@@ -265,7 +265,8 @@ def check_model_lengths(config: ml_collections.ConfigDict) -> None:
   """The token lengths against the checkpoints' position tables, read from their config.json
   before the workdir is touched: max_source_length against the question encoder's,
   max_combined_length and max_target_length against the generator's (a longer input has no
-  position to embed). One ConfigError lists every length too long."""
+  position to embed), context_encoder_max_length against the context encoder's when it is
+  trained. One ConfigError lists every length too long."""
   if config.rag_checkpoint:
     rag = checkpoints.read_config(config.rag_checkpoint)
     where = f"{config.rag_checkpoint}/config.json"
@@ -276,9 +277,13 @@ def check_model_lengths(config: ml_collections.ConfigDict) -> None:
     generator = checkpoints.read_config(config.generator_checkpoint)
     places = (f"{config.question_encoder_checkpoint}/config.json",
               f"{config.generator_checkpoint}/config.json")
-  limits = (("max_source_length", question, places[0]),
+  limits = [("max_source_length", question, places[0]),
             ("max_combined_length", generator, places[1]),
-            ("max_target_length", generator, places[1]))
+            ("max_target_length", generator, places[1])]
+  if config.train_context_encoder:
+    limits.append(("context_encoder_max_length",
+                   checkpoints.read_config(config.context_encoder_checkpoint),
+                   f"{config.context_encoder_checkpoint}/config.json"))
   found = [f"config.{field} = {config[field]}: must be <= max_position_embeddings "
            f"{model['max_position_embeddings']} of {place}"
            for field, model, place in limits
