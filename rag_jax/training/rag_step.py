@@ -24,7 +24,8 @@ Which passages were retrieved is still decided by the index's (possibly stale) e
 
 Inside `jax.shard_map` over the mesh's "data" axis each device runs the question encoder,
 doc_scores = q(x) . d(z) (the only path by which gradients reach the question encoder; the
-passage encoder and index stay frozen, as in the paper), the generator on its n passages per
+passage encoder and index stay frozen, as in the paper, unless the context encoder is trained as
+above), the generator on its n passages per
 question, and the loss on its shard of the batch. Gradients are then summed across devices with
 an explicit `lax.psum` (check_vma=False: the pmap discipline, nothing reduced implicitly), each
 device having divided its summed loss by the global number of real examples, so the result is
