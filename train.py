@@ -8,7 +8,9 @@ exits 2, a bad config field 1 (rag_jax/training/config_check.py), before the wor
 The workdir is locked for the run (rag_jax/utils/lock.py). An anticipated error (a bad config
 field, a locked workdir, a bad data file, a workdir that cannot be written) prints one line
 `error: ...` (exit 2 for a usage error, 1 for any other); --traceback shows its traceback. See
-rag_jax/commands/common.py and docs/failure_modes.md.
+rag_jax/commands/common.py and docs/failure_modes.md. The RAG fine-tuning trainer
+(configs/rag_finetune.py) runs on several processes too (docs/distributed.md); processes 1..
+log to WORKDIR/.logs/process-<i>.log.
 """
 
 import importlib
@@ -19,6 +21,7 @@ from pathlib import Path
 from absl import flags
 
 from rag_jax.commands.common import ConfigFile, define_common_flags, run_main, start_processes
+from rag_jax.distributed import is_primary
 from rag_jax.utils.errors import UsageError, os_errors_under
 from rag_jax.utils.host_memory import configure_host_allocator
 from rag_jax.utils.logs import quiet_console
@@ -41,6 +44,9 @@ TRAINERS = {"world": _job("rag_jax.experiments.world.job"),
             "paper_scale": _job("rag_jax.experiments.paper_scale"),
             "world_paper": _job("rag_jax.experiments.world.paper")}
 
+# The trainers that run on several processes (docs/distributed.md); the others refuse them.
+MULTI_PROCESS = ("rag",)
+
 CONFIG = ConfigFile(Path(__file__).resolve().parent / "configs" / "default.py",
                     "Experiment config file (a get_config() module).")
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Where logs, metrics and checkpoints go.")
@@ -61,14 +67,17 @@ def train(positional: list[str]) -> None:
   if positional:
     raise UsageError(f"unexpected arguments {positional}; every setting is a flag")
   configure_host_allocator()  # Before jax starts its CPU client.
-  start_processes(FLAGS, "train.py")
+  config = CONFIG.value
+  multi = config.get("trainer") in MULTI_PROCESS  # processes 1.. log to WORKDIR/.logs
+  start_processes(FLAGS, "train.py" if multi else f"train.py's {config.get('trainer')} job",
+                  Path(_WORKDIR.value) / ".logs" if multi else None)
   from rag_jax.evaluation import paper  # here: it loads jax (seconds), after the flags
   quiet_console()
-  config = CONFIG.value
   paper.validate(config)  # every field, a paper row's `eval` group too, before any phase
   with os_errors_under(_WORKDIR.value):
     report = TRAINERS[config.trainer](config, _WORKDIR.value)
-  if report and config.trainer not in ("world", "world_paper"):  # Print their own.
+  if report and config.trainer not in ("world", "world_paper") and is_primary():  # Print
+    # their own; processes 1.. log.
     print(summary(report, _WORKDIR.value), flush=True)
 
 

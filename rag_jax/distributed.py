@@ -29,6 +29,7 @@ and load jax (seconds) only once the flags are parsed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -37,9 +38,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from rag_jax.utils.errors import UserError
 
+T = TypeVar("T")
 ENV_COORDINATOR = "RAG_JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "RAG_JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "RAG_JAX_PROCESS_ID"
@@ -271,13 +274,13 @@ def barrier(name: str, timeout_s: float) -> None:
 
 def on_primary(name: str, action: Callable[[], object], timeout_s: float) -> None:
   """Runs `action` on process 0 only, then on every process raises what it raised: process 0
-  its own error (a UserError or OSError), the others a DistributedError quoting it, so that no
-  process waits for, or goes on after, a step that failed on process 0."""
+  its own error (any Exception), the others a DistributedError quoting it, so that no process
+  waits for, or goes on after, a step that failed on process 0."""
   error = None
   if is_primary():
     try:
       action()
-    except (UserError, OSError) as e:
+    except Exception as e:
       if process_count() == 1:
         raise
       error = e
@@ -287,6 +290,15 @@ def on_primary(name: str, action: Callable[[], object], timeout_s: float) -> Non
     raise error
   if first:
     raise DistributedError(f"process 0 failed, so {describe()} stops: {first}")
+
+
+def primary_first(name: str, make: Callable[[], T], timeout_s: float) -> T:
+  """make() on every process, process 0's call first and the others' after it returned (a cache
+  that process 0 builds and the others then read); an error on process 0 is raised on every
+  process (`on_primary`)."""
+  made = []
+  on_primary(name, lambda: made.append(make()), timeout_s)
+  return made[0] if made else make()
 
 
 def check_same(name: str, facts: dict[str, str], timeout_s: float, what: str) -> None:
@@ -299,3 +311,20 @@ def check_same(name: str, facts: dict[str, str], timeout_s: float, what: str) ->
       if theirs.get(key) != value:
         raise DistributedError(f"process {p} was given another {key} than process 0 "
                                f"({theirs.get(key)} vs {value}); {what} (nothing was written)")
+
+
+def file_fingerprint(path: str | os.PathLike, ends: int = 1 << 20) -> str:
+  """'<size> bytes, sha256 <hex>' of a file's first and last `ends` bytes (all of a file up to
+  2 * ends), for check_same: two processes given different files of one name are told apart
+  without reading a corpus whole. '<absent>' for a missing file."""
+  path = Path(path)
+  if not path.is_file():
+    return "<absent>"
+  size = path.stat().st_size
+  digest = hashlib.sha256()
+  with path.open("rb") as f:
+    digest.update(f.read(ends))
+    if size > ends:
+      f.seek(max(ends, size - ends))
+      digest.update(f.read())
+  return f"{size} bytes, sha256 {digest.hexdigest()[:16]}"

@@ -1,9 +1,9 @@
 """The device mesh every part of rag_jax uses: one "data" axis (pure data parallelism).
 
-Training shards its global batch over every device of every host (`data_mesh()`). The passage
-index and the passage encoder work on this process's devices only (`local_data_mesh()`): each
-host holds its own copy of the index and encodes its own slice of the corpus, so no collective
-crosses hosts there. Both are the same 1-D "data" mesh over a different device list.
+Training shards its global batch over every device of every host (`data_mesh()`), each process
+feeding its rows (`host_batch`). The passage encoder, and an index searched on the host, work on
+this process's devices only (`local_data_mesh()`); the index searched inside the train step is
+sharded over the global mesh. Both are the same 1-D "data" mesh over a different device list.
 """
 
 from __future__ import annotations
@@ -39,6 +39,32 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
   sharding = NamedSharding(mesh, P("data"))
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local.items()}
+
+
+def local_rows(mesh: Mesh, n: int) -> slice:
+  """The rows of a [n] batch sharded on "data" over `mesh` that this process's devices hold:
+  one contiguous block (slice(0, n) on one process). Raises ValueError if they are not
+  contiguous (a mesh whose devices interleave processes)."""
+  sharding = NamedSharding(mesh, P(AXIS))
+  blocks = sorted({(index[0].start or 0, n if index[0].stop is None else index[0].stop)
+                   for index in sharding.addressable_devices_indices_map((n,)).values()})
+  if any(a[1] != b[0] for a, b in zip(blocks, blocks[1:], strict=False)):
+    raise ValueError(f"this process's rows of a batch of {n} are not contiguous: {blocks}")
+  return slice(blocks[0][0], blocks[-1][1])
+
+
+def host_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """A global batch every process holds whole on the host -> global arrays sharded on "data",
+  each process feeding only its rows (`local_rows`); on one host a sharded device_put."""
+  n = len(next(iter(batch.values())))
+  rows = local_rows(mesh, n)
+  return global_batch({k: np.asarray(v)[rows] for k, v in batch.items()}, mesh)
+
+
+def local_copy(tree):
+  """A replicated pytree as arrays of this process's first device (host-side work on one
+  process, e.g. retrieval on the host); unchanged when every device is this process's."""
+  return jax.tree.map(lambda x: x if x.is_fully_addressable else x.addressable_data(0), tree)
 
 
 def replicate(tree, mesh: Mesh):

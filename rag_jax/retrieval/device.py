@@ -257,9 +257,11 @@ def device_budget_bytes(fraction: float, devices: Any = None) -> float:
   """`fraction` of the devices' memory (summed), from jax's allocator limits; on CPU, where jax
   reports none, the host's physical memory."""
   devices = jax.devices() if devices is None else devices
-  limits = [(d.memory_stats() or {}).get("bytes_limit") for d in devices]
-  if all(limits):
-    return fraction * float(sum(limits))
+  # Only this process's devices report their memory: the others' are taken to be alike.
+  local = [d for d in devices if d.process_index == jax.process_index()]
+  limits = [(d.memory_stats() or {}).get("bytes_limit") for d in local]
+  if local and all(limits):
+    return fraction * float(sum(limits)) * len(devices) / len(local)
   try:
     return fraction * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
   except (ValueError, OSError, AttributeError):

@@ -19,8 +19,10 @@ import ml_collections
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
+from rag_jax.distributed import is_primary, process_index
 from rag_jax.utils.atomic import atomic_file
 from rag_jax.utils.errors import UserError
+from rag_jax.utils.faults import kill_point
 
 
 class WorkdirConfigError(UserError, ValueError):
@@ -300,7 +302,9 @@ def train_loop(config: ml_collections.ConfigDict, workdir: Path, state: Any, ste
     (state, finished): finished is False when stop_after ended the run early.
 
   Writes workdir/metrics.jsonl (one record per log_every steps, with steps/s and the elapsed
-  seconds since this (re)start) and keep-N orbax checkpoints in workdir/checkpoints. A resumed
+  seconds since this (re)start) and keep-N orbax checkpoints in workdir/checkpoints. On several
+  processes every process runs the loop (the steps, evaluations and orbax saves are collective)
+  and process 0 alone writes the metrics files and the progress bar. A resumed
   run's metrics.jsonl equals an uninterrupted run's but for the speed figures: the records
   after the restored checkpoint are dropped before they are written again (MetricsWriter), and
   a record whose window began before that checkpoint sums the same steps (WindowLog).
@@ -308,7 +312,8 @@ def train_loop(config: ml_collections.ConfigDict, workdir: Path, state: Any, ste
   manager = checkpoint_manager(workdir, config)
   state = restore_latest(manager, state)
   start = int(state.step)
-  writer = MetricsWriter(workdir, start)
+  primary = is_primary()  # several processes: every one steps, process 0 alone writes files
+  writer = MetricsWriter(workdir, start) if primary else None
   windows = WindowLog(workdir, config.keep_checkpoints)
   throughput = Throughput(start, config.batch_size)
   window: dict[str, Any] = windows.at(start) if start % config.log_every else {}
@@ -318,7 +323,7 @@ def train_loop(config: ml_collections.ConfigDict, workdir: Path, state: Any, ste
   unchecked: tuple[dict[str, Any], int] | None = None
   try:
     with tqdm(total=config.num_train_steps, initial=start, desc=desc, unit="step",
-              dynamic_ncols=True) as bar:
+              dynamic_ncols=True, disable=not primary) as bar:
       for step in range(start, config.num_train_steps):
         state, metrics = step_fn(state, step)
         done = step + 1
@@ -341,14 +346,17 @@ def train_loop(config: ml_collections.ConfigDict, workdir: Path, state: Any, ste
             record.update({f"{eval_prefix}{k}": v for k, v in evaluate(state.params).items()})
           if postfix is not None:
             bar.set_postfix(postfix(record))
-          writer.write(record)
-        if save_checkpoint(manager, done, state, config) and window:
+          if writer is not None:
+            writer.write(record)
+        if save_checkpoint(manager, done, state, config) and window and primary:
           windows.save(done, window)  # Steps since the last record: a resume sums them too.
+        kill_point(f"train:{done}:{process_index()}")  # tests: process i dies after step done
         if stop_after is not None and done >= stop_after:
           break
   finally:
     with checkpoint_os_errors(manager):
       manager.wait_until_finished()
     manager.close()
-    writer.close()
+    if writer is not None:
+      writer.close()
   return state, int(state.step) >= config.num_train_steps

@@ -33,6 +33,7 @@ checkpoint) is allowed and logged.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -49,11 +50,27 @@ from rag_jax import checkpoints, losses
 from rag_jax.data import contexts, qa
 from rag_jax.data.passage_table import load_or_build_encoder_table, question_parts
 from rag_jax.data.sampling import epoch_rows
+from rag_jax.distributed import (
+  check_same,
+  file_fingerprint,
+  on_primary,
+  primary_first,
+  process_count,
+)
 from rag_jax.models.rag import CTX_ENCODER, RagConfig, RagModel, architecture_of
-from rag_jax.parallel import data_mesh, global_batch, replicate
+from rag_jax.parallel import (
+  data_mesh,
+  global_batch,
+  host_batch,
+  local_copy,
+  local_data_mesh,
+  local_rows,
+  replicate,
+)
 from rag_jax.retrieval import device as device_retrieval
 from rag_jax.retrieval.backends import load_index
 from rag_jax.retrieval.device import DeviceRetrieval
+from rag_jax.retrieval.exact import ExactIndex
 from rag_jax.retrieval.index import TextIndex, read_meta
 from rag_jax.retrieval.store import PassageStore
 from rag_jax.training import config_check, loop, optimizer
@@ -65,6 +82,7 @@ from rag_jax.utils.lock import workdir_lock
 from rag_jax.utils.logs import workdir_logging
 
 log = logging.getLogger(__name__)
+AGREE_TIMEOUT_S = 600  # processes wait this long for each other's facts, workdir and export
 
 def loss_function(config: ml_collections.ConfigDict, model: RagModel):
   """The configured marginal likelihood with the generator's special ids."""
@@ -167,19 +185,20 @@ class QuestionBatches:
 def evaluate(config, params, feed: RetrievalFeed, data: qa.TokenizedQA, answers: list[str],
              eval_fn, mesh, retrieval: DeviceRetrieval | None = None) -> dict[str, float]:
   """Teacher-forced loss per question and retrieved-passage answer recall on held-out data
-  (retrieval on the host, or in the step when `retrieval` is given)."""
+  (retrieval on the host, or in the step when `retrieval` is given). On several processes every
+  process calls it (the step is collective) and gets the same figures."""
   n = len(data)
   sums = {"loss_sum": 0.0, "examples": 0.0, "target_tokens": 0.0, "answer_recall": 0.0}
   questions = QuestionBatches(feed, data)
   for start in range(0, n, config.batch_size):
     rows = np.arange(start, start + config.batch_size) % n  # the last batch wraps around
     weights = (np.arange(start, start + config.batch_size) < n).astype(np.float32)
-    if retrieval is None:
-      batch, doc_rows = feed.batch(params, data, rows, weights)
-      metrics = jax.device_get(eval_fn(params, global_batch(batch, mesh)))
+    if retrieval is None:  # every process retrieves the whole batch (the recall needs it)
+      batch, doc_rows = feed.batch(local_copy(params), data, rows, weights)
+      metrics = jax.device_get(eval_fn(params, host_batch(batch, mesh)))
     else:
       metrics, doc_ids = jax.device_get(eval_fn(
-          params, global_batch(questions.batch(rows, weights), mesh), retrieval.arrays))
+          params, host_batch(questions.batch(rows, weights), mesh), retrieval.arrays))
       doc_rows = np.asarray(doc_ids)
     for k in ("loss_sum", "examples", "target_tokens"):
       sums[k] += float(metrics[k])
@@ -201,10 +220,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   check_index_fields(config)
   check_model_lengths(config)
   workdir = Path(workdir)
-  with workdir_lock(workdir):
-    loop.check_workdir(config, workdir)
-    with workdir_logging(workdir):
-      return _run(config, workdir, stop_after)
+  check_same("rag/facts", run_facts(config, workdir), AGREE_TIMEOUT_S,
+             "every process must train one config on the same files")
+  with contextlib.ExitStack() as stack:
+    def claim() -> None:  # process 0's: the lock, config.json, train.log
+      stack.enter_context(workdir_lock(workdir))
+      loop.check_workdir(config, workdir)
+      stack.enter_context(workdir_logging(workdir))
+    on_primary("rag/workdir", claim, AGREE_TIMEOUT_S)
+    return _run(config, workdir, stop_after)
+
+
+def run_facts(config: ml_collections.ConfigDict, workdir: Path) -> dict[str, str]:
+  """What every process of one run must agree on (distributed.check_same): the config, the
+  workdir, and the files it names (data, index, checkpoints' configs), as strings."""
+  facts = {"config": json.dumps(json.loads(config.to_json_best_effort()), sort_keys=True),
+           "workdir": str(workdir.absolute())}
+  files = [Path(config.data_dir) / f"{split}.{side}" for split in ("train", "val")
+           for side in ("source", "target")]
+  files += [Path(config.index_dir) / "index" / "index.json",
+            Path(config.index_dir) / "passages" / "store.json"]
+  files += [Path(config[f]) / "config.json" for f in
+            ("rag_checkpoint", "question_encoder_checkpoint", "generator_checkpoint",
+             "context_encoder_checkpoint") if config.get(f)]
+  return {**facts, **{str(f): file_fingerprint(f) for f in files}}
 
 
 def check_config_paths(config: ml_collections.ConfigDict) -> None:
@@ -300,14 +339,23 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
                      f"{mesh.devices.size} devices")
   model, params, tokenizers = load_model(config)
-  index = load_index(Path(config.index_dir) / "index")
+  several = process_count() > 1
+  index_path = Path(config.index_dir) / "index"
+  # Several processes: an exact index for the step is read over the global mesh, each process
+  # its devices' rows; a host-searched one (ScaNN, BM25, config.retrieval="host") is whole on
+  # every process.
+  on_mesh = (several and read_meta(index_path)["type"] == ExactIndex.kind
+             and config.retrieval != "host")
+  index = load_index(index_path, **({"mesh": mesh} if on_mesh else {}))
   store = PassageStore(Path(config.index_dir) / "passages")
   tables_dir = Path(config.index_dir) / "passage_tables"
   ctx_model = ctx_tokenizer = encoder_table = None
   if config.train_context_encoder:
     ctx_model, params[CTX_ENCODER], ctx_tokenizer = load_context_encoder(config, model)
-    encoder_table = load_or_build_encoder_table(tables_dir, store.titles_and_texts, index.count,
-                                                ctx_tokenizer, config.context_encoder_max_length)
+    encoder_table = primary_first(  # process 0 first: it builds a missing table
+        "rag/encoder_table", lambda: load_or_build_encoder_table(
+            tables_dir, store.titles_and_texts, index.count, ctx_tokenizer,
+            config.context_encoder_max_length), AGREE_TIMEOUT_S)
   feed = RetrievalFeed(model, index, store, tokenizers.question_encoder, tokenizers.generator,
                        config.n_docs, encoder_table=encoder_table)
   kind = config.retriever_kind
@@ -334,10 +382,17 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
                              jax.random.key_data(jax.random.key(config.seed)))
   state = replicate(state, mesh)
   loss_fn = loss_function(config, model)
-  retrieval = device_retrieval.setup(
-      "host" if feed.fixed_doc_scores else config.retrieval, index, store, feed.assembler,
-      tables_dir, config.n_docs, mesh, dtype=config.device_index_dtype,
-      memory_fraction=config.device_index_memory_fraction, encoder_table=encoder_table)
+  def set_up_retrieval() -> DeviceRetrieval | None:
+    return device_retrieval.setup(
+        "host" if feed.fixed_doc_scores else config.retrieval, index, store, feed.assembler,
+        tables_dir, config.n_docs, mesh, dtype=config.device_index_dtype,
+        memory_fraction=config.device_index_memory_fraction, encoder_table=encoder_table)
+
+  # Several processes: process 0 first (it builds a missing passage table, the others read it).
+  retrieval = primary_first("rag/retrieval", set_up_retrieval, AGREE_TIMEOUT_S)
+  if retrieval is None and isinstance(index, ExactIndex) and index.mesh.devices.size != len(
+      jax.local_devices()):  # too big for the devices: searched on the host, whole per process
+    index.place(index.config, local_data_mesh())
   train_questions = QuestionBatches(feed, train)
   step_fn = make_train_step(model, mesh, loss_fn, retrieval=retrieval,
                             fixed_doc_scores=feed.fixed_doc_scores, context_encoder=ctx_model)
@@ -350,11 +405,11 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
                mesh.devices.size, len(train), len(val), kind, list(frozen_groups))
 
   def train_step(state, step: int):
-    rows = epoch_rows(config.seed, step, len(train), config.batch_size)
-    if retrieval is None:
-      batch, _ = feed.batch(state.params, train, rows)
+    rows = epoch_rows(config.seed, step, len(train), config.batch_size)  # the global batch
+    if retrieval is None:  # each process retrieves its rows only
+      batch, _ = feed.batch(local_copy(state.params), train, rows[local_rows(mesh, len(rows))])
       return step_fn(state, global_batch(batch, mesh))
-    return step_fn(state, global_batch(train_questions.batch(rows), mesh), retrieval.arrays)
+    return step_fn(state, host_batch(train_questions.batch(rows), mesh), retrieval.arrays)
 
   def summarize(w: dict[str, float]) -> dict[str, float]:
     return {"loss": w["loss_sum"] / w["examples"],
@@ -372,17 +427,21 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
 
   final = run_eval(params=state.params)
   params_host = jax.device_get(state.params)
-  export = checkpoints.save_pretrained(model, without_context_encoder(params_host),
-                                       workdir / "export", tokenizer=tokenizers)
-  if ctx_model is not None:
-    checkpoints.save_pretrained(ctx_model, params_host[CTX_ENCODER], export / "ctx_encoder",
-                                tokenizer=ctx_tokenizer)
   report = {"model_type": config.model_type, "architecture": model.config.architecture,
             "retriever_kind": kind, "frozen_groups": list(frozen_groups),
             "train_context_encoder": bool(config.train_context_encoder),
             "steps": config.num_train_steps, "retrieval": "host" if retrieval is None else "device",
             "devices": mesh.devices.size, **{f"val_{k}": v for k, v in final.items()},
-            "export": str(export)}
-  (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+            "export": str(workdir / "export")}
+
+  def write() -> None:  # process 0's
+    export = checkpoints.save_pretrained(model, without_context_encoder(params_host),
+                                         workdir / "export", tokenizer=tokenizers)
+    if ctx_model is not None:
+      checkpoints.save_pretrained(ctx_model, params_host[CTX_ENCODER], export / "ctx_encoder",
+                                  tokenizer=ctx_tokenizer)
+    report["export"] = str(export)
+    (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+  on_primary("rag/export", write, AGREE_TIMEOUT_S)
   logging.info("final: %s", report)
   return report

@@ -1,0 +1,111 @@
+"""train.py's RAG fine-tuning on two processes (rag_jax.commands.launch, 4 fake CPU devices each,
+gloo) against the same run on one process of 8 devices: the same losses at every logged step,
+one process killed mid-run names itself and a rerun resumes from the orbax checkpoint, process 0
+alone writes the workdir's files, and processes given different configs are refused before any
+work."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from configs import rag_finetune
+from rag_jax.commands.launch import child_env, free_port
+from rag_jax.training import rag_trainer
+from tests.test_rag_trainer import setup  # noqa: F401 (the tiny corpus, index and models)
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 300
+SETTINGS = {"n_docs": 2, "max_source_length": 12, "max_target_length": 5,
+            "max_combined_length": 24, "batch_size": 8, "num_train_steps": 6,
+            "learning_rate": 5e-3, "warmup_steps": 2, "max_grad_norm": 1.0, "log_every": 2,
+            "eval_every": 6, "checkpoint_every": 2}
+
+
+def config_of(root: Path, dirs: dict) -> dict:
+  return {"question_encoder_checkpoint": str(dirs["question"]),
+          "generator_checkpoint": str(dirs["generator"]), "index_dir": str(root / "kb"),
+          "data_dir": str(root / "data"), **SETTINGS}
+
+
+def train_command(workdir: Path, fields: dict) -> list[str]:
+  return [sys.executable, str(ROOT / "train.py"),
+          f"--config={ROOT / 'configs' / 'rag_finetune.py'}", f"--workdir={workdir}",
+          *(f"--config.{k}={v}" for k, v in fields.items())]
+
+
+def launch(workdir: Path, fields: dict, **env) -> subprocess.CompletedProcess:
+  command = [sys.executable, "-m", "rag_jax.commands.launch", "--num_processes=2",
+             "--cpu_devices=4", f"--log_dir={workdir / '.logs'}", "--grace_s=2", "--",
+             *train_command(workdir, fields)]
+  return subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+                        capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+def records(workdir: Path) -> list[dict]:
+  return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines() if x]
+
+
+def test_two_processes_train_as_one_and_resume_after_a_kill(setup, tmp_path):  # noqa: F811
+  root, dirs = setup
+  fields = config_of(root, dirs)
+  work = tmp_path / "run"
+  # Process 1 dies after step 3 (the checkpoint of step 2 is saved, or being saved).
+  killed = launch(work, fields, RAG_JAX_KILL_AT="train:3:1")
+  assert killed.returncode == 1, killed.stdout + killed.stderr
+  assert killed.stderr.strip().splitlines()[-1].startswith(
+      "error: process 1 of 2 was killed by SIGKILL"), killed.stderr
+  run = launch(work, fields)
+  assert run.returncode == 0, run.stdout + run.stderr
+
+  # The reference: the same config on one process of 8 devices (this one).
+  assert jax.device_count() == 8
+  config = rag_finetune.get_config()
+  config.update(fields)
+  report = rag_trainer.train_and_evaluate(config, str(tmp_path / "one"))
+  got, want = records(work), records(tmp_path / "one")
+  assert [r["step"] for r in got] == [r["step"] for r in want] == [2, 4, 6]
+  # Process 0's gradients and metric sums are added to process 1's by gloo in another order
+  # than one process's psum: the same figures to float32 rounding (7e-7 relative measured).
+  for key in ("loss", "loss_per_token", "top_doc_prior", "val_loss", "val_loss_per_token",
+              "val_answer_recall_at_2"):
+    for g, w in zip(got, want, strict=True):
+      if key in w:
+        assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), (key, g["step"])
+  written = json.loads((work / "report.json").read_text())
+  assert written["devices"] == 8 and written["val_loss"] == pytest.approx(report["val_loss"],
+                                                                          rel=1e-5)
+  assert (work / "export" / "config.json").is_file()
+  # Process 0 writes the workdir's files and the console; process 1 its log.
+  assert "done: " in run.stdout and (work / "train.log").is_file()
+  assert "process 1 of 2" not in (work / "train.log").read_text()
+  assert (work / ".logs" / "process-1.log").is_file()
+
+
+@pytest.mark.slow
+def test_processes_given_different_configs_are_refused_before_work(setup, tmp_path):  # noqa: F811
+  root, dirs = setup
+  address = f"127.0.0.1:{free_port()}"
+  work = tmp_path / "run"
+  procs = []
+  for i in range(2):
+    fields = {**config_of(root, dirs), "learning_rate": [5e-3, 1e-3][i]}
+    procs.append(subprocess.Popen(
+        [*train_command(work, fields), f"--coordinator_address={address}", "--num_processes=2",
+         f"--process_id={i}"], cwd=ROOT,
+        env=child_env({**os.environ, "PYTHONPATH": str(ROOT)}, i, 2, address, work / ".logs",
+                      cpu_devices=2, gpus=None),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  results = [p.communicate(timeout=TIMEOUT_S) for p in procs]
+  assert [p.returncode for p in procs] == [1, 1], results
+  lines = results[0][1].strip().splitlines()
+  assert lines == ['error: process 1 was given another config than process 0 ('
+                   + lines[0].split("(", 1)[1]], results[0][1]
+  assert '"learning_rate": 0.001' in lines[0] and '"learning_rate": 0.005' in lines[0]
+  assert lines[0].endswith("every process must train one config on the same files (nothing "
+                           "was written)")
+  assert sorted(p.name for p in work.iterdir()) == [".logs"]  # no config.json, checkpoint, lock
