@@ -16,6 +16,7 @@ import pytest
 from configs import rag_finetune
 from rag_jax.commands.launch import child_env, free_port
 from rag_jax.training import rag_trainer
+from tests import test_evaluate as te
 from tests.test_rag_trainer import setup  # noqa: F401 (the tiny corpus, index and models)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,3 +110,41 @@ def test_processes_given_different_configs_are_refused_before_work(setup, tmp_pa
   assert lines[0].endswith("every process must train one config on the same files (nothing "
                            "was written)")
   assert sorted(p.name for p in work.iterdir()) == [".logs"]  # no config.json, checkpoint, lock
+
+
+@pytest.mark.slow
+def test_evaluate_py_on_two_processes_writes_one_processs_predictions(tmp_path):
+  """evaluate.py's answers mode: 5 questions in batches of 2, process 0 answering batches 0 and
+  2, process 1 batch 1; process 0 writes predictions.jsonl, metrics.json and table.md byte for
+  byte as one process of as many devices as each of them (2) does. (Against a process of
+  another number of CPU devices, scores differ by float32 rounding: XLA blocks the question
+  encoder's matmuls differently.)"""
+  (tmp_path / "world").mkdir()
+  world = te.pref.build_world(tmp_path / "world", te.TITLES, te.TEXTS, te.QUESTIONS, te.N_DOCS,
+                              te.MAX_COMBINED)
+  root, *_, models = world
+  flags = [f"--config.{k}={v}" for k, v in {
+      "model_type": "rag_token", "rag_checkpoint": models["token"][1],
+      "index_dir": root / "kb", "eval.test_file": te.write_qa_csv(tmp_path / "q.csv", te.GOLD),
+      "eval.batch_size": 2, "eval.max_length": te.MAX_LENGTH,
+      "eval.rag_token.n_docs": te.N_DOCS}.items()]
+
+  def evaluate(processes: int, work: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "rag_jax.commands.launch", f"--num_processes={processes}",
+               "--cpu_devices=2", f"--log_dir={work / 'eval' / '.logs'}", "--grace_s=2", "--",
+               sys.executable, str(ROOT / "evaluate.py"),
+               f"--config={ROOT / 'configs' / 'paper_nq.py'}", f"--workdir={work}", *flags]
+    return subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+
+  for processes in (1, 2):
+    run = evaluate(processes, tmp_path / str(processes))
+    assert run.returncode == 0, run.stdout + run.stderr
+  folders = [tmp_path / str(p) / "eval" / "nq-rag_token-test" for p in (1, 2)]
+  for name in ("predictions.jsonl", "metrics.json", "table.md", "settings.json"):
+    assert (folders[1] / name).read_bytes() == (folders[0] / name).read_bytes(), name
+  assert sorted(p.name for p in folders[1].iterdir()) == [
+      "metrics.json", "predictions.jsonl", "settings.json", "table.md"]  # no part file left
+  assert "exact_match" in run.stdout  # process 0's table
+  assert "answered 1 batch(es)" in (tmp_path / "2" / "eval" / ".logs" / "process-1.log"
+                                    ).read_text()

@@ -10,12 +10,19 @@ already written (a last line without its newline, a write cut by a kill, is drop
 answered again) and refuses a file whose questions are not the ones being evaluated, or that
 holds a line that is not a complete record (named by line). Metrics are computed from the file
 afterwards (rag_jax.evaluation.scoring), so they never depend on what stayed in memory.
+
+On several processes (rag_jax.distributed) the batches left to answer are dealt round-robin:
+process p answers batches p, p + P, ... (the same batches, padding included, as one process
+answers) into `<path stem>.process-<p>.jsonl` beside `path`, resumable the same way; once every
+process is done, process 0 writes their records into `path` in question order and deletes the
+part files. `path`'s folder must be on a file system every process shares.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,7 +30,21 @@ from typing import Any
 
 from tqdm import tqdm
 
+from rag_jax.distributed import (
+  barrier,
+  describe,
+  is_primary,
+  on_primary,
+  process_count,
+  process_index,
+)
+from rag_jax.utils.atomic import atomic_file
 from rag_jax.utils.errors import InputError
+
+# Processes wait for each other's share this long (the slowest one's questions), and for
+# process 0's merge.
+SHARE_TIMEOUT_S = 7 * 24 * 3600
+MERGE_TIMEOUT_S = 3600
 
 # A batch of examples -> one record per example (JSON-ready: prediction, passages, ...).
 PredictFn = Callable[[list["EvalExample"]], list[dict[str, Any]]]
@@ -110,13 +131,14 @@ def run_loop(examples: Sequence[EvalExample], predict: PredictFn, path: str | os
   """Predicts every example not yet in `path` and returns all records, in order.
 
   Each record: index, question, id, answers (gold), the predictor's fields, and `correct`
-  (correct(prediction, example) when given and the record has a prediction).
+  (correct(prediction, example) when given and the record has a prediction). Several
+  processes: each answers its share (module docstring); every one returns all records.
   """
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  done = read_predictions(path, truncate_partial=True)
+  done = read_predictions(path, truncate_partial=is_primary())
   if len(done) > len(examples):
     raise InputError(f"{path} holds {len(done)} predictions for {len(examples)} questions; "
                      "use another --workdir or delete it")
@@ -125,11 +147,73 @@ def run_loop(examples: Sequence[EvalExample], predict: PredictFn, path: str | os
       raise InputError(f"{path}:{i + 1}: written for question {record.get('question')!r}, not "
                        f"{examples[i].question!r}: another evaluation's file; use another "
                        "--workdir or delete it")
-  records = list(done)
+  starts = list(range(len(done), len(examples), batch_size))
+  if process_count() == 1:
+    return done + answer_batches(examples, predict, path, starts, batch_size, correct, desc,
+                                 progress, initial=len(done))
+  mine = starts[process_index()::process_count()]
+  part = part_path(path, process_index())
+  kept, batches = resumable(read_predictions(part, truncate_partial=True), examples, mine,
+                            batch_size)
+  with atomic_file(part) as f:  # the whole batches of this share already answered
+    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept).encode())
+  answer_batches(examples, predict, part, mine[batches:], batch_size, correct, desc,
+                 progress and is_primary(), initial=len(done) + len(kept))
+  logging.getLogger(__name__).info("%s: answered %d batch(es) of %s (%d kept from an earlier "
+                                   "run)", describe(), len(mine) - batches, path, batches)
+  barrier(f"eval/{path.parent.name}/answered", SHARE_TIMEOUT_S)
+  on_primary(f"eval/{path.parent.name}/merged",
+             lambda: merge_parts(path, done, len(examples)), MERGE_TIMEOUT_S)
+  return read_predictions(path)
+
+
+def part_path(path: Path, process: int) -> Path:
+  """Where process `process` writes its share of `path`'s records."""
+  return path.with_name(f"{path.stem}.process-{process}{path.suffix}")
+
+
+def resumable(records: list[dict[str, Any]], examples: Sequence[EvalExample],
+              starts: Sequence[int], batch_size: int) -> tuple[list[dict[str, Any]], int]:
+  """(the records of a part file that answer, in order, the first whole batches of `starts`,
+  how many batches they are); a part file of another share, or a batch cut by a kill, is
+  answered again."""
+  kept, batches = [], 0
+  for start in starts:
+    stop = min(start + batch_size, len(examples))
+    batch = records[len(kept):len(kept) + stop - start]
+    if [(r.get("index"), r.get("question")) for r in batch] != [
+        (i, examples[i].question) for i in range(start, stop)]:
+      break
+    kept += batch
+    batches += 1
+  return kept, batches
+
+
+def merge_parts(path: Path, done: list[dict[str, Any]], count: int) -> None:
+  """Process 0: `done` then every process's part records, in question order, into `path`
+  (atomically), and the part files deleted."""
+  parts = sorted(path.parent.glob(f"{path.stem}.process-*{path.suffix}"))
+  by_index = {r["index"]: r for part in parts for r in read_predictions(part)}
+  missing = [i for i in range(len(done), count) if i not in by_index]
+  if missing:
+    raise InputError(f"{path}: no process answered question(s) {missing[:10]} (part files "
+                     f"{[p.name for p in parts]}); run the evaluation again")
+  records = done + [by_index[i] for i in range(len(done), count)]
+  with atomic_file(path) as f:
+    f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
+  for part in parts:
+    part.unlink()
+
+
+def answer_batches(examples: Sequence[EvalExample], predict: PredictFn, path: Path,
+                   starts: Sequence[int], batch_size: int, correct: CorrectFn | None, desc: str,
+                   progress: bool, initial: int) -> list[dict[str, Any]]:
+  """Answers the batches beginning at `starts`, appending their records to `path`."""
+  records = []
   with path.open("a", encoding="utf-8") as f, tqdm(
-      total=len(examples), initial=len(done), desc=desc, unit="question", dynamic_ncols=True,
+      total=len(examples), initial=initial, desc=desc, unit="question", dynamic_ncols=True,
       disable=not progress) as bar:
-    for start in range(len(done), len(examples), batch_size):
+    for start in starts:
       chunk = list(examples[start:start + batch_size])
       outputs = predict(chunk + [chunk[-1]] * (batch_size - len(chunk)))[:len(chunk)]
       lines = []

@@ -19,12 +19,20 @@ live side by side in one workdir and a killed evaluation started again resumes w
 
 Each folder records the settings that decide its contents in settings.json and refuses to resume
 under others (another checkpoint, index, question count, decoding...).
+
+The answers mode runs on several processes too (rag_jax.distributed): they agree on the runs
+first (questions, checkpoint, index), each loads the answerer on its own devices (process 0
+first, which builds a missing passage table), answers its share of the batches
+(rag_jax.evaluation.loop), and process 0 writes predictions.jsonl, metrics.json, table.md and
+the log.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -37,6 +45,7 @@ from tqdm import tqdm
 
 from rag_jax import checkpoints, metrics
 from rag_jax.answer import RagAnswerer, check_within_index, index_passages
+from rag_jax.distributed import check_same, file_fingerprint, is_primary, on_primary, process_count
 from rag_jax.evaluation import scoring
 from rag_jax.evaluation.loop import EvalExample, PredictFn, read_predictions, run_loop
 from rag_jax.models.rag import RagModel, architecture_of
@@ -46,6 +55,7 @@ from rag_jax.utils.errors import InputError
 from rag_jax.utils.logs import workdir_logging
 
 log = logging.getLogger(__name__)
+AGREE_TIMEOUT_S = 600  # processes wait this long for each other's facts and process 0's steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +175,17 @@ def with_n_docs(answerer: RagAnswerer, n_docs: int) -> RagAnswerer:
 
 
 def load_answerer(run: EvalRun) -> RagAnswerer:
+  """The run's answerer; on several processes each loads its own, process 0 first (it builds a
+  missing passage table, which the others then read)."""
+  if process_count() > 1:
+    made: dict[str, RagAnswerer] = {}
+    on_primary(f"eval/{run.name}/answerer", lambda: made.update(answerer=new_answerer(run)),
+               AGREE_TIMEOUT_S)
+    return made["answerer"] if is_primary() else new_answerer(run)
+  return new_answerer(run)
+
+
+def new_answerer(run: EvalRun) -> RagAnswerer:
   return RagAnswerer(run.checkpoint, run.index_dir, n_docs=run.n_docs,
                      dtype=jnp.dtype(run.dtype), max_question_length=run.max_question_length,
                      retrieval=run.retrieval)
@@ -207,13 +228,17 @@ def table(run: EvalRun, figures: dict[str, float], what: str) -> str:
 
 def answers_mode(run: EvalRun, folder: Path, answerer: RagAnswerer | None = None,
                  progress: bool = True) -> dict[str, Any]:
-  """predictions.jsonl + metrics.json (+ table.md) of the run in `folder`."""
-  check_settings(folder, run.settings())
+  """predictions.jsonl + metrics.json (+ table.md) of the run in `folder` (written by process 0
+  of several)."""
+  on_primary(f"eval/{run.name}/settings", lambda: check_settings(folder, run.settings()),
+             AGREE_TIMEOUT_S)
   path = folder / "predictions.jsonl"
   done = len(read_predictions(path))
   if done < len(run.examples):
     answerer = load_answerer(run) if answerer is None else answerer
-    check_settings(folder, {"search": answerer.search}, add=True)
+    on_primary(f"eval/{run.name}/search",
+               lambda: check_settings(folder, {"search": answerer.search}, add=True),
+               AGREE_TIMEOUT_S)
     log.info("%s: %d of %d questions already in %s", run.name, done, len(run.examples), path)
     docs = f"{run.n_docs} doc{'s' if run.n_docs != 1 else ''}"
     run_loop(run.examples, answer_predictor(answerer, run), path, run.batch_size,
@@ -224,9 +249,12 @@ def answers_mode(run: EvalRun, folder: Path, answerer: RagAnswerer | None = None
             "decoder": sorted({r["decoder"]["name"] for r in records}),
             "metrics": scoring.answer_metrics(records, run.metrics),
             "reference": {"label": run.reference_label, **run.reference}}
-  write_json(folder / "metrics.json", result)
   shown = {m: result["metrics"][m] for m in run.metrics}
-  (folder / "table.md").write_text(table(run, shown, ", ".join(result["decoder"])) + "\n")
+
+  def write() -> None:
+    write_json(folder / "metrics.json", result)
+    (folder / "table.md").write_text(table(run, shown, ", ".join(result["decoder"])) + "\n")
+  on_primary(f"eval/{run.name}/metrics", write, AGREE_TIMEOUT_S)
   return result
 
 
@@ -365,10 +393,18 @@ def evaluate(runs: Sequence[EvalRun], workdir: str | os.PathLike, *, retrieval_o
     elif not retrieval_only:
       check_within_index(f"{run.name}: n_docs", run.n_docs, run.index_dir)
   workdir = Path(workdir)
+  several = process_count() > 1
+  if several and (retrieval_only or docs):
+    raise InputError("--retrieval_only and --docs run on one process (the answers mode runs "
+                     "on several)")
+  check_same("eval/facts", run_facts(runs, workdir), AGREE_TIMEOUT_S,
+             "every process must evaluate the same runs on the same files")
   (workdir / "eval").mkdir(parents=True, exist_ok=True)
   results = []
-  with workdir_logging(workdir / "eval", "evaluate.log") as log_file:
-    tqdm.write(f"evaluating in {workdir / 'eval'} (log: {log_file})")
+  with (workdir_logging(workdir / "eval", "evaluate.log") if is_primary()
+        else contextlib.nullcontext(None)) as log_file:
+    if log_file is not None:
+      tqdm.write(f"evaluating in {workdir / 'eval'} (log: {log_file})")
     for run in runs:
       folder = workdir / "eval" / run.name
       if retrieval_only:
@@ -384,6 +420,23 @@ def evaluate(runs: Sequence[EvalRun], workdir: str | os.PathLike, *, retrieval_o
       print("\n" + text.rstrip() + "\n", flush=True)
       results.append(result)
   return results
+
+
+def run_facts(runs: Sequence[EvalRun], workdir: Path) -> dict[str, str]:
+  """What every process of one evaluation must agree on (distributed.check_same): the workdir,
+  each run's settings and questions, and the files its checkpoint and index hold, as strings."""
+  facts = {"workdir": str(Path(workdir).absolute())}
+  for run in runs:
+    examples = json.dumps([dataclasses.astuple(e) for e in run.examples])
+    facts[f"{run.name} settings"] = json.dumps(
+        {**run.settings(), "metrics": run.metrics, "batch_size": run.batch_size,
+         "retrieval": run.retrieval, "question_encoder": run.question_encoder}, sort_keys=True)
+    facts[f"{run.name} questions"] = hashlib.sha256(examples.encode()).hexdigest()[:16]
+    for file in (Path(run.checkpoint) / "config.json",
+                 Path(run.index_dir) / "index" / "index.json",
+                 Path(run.index_dir) / "passages" / "store.json"):
+      facts[str(file)] = file_fingerprint(file)
+  return facts
 
 
 def ints(values: str | Sequence[int], what: str = "numbers") -> tuple[int, ...]:
