@@ -163,7 +163,7 @@ def test_a_single_process_command_refuses_several(tmp_path, setup):
                        capture_output=True, text=True, timeout=TIMEOUT_S)
   assert run.returncode == 1
   lines = run.stderr.strip().splitlines()
-  assert ("error: train.py runs on one process; it was started as process 0 of 2 "
+  assert ("error: train.py's world job runs on one process; it was started as process 0 of 2 "
           "(docs/distributed.md lists the stages that run on several)") in lines
   assert lines[-1].startswith("error: process ") and " of 2 exited with status 1" in lines[-1]
   assert not (tmp_path / "run").exists()

@@ -68,15 +68,7 @@ def test_two_processes_train_as_one_and_resume_after_a_kill(setup, tmp_path):  #
   config = rag_finetune.get_config()
   config.update(fields)
   report = rag_trainer.train_and_evaluate(config, str(tmp_path / "one"))
-  got, want = records(work), records(tmp_path / "one")
-  assert [r["step"] for r in got] == [r["step"] for r in want] == [2, 4, 6]
-  # Process 0's gradients and metric sums are added to process 1's by gloo in another order
-  # than one process's psum: the same figures to float32 rounding (7e-7 relative measured).
-  for key in ("loss", "loss_per_token", "top_doc_prior", "val_loss", "val_loss_per_token",
-              "val_answer_recall_at_2"):
-    for g, w in zip(got, want, strict=True):
-      if key in w:
-        assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), (key, g["step"])
+  assert_same_figures(records(work), records(tmp_path / "one"))
   written = json.loads((work / "report.json").read_text())
   assert written["devices"] == 8 and written["val_loss"] == pytest.approx(report["val_loss"],
                                                                           rel=1e-5)
@@ -85,6 +77,32 @@ def test_two_processes_train_as_one_and_resume_after_a_kill(setup, tmp_path):  #
   assert "done: " in run.stdout and (work / "train.log").is_file()
   assert "process 1 of 2" not in (work / "train.log").read_text()
   assert (work / ".logs" / "process-1.log").is_file()
+
+
+def assert_same_figures(got: list[dict], want: list[dict]) -> None:
+  """Process 0's gradients and metric sums are added to process 1's by gloo in another order
+  than one process's psum: the same figures to float32 rounding (7e-7 relative measured)."""
+  assert [r["step"] for r in got] == [r["step"] for r in want] == [2, 4, 6]
+  for key in ("loss", "loss_per_token", "top_doc_prior", "val_loss", "val_loss_per_token",
+              "val_answer_recall_at_2"):
+    for g, w in zip(got, want, strict=True):
+      if key in w:
+        assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), (key, g["step"])
+
+
+@pytest.mark.slow
+def test_host_retrieval_on_two_processes_trains_as_one(setup, tmp_path):  # noqa: F811
+  """config.retrieval="host": each process searches its own whole index for its rows of the
+  batch, with its copy of the question encoder."""
+  root, dirs = setup
+  fields = {**config_of(root, dirs), "retrieval": "host"}
+  run = launch(tmp_path / "run", fields)
+  assert run.returncode == 0, run.stdout + run.stderr
+  config = rag_finetune.get_config()
+  config.update(fields)
+  report = rag_trainer.train_and_evaluate(config, str(tmp_path / "one"))
+  assert report["retrieval"] == "host"
+  assert_same_figures(records(tmp_path / "run"), records(tmp_path / "one"))
 
 
 @pytest.mark.slow
