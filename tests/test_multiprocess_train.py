@@ -1,8 +1,11 @@
-"""train.py's RAG fine-tuning on two processes (rag_jax.commands.launch, 4 fake CPU devices each,
-gloo) against the same run on one process of 8 devices: the same losses at every logged step,
-one process killed mid-run names itself and a rerun resumes from the orbax checkpoint, process 0
-alone writes the workdir's files, and processes given different configs are refused before any
-work."""
+"""train.py and evaluate.py on two processes (rag_jax.commands.launch, fake CPU devices, gloo).
+
+train.py's RAG fine-tuning (4 devices each) against the same run on one process of 8 devices:
+the same losses at every logged step (in-step and host retrieval), one process killed mid-run
+names itself and a rerun resumes from the orbax checkpoint, process 0 alone writes the workdir's
+files, processes given different configs are refused before any work. evaluate.py's answers
+mode (2 devices each) writes one 2-device process's files byte for byte; its part files resume
+whole batches and merge in question order."""
 
 import json
 import os
@@ -15,6 +18,7 @@ import pytest
 
 from configs import rag_finetune
 from rag_jax.commands.launch import child_env, free_port
+from rag_jax.evaluation import loop
 from rag_jax.training import rag_trainer
 from tests import test_evaluate as te
 from tests.test_rag_trainer import setup  # noqa: F401 (the tiny corpus, index and models)
@@ -166,3 +170,34 @@ def test_evaluate_py_on_two_processes_writes_one_processs_predictions(tmp_path):
   assert "exact_match" in run.stdout  # process 0's table
   assert "answered 1 batch(es)" in (tmp_path / "2" / "eval" / ".logs" / "process-1.log"
                                     ).read_text()
+
+
+def test_evaluation_part_files_resume_whole_batches_and_merge_in_question_order(tmp_path):
+  """The pieces of the multi-process evaluation loop, against the one-process loop's file: a
+  part file cut by a kill keeps its whole batches only, one of another share none, and process
+  0's merge writes the one-process file byte for byte."""
+  examples = [loop.EvalExample(f"q{i}", (f"a{i}",)) for i in range(7)]
+
+  def predict(batch):
+    return [{"prediction": e.question.replace("q", "a")} for e in batch]
+
+  whole = loop.run_loop(examples, predict, tmp_path / "one.jsonl", 2, progress=False)
+  lines = (tmp_path / "one.jsonl").read_text().splitlines(keepends=True)
+  # Two processes from 1 question done: batches start at 1, 3, 5; process 1 has [3].
+  starts = [1, 3, 5][1::2]
+  assert loop.resumable(whole[3:5], examples, starts, 2) == (whole[3:5], 1)
+  assert loop.resumable(whole[3:4], examples, starts, 2) == ([], 0)  # a batch cut by a kill
+  assert loop.resumable(whole[1:3], examples, starts, 2) == ([], 0)  # another share's records
+  path = tmp_path / "two.jsonl"
+  path.write_text(lines[0])
+  loop.part_path(path, 0).write_text("".join(lines[1:3] + lines[5:]))
+  loop.part_path(path, 1).write_text("".join(lines[3:5]))
+  loop.merge_parts(path, whole[:1], len(examples))
+  assert path.read_bytes() == (tmp_path / "one.jsonl").read_bytes()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["one.jsonl", "two.jsonl"]
+  # A question no process answered is named, and the file is left as it was.
+  path.write_text(lines[0])
+  loop.part_path(path, 0).write_text("".join(lines[1:3]))
+  with pytest.raises(ValueError, match=r"no process answered question\(s\) \[3, 4, 5, 6\]"):
+    loop.merge_parts(path, whole[:1], len(examples))
+  assert path.read_text() == lines[0]

@@ -12,6 +12,13 @@ target token, examples/s, the prior mass of the top passage; held-out loss and a
 the retrieved passages), orbax checkpoints (async, keep-N, exact resume), and at the end
 export/ (a transformers RAG checkpoint with its tokenizers) and report.json.
 
+On several processes (rag_jax.distributed) every process runs the same steps on the global mesh,
+feeding its rows of each global batch; the exact index and passage table of in-step retrieval
+are sharded over that mesh (each process reads its rows), a host-searched index is whole on
+each process (which retrieves for its rows with its copy of the question encoder). The
+processes first compare the config, workdir and files (`run_facts`); process 0 alone holds the
+workdir lock and writes the workdir's files, orbax's saves being collective.
+
 `config.retriever_kind` picks the prior p(z|x): "dense" (q(x) . d(z) over an exact or ScaNN
 index, gradients into the question encoder unless `config.frozen_groups` holds
 "question_encoder", the paper's "-Frozen" rows) or "bm25" (a BM25 index's scores as its logits,
