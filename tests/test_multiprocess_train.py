@@ -134,6 +134,26 @@ def test_processes_given_different_configs_are_refused_before_work(setup, tmp_pa
   assert sorted(p.name for p in work.iterdir()) == [".logs"]  # no config.json, checkpoint, lock
 
 
+def test_run_facts_tell_apart_files_of_one_name(setup, tmp_path):  # noqa: F811
+  """What check_same compares: another answer of the same length in a data file at the same
+  path (another host's copy) changes that file's fact alone."""
+  root, dirs = setup
+  data = tmp_path / "data"
+  data.mkdir()
+  for f in (root / "data").iterdir():
+    (data / f.name).write_bytes(f.read_bytes())
+  config = rag_finetune.get_config()
+  config.update({**config_of(root, dirs), "data_dir": str(data)})
+  before = rag_trainer.run_facts(config, tmp_path)
+  lines = (data / "train.target").read_text().splitlines(keepends=True)
+  swapped = next(line for line in lines if line != lines[0] and len(line) == len(lines[0]))
+  (data / "train.target").write_text("".join([swapped, *lines[1:]]))
+  assert (data / "train.target").stat().st_size == len("".join(lines).encode())
+  after = rag_trainer.run_facts(config, tmp_path)
+  assert [k for k in before if before[k] != after[k]] == [str(data / "train.target")]
+  assert len(before) == 10  # config, workdir, 4 data files, index, store, 2 checkpoint configs
+
+
 @pytest.mark.slow
 def test_evaluate_py_on_two_processes_writes_one_processs_predictions(tmp_path):
   """evaluate.py's answers mode: 5 questions in batches of 2, process 0 answering batches 0 and
