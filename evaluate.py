@@ -10,8 +10,8 @@ paper's number (or, for the default job, beside train.py's report); a killed eva
 Modes and files: docs/evaluation.md. Runs from any directory: the default config is found
 beside this file. Errors: one line `error: ...`, exit 2 for a bad flag, override or config file
 and 1 for any other anticipated failure; --traceback shows its traceback
-(rag_jax/commands/common.py, docs/failure_modes.md). The answers mode runs on several processes
-too, each answering its share of the questions (docs/distributed.md).
+(rag_jax/commands/common.py, docs/failure_modes.md). Runs on several processes too, each
+answering its share of the questions (docs/distributed.md).
 """
 
 import importlib
@@ -53,10 +53,8 @@ def evaluate(positional: list[str]) -> None:
   if positional:
     raise UsageError(f"unexpected arguments {positional}; every setting is a flag")
   configure_host_allocator()  # Before jax starts its CPU client.
-  mode = "--retrieval_only" if _RETRIEVAL_ONLY.value else "--docs" if _DOCS.value else ""
-  # The answers mode runs on several processes (processes 1.. log to WORKDIR/eval/.logs).
-  start_processes(FLAGS, f"evaluate.py {mode}" if mode else "evaluate.py",
-                  None if mode else Path(_WORKDIR.value) / "eval" / ".logs")
+  # On several processes, processes 1.. log to WORKDIR/eval/.logs.
+  start_processes(FLAGS, "evaluate.py", Path(_WORKDIR.value) / "eval" / ".logs")
   quiet_console()
   config = CONFIG.value
   kind = config.get("trainer")

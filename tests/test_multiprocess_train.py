@@ -4,7 +4,7 @@ train.py's RAG fine-tuning (1 device each) against the same run on one process o
 the same losses at every logged step (in-step and host retrieval), one process killed mid-run
 names itself and a rerun resumes from the orbax checkpoint, process 0 alone writes the workdir's
 files, processes given different configs are refused before any work. evaluate.py's answers
-mode (2 devices each) writes one 2-device process's files byte for byte; its part files resume
+modes (2 devices each) write one 2-device process's files byte for byte; its part files resume
 whole batches and merge in question order."""
 
 import json
@@ -154,11 +154,12 @@ def test_run_facts_tell_apart_files_of_one_name(setup, tmp_path):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_evaluate_py_on_two_processes_writes_one_processs_predictions(tmp_path):
-  """evaluate.py's answers mode: 5 questions in batches of 2, process 0 answering batches 0 and
-  2, process 1 batch 1; process 0 writes predictions.jsonl, metrics.json and table.md byte for
-  byte as one process of as many devices as each of them (2) does. (Against a process of
-  another number of CPU devices, scores differ by float32 rounding: XLA blocks the question
+def test_evaluate_py_on_two_processes_writes_one_processs_files(tmp_path):
+  """evaluate.py's three modes, in one workdir: answers (5 questions in batches of 2, process 0
+  answering batches 0 and 2, process 1 batch 1), the Figure-3 sweep (--docs=1,2: retrieval
+  depth 2), then --retrieval_only (depth 8: the retrieval deepened). Process 0 writes every file
+  byte for byte as one process of as many devices as each of them (2) does. (Against a process
+  of another number of CPU devices, scores differ by float32 rounding: XLA blocks the question
   encoder's matmuls differently.)"""
   (tmp_path / "world").mkdir()
   world = te.pref.build_world(tmp_path / "world", te.TITLES, te.TEXTS, te.QUESTIONS, te.N_DOCS,
@@ -170,23 +171,31 @@ def test_evaluate_py_on_two_processes_writes_one_processs_predictions(tmp_path):
       "eval.batch_size": 2, "eval.max_length": te.MAX_LENGTH,
       "eval.rag_token.n_docs": te.N_DOCS}.items()]
 
-  def evaluate(processes: int, work: Path) -> subprocess.CompletedProcess:
+  def evaluate(processes: int, work: Path, *mode: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "rag_jax.commands.launch", f"--num_processes={processes}",
                "--cpu_devices=2", f"--log_dir={work / 'eval' / '.logs'}", "--grace_s=2", "--",
                sys.executable, str(ROOT / "evaluate.py"),
-               f"--config={ROOT / 'configs' / 'paper_nq.py'}", f"--workdir={work}", *flags]
+               f"--config={ROOT / 'configs' / 'paper_nq.py'}", f"--workdir={work}", *flags,
+               *mode]
     return subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                           capture_output=True, text=True, timeout=TIMEOUT_S)
 
-  for processes in (1, 2):
-    run = evaluate(processes, tmp_path / str(processes))
-    assert run.returncode == 0, run.stdout + run.stderr
+  for mode in ((), ("--docs=1,2",), ("--retrieval_only",)):
+    for processes in (1, 2):
+      run = evaluate(processes, tmp_path / str(processes), *mode)
+      assert run.returncode == 0, run.stdout + run.stderr
   folders = [tmp_path / str(p) / "eval" / "nq-rag_token-test" for p in (1, 2)]
-  for name in ("predictions.jsonl", "metrics.json", "table.md", "settings.json"):
-    assert (folders[1] / name).read_bytes() == (folders[0] / name).read_bytes(), name
-  assert sorted(p.name for p in folders[1].iterdir()) == [
-      "metrics.json", "predictions.jsonl", "settings.json", "table.md"]  # no part file left
-  assert "exact_match" in run.stdout  # process 0's table
+  files = sorted(str(f.relative_to(folders[0])) for f in folders[0].rglob("*") if f.is_file())
+  assert "retrieval/predictions.jsonl" in files and "docs_2/predictions.jsonl" in files
+  assert files == sorted(str(f.relative_to(folders[1])) for f in folders[1].rglob("*")
+                         if f.is_file())  # no part file left
+  for name in files:
+    if not name.endswith(".png"):
+      assert (folders[1] / name).read_bytes() == (folders[0] / name).read_bytes(), name
+  records = [json.loads(x) for x in (folders[1] / "retrieval" / "predictions.jsonl"
+                                     ).read_text().splitlines()]
+  assert [len(r["passage_ids"]) for r in records] == [8] * 5  # deepened from 2
+  assert "recall@5" in run.stdout  # process 0's table
   assert "answered 1 batch(es)" in (tmp_path / "2" / "eval" / ".logs" / "process-1.log"
                                     ).read_text()
 

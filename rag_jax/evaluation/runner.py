@@ -20,11 +20,10 @@ live side by side in one workdir and a killed evaluation started again resumes w
 Each folder records the settings that decide its contents in settings.json and refuses to resume
 under others (another checkpoint, index, question count, decoding...).
 
-The answers mode runs on several processes too (rag_jax.distributed): they agree on the runs
-first (questions, checkpoint, index), each loads the answerer on its own devices (process 0
-first, which builds a missing passage table), answers its share of the batches
-(rag_jax.evaluation.loop), and process 0 writes predictions.jsonl, metrics.json, table.md and
-the log.
+Every mode runs on several processes too (rag_jax.distributed): they agree on the runs and the
+mode first (questions, checkpoint, index), each loads the answerer or retriever on its own
+devices (process 0 first, which builds a missing passage table), answers its share of the
+batches (rag_jax.evaluation.loop), and process 0 writes every file and the log.
 """
 
 from __future__ import annotations
@@ -281,7 +280,8 @@ def retrieve(run: EvalRun, folder: Path, depth: int, progress: bool = True
   aside). A deeper request than the folder holds retrieves every question again into
   predictions.deeper.jsonl, which replaces predictions.jsonl once complete: a kill resumes it,
   and the shallower file stays whole until then. `depth` is at most the index's size."""
-  check_settings(folder, retrieval_settings(run))
+  on_primary(f"eval/{run.name}/retrieval_settings",
+             lambda: check_settings(folder, retrieval_settings(run)), AGREE_TIMEOUT_S)
   path, deeper = folder / "predictions.jsonl", folder / "predictions.deeper.jsonl"
   records = read_predictions(path)
   written = retrieval_depth(records)
@@ -291,14 +291,20 @@ def retrieve(run: EvalRun, folder: Path, depth: int, progress: bool = True
   if records and written < depth:
     target = deeper
     begun = retrieval_depth(read_predictions(deeper))
-    if 0 < begun < depth:
+    k = max(depth, begun)  # the same on every process, whether or not deeper is gone yet
+
+  def drop_stale() -> None:  # process 0's
+    if target == deeper and 0 < begun < depth:
       deeper.unlink()  # a shallower deepening cut by a kill: this one supersedes it
-    k = max(depth, begun)
+    for part in target.parent.glob(f"{target.stem}.process-*{target.suffix}"):
+      if retrieval_depth(read_predictions(part)) not in (0, k):
+        part.unlink()  # several processes' shares of another depth
+  on_primary(f"eval/{run.name}/stale", drop_stale, AGREE_TIMEOUT_S)
   retriever = load_retriever(run)
   run_loop(run.examples, retrieval_predictor(retriever, run, k), target, run.batch_size,
            desc=f"{run.name} retrieval (top {k})", progress=progress)
   if target == deeper:
-    os.replace(deeper, path)
+    on_primary(f"eval/{run.name}/deepened", lambda: os.replace(deeper, path), AGREE_TIMEOUT_S)
   return read_predictions(path)
 
 
@@ -315,8 +321,11 @@ def retrieval_mode(run: EvalRun, folder: Path, progress: bool = True) -> dict[st
   records = retrieve(run, folder, depth, progress)
   result = {"name": run.name, "questions": len(records),
             "metrics": scoring.retrieval_metrics(records, [k for k in ks if k <= depth])}
-  write_json(folder / "metrics.json", result)
-  (folder / "table.md").write_text(table(run, result["metrics"], "retrieval") + "\n")
+
+  def write() -> None:
+    write_json(folder / "metrics.json", result)
+    (folder / "table.md").write_text(table(run, result["metrics"], "retrieval") + "\n")
+  on_primary(f"eval/{run.name}/retrieval_metrics", write, AGREE_TIMEOUT_S)
   return result
 
 
@@ -340,15 +349,18 @@ def docs_mode(run: EvalRun, folder: Path, docs: Sequence[int], progress: bool = 
     rows.append({"docs": k, **{m: result["metrics"][m] for m in run.metrics},
                  "recall": retrieval.get(f"recall@{k}")})
   headline = run.metrics[0]
-  write_json(folder / "figure3.json", rows)
   lines = [f"| docs | {' | '.join(run.metrics)} | retrieval recall@K |",
            "|---" * (len(run.metrics) + 2) + "|"]
   for r in rows:
     recall = "" if r["recall"] is None else f"{100 * r['recall']:.2f}"
     lines.append(f"| {r['docs']} | " + " | ".join(f"{100 * r[m]:.2f}" for m in run.metrics)
                  + f" | {recall} |")
-  (folder / "figure3.md").write_text("\n".join(lines) + "\n")
-  plot_figure3(rows, headline, run.name, folder / "figure3.png")
+
+  def write() -> None:
+    write_json(folder / "figure3.json", rows)
+    (folder / "figure3.md").write_text("\n".join(lines) + "\n")
+    plot_figure3(rows, headline, run.name, folder / "figure3.png")
+  on_primary(f"eval/{run.name}/figure3", write, AGREE_TIMEOUT_S)
   return {"name": run.name, "rows": rows, "table": "\n".join(lines)}
 
 
@@ -393,11 +405,8 @@ def evaluate(runs: Sequence[EvalRun], workdir: str | os.PathLike, *, retrieval_o
     elif not retrieval_only:
       check_within_index(f"{run.name}: n_docs", run.n_docs, run.index_dir)
   workdir = Path(workdir)
-  several = process_count() > 1
-  if several and (retrieval_only or docs):
-    raise InputError("--retrieval_only and --docs run on one process (the answers mode runs "
-                     "on several)")
-  check_same("eval/facts", run_facts(runs, workdir), AGREE_TIMEOUT_S,
+  facts = {**run_facts(runs, workdir), "mode": json.dumps([retrieval_only, list(docs)])}
+  check_same("eval/facts", facts, AGREE_TIMEOUT_S,
              "every process must evaluate the same runs on the same files")
   (workdir / "eval").mkdir(parents=True, exist_ok=True)
   results = []
