@@ -96,15 +96,24 @@ def assert_same_figures(got: list[dict], want: list[dict]) -> None:
 
 
 @pytest.mark.slow
-def test_host_retrieval_on_two_processes_trains_as_one(setup, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("retrieval,context_encoder", [("host", False), ("device", True)])
+def test_host_retrieval_and_context_encoder_on_two_processes_train_as_one(
+    setup, tmp_path, retrieval, context_encoder):  # noqa: F811
   """config.retrieval="host": each process searches its own whole index for its rows of the
-  batch, with its copy of the question encoder."""
+  batch, with its copy of the question encoder. config.train_context_encoder: process 0 builds
+  the encoder table, each process reads its rows."""
   root, dirs = setup
-  fields = {**config_of(root, dirs), "retrieval": "host"}
+  fields = {**config_of(root, dirs), "retrieval": retrieval}
+  if context_encoder:
+    fields.update(train_context_encoder=True, context_encoder_checkpoint=str(dirs["context"]),
+                  context_encoder_max_length=32)
   for work, processes, devices in (("run", 2, 1), ("one", 1, 2)):
     run = launch(tmp_path / work, fields, processes, devices)
     assert run.returncode == 0, run.stdout + run.stderr
-  assert json.loads((tmp_path / "run" / "report.json").read_text())["retrieval"] == "host"
+  report = json.loads((tmp_path / "run" / "report.json").read_text())
+  assert report["retrieval"] == retrieval
+  assert report["train_context_encoder"] == context_encoder
+  assert (tmp_path / "run" / "export" / "ctx_encoder").is_dir() == context_encoder
   assert_same_figures(records(tmp_path / "run"), records(tmp_path / "one"))
 
 

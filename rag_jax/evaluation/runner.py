@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from rag_jax import checkpoints, metrics
 from rag_jax.answer import RagAnswerer, check_within_index, index_passages
-from rag_jax.distributed import check_same, file_fingerprint, is_primary, on_primary, process_count
+from rag_jax.distributed import check_same, file_fingerprint, is_primary, on_primary, primary_first
 from rag_jax.evaluation import scoring
 from rag_jax.evaluation.loop import EvalExample, PredictFn, read_predictions, run_loop
 from rag_jax.models.rag import RagModel, architecture_of
@@ -176,18 +176,9 @@ def with_n_docs(answerer: RagAnswerer, n_docs: int) -> RagAnswerer:
 def load_answerer(run: EvalRun) -> RagAnswerer:
   """The run's answerer; on several processes each loads its own, process 0 first (it builds a
   missing passage table, which the others then read)."""
-  if process_count() > 1:
-    made: dict[str, RagAnswerer] = {}
-    on_primary(f"eval/{run.name}/answerer", lambda: made.update(answerer=new_answerer(run)),
-               AGREE_TIMEOUT_S)
-    return made["answerer"] if is_primary() else new_answerer(run)
-  return new_answerer(run)
-
-
-def new_answerer(run: EvalRun) -> RagAnswerer:
-  return RagAnswerer(run.checkpoint, run.index_dir, n_docs=run.n_docs,
-                     dtype=jnp.dtype(run.dtype), max_question_length=run.max_question_length,
-                     retrieval=run.retrieval)
+  return primary_first(f"eval/{run.name}/answerer", lambda: RagAnswerer(
+      run.checkpoint, run.index_dir, n_docs=run.n_docs, dtype=jnp.dtype(run.dtype),
+      max_question_length=run.max_question_length, retrieval=run.retrieval), AGREE_TIMEOUT_S)
 
 
 def load_retriever(run: EvalRun) -> Retriever:
