@@ -33,6 +33,7 @@ import dataclasses
 import logging
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -172,9 +173,10 @@ class DeviceRetrieval:
     rows = NamedSharding(self.mesh, P(self.axis))
     return {name: rows for name in self.arrays}
 
-  def search(self, queries: Array, embeddings: Array) -> tuple[Array, Array]:
-    """Exact top-n_docs: (scores [B, n] float32, passage ids [B, n] int32)."""
-    fn = make_search_fn(self.mesh, self.n_docs, num_valid=self.count,
+  def search(self, queries: Array, embeddings: Array, k: int | None = None
+             ) -> tuple[Array, Array]:
+    """Exact top-k (default n_docs): (scores [B, k] float32, passage ids [B, k] int32)."""
+    fn = make_search_fn(self.mesh, k or self.n_docs, num_valid=self.count,
                         rows_per_shard=self.rows_per_shard, chunk_size=self.chunk_size,
                         axis=self.axis, matmul=self.matmul)
     return fn(queries, embeddings)
@@ -201,17 +203,20 @@ class DeviceRetrieval:
                          out_specs={k: P() for k in arrays}, check_vma=False)(ids, arrays)
 
   def retrieve(self, model: RagModel, params: Any, input_ids: Array, attention_mask: Array,
-               arrays: dict[str, Array], keys: tuple[str, ...]
+               arrays: dict[str, Array], keys: tuple[str, ...],
+               search: Callable[[Array, dict[str, Array]], tuple[Array, Array]] | None = None
                ) -> tuple[Array, Array, dict[str, Array]]:
     """q(x) (no gradient) -> exact top-n -> the n passages' rows of `arrays[keys]`.
 
-    input_ids, attention_mask: [B, Lq] question-encoder inputs.
+    input_ids, attention_mask: [B, Lq] question-encoder inputs. search(q [B, D], arrays) ->
+    (scores, ids) [B, n] replaces the exact top-n (rag_jax.retrieval.refresh's rerank).
     Returns (scores [B, n] float32, passage ids [B, n] int32, {key: [B, n, ...]}). Pure.
     """
     q = model.apply({"params": params}, input_ids, attention_mask,
                     method=model.embed_questions)
     q = jax.lax.stop_gradient(q).astype(jnp.float32)  # [B, D]
-    scores, ids = self.search(q, arrays["embeddings"])  # [B, n]
+    scores, ids = (search(q, arrays) if search is not None
+                   else self.search(q, arrays["embeddings"]))  # [B, n]
     return scores, ids, self.gather(ids, {k: arrays[k] for k in keys})
 
   def generator_inputs(self, model: RagModel, params: Any, input_ids: Array,
@@ -231,16 +236,21 @@ class DeviceRetrieval:
             "doc_scores": scores, "doc_ids": ids}
 
   def complete_batch(self, model: RagModel, params: Any, batch: dict[str, Array],
-                     arrays: dict[str, Array]) -> dict[str, Array]:
+                     arrays: dict[str, Array],
+                     search: Callable[[Array, dict[str, Array]], tuple[Array, Array]] | None = None
+                     ) -> dict[str, Array]:
     """Questions -> the full train-step batch (rag_step.BATCH_KEYS) plus "doc_ids" and
     "retrieval_scores" [B, n]; with "doc_tokens" among the arrays also "doc_input_ids" and
-    "doc_attention_mask" [B, n, Lc], the context encoder's inputs (rag_step.ENCODER_BATCH_KEYS).
-    Pure; call it inside jit."""
+    "doc_attention_mask" [B, n, Lc], the context encoder's inputs (rag_step.ENCODER_BATCH_KEYS);
+    with "encoded_at" (a refreshed index, rag_jax.retrieval.refresh) also "doc_encoded_at" [B, n].
+    `search` as in `retrieve`. Pure; call it inside jit."""
     keys = ("embeddings", "tokens", "lengths")
     if "doc_tokens" in arrays:
       keys += ("doc_tokens", "doc_lengths")
+    if "encoded_at" in arrays:
+      keys += ("encoded_at",)
     scores, ids, rows = self.retrieve(model, params, batch["input_ids"], batch["attention_mask"],
-                                      arrays, keys)
+                                      arrays, keys, search)
     ctx, ctx_mask = assemble_rows(rows["tokens"], rows["lengths"], batch["question_tokens"],
                                   batch["question_lengths"], self.spec)
     out = {**{k: batch[k] for k in ("input_ids", "attention_mask", "labels", "weights")},
@@ -250,6 +260,8 @@ class DeviceRetrieval:
     if "doc_tokens" in arrays:
       out["doc_input_ids"], out["doc_attention_mask"] = encoder_rows(
           rows["doc_tokens"], rows["doc_lengths"])  # [B, n, Lc]
+    if "encoded_at" in arrays:
+      out["doc_encoded_at"] = rows["encoded_at"]
     return out
 
 

@@ -52,6 +52,13 @@ from jax.sharding import PartitionSpec as P
 from rag_jax.models.bert import DPREncoder
 from rag_jax.models.rag import CTX_ENCODER, RagModel, embed_documents
 from rag_jax.retrieval.device import DeviceRetrieval
+from rag_jax.retrieval.refresh import (
+  INDEX_STATE_KEYS,
+  Refresh,
+  rerank_search,
+  rolling_refresh,
+  staleness_sums,
+)
 from rag_jax.training.state import TrainState
 from rag_jax.utils.errors import UserError
 
@@ -221,7 +228,8 @@ def make_train_step(model: RagModel, mesh: Mesh, loss_fn: LossFn, *,
                     deterministic: bool = False, donate: bool = True,
                     retrieval: DeviceRetrieval | None = None,
                     fixed_doc_scores: bool = False,
-                    context_encoder: DPREncoder | None = None) -> Callable[..., Any]:
+                    context_encoder: DPREncoder | None = None,
+                    refresh: Refresh | None = None) -> Callable[..., Any]:
   """A jitted `train_step(state, batch) -> (state, metrics)` over `mesh` (axis "data").
 
   loss_fn: e.g. functools.partial(losses.rag_sequence_nll, epsilon=0.1, pad_token_id=1).
@@ -238,10 +246,20 @@ def make_train_step(model: RagModel, mesh: Mesh, loss_fn: LossFn, *,
   With `context_encoder` (a DPREncoder whose parameters are state.params["ctx_encoder"]) the
   batch holds the passages' context-encoder inputs (ENCODER_BATCH_KEYS; device retrieval
   gathers them from its encoder table) and both encoders are trained.
+  With `refresh` (rag_jax.retrieval.refresh; needs `retrieval` and `context_encoder`) the step
+  is `train_step(state, batch, arrays, index) -> (state, index, metrics)`: `index` is the
+  refreshed index state {"embeddings", "encoded_at"} (donated), `arrays` the rest of the device
+  index; a rolling refresh re-encodes its slice with the step's context-encoder parameters
+  before retrieving, a rerank rescores its candidates with them; the metrics add the staleness
+  of the retrieved rows (staleness_sum, retrieved, staleness_max).
   """
   if fixed_doc_scores and retrieval is not None:
     raise ValueError("a fixed retriever's scores come from the host: no device retrieval")
   _check_context_encoder(model, context_encoder, fixed_doc_scores)
+  if refresh is not None:
+    if retrieval is None or context_encoder is None:
+      raise ValueError("an index refresh needs device retrieval and a trained context encoder")
+    refresh.check(retrieval)
   keys = batch_keys(fixed_doc_scores, context_encoder is not None)
   body = functools.partial(_per_device_grads, model=model, loss_fn=loss_fn,
                            pad_token_id=model.config.generator.pad_token_id,
@@ -264,8 +282,34 @@ def make_train_step(model: RagModel, mesh: Mesh, loss_fn: LossFn, *,
     return jax.jit(lambda state, batch: train_step(state, batch),
                    in_shardings=(replicated, data), out_shardings=(replicated, replicated),
                    donate_argnums=0 if donate else ())
-  return jax.jit(train_step, in_shardings=(replicated, data, retrieval.shardings),
-                 out_shardings=(replicated, replicated), donate_argnums=0 if donate else ())
+  if refresh is None:
+    return jax.jit(train_step, in_shardings=(replicated, data, retrieval.shardings),
+                   out_shardings=(replicated, replicated), donate_argnums=0 if donate else ())
+
+  roll = (rolling_refresh(retrieval, context_encoder, refresh.rows_per_step)
+          if refresh.mode == "rolling" else None)
+
+  def refresh_step(state: TrainState, batch: dict[str, Array], arrays: dict[str, Array],
+                   index: dict[str, Array]):
+    ctx_params = state.params[CTX_ENCODER]
+    if roll is not None:
+      index = roll(ctx_params, {**arrays, **index}, state.step)
+    search = (rerank_search(retrieval, context_encoder, ctx_params, refresh.candidates)
+              if refresh.mode == "rerank" else None)
+    full = retrieval.complete_batch(model, without_context_encoder(state.params), batch,
+                                    {**arrays, **index}, search)
+    check_batch(full, model, context_encoder)
+    grads, metrics = sharded(state.params, {k: full[k] for k in keys}, state.step,
+                             state.dropout_key)
+    metrics.update(staleness_sums(state.step, full["doc_encoded_at"], full["weights"]))
+    return state.apply_gradients(grads=grads), index, metrics
+
+  rows = retrieval.shardings["tokens"]
+  index_shardings = {k: rows for k in INDEX_STATE_KEYS}
+  array_shardings = {k: v for k, v in retrieval.shardings.items() if k not in INDEX_STATE_KEYS}
+  return jax.jit(refresh_step, in_shardings=(replicated, data, array_shardings, index_shardings),
+                 out_shardings=(replicated, index_shardings, replicated),
+                 donate_argnums=(0, 3) if donate else ())
 
 
 def make_eval_step(model: RagModel, mesh: Mesh, loss_fn: LossFn, *,
