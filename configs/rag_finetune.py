@@ -40,6 +40,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.train_context_encoder = False
   config.context_encoder_checkpoint = ""  # The DPRContextEncoder (+ tokenizer) of the index.
   config.context_encoder_max_length = 256  # Passage tokens, as build_index's --max_length.
+  # Refreshing the device index with the trained context encoder (needs train_context_encoder
+  # and retrieval on the devices): none (the index stays as built) | rolling (each step
+  # re-encodes refresh_rows_per_step rows of every device's shard, in the step) | scheduled (the
+  # whole index re-encoded between steps at refresh_schedule's steps) | rerank (the stale index
+  # searched for rerank_candidates passages, rescored with fresh encodings, n_docs kept).
+  config.index_refresh = "none"
+  config.refresh_rows_per_step = 64  # rolling: rows of each device's shard per step.
+  # scheduled: Atlas's --refresh_index, START-END:EVERY,... (or N: every N steps; -1: never).
+  config.refresh_schedule = "0-1000:500,1000-10000:2000"
+  config.rerank_candidates = 20  # rerank: candidates L > n_docs searched in the stale index.
   config.device_index_dtype = "auto"  # Device copy of the index: auto = bf16 on GPU/TPU.
   config.device_index_memory_fraction = 0.5  # auto: device if index + table fit this share.
   config.max_source_length = 128  # Question tokens (question encoder).

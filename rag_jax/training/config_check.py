@@ -32,6 +32,7 @@ import jax
 import ml_collections
 
 from rag_jax.models.rag import MODEL_TYPES
+from rag_jax.retrieval.refresh import REFRESH_MODES, ScheduleError, parse_schedule
 from rag_jax.utils.errors import UserError
 
 
@@ -180,7 +181,12 @@ RAG = [*RAG_NUMBERS, Rule("model_type", one_of(*MODEL_TYPES)),
 # Training the context encoder: the RAG trainer's (the world job fills the encoder's path and
 # passage length with its retriever's); not paper_scale's (its index is random).
 _TRAIN_CONTEXT_ENCODER = Rule("train_context_encoder", boolean)
-RAG_TRAINER = [*RAG, _TRAIN_CONTEXT_ENCODER, Rule("context_encoder_checkpoint", text),
+# Refreshing the device index with the trained context encoder (rag_jax.retrieval.refresh).
+INDEX_REFRESH = [Rule("index_refresh", one_of(*REFRESH_MODES)),
+                 Rule("refresh_rows_per_step", integer(1)), Rule("refresh_schedule", text),
+                 Rule("rerank_candidates", integer(2))]
+RAG_TRAINER = [*RAG, _TRAIN_CONTEXT_ENCODER, *INDEX_REFRESH,
+               Rule("context_encoder_checkpoint", text),
                Rule("context_encoder_max_length", integer(1))]
 
 REVERSAL = [
@@ -217,7 +223,8 @@ WORLD = [
     # The evaluation phase's (and evaluate.py's) group: evaluation-only (loop.EVALUATION_ONLY).
     *[Rule(f"eval.{f}", integer(1)) for f in ("batch_size", "num_beams", "max_answer_tokens")],
     Rule("eval.recall_ks", positive_ints),
-    *[Rule(f"rag.{r.field}", r.check) for r in (*RAG_NUMBERS, _TRAIN_CONTEXT_ENCODER)],
+    *[Rule(f"rag.{r.field}", r.check) for r in (*RAG_NUMBERS, _TRAIN_CONTEXT_ENCODER,
+                                                  *INDEX_REFRESH)],
 ]
 
 # configs/world_paper.py beyond its worlds (each checked with WORLD): Figures 2 and 3, the
@@ -305,9 +312,35 @@ def _relations(config: ml_collections.ConfigDict, trainer: str, prefix: str) -> 
       out.append(f"{prefix}.train_context_encoder = True: needs "
                  f"{prefix}.context_encoder_checkpoint (the DPRContextEncoder that encoded the "
                  "index, with its tokenizer)")
+  if trainer == "rag":
+    out += _refresh_relations(config, prefix)
   if trainer == "paper_scale":  # Its index is random, index_rows x dim: a pure config relation.
     out += index_problems(passages_needed(config, trainer), config.index_rows,
                           f"the random index ({prefix}.index_rows)", prefix)
+  return out
+
+
+def _refresh_relations(config: ml_collections.ConfigDict, prefix: str) -> list[str]:
+  """config.index_refresh against the fields it needs (the trainer names a retrieval that
+  "auto" put on the host once it is known)."""
+  mode, out = config.index_refresh, []
+  if mode == "none":
+    return out
+  field = f"{prefix}.index_refresh = {mode!r}"
+  if not config.train_context_encoder:
+    out.append(f"{field}: needs {prefix}.train_context_encoder = True (a frozen context encoder "
+               "leaves the index as built)")
+  if config.retrieval == "host":
+    out.append(f"{field}: needs retrieval on the devices ({prefix}.retrieval = 'device' or "
+               "'auto', not 'host')")
+  if mode == "scheduled":
+    try:
+      parse_schedule(config.refresh_schedule)
+    except ScheduleError as e:
+      out.append(f"{prefix}.refresh_schedule: {e}")
+  if mode == "rerank" and config.rerank_candidates <= config.n_docs:
+    out.append(f"{prefix}.rerank_candidates = {config.rerank_candidates}: must be > "
+               f"{prefix}.n_docs ({config.n_docs})")
   return out
 
 

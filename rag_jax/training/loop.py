@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from tqdm import tqdm
@@ -331,7 +332,9 @@ def train_loop(config: ml_collections.ConfigDict, workdir: Path, state: Any, ste
           check_finite(*unchecked, manager)
         unchecked = (metrics, done)
         # Device scalars, summed without a host sync until the window is logged.
-        window = {k: window.get(k, 0.0) + v for k, v in metrics.items() if k != "grad_norm"}
+        # (A "*_max" metric is the window's maximum.)
+        window = {k: (jnp.maximum(window.get(k, 0.0), v) if k.endswith("_max")
+                      else window.get(k, 0.0) + v) for k, v in metrics.items() if k != "grad_norm"}
         bar.update(1)
         last = done == config.num_train_steps or (stop_after is not None and done >= stop_after)
         if (last or done % config.log_every == 0 or done % config.checkpoint_every == 0):

@@ -29,7 +29,9 @@ same step; only the batch's prior and the optimizer's frozen group differ.
 (`config.context_encoder_checkpoint`): the retrieved passages are re-encoded in every step from a
 second table of their context-encoder ids (cached under the index's passage_tables/), the index
 itself stays as built; the encoder is checkpointed with the rest and exported to
-export/ctx_encoder/ (a DPRContextEncoder with its tokenizer).
+export/ctx_encoder/ (a DPRContextEncoder with its tokenizer). `config.index_refresh` refreshes the
+device index with it (rolling, scheduled or rerank: rag_jax.training.index_refresh); the
+refreshed index is checkpointed with the state, the index on disk never written.
 
 `config.model_type` is the one source of truth for the model's kind: it picks the loss, and the
 model that is trained, exported and decoded is RagSequenceForGeneration (rag_sequence) or
@@ -80,7 +82,7 @@ from rag_jax.retrieval.device import DeviceRetrieval
 from rag_jax.retrieval.exact import ExactIndex
 from rag_jax.retrieval.index import TextIndex, read_meta
 from rag_jax.retrieval.store import PassageStore
-from rag_jax.training import config_check, loop, optimizer
+from rag_jax.training import config_check, index_refresh, loop, optimizer
 from rag_jax.training.rag_step import make_eval_step, make_train_step, without_context_encoder
 from rag_jax.training.retrieval_feed import RetrievalFeed
 from rag_jax.training.state import create_train_state
@@ -401,8 +403,19 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
       jax.local_devices()):  # too big for the devices: searched on the host, whole per process
     index.place(index.config, local_data_mesh())
   train_questions = QuestionBatches(feed, train)
+  refresh = index_refresh.from_config(config)
+  if refresh is not None and retrieval is None:
+    raise config_check.ConfigError(
+        f"config.index_refresh = {config.index_refresh!r}: needs retrieval on the devices, but "
+        f"the index of {config.index_dir} is searched on the host (config.retrieval = "
+        f"{config.retrieval!r}; see the log line above)")
   step_fn = make_train_step(model, mesh, loss_fn, retrieval=retrieval,
-                            fixed_doc_scores=feed.fixed_doc_scores, context_encoder=ctx_model)
+                            fixed_doc_scores=feed.fixed_doc_scores, context_encoder=ctx_model,
+                            refresh=refresh)
+  runner = None
+  if refresh is not None:
+    runner = index_refresh.RefreshRunner(step_fn, retrieval, refresh, ctx_model)
+    state = runner.init(state)
   eval_fn = make_eval_step(model, mesh, loss_fn, retrieval=retrieval,
                            fixed_doc_scores=feed.fixed_doc_scores, context_encoder=ctx_model)
   run_eval = functools.partial(evaluate, config, feed=feed, data=val, answers=val_answers,
@@ -416,12 +429,16 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
     if retrieval is None:  # each process retrieves its rows only
       batch, _ = feed.batch(local_copy(state.params), train, rows[local_rows(mesh, len(rows))])
       return step_fn(state, global_batch(batch, mesh))
-    return step_fn(state, host_batch(train_questions.batch(rows), mesh), retrieval.arrays)
+    batch = host_batch(train_questions.batch(rows), mesh)
+    if runner is not None:
+      return runner(state, batch, step)
+    return step_fn(state, batch, retrieval.arrays)
 
   def summarize(w: dict[str, float]) -> dict[str, float]:
     return {"loss": w["loss_sum"] / w["examples"],
             "loss_per_token": w["loss_sum"] / max(w["target_tokens"], 1.0),
-            "top_doc_prior": w["top_doc_prior_sum"] / w["examples"]}
+            "top_doc_prior": w["top_doc_prior_sum"] / w["examples"],
+            **index_refresh.summarize(w)}
 
   state, finished = loop.train_loop(
       config, workdir, state, train_step, summarize=summarize,
@@ -437,6 +454,7 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
   report = {"model_type": config.model_type, "architecture": model.config.architecture,
             "retriever_kind": kind, "frozen_groups": list(frozen_groups),
             "train_context_encoder": bool(config.train_context_encoder),
+            "index_refresh": config.index_refresh,
             "steps": config.num_train_steps, "retrieval": "host" if retrieval is None else "device",
             "devices": mesh.devices.size, **{f"val_{k}": v for k, v in final.items()},
             "export": str(workdir / "export")}
