@@ -120,3 +120,18 @@ def test_refresh_fields_that_do_not_fit_are_named(setup, tmp_path):  # noqa: F81
                      r"True.*needs retrieval on the devices"):
     rag_trainer.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
+
+
+def test_rerank_leaves_the_index_as_built_and_logs_its_age(setup, tmp_path):  # noqa: F811
+  """Rerank reads the built index (never rewritten: its rows' age is the step number, mean 2 and
+  max 4 over steps 0-4) and keeps it as built in the checkpoint."""
+  root, dirs = setup
+  config = config_for(root, dirs, "rerank", rerank_candidates=6, num_train_steps=5,
+                      eval_every=5)
+  rag_trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+  assert (record["staleness"], record["staleness_max"]) == (2.0, 4.0)
+  last = checkpoint(tmp_path / "run", 5)["index"]
+  assert not last["encoded_at"].any()
+  built = host_index(root, dirs, load_pretrained(dirs["context"])[1])
+  np.testing.assert_allclose(last["embeddings"][:len(PEOPLE)], built, atol=1e-5, rtol=0)
