@@ -26,7 +26,7 @@ from rag_jax.retrieval.refresh import (
   refresh_due,
   rerank_search,
 )
-from rag_jax.training.rag_step import make_train_step, without_context_encoder
+from rag_jax.training.rag_step import make_eval_step, make_train_step, without_context_encoder
 from rag_jax.training.retrieval_feed import RetrievalFeed
 from rag_jax.training.state import create_train_state
 from tests import test_device_retrieval as tdr
@@ -164,6 +164,11 @@ def test_rerank_keeps_the_fresh_top_of_the_stale_candidates(world):
                                 s["questions"], {**arrays, **index}))
   np.testing.assert_array_equal(got["doc_ids"], want_ids)
   np.testing.assert_allclose(got["retrieval_scores"], want_scores, atol=1e-5, rtol=1e-5)
+  # Held-out evaluation retrieves as the train step does.
+  evaluate = make_eval_step(world["model"], s["mesh"], tdr.loss_fn("rag_sequence"),
+                            retrieval=retrieval, context_encoder=ctx_model, refresh=refresh)
+  _, eval_ids = evaluate(s["state"].params, s["batch"], retrieval.arrays)
+  np.testing.assert_array_equal(eval_ids, want_ids)
   state, index, metrics = step(s["state"], s["batch"], arrays, index)
   np.testing.assert_allclose(metrics["staleness_sum"], 0.0)  # Step 0: the index is as built.
 

@@ -315,12 +315,13 @@ def make_train_step(model: RagModel, mesh: Mesh, loss_fn: LossFn, *,
 def make_eval_step(model: RagModel, mesh: Mesh, loss_fn: LossFn, *,
                    retrieval: DeviceRetrieval | None = None,
                    fixed_doc_scores: bool = False,
-                   context_encoder: DPREncoder | None = None) -> Callable[..., Any]:
+                   context_encoder: DPREncoder | None = None,
+                   refresh: Refresh | None = None) -> Callable[..., Any]:
   """A jitted `eval_step(params, batch) -> metric sums` (no dropout, no gradient).
 
   With `retrieval`: `eval_step(params, batch, index_arrays) -> (metric sums, doc_ids [B, n])`,
   the batch holding only the questions, as in make_train_step; `fixed_doc_scores` and
-  `context_encoder` as there.
+  `context_encoder` as there; a rerank `refresh` retrieves as the train step does.
   """
   _check_context_encoder(model, context_encoder, fixed_doc_scores)
   keys = batch_keys(fixed_doc_scores, context_encoder is not None)
@@ -340,7 +341,9 @@ def make_eval_step(model: RagModel, mesh: Mesh, loss_fn: LossFn, *,
                    in_shardings=(replicated, data), out_shardings=replicated)
 
   def eval_step(params, batch, index):
-    full = retrieval.complete_batch(model, without_context_encoder(params), batch, index)
+    search = (rerank_search(retrieval, context_encoder, params[CTX_ENCODER], refresh.candidates)
+              if refresh is not None and refresh.mode == "rerank" else None)
+    full = retrieval.complete_batch(model, without_context_encoder(params), batch, index, search)
     return sharded(params, {k: full[k] for k in keys}), full["doc_ids"]
 
   return jax.jit(eval_step, in_shardings=(replicated, data, retrieval.shardings),

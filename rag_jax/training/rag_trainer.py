@@ -417,7 +417,8 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
     runner = index_refresh.RefreshRunner(step_fn, retrieval, refresh, ctx_model)
     state = runner.init(state)
   eval_fn = make_eval_step(model, mesh, loss_fn, retrieval=retrieval,
-                           fixed_doc_scores=feed.fixed_doc_scores, context_encoder=ctx_model)
+                           fixed_doc_scores=feed.fixed_doc_scores, context_encoder=ctx_model,
+                           refresh=refresh)
   run_eval = functools.partial(evaluate, config, feed=feed, data=val, answers=val_answers,
                                eval_fn=eval_fn, mesh=mesh, retrieval=retrieval)
   logging.info("RAG %s: %d parameters, %d devices, %d train / %d val examples, %s retriever, "
