@@ -46,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
   # whole index re-encoded between steps at refresh_schedule's steps) | rerank (the stale index
   # searched for rerank_candidates passages, rescored with fresh encodings, n_docs kept).
   config.index_refresh = "none"
-  config.refresh_rows_per_step = 64  # rolling: rows of each device's shard per step.
+  config.refresh_rows_per_step = 64  # rolling: rows of each device's shard per step (<= its rows).
   # scheduled: Atlas's --refresh_index, START-END:EVERY,... (or N: every N steps; -1: never).
   config.refresh_schedule = "0-1000:500,1000-10000:2000"
   config.rerank_candidates = 20  # rerank: candidates L > n_docs searched in the stale index.

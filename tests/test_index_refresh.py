@@ -123,6 +123,23 @@ def test_rolling_refresh_rows_equal_fresh_encodings_of_their_step(world):
   assert not host["embeddings"][COUNT:].any()  # Padding: never written, masked by position.
 
 
+def test_rolling_refresh_of_more_rows_than_a_shard_reencodes_the_shard_every_step(world):
+  s = setup(world)
+  retrieval, ctx_model = s["retrieval"], s["ctx_model"]
+  step = make_train_step(world["model"], s["mesh"], tdr.loss_fn("rag_sequence"),
+                         deterministic=True, retrieval=retrieval, context_encoder=ctx_model,
+                         refresh=Refresh("rolling", rows_per_step=10))  # 6 rows per shard
+  arrays = {k: v for k, v in retrieval.arrays.items() if k != "embeddings"}
+  index, state = initial_state(retrieval), s["state"]
+  for _ in range(2):
+    params = jax.device_get(state.params)["ctx_encoder"]
+    state, index, _ = step(state, s["batch"], arrays, index)
+  host = jax.device_get(index)
+  np.testing.assert_array_equal(host["encoded_at"], [1] * COUNT + [0] * 8)
+  np.testing.assert_allclose(host["embeddings"][:COUNT],
+                             host_encode(ctx_model, params, s["enc_table"]), atol=1e-5, rtol=0)
+
+
 def test_full_refresh_reencodes_every_row_and_skips_padding(world):
   s = setup(world)
   retrieval, ctx_model = s["retrieval"], s["ctx_model"]

@@ -112,6 +112,10 @@ def test_refresh_fields_that_do_not_fit_are_named(setup, tmp_path):  # noqa: F81
   with pytest.raises(config_check.ConfigError, match=r"rerank_candidates = 2: must be > "
                      r"config\.n_docs \(2\)"):
     rag_trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  config = config_for(root, dirs, "rerank", rerank_candidates=25)
+  with pytest.raises(config_check.ConfigError, match=r"rerank_candidates asks for 25 passages, "
+                     r"more than the 24"):
+    rag_trainer.train_and_evaluate(config, str(tmp_path / "run"))
   config = config_for(root, dirs, "scheduled", refresh_schedule="0-10:4,x")
   with pytest.raises(config_check.ConfigError, match=r"part 'x' is not START-END:EVERY"):
     rag_trainer.train_and_evaluate(config, str(tmp_path / "run"))

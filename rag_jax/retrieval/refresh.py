@@ -90,7 +90,8 @@ def refresh_due(schedule: tuple[tuple[int, int, int], ...], step: int) -> bool:
 @dataclasses.dataclass(frozen=True)
 class Refresh:
   """The configured refresh: mode (REFRESH_MODES, not "none"), R rows per device shard per step
-  (rolling), the schedule (scheduled), L candidates (rerank)."""
+  (rolling; at most the shard's rows are used), the schedule (scheduled), L candidates
+  (rerank)."""
 
   mode: str
   rows_per_step: int = 0
@@ -104,9 +105,8 @@ class Refresh:
     if "doc_tokens" not in retrieval.arrays:
       raise ValueError("an index refresh needs the encoder table on the devices (a trained "
                        "context encoder)")
-    if self.mode == "rolling" and not 1 <= self.rows_per_step <= retrieval.rows_per_shard:
-      raise ValueError(f"rolling refresh of {self.rows_per_step} rows per step: must be in "
-                       f"[1, {retrieval.rows_per_shard}] (the rows of one device's shard)")
+    if self.mode == "rolling" and self.rows_per_step < 1:
+      raise ValueError(f"rolling refresh of {self.rows_per_step} rows per step: must be >= 1")
     if self.mode == "rerank" and not retrieval.n_docs < self.candidates <= retrieval.count:
       raise ValueError(f"rerank over {self.candidates} candidates: must be > n_docs "
                        f"({retrieval.n_docs}) and <= the {retrieval.count} passages")
@@ -154,8 +154,10 @@ def rolling_refresh(retrieval: DeviceRetrieval, ctx_model: DPREncoder, rows_per_
                     ) -> Callable[[Any, dict[str, Array], Array], dict[str, Array]]:
   """Pure f(ctx_params, tables, step) -> the index state with each shard's local rows
   (step * R + i) mod rows_per_shard, i < R, re-encoded; tables holds the index state and the
-  encoder table. Call it inside the jitted step (the state's buffers donated: in place)."""
+  encoder table. Call it inside the jitted step (the state's buffers donated: in place). R past
+  rows_per_shard re-encodes the whole shard every step."""
   per_shard, count = retrieval.rows_per_shard, retrieval.count
+  rows_per_step = min(rows_per_step, per_shard)
 
   def local(ctx_params, tables, step, first_row):
     start = (step.astype(jnp.int32) * rows_per_step) % per_shard

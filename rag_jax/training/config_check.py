@@ -403,6 +403,8 @@ def passages_needed(config: ml_collections.ConfigDict, trainer: str, training: b
   elif trainer in ("rag", "paper_scale"):
     if training:
       out["n_docs"] = config.n_docs
+      if trainer == "rag" and config.index_refresh == "rerank":
+        out["rerank_candidates"] = config.rerank_candidates
     # A paper row's eval.recall_ks may exceed its index: evaluate.py leaves those depths out.
     if evaluation and trainer == "paper_scale":
       out["eval.n_docs"] = config.eval.n_docs
