@@ -13,6 +13,7 @@ date, hardware, commit.
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from typing import Any
 from absl import app, flags
 
 from benchmarks import report as bench_report
+from benchmarks.presets import DPR_PASSAGES
 from rag_jax.experiments.world.fever import markdown as fever_markdown
 from rag_jax.experiments.world.paper_report import PAPER_TABLE1_NQ, PAPER_TABLE6_NQ, WorldReport
 from rag_jax.experiments.world.paper_report import RECALL_KS as PAPER_RECALL_KS
@@ -258,6 +260,49 @@ def calibration(r: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def bert_parameters(cfg: dict[str, Any]) -> int:
+  """A BERT encoder without pooler (DPR's): embeddings and their LayerNorm, then per layer the
+  Q/K/V/output projections, the feed-forward pair and two LayerNorms."""
+  h, f = cfg["hidden_size"], cfg["intermediate_size"]
+  embeddings = (cfg["vocab_size"] + cfg["max_position_embeddings"] + 2) * h + 2 * h
+  layer = 4 * (h * h + h) + 2 * h * f + f + h + 4 * h
+  return embeddings + cfg["num_hidden_layers"] * layer
+
+
+REFRESH_BOUNDS = (1_000, 10_000, 100_000)  # Staleness bounds (steps) of the rolling refresh.
+
+
+def refresh_plan(r: dict[str, Any]) -> str:
+  """docs/training.md's refresh cost at the paper's scale, computed from one benchmark run's
+  passage-encoding rate and RAG-Sequence step time (one device) and the Wikipedia index size."""
+  enc = next(x for x in r["results"] if x["workload"] == "encode")
+  step = next(x for x in r["results"] if x["workload"] == "train")
+  rate, step_s = enc["rag_jax"]["items_per_s"], step["rag_jax"]["median_s"]
+  n, width = DPR_PASSAGES, r["shape"]["encode_length"]
+  retrieved = step["batch"] * step["n_docs"]
+  in_step = 3 * retrieved / rate  # forward + backward of the retrieved passages: ~3 forwards
+  gib = 2.0**30
+  lines = [
+      f"From `{r['command']}` ({_where(r)}): the DPR context encoder at {rate:,.0f} passages/s "
+      f"({width} tokens, {enc['dtype']}), the RAG-Sequence step at {step_s * 1e3:.1f} ms "
+      f"({step['batch']} questions x {step['n_docs']} passages); {n:,} passages.", "",
+      "| item | 1 device | 8 devices (each its shard) |", "|---|---:|---:|",
+      f"| full refresh | {n / rate / 60:.1f} min | {n / 8 / rate / 60:.1f} min |",
+      f"| re-encoding the {retrieved} retrieved passages in the step (~3 forwards) | "
+      f"{in_step * 1e3:.1f} ms ({in_step / step_s:.0%} of the step) | the same per device |"]
+  for bound in REFRESH_BOUNDS:
+    one, eight = math.ceil(n / bound), math.ceil(n / 8 / bound)
+    lines.append(f"| rolling, every row at most {bound:,} steps old: rows per step, encoding "
+                 f"time / step time | {one:,}, {one / rate / step_s:.2f}x | "
+                 f"{eight:,}, {eight / rate / step_s:.2f}x |")
+  table = n * (width * 2 + 4) / gib  # uint16 ids (BERT's 30,522 fit) + int32 lengths
+  encoder = bert_parameters(r["shape"]["question_encoder"]) * 16 / gib  # fp32 p, g, 2 moments
+  lines.append(f"| memory: encoder table {n:,} x {width} uint16 + lengths; `encoded_at` int32; "
+               f"context encoder with gradient and AdamW, fp32 | {table:.2f} + "
+               f"{n * 4 / gib:.2f} + {encoder:.2f} GiB | 1/8 of the first two each |")
+  return "\n".join(lines)
+
+
 # Marker name -> (renderer, its JSON source; None: the renderer reads its own).
 VIEWS: dict[str, tuple[Callable[[Any], str], Path | None]] = {
     "world_default.summary": (world_summary, RESULTS / "world_default.json"),
@@ -268,6 +313,8 @@ VIEWS: dict[str, tuple[Callable[[Any], str], Path | None]] = {
     "world_paper.table6": (world_paper_table6, RESULTS / "world_paper.json"),
     "world_paper.hot_swap": (world_paper_hot_swap, RESULTS / "world_paper.json"),
     "world_paper.fever": (world_paper_fever, RESULTS / "world_paper.json"),
+    "paper_h200_profile.refresh_plan": (refresh_plan,
+                                        BENCHMARK_RESULTS / "paper_h200_profile.json"),
 }
 
 

@@ -116,3 +116,13 @@ def test_every_results_json_is_shown_in_the_docs():
   for path in sorted((ROOT / "docs" / "results").glob("*.json")):
     table = feeds.get(path.stem, path.stem)
     assert f"<!-- begin {table}" in shown, f"{path.name} feeds no table"
+
+
+def test_refresh_plan_counts_the_context_encoder_as_transformers_builds_it():
+  """The refresh plan's parameter count (memory of the trained context encoder) is the number of
+  parameters of transformers' DPRContextEncoder of the same shape."""
+  transformers = pytest.importorskip("transformers")
+  shape = {"vocab_size": 99, "hidden_size": 16, "num_hidden_layers": 3,
+           "num_attention_heads": 2, "intermediate_size": 37, "max_position_embeddings": 24}
+  torch_model = transformers.DPRContextEncoder(transformers.DPRConfig(**shape))
+  assert doc_tables.bert_parameters(shape) == sum(p.numel() for p in torch_model.parameters())
