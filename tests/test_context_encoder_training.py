@@ -9,7 +9,6 @@ arithmetic (the context encoder's projection bias moves every doc score of a que
 same amount, and p(z|x) is a softmax), and in float32 they hold rounding noise of the size of
 the terms that cancel, about 1e-7 of the largest gradient on either side."""
 
-import dataclasses
 import functools
 
 import jax
@@ -26,7 +25,6 @@ from rag_jax.data.passage_table import (
   encoder_rows,
   load_or_build_encoder_table,
 )
-from rag_jax.models.bert import DPREncoder
 from rag_jax.models.rag import embed_documents
 from rag_jax.parallel import data_mesh, global_batch, replicate
 from rag_jax.retrieval.device import DeviceRetrieval
@@ -164,15 +162,6 @@ def world():
   return test_device_retrieval.make_world()
 
 
-def _context_encoder(world):
-  """A context encoder of the question encoder's shape, and its initial parameters."""
-  config = dataclasses.replace(world["model"].config.question_encoder,
-                               architecture="DPRContextEncoder")
-  ctx_model = DPREncoder(config)
-  ids = np.ones((2, 8), np.int32)
-  return ctx_model, jax.jit(ctx_model.init)(jax.random.key(7), ids, ids)["params"]
-
-
 @pytest.mark.parametrize("devices", [1, 8])
 def test_device_retrieval_scores_use_the_fresh_encoding(world, devices):
   """The index is encoded by the initial context encoder; the step retrieves with it (stale) and
@@ -182,7 +171,7 @@ def test_device_retrieval_scores_use_the_fresh_encoding(world, devices):
   index's (the check can fail)."""
   mesh = test_device_retrieval.mesh_of(devices)
   model, loss = world["model"], test_device_retrieval.loss_fn("rag_sequence")
-  ctx_model, ctx_params = _context_encoder(world)
+  ctx_model, ctx_params = test_device_retrieval.make_context_encoder(world)
   enc_table = build_encoder_table(world["store"].titles_and_texts,
                                   test_device_retrieval.N_PASSAGES, world["q_tok"],
                                   max_length=24, block=7, progress=False)

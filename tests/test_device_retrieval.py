@@ -4,6 +4,7 @@ RagRetriever and numpy): the same passage ids and scores (ties included), the sa
 rows (passages that fill the row, questions truncated to nothing), the same losses and
 parameters after several optimizer steps, on 1 and 8 devices, for RAG-Sequence and RAG-Token."""
 
+import dataclasses
 import functools
 import logging
 
@@ -24,6 +25,7 @@ from rag_jax.data.passage_table import (
 )
 from rag_jax.data.qa import TokenizedQA
 from rag_jax.models import presets
+from rag_jax.models.bert import DPREncoder
 from rag_jax.models.rag import RagModel
 from rag_jax.parallel import global_batch, replicate
 from rag_jax.retrieval import device as device_retrieval
@@ -91,6 +93,15 @@ def make_world() -> dict:
   return dict(model=model, params=params, data=data, q_tok=q_tok, g_tok=g_tok, db=db,
               store=Store(titles, texts), questions=contexts.decode_questions(q_tok,
                                                                               data.input_ids))
+
+
+def make_context_encoder(world: dict):
+  """A context encoder of the world's question-encoder shape, and its initial parameters."""
+  config = dataclasses.replace(world["model"].config.question_encoder,
+                               architecture="DPRContextEncoder")
+  ctx_model = DPREncoder(config)
+  ids = np.ones((2, 8), np.int32)
+  return ctx_model, jax.jit(ctx_model.init)(jax.random.key(7), ids, ids)["params"]
 
 
 def mesh_of(n):

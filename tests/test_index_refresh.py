@@ -5,7 +5,6 @@ stamps against the slice rule replayed on the host, the staleness metrics agains
 search of the host copy of the index, rerank against brute force over the stale index and fresh
 encodings, the schedule parser against Atlas's examples."""
 
-import dataclasses
 
 import jax
 import numpy as np
@@ -13,7 +12,6 @@ import optax
 import pytest
 
 from rag_jax.data.passage_table import build_encoder_table, build_passage_table
-from rag_jax.models.bert import DPREncoder
 from rag_jax.parallel import global_batch, replicate
 from rag_jax.retrieval.device import DeviceRetrieval
 from rag_jax.retrieval.exact import ExactConfig, ExactIndex
@@ -39,20 +37,11 @@ def world():
   return tdr.make_world()
 
 
-def context_encoder(world):
-  """A context encoder of the question encoder's shape and its initial parameters."""
-  config = dataclasses.replace(world["model"].config.question_encoder,
-                               architecture="DPRContextEncoder")
-  ctx_model = DPREncoder(config)
-  ids = np.ones((2, 8), np.int32)
-  return ctx_model, jax.jit(ctx_model.init)(jax.random.key(7), ids, ids)["params"]
-
-
 def setup(world, devices=8):
   """A device index of random embeddings (no row is any encoder's output) with 3-row chunks:
   on 8 devices 6 rows per shard, 48 rows, rows 40..47 padding (shard 7 all padding)."""
   mesh = tdr.mesh_of(devices)
-  ctx_model, ctx_params = context_encoder(world)
+  ctx_model, ctx_params = tdr.make_context_encoder(world)
   enc_table = build_encoder_table(world["store"].titles_and_texts, COUNT, world["q_tok"],
                                   max_length=24, block=7, progress=False)
   db = np.random.default_rng(3).standard_normal((COUNT, tdr.DIM)).astype(np.float32)
