@@ -13,7 +13,8 @@ Two cases:
     (the mask derived from the pad id), here under `torch.no_grad()` (the script keeps autograd
     on, which is slower). rag_jax through `BucketedEncoder.encode`, the function
     `encode_passages` runs on every shard (length-sorted buckets, compiled programs reused, rows
-    back in corpus order), with `EncodeConfig`'s defaults. Tokenization is left out of both (the
+    back in corpus order), with `EncodeConfig`'s defaults but for tokens_per_batch: 16 passages
+    of the mean length, the tokens of transformers' step. Tokenization is left out of both (the
     same Rust tokenizer on both sides; rag_jax runs it on a background thread). Repeats alternate
     between the two sides, so that load from other processes falls on both alike; the ratio is
     of the medians. The row records the largest |difference| of the two embeddings, the tokens
@@ -103,7 +104,8 @@ def run_mixed(preset: Preset, dtype: str, repeats: int, warmup: int,
   seqs = corpus(preset)
   torch_model = models.torch_context_encoder(preset).eval()
   model, params = models.to_rag_jax(torch_model, models.jnp_dtype(dtype))
-  config = EncodeConfig(max_length=preset.question_encoder["max_position_embeddings"])
+  config = EncodeConfig(max_length=preset.question_encoder["max_position_embeddings"],
+                        tokens_per_batch=TRANSFORMERS_BATCH * preset.encode_mean_length)
   encoder = BucketedEncoder(model, data_mesh())
   params = jax.device_put(params)
   out: dict[str, Any] = {}
