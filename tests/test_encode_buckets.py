@@ -10,7 +10,13 @@ from jax.sharding import Mesh
 from transformers import DPRConfig, DPRContextEncoder
 
 from rag_jax.checkpoints import load_pretrained
-from rag_jax.retrieval.encode import BucketedEncoder, EncodeConfig, make_encode_fn, plan_batches
+from rag_jax.retrieval.encode import (
+  BucketedEncoder,
+  EncodeConfig,
+  make_encode_fn,
+  plan_batches,
+  pooled_output,
+)
 
 VOCAB, MAX_LENGTH = 97, 64
 
@@ -102,3 +108,18 @@ def test_one_compiled_program_per_batch_shape_reused_across_calls(tiny):
   again = encoder.encode(params, [seqs[p] for p in perm], pad_id=0, config=config)
   assert encoder.fn._cache_size() == len(planned)
   np.testing.assert_allclose(again, first[perm], rtol=0, atol=1e-6)
+
+
+def test_last_layer_for_cls_alone_equals_the_full_forward(tiny):
+  # pooled_output skips the last layer's rows other than [CLS]: the same values as the model's
+  # own full forward (and, above, as transformers'), padded rows included.
+  _, model, params = tiny
+  rng = np.random.default_rng(4)
+  ids = rng.integers(1, VOCAB, (6, 23)).astype(np.int32)
+  mask = np.ones_like(ids)
+  for r, n in enumerate([23, 5, 17, 1, 12, 22]):
+    ids[r, n:], mask[r, n:] = 0, 0
+  full = model.apply({"params": params}, input_ids=ids, attention_mask=mask,
+                     token_type_ids=np.zeros_like(ids)).pooler_output
+  fast = jax.jit(lambda p, i, m: pooled_output(model, p, i, m))(params, ids, mask)
+  np.testing.assert_allclose(np.asarray(fast), np.asarray(full), rtol=0, atol=1e-6)
