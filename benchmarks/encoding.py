@@ -70,7 +70,7 @@ def run(preset: Preset, dtype: str, repeats: int, warmup: int, peer: bool) -> di
               device=timing.jax_device_memory())
   return {"workload": "encode", "case": f"DPR context encoder, {b} x {length} tokens",
           "batch": b, "length": length, "dtype": dtype, "unit": "passages", "items": b,
-          "flops_hand": flops.bert_forward(preset.question_encoder, b, length),
+          "flops_hand": flops.dpr_pooled_forward(preset.question_encoder, b, length),
           "rag_jax": ours, "peer": theirs}
 
 
@@ -124,6 +124,7 @@ def run_mixed(preset: Preset, dtype: str, repeats: int, warmup: int,
               for b in batches_t]
     out["peer"] = np.concatenate(rows)
 
+  timing.reset_host_peak()
   sides = {"rag_jax": run_ours, **({"peer": run_theirs} if peer else {})}
   times: dict[str, list[float]] = {k: [] for k in sides}
   first: dict[str, float] = {}
@@ -143,7 +144,9 @@ def run_mixed(preset: Preset, dtype: str, repeats: int, warmup: int,
             "max_s": float(np.max(t)), "repeats": len(t), "system_s": 0.0}
 
   real = sum(map(len, seqs))
+  peak = timing.host_peak_mb()  # the process's, both sides in it
   ours = side("rag_jax")
+  ours["host_peak_mib"] = peak
   shapes = sorted(encoder.shapes)
   ours.update(name="BucketedEncoder", tokens_run=sum(b * n for b, n in _shape_uses(seqs, config,
                                                                                     encoder)),
@@ -153,6 +156,7 @@ def run_mixed(preset: Preset, dtype: str, repeats: int, warmup: int,
   theirs = None
   if peer:
     theirs = side("peer")
+    theirs["host_peak_mib"] = peak
     theirs.update(name=f"transformers DPRContextEncoder, batches of {TRANSFORMERS_BATCH} in "
                   "corpus order", tokens_run=sum(b.size for b in batches))
   lengths = [len(s) for s in seqs]
@@ -160,7 +164,8 @@ def run_mixed(preset: Preset, dtype: str, repeats: int, warmup: int,
          f"{min(lengths)}-{max(lengths)} tokens (mean {np.mean(lengths):.0f})",
          "passages": len(seqs), "real_tokens": real, "dtype": dtype, "unit": "passages",
          "items": len(seqs),
-         "flops_hand": sum(flops.bert_forward(preset.question_encoder, 1, n) for n in lengths),
+         "flops_hand": sum(flops.dpr_pooled_forward(preset.question_encoder, 1, n)
+                           for n in lengths),
          "rag_jax": ours, "peer": theirs}
   if peer:
     row["max_abs_diff"] = float(np.max(np.abs(out["rag_jax"] - out["peer"])))
