@@ -132,14 +132,13 @@ def tokenize_passages(tokenizer, titles: list[str], texts: list[str],
   return enc["input_ids"]
 
 
-def pack_batch(seqs: list[list[int]], batch_size: int, pad_id: int, bucket: int,
-               max_length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """(input_ids, attention_mask) int32 (batch_size, L): L = longest rounded up to `bucket`
-  (at most `max_length`, when given, and never below the longest).
+def pack_batch(seqs: list[list[int]], batch_size: int, pad_id: int,
+               bucket: int) -> tuple[np.ndarray, np.ndarray]:
+  """(input_ids, attention_mask) int32 (batch_size, L): L = longest rounded up to `bucket`.
 
   Rows beyond len(seqs) repeat the first sequence (valid input, outputs discarded).
   """
-  length = padded_length(max(len(s) for s in seqs), bucket, max_length)
+  length = padded_length(max(len(s) for s in seqs), bucket)
   ids = np.full((batch_size, length), pad_id, dtype=np.int32)
   mask = np.zeros((batch_size, length), dtype=np.int32)
   for r in range(batch_size):
@@ -150,7 +149,8 @@ def pack_batch(seqs: list[list[int]], batch_size: int, pad_id: int, bucket: int,
 
 
 def padded_length(longest: int, bucket: int, max_length: int | None = None) -> int:
-  """`longest` rounded up to a multiple of `bucket`, capped at max(longest, max_length)."""
+  """`longest` rounded up to a multiple of `bucket`; with `max_length`, at most that (but never
+  below `longest`)."""
   length = -(-longest // bucket) * bucket
   return length if max_length is None else max(longest, min(length, max_length))
 
@@ -263,7 +263,7 @@ class BucketedEncoder:
     result = None
     pending = None
     for rows, batch, length in plan_batches([len(s) for s in seqs], config, self.devices):
-      ids, mask = pack_batch([seqs[r] for r in rows], batch, pad_id, length)
+      ids, mask = pack_batch([seqs[r] for r in rows], batch, pad_id, length)  # (batch, length)
       self.shapes.add(ids.shape)
       emb = self.fn(params, ids, mask)  # async dispatch; (batch, D)
       if pending is not None:
