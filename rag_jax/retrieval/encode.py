@@ -105,7 +105,7 @@ class EncodeConfig:
   max_length: int = 256
   shard_size: int = 100_000
   dtype: str = "float32"
-  length_bucket: int = 16
+  length_bucket: int = 8
   tokens_per_batch: int = 0
   axis: str = "data"
 
