@@ -22,6 +22,16 @@ def bert_forward(cfg: dict[str, Any], sequences: int, length: int) -> float:
   return float(sequences * (layers * per_layer + proj))
 
 
+def dpr_pooled_forward(cfg: dict[str, Any], sequences: int, length: int) -> float:
+  """DPR's pooler_output as rag_jax's passage encoder computes it: every layer but the last on
+  all `length` tokens; the last one's keys and values on all tokens, the rest ([CLS] query,
+  its attention, output projection, feed-forward) on the [CLS] row alone."""
+  h, f, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+  last = 4 * length * h * h + 4 * h * h + 4 * length * h + 4 * h * f
+  head = bert_forward(dict(cfg, num_hidden_layers=layers - 1), sequences, length)
+  return head + float(sequences * last)
+
+
 def bart_encoder_forward(cfg: dict[str, Any], rows: int, length: int) -> float:
   d, f = cfg["d_model"], cfg["encoder_ffn_dim"]
   per_layer = 8 * length * d * d + 4 * length * d * f + 4 * length * length * d

@@ -42,6 +42,8 @@ class Preset:
   index_queries: int  # Queries per timed retrieval batch.
   encode_batch: int  # Passages per passage-encoding call.
   encode_length: int  # Tokens per passage in the passage-encoding workload.
+  encode_corpus: int  # Passages of the mixed-length encoding case (benchmarks/encoding.py).
+  encode_mean_length: int  # Their mean token length (DPR's 100-word passages: about 160).
   bf16_on_accel: bool = True  # bf16 compute (fp32 params) on accelerators; fp32 on CPU.
 
   def retrieval_rows(self, on_accelerator: bool) -> int:
@@ -63,26 +65,27 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset("tiny", _TINY_BERT, _TINY_BART, batch=2, n_docs=(3,), context_length=32,
                    question_length=8, target_length=8, num_beams=2, index_rows=20_000,
                    index_rows_accel=20_000, index_dim=64, index_queries=64, encode_batch=16,
-                   encode_length=32),
+                   encode_length=32, encode_corpus=64, encode_mean_length=48),
     # The default job (configs/default.py): 32 questions x 5 passages of 21 tokens, 4 labels,
     # greedy decoding of up to 8 tokens, 3,250 passages.
     "world": Preset("world", _WORLD_BERT, _WORLD_BART, batch=32, n_docs=(5,), context_length=21,
                     question_length=10, target_length=4, num_beams=1, index_rows=3_250,
                     index_rows_accel=3_250, index_dim=128, index_queries=600, encode_batch=256,
-                    encode_length=24),
+                    encode_length=24, encode_corpus=512, encode_mean_length=21),
     # transformers' RAG at BERT-base + BART-base: 4 questions x 5 passages x 128 tokens, 25
     # target tokens, beam 4; retrieval over 200k x 768 clustered vectors.
     "base": Preset("base", BERT_BASE, BART_BASE, batch=4, n_docs=(5,), context_length=128,
                    question_length=32, target_length=25, num_beams=4, index_rows=200_000,
                    index_rows_accel=200_000, index_dim=768, index_queries=1000, encode_batch=64,
-                   encode_length=128),
+                   encode_length=128, encode_corpus=256, encode_mean_length=160),
     # The paper: BERT-base question encoder, BART-large, 8 questions per device, 5 and 10
     # passages, max_combined_length 300, 25 target tokens, beam 4; 21M x 768 index (bf16 on an
     # accelerator, 1M rows on CPU); DPR passages of up to 256 tokens.
     "paper": Preset("paper", BERT_BASE, BART_LARGE, batch=8, n_docs=(5, 10), context_length=300,
                     question_length=32, target_length=25, num_beams=4, index_rows=1_000_000,
                     index_rows_accel=DPR_PASSAGES, index_dim=768, index_queries=1024,
-                    encode_batch=512, encode_length=256),
+                    encode_batch=512, encode_length=256, encode_corpus=1024,
+                    encode_mean_length=160),
 }
 
 

@@ -82,7 +82,8 @@ def run_group(group: str, options: dict[str, Any],
                          faiss_ef=tuple(options.get("faiss_ef") or retrieval.FAISS_EF),
                          hnsw_m=options.get("hnsw_m", 128))
   if group == "encode":
-    return [encoding.run(preset, dtype, reps, warm, peer)]
+    return [encoding.run(preset, dtype, reps, warm, peer),
+            encoding.run_mixed(preset, dtype, reps, warm, peer)]
   if group == "max_batch_jax":
     # The train group's row (already in this run's JSON) holds the memory plan the prediction
     # needs; only without it is the preset-batch step compiled again.

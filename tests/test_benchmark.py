@@ -63,6 +63,14 @@ def test_json_has_every_field(report):
     if row["workload"] in ("train", "encode"):
       assert row["ratio_to_peer"] > 0 and 0 < ours["fraction_of_peak"]
       assert row["peer"]["median_s"] > 0 and row["peer"]["host_peak_mib"] > 0
+  fixed, mixed = [r for r in report["results"] if r["workload"] == "encode"]
+  # The mixed-length corpus: embeddings as transformers', one program per batch shape, and
+  # less padding than transformers' corpus-order batches.
+  assert mixed["max_abs_diff"] <= 1e-5 and len(mixed["ratio_per_repeat"]) == 2
+  ours = mixed["rag_jax"]
+  assert ours["compiled_programs"] == len(ours["batch_shapes"]) >= 1
+  assert mixed["real_tokens"] <= ours["tokens_run"] < mixed["peer"]["tokens_run"]
+  assert fixed["case"] == "DPR context encoder, 16 x 32 tokens"
   train = [r for r in report["results"] if r["workload"] == "train"]
   assert {r["kind"] for r in train} == {"rag_sequence", "rag_token"}
   for row in train:
@@ -122,7 +130,7 @@ def test_hand_flop_count_agrees_with_xla(report):
   # XLA's CPU cost analysis counts every op; the hand count only the matmuls. They must agree
   # to within the elementwise work (softmax, norms, the optimizer), here under 30 %.
   for row in report["results"]:
-    if row["workload"] in ("train", "encode"):
+    if row["workload"] == "train" or "xla_flops" in (row["rag_jax"] or {}):
       assert 1.0 <= row["xla_flops_over_hand"] < 1.3, row["case"]
 
 
@@ -153,6 +161,12 @@ def test_hand_count_of_a_bert_layer():
   cfg = dict(presets.BERT_BASE, num_hidden_layers=1)
   expected = 4 * 2 * 128 * 768**2 + 2 * 2 * 128 * 768 * 3072 + 2 * 2 * 128**2 * 768
   assert flops.bert_forward(cfg, 1, 128) == expected
+  # The passage encoder's last layer: K and V of every token (2 x 2 * 128 * 768^2), the rest
+  # for [CLS] alone: Q, O (2 x 2 * 768^2), attention (2 x 2 * 128 * 768), feed-forward.
+  last = 2 * 2 * 128 * 768**2 + 2 * 2 * 768**2 + 2 * 2 * 128 * 768 + 2 * 2 * 768 * 3072
+  assert flops.dpr_pooled_forward(cfg, 1, 128) == last
+  assert flops.dpr_pooled_forward(dict(cfg, num_hidden_layers=12), 3, 128) == 3 * (
+      11 * expected + last)
 
 
 def test_profile_maps_every_traced_op_to_the_program(report):

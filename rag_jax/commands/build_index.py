@@ -66,6 +66,9 @@ flags.DEFINE_integer("shard_size", EncodeConfig.shard_size, "Embeddings per save
                      lower_bound=1, **_F)
 flags.DEFINE_integer("length_bucket", EncodeConfig.length_bucket, "Passage token lengths are "
                      "padded to a multiple of this.", lower_bound=1, **_F)
+flags.DEFINE_integer("tokens_per_batch", EncodeConfig.tokens_per_batch, "If > 0, passages "
+                     "per batch at padded length L are this // L (batches of equal tokens) "
+                     "instead of --batch_size.", lower_bound=0, **_F)
 flags.DEFINE_enum("dtype", "float32", ["float32", "float16", "bfloat16"],
                   "Storage dtype of the embeddings.", **_F)
 flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "Encoder compute dtype.",
@@ -168,7 +171,8 @@ def _build() -> int:
 def _encode_config() -> EncodeConfig:
   return EncodeConfig(batch_size=FLAGS.batch_size, max_length=FLAGS.max_length,
                       shard_size=FLAGS.shard_size, dtype=FLAGS.dtype,
-                      length_bucket=FLAGS.length_bucket)
+                      length_bucket=FLAGS.length_bucket,
+                      tokens_per_batch=FLAGS.tokens_per_batch)
 
 
 def _build_locked(calibration: CalibrationSpec | None):
