@@ -162,7 +162,7 @@ def world():
   return test_device_retrieval.make_world()
 
 
-@pytest.mark.parametrize("devices", [1, 8])
+@pytest.mark.parametrize("devices", [pytest.param(1, marks=pytest.mark.slow), 8])
 def test_device_retrieval_scores_use_the_fresh_encoding(world, devices):
   """The index is encoded by the initial context encoder; the step retrieves with it (stale) and
   scores the retrieved passages with the current context encoder (fresh). Each step's loss and

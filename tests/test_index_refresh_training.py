@@ -92,6 +92,7 @@ def test_rolling_refresh_resumes_to_the_uninterrupted_index(setup, tmp_path):  #
   assert disk_digest(root) == before
 
 
+@pytest.mark.slow  # the step-level tests in test_index_refresh.py cover it in CI
 def test_scheduled_refresh_checkpoints_the_index_of_its_last_refresh(setup, tmp_path):  # noqa: F811
   """Schedule 0-10:4: refreshes before steps 0, 4 and 8; the checkpoint of step 8 holds the
   parameters that refreshed, the one of step 10 the index they encoded."""
@@ -126,6 +127,7 @@ def test_refresh_fields_that_do_not_fit_are_named(setup, tmp_path):  # noqa: F81
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # the step-level tests in test_index_refresh.py cover it in CI
 def test_rerank_leaves_the_index_as_built_and_logs_its_age(setup, tmp_path):  # noqa: F811
   """Rerank reads the built index (never rewritten: its rows' age is the step number, mean 2 and
   max 4 over steps 0-4) and keeps it as built in the checkpoint."""
