@@ -391,6 +391,7 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
                              jax.random.key_data(jax.random.key(config.seed)))
   state = replicate(state, mesh)
   loss_fn = loss_function(config, model)
+
   def set_up_retrieval() -> DeviceRetrieval | None:
     return device_retrieval.setup(
         "host" if feed.fixed_doc_scores else config.retrieval, index, store, feed.assembler,
