@@ -28,6 +28,8 @@ from absl import flags
 
 from rag_jax.commands.common import (
   define_common_flags,
+  define_encode_flags,
+  encode_config,
   int_list,
   parse_flags,
   run_command,
@@ -36,7 +38,7 @@ from rag_jax.commands.common import (
 from rag_jax.distributed import alone, is_primary, on_primary
 from rag_jax.retrieval.calibrate import CalibrationSpec, describe, load_queries
 from rag_jax.retrieval.corpus import FORMATS, check_corpus
-from rag_jax.retrieval.encode import SHARE_TIMEOUT_S, EncodeConfig
+from rag_jax.retrieval.encode import SHARE_TIMEOUT_S
 from rag_jax.retrieval.exact import ExactConfig
 from rag_jax.retrieval.pipeline import build_from_corpus, encode_corpus
 from rag_jax.retrieval.scann_index import ScannConfig
@@ -58,21 +60,7 @@ flags.DEFINE_list("dpr_embeddings", None, "DPR wikipedia_passages_*.pkl, in corp
 flags.DEFINE_bool("allow_pickle", False, "Allow unpickling --dpr_embeddings (runs code from the "
                   "files: trusted files only).", **_F)
 flags.DEFINE_enum("index", "scann", ["scann", "exact"], "Index kind.", **_F)
-flags.DEFINE_integer("batch_size", EncodeConfig.batch_size, "Passages per encoder batch.",
-                     lower_bound=1, **_F)
-flags.DEFINE_integer("max_length", EncodeConfig.max_length, "Passage tokens.", lower_bound=1,
-                     **_F)
-flags.DEFINE_integer("shard_size", EncodeConfig.shard_size, "Embeddings per saved shard.",
-                     lower_bound=1, **_F)
-flags.DEFINE_integer("length_bucket", EncodeConfig.length_bucket, "Passage token lengths are "
-                     "padded to a multiple of this.", lower_bound=1, **_F)
-flags.DEFINE_integer("tokens_per_batch", EncodeConfig.tokens_per_batch, "If > 0, passages "
-                     "per batch at padded length L are this // L (batches of equal tokens) "
-                     "instead of --batch_size.", lower_bound=0, **_F)
-flags.DEFINE_enum("dtype", "float32", ["float32", "float16", "bfloat16"],
-                  "Storage dtype of the embeddings.", **_F)
-flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "Encoder compute dtype.",
-                  **_F)
+define_encode_flags(FLAGS)
 flags.DEFINE_integer("num_leaves", None, "ScaNN leaves (default: 2 sqrt(n), see "
                      "rag_jax/retrieval/scann_index.py).", lower_bound=1, **_F)
 flags.DEFINE_float("leaves_fraction", ScannConfig.leaves_fraction,
@@ -142,7 +130,7 @@ def _build() -> int:
     with os_errors_under(out):
       encode_corpus(FLAGS.corpus, out, encoder=FLAGS.encoder, tokenizer=FLAGS.tokenizer,
                     fmt=FLAGS.format, split_words=FLAGS.split_words or None,
-                    encode_config=_encode_config(), compute_dtype=FLAGS.compute_dtype,
+                    encode_config=encode_config(FLAGS), compute_dtype=FLAGS.compute_dtype,
                     progress=not FLAGS.quiet, lock=output_lock)
     built = []
 
@@ -168,18 +156,11 @@ def _build() -> int:
   return 0
 
 
-def _encode_config() -> EncodeConfig:
-  return EncodeConfig(batch_size=FLAGS.batch_size, max_length=FLAGS.max_length,
-                      shard_size=FLAGS.shard_size, dtype=FLAGS.dtype,
-                      length_bucket=FLAGS.length_bucket,
-                      tokens_per_batch=FLAGS.tokens_per_batch)
-
-
 def _build_locked(calibration: CalibrationSpec | None):
   return build_from_corpus(
       FLAGS.corpus, FLAGS.out, encoder=FLAGS.encoder, tokenizer=FLAGS.tokenizer,
       fmt=FLAGS.format, split_words=FLAGS.split_words or None, index_type=FLAGS.index,
-      encode_config=_encode_config(),
+      encode_config=encode_config(FLAGS),
       compute_dtype=FLAGS.compute_dtype,
       scann_config=ScannConfig(num_leaves=FLAGS.num_leaves,
                                leaves_fraction=FLAGS.leaves_fraction, reorder=FLAGS.reorder,

@@ -42,6 +42,7 @@ from rag_jax.distributed import (
   initialize,
   is_primary,
 )
+from rag_jax.retrieval.encode import EncodeConfig
 from rag_jax.utils.errors import InputError, UsageError, UserError
 from rag_jax.utils.logs import FORMAT
 
@@ -76,6 +77,35 @@ def define_common_flags(flag_values: flags.FlagValues) -> None:
   flags.DEFINE_integer("distributed_timeout", DEFAULT_TIMEOUT_S, "Multi-process job: seconds "
                        "to wait for the coordinator and for every process to join.",
                        lower_bound=1, flag_values=flag_values)
+
+
+def define_encode_flags(flag_values: flags.FlagValues) -> None:
+  """The passage-encoding flags of build_index and encode_passages (an EncodeConfig's fields and
+  the encoder's compute dtype); `encode_config` reads them back."""
+  f = {"flag_values": flag_values}
+  flags.DEFINE_integer("batch_size", EncodeConfig.batch_size, "Passages per encoder batch (per "
+                       "process).", lower_bound=1, **f)
+  flags.DEFINE_integer("max_length", EncodeConfig.max_length, "Passage tokens.", lower_bound=1,
+                       **f)
+  flags.DEFINE_integer("shard_size", EncodeConfig.shard_size, "Embeddings per saved shard (the "
+                       "unit of work and of resumption).", lower_bound=1, **f)
+  flags.DEFINE_integer("length_bucket", EncodeConfig.length_bucket, "Passage token lengths are "
+                       "padded to a multiple of this.", lower_bound=1, **f)
+  flags.DEFINE_integer("tokens_per_batch", EncodeConfig.tokens_per_batch, "If > 0, passages "
+                       "per batch at padded length L are this // L (batches of equal tokens) "
+                       "instead of --batch_size.", lower_bound=0, **f)
+  flags.DEFINE_enum("dtype", "float32", ["float32", "float16", "bfloat16"],
+                    "Storage dtype of the embeddings.", **f)
+  flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
+                    "Encoder compute dtype.", **f)
+
+
+def encode_config(flag_values: flags.FlagValues) -> EncodeConfig:
+  """The EncodeConfig of `define_encode_flags`'s flags."""
+  v = flag_values
+  return EncodeConfig(batch_size=v.batch_size, max_length=v.max_length, shard_size=v.shard_size,
+                      dtype=v.dtype, length_bucket=v.length_bucket,
+                      tokens_per_batch=v.tokens_per_batch)
 
 
 def start_processes(flag_values: flags.FlagValues, program: str,

@@ -24,10 +24,16 @@ from pathlib import Path
 
 from absl import flags
 
-from rag_jax.commands.common import define_common_flags, parse_flags, run_command, start_processes
+from rag_jax.commands.common import (
+  define_common_flags,
+  define_encode_flags,
+  encode_config,
+  parse_flags,
+  run_command,
+  start_processes,
+)
 from rag_jax.distributed import is_primary
 from rag_jax.retrieval.corpus import FORMATS, check_corpus
-from rag_jax.retrieval.encode import EncodeConfig
 from rag_jax.retrieval.pipeline import encode_corpus
 from rag_jax.utils.errors import os_errors_under
 from rag_jax.utils.lock import output_lock
@@ -44,21 +50,7 @@ flags.DEFINE_string("tokenizer", None, "Tokenizer directory (default: --encoder)
 flags.DEFINE_enum("format", "auto", ["auto", *FORMATS], "Corpus format.", **_F)
 flags.DEFINE_integer("split_words", 100, "Words per passage for own corpora (0: no split); DPR "
                      "files are never split.", lower_bound=0, **_F)
-flags.DEFINE_integer("batch_size", EncodeConfig.batch_size, "Passages per encoder batch (per "
-                     "process).", lower_bound=1, **_F)
-flags.DEFINE_integer("max_length", EncodeConfig.max_length, "Passage tokens.", lower_bound=1,
-                     **_F)
-flags.DEFINE_integer("shard_size", EncodeConfig.shard_size, "Embeddings per saved shard (the "
-                     "unit of work and of resumption).", lower_bound=1, **_F)
-flags.DEFINE_integer("length_bucket", EncodeConfig.length_bucket, "Token lengths are padded to "
-                     "a multiple of this.", lower_bound=1, **_F)
-flags.DEFINE_integer("tokens_per_batch", EncodeConfig.tokens_per_batch, "If > 0, passages "
-                     "per batch at padded length L are this // L (batches of equal tokens) "
-                     "instead of --batch_size.", lower_bound=0, **_F)
-flags.DEFINE_enum("dtype", "float32", ["float32", "float16", "bfloat16"],
-                  "Storage dtype of the embeddings.", **_F)
-flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "Encoder compute dtype.",
-                  **_F)
+define_encode_flags(FLAGS)
 flags.DEFINE_bool("quiet", False, "No progress bar.", **_F)
 define_common_flags(FLAGS)
 
@@ -77,10 +69,7 @@ def _encode() -> int:
     emb = encode_corpus(
         FLAGS.corpus, out, encoder=FLAGS.encoder, tokenizer=FLAGS.tokenizer, fmt=FLAGS.format,
         split_words=FLAGS.split_words or None,
-        encode_config=EncodeConfig(batch_size=FLAGS.batch_size, max_length=FLAGS.max_length,
-                                   shard_size=FLAGS.shard_size, dtype=FLAGS.dtype,
-                                   length_bucket=FLAGS.length_bucket,
-                                   tokens_per_batch=FLAGS.tokens_per_batch),
+        encode_config=encode_config(FLAGS),
         compute_dtype=FLAGS.compute_dtype, progress=not FLAGS.quiet, lock=output_lock)
   if is_primary():
     print(f"encoded {emb.count} passages x {emb.dim} on {processes} process(es) in "
