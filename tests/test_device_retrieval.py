@@ -7,6 +7,7 @@ parameters after several optimizer steps, on 1 and 8 devices, for RAG-Sequence a
 import dataclasses
 import functools
 import logging
+import re
 
 import jax
 import ml_collections
@@ -17,6 +18,7 @@ from jax.sharding import Mesh
 from rag_jax import losses
 from rag_jax.data import contexts
 from rag_jax.data.passage_table import (
+  EncoderTable,
   PassageTable,
   PassageTableMismatch,
   build_passage_table,
@@ -249,6 +251,27 @@ def test_load_or_build_keeps_one_table_per_tokenizer(world, tmp_path):
   load_or_build(tmp_path, store.titles_and_texts, N_PASSAGES, other, progress=False)
   assert len(list(tmp_path.iterdir())) == 2
   assert (path / "tokens.npy").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("kind", ["passage", "encoder"])
+def test_a_damaged_table_cache_is_named_with_its_file(world, tmp_path, kind):
+  """A table directory whose table.json is not JSON or whose arrays are cut short (a disk that
+  filled, a copy that stopped) is refused naming the file, not with a JSONDecodeError or numpy's
+  'mmap length is greater than file size'."""
+  if kind == "encoder":
+    table = EncoderTable(np.arange(24, dtype=np.uint16).reshape(6, 4),
+                         np.full(6, 4, np.int32), 0, "sha", 4)
+  else:
+    _, table, _, _ = setup_retrieval(world, mesh_of(1))
+  cls = type(table)
+  for name, damage in (("table.json", b"{"), ("tokens.npy", None), ("lengths.npy", None)):
+    path = tmp_path / f"{name}-table"
+    table.save(path)
+    cls.load(path)  # whole, it loads
+    target = path / name
+    target.write_bytes(damage if damage is not None else target.read_bytes()[:100])
+    with pytest.raises(PassageTableMismatch, match=re.escape(str(target))):
+      cls.load(path)
 
 
 def test_setup_chooses_the_device_where_the_index_fits_and_says_when_not(world, tmp_path,

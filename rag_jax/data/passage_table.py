@@ -56,6 +56,29 @@ class PassageTableMismatch(UserError, ValueError):
   """A passage table built for another tokenizer or context format than the model's."""
 
 
+def read_table_files(path: Path, table_format: str, mmap: bool
+                     ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+  """A table directory's table.json (of `table_format`), tokens.npy and lengths.npy. A file
+  missing, not JSON or cut short is a PassageTableMismatch naming it: the directory is a cache
+  of the corpus, so deleting it makes the next run build it again."""
+  remedy = f"delete {path} and it is built again from the passage store"
+  meta_file = path / "table.json"
+  try:
+    meta = json.loads(meta_file.read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise PassageTableMismatch(f"{meta_file}: unreadable ({e}); {remedy}") from e
+  if not isinstance(meta, dict) or meta.get("format") != table_format:
+    found = meta.get("format") if isinstance(meta, dict) else None
+    raise PassageTableMismatch(f"{meta_file}: format {found!r}, expected {table_format!r}")
+  arrays = []
+  for name in ("tokens.npy", "lengths.npy"):
+    try:
+      arrays.append(np.load(path / name, mmap_mode="r" if mmap else None))
+    except (OSError, ValueError, EOFError) as e:
+      raise PassageTableMismatch(f"{path / name}: unreadable or cut short ({e}); {remedy}") from e
+  return meta, arrays[0], arrays[1]
+
+
 @dataclasses.dataclass(frozen=True)
 class TableSpec:
   """What a table was built for; two specs must be equal for a table to serve a model."""
@@ -134,16 +157,10 @@ class PassageTable:
     if not meta_file.is_file():
       raise FileNotFoundError(f"{meta_file} not found: no passage table at {path} (build one "
                               "with rag_jax.data.passage_table.build_passage_table)")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != TABLE_FORMAT:
-      raise PassageTableMismatch(f"{meta_file}: format {meta.get('format')!r}, expected "
-                                 f"{TABLE_FORMAT!r}")
+    meta, tokens, lengths = read_table_files(path, TABLE_FORMAT, mmap)
     fields = {f.name for f in dataclasses.fields(TableSpec)}
     spec = TableSpec(**{k: (tuple(v) if k in ("head", "tail") else v)
                         for k, v in meta.items() if k in fields})
-    mode = "r" if mmap else None
-    tokens = np.load(path / "tokens.npy", mmap_mode=mode)
-    lengths = np.load(path / "lengths.npy", mmap_mode=mode)
     if len(lengths) != meta["count"] or tokens.shape != (meta["count"], spec.width):
       raise PassageTableMismatch(f"{path}: tokens {tokens.shape} / lengths {lengths.shape} do "
                                  f"not match table.json (count {meta['count']}, width "
@@ -271,13 +288,7 @@ class EncoderTable:
   @classmethod
   def load(cls, path: str | os.PathLike, mmap: bool = True) -> EncoderTable:
     path = Path(path)
-    meta = json.loads((path / "table.json").read_text())
-    if meta.get("format") != ENCODER_TABLE_FORMAT:
-      raise PassageTableMismatch(f"{path}/table.json: format {meta.get('format')!r}, expected "
-                                 f"{ENCODER_TABLE_FORMAT!r}")
-    mode = "r" if mmap else None
-    tokens = np.load(path / "tokens.npy", mmap_mode=mode)
-    lengths = np.load(path / "lengths.npy", mmap_mode=mode)
+    meta, tokens, lengths = read_table_files(path, ENCODER_TABLE_FORMAT, mmap)
     if tokens.shape != (meta["count"], meta["width"]) or len(lengths) != meta["count"]:
       raise PassageTableMismatch(f"{path}: tokens {tokens.shape} / lengths {lengths.shape} do "
                                  f"not match table.json")
