@@ -40,11 +40,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.train_context_encoder = False
   config.context_encoder_checkpoint = ""  # The DPRContextEncoder (+ tokenizer) of the index.
   config.context_encoder_max_length = 256  # Passage tokens, as build_index's --max_length.
-  # Refreshing the device index with the trained context encoder (needs train_context_encoder
-  # and retrieval on the devices): none (the index stays as built) | rolling (each step
+  # Refreshing the index with the trained context encoder (needs train_context_encoder; all but
+  # scheduled need retrieval on the devices): none (the index stays as built) | rolling (each step
   # re-encodes refresh_rows_per_step rows of every device's shard, in the step) | scheduled (the
-  # whole index re-encoded between steps at refresh_schedule's steps) | rerank (the stale index
-  # searched for rerank_candidates passages, rescored with fresh encodings, n_docs kept).
+  # whole index re-encoded between steps at refresh_schedule's steps; also a host-searched
+  # index, saved to WORKDIR/refreshed_index/) | rerank (the stale index searched for
+  # rerank_candidates passages, rescored with fresh encodings, n_docs kept).
   config.index_refresh = "none"
   config.refresh_rows_per_step = 64  # rolling: rows of each device's shard per step (<= its rows).
   # scheduled: Atlas's --refresh_index, START-END:EVERY,... (or N: every N steps; -1: never).

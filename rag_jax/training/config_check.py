@@ -330,9 +330,9 @@ def _refresh_relations(config: ml_collections.ConfigDict, prefix: str) -> list[s
   if not config.train_context_encoder:
     out.append(f"{field}: needs {prefix}.train_context_encoder = True (a frozen context encoder "
                "leaves the index as built)")
-  if config.retrieval == "host":
+  if config.retrieval == "host" and mode != "scheduled":
     out.append(f"{field}: needs retrieval on the devices ({prefix}.retrieval = 'device' or "
-               "'auto', not 'host')")
+               "'auto', not 'host'; only 'scheduled' refreshes a host-searched index)")
   if mode == "scheduled":
     try:
       parse_schedule(config.refresh_schedule)

@@ -30,8 +30,10 @@ same step; only the batch's prior and the optimizer's frozen group differ.
 second table of their context-encoder ids (cached under the index's passage_tables/), the index
 itself stays as built; the encoder is checkpointed with the rest and exported to
 export/ctx_encoder/ (a DPRContextEncoder with its tokenizer). `config.index_refresh` refreshes the
-device index with it (rolling, scheduled or rerank: rag_jax.training.index_refresh); the
-refreshed index is checkpointed with the state, the index on disk never written.
+device index with it (rolling, scheduled or rerank: rag_jax.training.index_refresh; the
+refreshed index is checkpointed with the state), or a host-searched one on a schedule
+(rag_jax.training.host_refresh: saved under WORKDIR/refreshed_index/, named in report.json);
+the index on disk is never written.
 
 `config.model_type` is the one source of truth for the model's kind: it picks the loss, and the
 model that is trained, exported and decoded is RagSequenceForGeneration (rag_sequence) or
@@ -83,6 +85,7 @@ from rag_jax.retrieval.exact import ExactIndex
 from rag_jax.retrieval.index import TextIndex, read_meta
 from rag_jax.retrieval.store import PassageStore
 from rag_jax.training import config_check, index_refresh, loop, optimizer
+from rag_jax.training.host_refresh import HostRefresh
 from rag_jax.training.rag_step import make_eval_step, make_train_step, without_context_encoder
 from rag_jax.training.retrieval_feed import RetrievalFeed
 from rag_jax.training.state import create_train_state
@@ -405,11 +408,20 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
     index.place(index.config, local_data_mesh())
   train_questions = QuestionBatches(feed, train)
   refresh = index_refresh.from_config(config)
+  host_refresh = None
   if refresh is not None and retrieval is None:
-    raise config_check.ConfigError(
-        f"config.index_refresh = {config.index_refresh!r}: needs retrieval on the devices, but "
-        f"the index of {config.index_dir} is searched on the host (config.retrieval = "
-        f"{config.retrieval!r}; see the log line above)")
+    if refresh.mode != "scheduled":
+      raise config_check.ConfigError(
+          f"config.index_refresh = {config.index_refresh!r}: needs retrieval on the devices "
+          f"(only 'scheduled' refreshes a host-searched index), but the index of "
+          f"{config.index_dir} is searched on the host (config.retrieval = "
+          f"{config.retrieval!r}; see the log line above)")
+    if several:
+      raise config_check.ConfigError(
+          "config.index_refresh = 'scheduled' of a host-searched index runs on one process "
+          "(retrieval on the devices refreshes on several)")
+    host_refresh = HostRefresh(workdir, feed, ctx_model, encoder_table, refresh.schedule, mesh)
+    refresh = None  # the step itself refreshes nothing: the host swaps the index between steps
   step_fn = make_train_step(model, mesh, loss_fn, retrieval=retrieval,
                             fixed_doc_scores=feed.fixed_doc_scores, context_encoder=ctx_model,
                             refresh=refresh)
@@ -429,6 +441,8 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
   def train_step(state, step: int):
     rows = epoch_rows(config.seed, step, len(train), config.batch_size)  # the global batch
     if retrieval is None:  # each process retrieves its rows only
+      if host_refresh is not None:
+        host_refresh.before_step(state.params[CTX_ENCODER], step)
       batch, _ = feed.batch(local_copy(state.params), train, rows[local_rows(mesh, len(rows))])
       return step_fn(state, global_batch(batch, mesh))
     batch = host_batch(train_questions.batch(rows), mesh)
@@ -460,6 +474,8 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
             "steps": config.num_train_steps, "retrieval": "host" if retrieval is None else "device",
             "devices": mesh.devices.size, **{f"val_{k}": v for k, v in final.items()},
             "export": str(workdir / "export")}
+  if host_refresh is not None and host_refresh.current is not None:
+    report["refreshed_index"] = str(host_refresh.current)
 
   def write() -> None:  # process 0's
     export = checkpoints.save_pretrained(model, without_context_encoder(params_host),

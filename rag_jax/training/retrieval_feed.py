@@ -39,11 +39,21 @@ class RetrievalFeed:
     self.index, self.store, self.n_docs = index, store, n_docs
     self.encoder_table = encoder_table
     self.question_tokenizer = question_tokenizer
-    self.retriever = Retriever(index, store, question_tokenizer, question_embedder(model))
+    self._embed = question_embedder(model)
+    self.retriever = Retriever(index, store, question_tokenizer, self._embed)
     self.assembler = contexts.ContextAssembler(
         generator_tokenizer, contexts.ContextFormat.from_rag_config(model.config))
     self._cache: OrderedDict[int, list[int]] = OrderedDict()
     self._cache_size = cache_size
+
+  def swap_index(self, index: Any) -> None:
+    """Searches `index` (a refreshed one over the same passages, rows = store rows) from now on;
+    the question encoder and the caches of generator inputs stay."""
+    if index.count != self.index.count:
+      raise ValueError(f"a refreshed index of {index.count} passages for an index of "
+                       f"{self.index.count}")
+    self.index = index
+    self.retriever = Retriever(index, self.store, self.question_tokenizer, self._embed)
 
   @property
   def fixed_doc_scores(self) -> bool:
