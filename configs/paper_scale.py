@@ -24,7 +24,7 @@ def get_config(model_type: str = "rag_sequence") -> ml_collections.ConfigDict:
   config.trainer = "paper_scale"  # train.py dispatch: rag_jax.experiments.paper_scale.
   for field in ("train_context_encoder", "context_encoder_checkpoint",
                 "context_encoder_max_length", "index_refresh", "refresh_rows_per_step",
-                "refresh_schedule", "rerank_candidates"):
+                "refresh_schedule", "rerank_candidates", "export_index"):
     del config[field]  # The RAG trainer's alone: a random index has no context encoder.
   config.model_type = model_type
   config.model = ml_collections.ConfigDict()

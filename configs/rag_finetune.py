@@ -51,6 +51,9 @@ def get_config() -> ml_collections.ConfigDict:
   # scheduled: Atlas's --refresh_index, START-END:EVERY,... (or N: every N steps; -1: never).
   config.refresh_schedule = "0-1000:500,1000-10000:2000"
   config.rerank_candidates = 20  # rerank: candidates L > n_docs searched in the stale index.
+  # With train_context_encoder: export/index/, every passage re-encoded by the trained context
+  # encoder (an index of index_dir's kind, the store linked), which evaluate.py then searches.
+  config.export_index = True
   config.device_index_dtype = "auto"  # Device copy of the index: auto = bf16 on GPU/TPU.
   config.device_index_memory_fraction = 0.5  # auto: device if index + table fit this share.
   config.max_source_length = 128  # Question tokens (question encoder).

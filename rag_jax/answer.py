@@ -31,6 +31,7 @@ as the host path over an exact index (tests/test_device_answer.py).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import textwrap
 from pathlib import Path
@@ -191,6 +192,11 @@ class RagAnswerer:
                               "generator_tokenizer/ (save the checkpoint with its tokenizers)")
     self.model = checkpoints.replace_config(model, n_docs=n_docs or model.config.n_docs)
     self.tokenizers = tokenizers
+    own = Path(checkpoint) / "index"
+    if (own / "passages" / "store.json").is_file() and Path(index_dir).resolve() != own.resolve():
+      logging.warning("%s holds the passages as this checkpoint's trained context encoder "
+                      "encodes them, but %s is searched (encoded by another encoder: stale for "
+                      "this question encoder)", own, index_dir)
     self.retriever = Retriever.over_directory(index_dir, self.model, self.params,
                                               tokenizers.question_encoder, max_question_length,
                                               **index_kwargs)

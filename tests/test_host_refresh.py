@@ -5,17 +5,29 @@ float32 rounding); a ScaNN run killed and resumed equals the uninterrupted one; 
 disk is never written. tests/test_rag_trainer.py's corpus and models, 8 CPU devices."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
+import torch
+import transformers
 
+from rag_jax.answer import RagAnswerer
 from rag_jax.checkpoints import load_pretrained
+from rag_jax.evaluation.paper import own_index
 from rag_jax.retrieval.backends import load_index
 from rag_jax.retrieval.pipeline import build_from_corpus
 from rag_jax.retrieval.refresh import parse_schedule, refresh_due
+from rag_jax.retrieval.store import PassageStore
 from rag_jax.training import config_check, rag_trainer
 from rag_jax.training.host_refresh import last_refresh_before
-from tests.test_index_refresh_training import checkpoint, config_for, disk_digest, host_index
+from tests.test_index_refresh_training import (
+  MAX_LENGTH,
+  checkpoint,
+  config_for,
+  disk_digest,
+  host_index,
+)
 from tests.test_rag_trainer import PEOPLE, setup  # noqa: F401  (setup: the module fixture)
 
 SCHEDULE = "0-10:4"  # refreshes before steps 0, 4 and 8
@@ -49,6 +61,29 @@ def test_the_host_index_refreshed_holds_the_encoder_of_its_step(setup, tmp_path)
   initial = host_index(root, dirs, load_pretrained(dirs["context"])[1])
   assert np.abs(expected - initial).max() > 1e-3  # the encoder moved: a stale index shows
   assert disk_digest(root) == before
+  check_exported_index(tmp_path / "run" / "export", root / "kb")
+
+
+def check_exported_index(export, kb):
+  """export/index: every passage encoded by transformers' DPRContextEncoder loaded from
+  export/ctx_encoder, the store's passages, an index of the original's kind, and what
+  evaluate.py searches for that checkpoint."""
+  store = PassageStore(kb / "passages")
+  titles, texts = store.titles_and_texts(0, len(store))
+  tokenizer = transformers.AutoTokenizer.from_pretrained(export / "ctx_encoder")
+  encoder = transformers.DPRContextEncoder.from_pretrained(export / "ctx_encoder").eval()
+  inputs = tokenizer(titles, texts, max_length=MAX_LENGTH, truncation=True, padding=True,
+                     return_tensors="pt")
+  with torch.no_grad():  # token types left out, as use_own_knowledge_dataset.py embeds
+    expected = encoder(input_ids=inputs["input_ids"],
+                       attention_mask=inputs["attention_mask"]).pooler_output.numpy()
+  index = load_index(export / "index" / "index")
+  assert index.kind == load_index(kb / "index").kind
+  np.testing.assert_allclose(index.embeddings(np.arange(len(store))), expected, atol=1e-5,
+                             rtol=0)
+  exported = PassageStore(export / "index" / "passages")
+  assert exported.titles_and_texts(0, len(store)) == (titles, texts)
+  assert own_index(str(export)) == str(export / "index")
 
 
 @pytest.mark.slow  # the host run's refreshed rows are checked above; this adds the device twin
@@ -67,7 +102,8 @@ def test_host_refresh_trains_as_the_device_refresh(setup, tmp_path):  # noqa: F8
                              rtol=1e-5)
 
 
-def test_a_killed_scann_run_resumes_with_its_refreshed_index(setup, tmp_path):  # noqa: F811
+def test_a_killed_scann_run_resumes_with_its_refreshed_index(setup, tmp_path,  # noqa: F811
+                                                             caplog):
   """Killed after step 6 (checkpoint 5, refreshes before 0 and 4 done): the rerun loads the
   index refreshed before step 4, refreshes before step 8 as the uninterrupted run does, and ends
   with the same figures; refreshed indexes no checkpoint needs are deleted."""
@@ -89,6 +125,12 @@ def test_a_killed_scann_run_resumes_with_its_refreshed_index(setup, tmp_path):  
   assert sorted(p.name for p in (killed / "refreshed_index").iterdir()) == ["step-4", "step-8"]
   a, b = (load_index(run / "refreshed_index" / "step-8") for run in (tmp_path / "full", killed))
   assert a.kind == "scann"
+  check_exported_index(killed / "export", tmp_path / "kb")
+  with caplog.at_level(logging.WARNING, logger="rag_jax.answer"):
+    RagAnswerer(killed / "export", killed / "export" / "index")
+    assert not caplog.records
+    RagAnswerer(killed / "export", tmp_path / "kb")
+  assert "stale for this question encoder" in caplog.text
   np.testing.assert_array_equal(a.embeddings(np.arange(len(PEOPLE))),
                                 b.embeddings(np.arange(len(PEOPLE))))
 

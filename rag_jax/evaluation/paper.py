@@ -4,7 +4,9 @@ The config is configs/rag_finetune.py's (train.py trains it) plus an `eval` grou
 (configs/paper_common.py): the task's file and reader, the test-time settings and the paper's
 number for each model_type. The checkpoint evaluated is `eval.checkpoint`, else the export of a
 train.py run in the same workdir (<workdir>/export), else `rag_checkpoint` (e.g. the released
-facebook/rag-sequence-nq); the index is `eval.index_dir`, else `index_dir`.
+facebook/rag-sequence-nq); the index is `eval.index_dir`, else the checkpoint's own index (a
+train.py export with a trained context encoder holds every passage re-encoded by it in
+export/index/), else `index_dir`.
 """
 
 from __future__ import annotations
@@ -108,6 +110,13 @@ def checkpoint_of(config: ml_collections.ConfigDict, workdir: str | os.PathLike)
                    "or train one with train.py in this --workdir")
 
 
+def own_index(checkpoint: str) -> str:
+  """<checkpoint>/index when it is an index directory (a context encoder trained with the
+  model re-encoded every passage into it: the original index would be stale), else ""."""
+  index = Path(checkpoint) / "index"
+  return str(index) if (index / "passages" / "store.json").is_file() else ""
+
+
 def paper_runs(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> list[EvalRun]:
   """The one EvalRun of a paper-row config, with config.model_type's test-time settings."""
   ev = config.eval
@@ -115,7 +124,8 @@ def paper_runs(config: ml_collections.ConfigDict, workdir: str | os.PathLike) ->
     raise InputError(f"config.model_type={config.model_type!r}; expected one of "
                      "rag_sequence, rag_token")
   row = ev[config.model_type]
-  index_dir = ev.index_dir or config.index_dir
+  checkpoint = checkpoint_of(config, workdir)
+  index_dir = ev.index_dir or own_index(checkpoint) or config.index_dir
   if not index_dir:
     raise InputError("config.index_dir (or config.eval.index_dir) is empty; point it at a "
                      "directory written by python -m rag_jax.commands.build_index")
@@ -126,7 +136,7 @@ def paper_runs(config: ml_collections.ConfigDict, workdir: str | os.PathLike) ->
     generate["min_length"] = ev.min_length
   return [EvalRun(
       name=f"{ev.task}-{config.model_type}-{ev.split}", examples=read_examples(config),
-      checkpoint=checkpoint_of(config, workdir), index_dir=index_dir,
+      checkpoint=checkpoint, index_dir=index_dir,
       model_type=config.model_type, n_docs=row.n_docs, generate=generate,
       metrics=tuple(ev.metrics), batch_size=ev.batch_size,
       recall_ks=ints(ev.recall_ks, "config.eval.recall_ks"),

@@ -181,8 +181,9 @@ RAG = [*RAG_NUMBERS, Rule("model_type", one_of(*MODEL_TYPES)),
 # Training the context encoder: the RAG trainer's (the world job fills the encoder's path and
 # passage length with its retriever's); not paper_scale's (its index is random).
 _TRAIN_CONTEXT_ENCODER = Rule("train_context_encoder", boolean)
-# Refreshing the device index with the trained context encoder (rag_jax.retrieval.refresh).
-INDEX_REFRESH = [Rule("index_refresh", one_of(*REFRESH_MODES)),
+# Refreshing the index with the trained context encoder (rag_jax.retrieval.refresh), and the
+# index exported with it.
+INDEX_REFRESH = [Rule("index_refresh", one_of(*REFRESH_MODES)), Rule("export_index", boolean),
                  Rule("refresh_rows_per_step", integer(1)), Rule("refresh_schedule", text),
                  Rule("rerank_candidates", integer(2))]
 RAG_TRAINER = [*RAG, _TRAIN_CONTEXT_ENCODER, *INDEX_REFRESH,

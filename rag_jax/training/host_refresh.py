@@ -20,7 +20,9 @@ being searched and the one being built (two copies of the embeddings) during a r
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -35,9 +37,10 @@ from rag_jax.models.bert import DPREncoder
 from rag_jax.retrieval.backends import load_index
 from rag_jax.retrieval.encode import BucketedEncoder, EncodeConfig
 from rag_jax.retrieval.exact import ExactIndex
-from rag_jax.retrieval.index import Index
-from rag_jax.retrieval.scann_index import ScannIndex
+from rag_jax.retrieval.index import read_meta, save_embeddings_into
+from rag_jax.retrieval.scann_index import ScannConfig, ScannIndex
 from rag_jax.training.retrieval_feed import RetrievalFeed
+from rag_jax.utils.atomic import atomic_directory
 from rag_jax.utils.errors import InputNotFoundError
 
 REFRESHED_DIR = "refreshed_index"
@@ -66,23 +69,68 @@ def saved_steps(root: Path, pattern: str) -> list[int]:
   return sorted(int(m.group(1)) for p in root.iterdir() if (m := re.fullmatch(pattern, p.name)))
 
 
-def rebuild_like(template: Index, embeddings: np.ndarray) -> Index:
-  """An index of `template`'s kind and settings (ScaNN tree and search settings, or the exact
-  index's layout and mesh) over `embeddings` [N, D] float32."""
-  if isinstance(template, ScannIndex):
-    return ScannIndex.build(embeddings, template.config, progress=False)
-  if isinstance(template, ExactIndex):
-    return ExactIndex.build(embeddings, template.config, mesh=template.mesh)
-  raise ValueError(f"a {template.kind!r} index has no embeddings to refresh")
+def encode_table(encoder: BucketedEncoder, table: EncoderTable, ctx_params: Any,
+                 config: EncodeConfig, desc: str) -> np.ndarray:
+  """[N, D] float32: every passage of `table` encoded by the context encoder with `ctx_params`,
+  BLOCK_ROWS at a time, with a progress bar (passages/s, ETA)."""
+  n = len(table)
+  out = None
+  with tqdm(total=n, desc=desc, unit="passage", dynamic_ncols=True, leave=False) as bar:
+    for start in range(0, n, BLOCK_ROWS):
+      rows = range(start, min(start + BLOCK_ROWS, n))
+      seqs = [table.tokens[r, :table.lengths[r]].tolist() for r in rows]
+      emb = encoder.encode(ctx_params, seqs, pad_id=table.pad_id, config=config,
+                           on_batch=bar.update)
+      if out is None:
+        out = np.empty((n, emb.shape[1]), np.float32)
+      out[rows.start:rows.stop] = emb
+  return out
+
+
+def save_index_like(original: Path, embeddings: np.ndarray, out: Path) -> None:
+  """Saves into `out` (atomically) an index of the kind and settings of the saved index
+  `original` (a ScaNN tree and its search settings; an exact index's layout) over `embeddings`
+  [N, D] float32, the same N passages re-encoded."""
+  meta = read_meta(original)
+  if (meta["count"], meta["dim"]) != embeddings.shape:
+    raise ValueError(f"{original} holds {meta['count']} x {meta['dim']} embeddings, the "
+                     f"refreshed ones are {embeddings.shape[0]} x {embeddings.shape[1]}")
+  if meta["type"] == ScannIndex.kind:
+    ScannIndex.build(embeddings, ScannConfig.from_json(meta["config"]), progress=False).save(out)
+  elif meta["type"] == ExactIndex.kind:
+    with atomic_directory(out) as tmp:
+      save_embeddings_into(embeddings, tmp / "embeddings")
+      (tmp / "index.json").write_text(json.dumps(meta, indent=2))
+  else:
+    raise ValueError(f"{original}: a {meta['type']!r} index has no embeddings to refresh")
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+  try:
+    os.link(src, dst)  # the store is never rewritten in place: a hard link is a snapshot
+  except OSError:
+    shutil.copy2(src, dst)
+
+
+def export_index(index_dir: Path, embeddings: np.ndarray, out: Path) -> None:
+  """Writes `out` as an index directory (build_index's layout) for a trained context encoder:
+  index/ of index_dir/index's kind over `embeddings`, the passage store and its token tables
+  hard-linked (copied across file systems). Atomic: `out` appears whole or not at all."""
+  with atomic_directory(out) as tmp:
+    save_index_like(index_dir / "index", embeddings, tmp / "index")
+    for name in ("passages", "passage_tables"):
+      if (index_dir / name).is_dir():
+        shutil.copytree(index_dir / name, tmp / name, copy_function=_link_or_copy)
 
 
 class HostRefresh:
   """Re-encodes and swaps the feed's index on the schedule (see the module docstring)."""
 
-  def __init__(self, workdir: Path, feed: RetrievalFeed, ctx_model: DPREncoder,
+  def __init__(self, workdir: Path, feed: RetrievalFeed, original: Path, ctx_model: DPREncoder,
                table: EncoderTable, schedule: tuple[tuple[int, int, int], ...], mesh: Mesh,
                batch_size: int = 128):
     self.workdir, self.feed, self.table, self.schedule = workdir, feed, table, schedule
+    self.original = original  # the saved index as built (its kind and settings are kept)
     self.encoder = BucketedEncoder(ctx_model, mesh)
     self.encode_config = EncodeConfig(batch_size=batch_size, max_length=table.width)
     self.template = feed.index
@@ -118,30 +166,15 @@ class HostRefresh:
   def _load_kwargs(self) -> dict[str, Any]:
     return {"mesh": self.template.mesh} if isinstance(self.template, ExactIndex) else {}
 
-  def encode(self, ctx_params: Any) -> np.ndarray:
-    """[N, D] float32: every passage encoded by the context encoder with `ctx_params`."""
-    n = len(self.table)
-    out = None
-    with tqdm(total=n, desc="refresh index", unit="passage", dynamic_ncols=True,
-              leave=False) as bar:
-      for start in range(0, n, BLOCK_ROWS):
-        rows = range(start, min(start + BLOCK_ROWS, n))
-        seqs = [self.table.tokens[r, :self.table.lengths[r]].tolist() for r in rows]
-        emb = self.encoder.encode(ctx_params, seqs, pad_id=self.table.pad_id,
-                                  config=self.encode_config, on_batch=bar.update)
-        if out is None:
-          out = np.empty((n, emb.shape[1]), np.float32)
-        out[rows.start:rows.stop] = emb
-    return out
-
   def refresh(self, ctx_params: Any, step: int) -> None:
     """Re-encodes every passage, saves the new index for `step` and swaps it in."""
-    index = rebuild_like(self.template, self.encode(ctx_params))
+    embeddings = encode_table(self.encoder, self.table, ctx_params, self.encode_config,
+                              f"refresh index (step {step})")
     path = step_dir(self.workdir, step)
-    index.save(path)  # atomic: a temporary directory renamed into place
+    save_index_like(self.original, embeddings, path)  # renamed into place once complete
     self._swap(path)
-    logging.info("index refresh: %d passages re-encoded before step %d into %s", index.count,
-                 step, path)
+    logging.info("index refresh: %d passages re-encoded before step %d into %s",
+                 len(embeddings), step, path)
     self.prune(step)
 
   def prune(self, newest: int) -> None:

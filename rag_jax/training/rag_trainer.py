@@ -29,10 +29,12 @@ same step; only the batch's prior and the optimizer's frozen group differ.
 (`config.context_encoder_checkpoint`): the retrieved passages are re-encoded in every step from a
 second table of their context-encoder ids (cached under the index's passage_tables/), the index
 itself stays as built; the encoder is checkpointed with the rest and exported to
-export/ctx_encoder/ (a DPRContextEncoder with its tokenizer). `config.index_refresh` refreshes the
-device index with it (rolling, scheduled or rerank: rag_jax.training.index_refresh; the
-refreshed index is checkpointed with the state), or a host-searched one on a schedule
-(rag_jax.training.host_refresh: saved under WORKDIR/refreshed_index/, named in report.json);
+export/ctx_encoder/ (a DPRContextEncoder with its tokenizer), and with `config.export_index`
+every passage re-encoded by it into export/index/ (evaluate.py searches it).
+`config.index_refresh` refreshes the device index with it (rolling, scheduled or rerank:
+rag_jax.training.index_refresh; the refreshed index is checkpointed with the state), or a
+host-searched one on a schedule (rag_jax.training.host_refresh: saved under
+WORKDIR/refreshed_index/, named in report.json);
 the index on disk is never written.
 
 `config.model_type` is the one source of truth for the model's kind: it picks the loss, and the
@@ -81,11 +83,12 @@ from rag_jax.parallel import (
 from rag_jax.retrieval import device as device_retrieval
 from rag_jax.retrieval.backends import load_index
 from rag_jax.retrieval.device import DeviceRetrieval
+from rag_jax.retrieval.encode import BucketedEncoder, EncodeConfig
 from rag_jax.retrieval.exact import ExactIndex
 from rag_jax.retrieval.index import TextIndex, read_meta
 from rag_jax.retrieval.store import PassageStore
 from rag_jax.training import config_check, index_refresh, loop, optimizer
-from rag_jax.training.host_refresh import HostRefresh
+from rag_jax.training.host_refresh import HostRefresh, encode_table, export_index
 from rag_jax.training.rag_step import make_eval_step, make_train_step, without_context_encoder
 from rag_jax.training.retrieval_feed import RetrievalFeed
 from rag_jax.training.state import create_train_state
@@ -95,6 +98,7 @@ from rag_jax.utils.logs import workdir_logging
 
 log = logging.getLogger(__name__)
 AGREE_TIMEOUT_S = 600  # processes wait this long for each other's facts, workdir and export
+EXPORT_TIMEOUT_S = 24 * 3600  # the others wait this long for process 0's export/index
 
 def loss_function(config: ml_collections.ConfigDict, model: RagModel):
   """The configured marginal likelihood with the generator's special ids."""
@@ -420,7 +424,8 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
       raise config_check.ConfigError(
           "config.index_refresh = 'scheduled' of a host-searched index runs on one process "
           "(retrieval on the devices refreshes on several)")
-    host_refresh = HostRefresh(workdir, feed, ctx_model, encoder_table, refresh.schedule, mesh)
+    host_refresh = HostRefresh(workdir, feed, index_path, ctx_model, encoder_table,
+                               refresh.schedule, mesh)
     refresh = None  # the step itself refreshes nothing: the host swaps the index between steps
   step_fn = make_train_step(model, mesh, loss_fn, retrieval=retrieval,
                             fixed_doc_scores=feed.fixed_doc_scores, context_encoder=ctx_model,
@@ -483,8 +488,16 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
     if ctx_model is not None:
       checkpoints.save_pretrained(ctx_model, params_host[CTX_ENCODER], export / "ctx_encoder",
                                   tokenizer=ctx_tokenizer)
+      if config.export_index:  # the passages as the trained context encoder encodes them
+        embeddings = encode_table(BucketedEncoder(ctx_model, local_data_mesh()), encoder_table,
+                                  params_host[CTX_ENCODER],
+                                  EncodeConfig(max_length=encoder_table.width), "export index")
+        export_index(Path(config.index_dir), embeddings, export / "index")
+        report["export_index"] = str(export / "index")
     report["export"] = str(export)
     (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-  on_primary("rag/export", write, AGREE_TIMEOUT_S)
+  # Encoding the exported index can take hours at scale: the others wait that long (a dead
+  # process 0 still ends them through jax's heartbeats).
+  on_primary("rag/export", write, EXPORT_TIMEOUT_S if ctx_model is not None else AGREE_TIMEOUT_S)
   logging.info("final: %s", report)
   return report
