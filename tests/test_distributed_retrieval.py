@@ -16,7 +16,8 @@ from jax.sharding import Mesh
 
 from rag_jax.parallel import global_batch, replicate
 from rag_jax.retrieval.exact import ExactConfig, ExactIndex
-from rag_jax.retrieval.merged import merge_top_k, process_rows
+from rag_jax.retrieval.merged import MergedIndex, block_scann_config, merge_top_k, process_rows
+from rag_jax.retrieval.scann_index import ScannConfig, ScannIndex
 from rag_jax.training.rag_step import make_train_step
 from tests import multiprocess_retrieval_worker as worker
 from tests import test_device_retrieval as t
@@ -45,7 +46,8 @@ import jax
 from rag_jax.parallel import data_mesh
 from rag_jax.parallel import global_batch, replicate
 from rag_jax.retrieval.exact import ExactConfig, ExactIndex
-from rag_jax.retrieval.merged import merge_top_k, process_rows
+from rag_jax.retrieval.merged import MergedIndex, block_scann_config, merge_top_k, process_rows
+from rag_jax.retrieval.scann_index import ScannConfig, ScannIndex
 from rag_jax.training.rag_step import make_train_step
 from tests import multiprocess_retrieval_worker as worker
 from tests import test_device_retrieval as t
@@ -137,3 +139,24 @@ def test_process_rows_and_merge():
   ids = np.array([[[1, 0, 2]], [[7, 9, -1]]])
   s, i = merge_top_k(scores, ids, 4)
   assert i.tolist() == [[1, 7, 9, 0]] and s.tolist() == [[5.0, 5.0, 4.0, 3.0]]
+
+
+def test_a_loaded_merged_index_scales_its_tree_and_serves_every_row(tmp_path):
+  """MergedIndex.load of a saved ScaNN index (one process: the block is every row): its search
+  equals a brute-force top-k, embeddings(ids) any row of the source. block_scann_config scales
+  the tree to a block."""
+  rng = np.random.default_rng(0)
+  emb = rng.standard_normal((300, 8)).astype(np.float32)
+  queries = rng.standard_normal((5, 8)).astype(np.float32)
+  config = ScannConfig(brute_force_below=10, num_leaves=6, leaves_fraction=1.0, reorder=300,
+                       num_threads=1)
+  ScannIndex.build(emb, config, progress=False).save(tmp_path / "index")
+  merged = MergedIndex.load(tmp_path / "index")
+  assert merged.kind == "scann"
+  scores, ids = merged.search(queries, 4)
+  want = np.argsort(-(queries @ emb.T), axis=1, kind="stable")[:, :4]
+  np.testing.assert_array_equal(ids, want)
+  np.testing.assert_allclose(scores, np.take_along_axis(queries @ emb.T, want, 1), rtol=1e-5)
+  np.testing.assert_array_equal(merged.embeddings(np.array([[7, 299]])), emb[[[7, 299]]])
+  block = block_scann_config(ScannConfig(num_leaves=100, leaves_to_search=7), 1000, 250)
+  assert (block.num_leaves, block.leaves_to_search) == (25, 2)

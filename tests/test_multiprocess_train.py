@@ -18,6 +18,7 @@ import pytest
 from configs import rag_finetune
 from rag_jax.commands.launch import child_env, free_port
 from rag_jax.evaluation import loop
+from rag_jax.retrieval.pipeline import build_from_corpus
 from rag_jax.training import rag_trainer
 from tests import test_evaluate as te
 from tests.test_rag_trainer import setup  # noqa: F401 (the tiny corpus, index and models)
@@ -96,14 +97,20 @@ def assert_same_figures(got: list[dict], want: list[dict]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("retrieval,context_encoder", [("host", False), ("device", True)])
+@pytest.mark.parametrize("retrieval,context_encoder,kind", [
+    ("host", False, "exact"), ("host", False, "scann"), ("device", True, "exact")])
 def test_host_retrieval_and_context_encoder_on_two_processes_train_as_one(
-    setup, tmp_path, retrieval, context_encoder):  # noqa: F811
-  """config.retrieval="host": each process searches its own whole index for its rows of the
-  batch, with its copy of the question encoder. config.train_context_encoder: process 0 builds
-  the encoder table, each process reads its rows."""
+    setup, tmp_path, retrieval, context_encoder, kind):  # noqa: F811
+  """config.retrieval="host": each process indexes its block of rows (12 of the 24 passages),
+  every one searches the whole batch and the top-k lists are merged: the passages of one index
+  over all rows (ScaNN below its brute-force size is exact). config.train_context_encoder:
+  process 0 builds the encoder table, each process reads its rows."""
   root, dirs = setup
   fields = {**config_of(root, dirs), "retrieval": retrieval}
+  if kind == "scann":
+    build_from_corpus(root / "corpus.tsv", tmp_path / "kb", encoder=str(dirs["context"]),
+                      fmt="tsv", split_words=None, index_type="scann", progress=False)
+    fields["index_dir"] = str(tmp_path / "kb")
   if context_encoder:
     fields.update(train_context_encoder=True, context_encoder_checkpoint=str(dirs["context"]),
                   context_encoder_max_length=32)
@@ -115,6 +122,9 @@ def test_host_retrieval_and_context_encoder_on_two_processes_train_as_one(
   assert report["train_context_encoder"] == context_encoder
   assert (tmp_path / "run" / "export" / "ctx_encoder").is_dir() == context_encoder
   assert_same_figures(records(tmp_path / "run"), records(tmp_path / "one"))
+  if retrieval == "host":  # process 0's log (process 1 logs warnings only)
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert f"this process indexes rows [0, 12) of 24 ({kind})" in log
 
 
 @pytest.mark.slow

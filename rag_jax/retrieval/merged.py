@@ -17,7 +17,12 @@ the local index with nothing gathered.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -26,7 +31,16 @@ from jax.experimental import multihost_utils
 
 from rag_jax.retrieval.backends import make_index
 from rag_jax.retrieval.embeddings import EmbeddingStore
-from rag_jax.retrieval.index import Embeddings, Index, embeddings_shape
+from rag_jax.retrieval.exact import ExactConfig, ExactIndex
+from rag_jax.retrieval.index import (
+  Embeddings,
+  Index,
+  embeddings_shape,
+  gather_rows,
+  open_index_embeddings,
+  read_meta,
+)
+from rag_jax.retrieval.scann_index import ScannConfig, ScannIndex
 
 
 def process_rows(count: int, process: int | None = None,
@@ -56,11 +70,68 @@ def merge_top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray
   return np.take_along_axis(flat_s, order, 1), np.take_along_axis(flat_i, order, 1)
 
 
-class MergedIndex:
-  """This process's index over its block of rows; `search` merges every process's top-k."""
+def block_scann_config(config: ScannConfig, count: int, block: int) -> ScannConfig:
+  """A saved ScaNN index's settings for one process's block of `block` of its `count` rows: the
+  tree scaled to the block (num_leaves * block / count leaves, the same share of them searched
+  per query), every other setting as saved."""
+  if not config.num_leaves or block >= count:
+    return config
+  leaves = max(1, round(config.num_leaves * block / count))
+  search = max(1, math.ceil((config.leaves_to_search or 1) * block / count))
+  return replace(config, num_leaves=leaves, leaves_to_search=min(search, leaves))
 
-  def __init__(self, local: Index | None, start: int, count: int, dim: int):
-    self.local, self.start, self.count, self.dim = local, start, count, dim
+
+class MergedIndex:
+  """This process's index over its block of rows; `search` merges every process's top-k.
+
+  `source` (all rows, e.g. a memory-mapped embeddings directory) serves `embeddings(ids)` for
+  any global row; a loaded one (:meth:`load`) builds its block's index at the first search, so
+  an index that ends up searched on the devices (rag_jax.retrieval.device, reading `source`)
+  costs no host index."""
+
+  def __init__(self, local: Index | None, start: int, count: int, dim: int,
+               source: Embeddings | None = None, kind: str = "",
+               build: Callable[[], Index | None] | None = None):
+    self._local, self.start, self.count, self.dim = local, start, count, dim
+    self.source, self.kind, self._build = source, kind, build
+
+  @property
+  def local(self) -> Index | None:
+    if self._build is not None:
+      self._local, self._build = self._build(), None
+    return self._local
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> MergedIndex:
+    """The saved exact or ScaNN index at `path` as one block per process (its settings; a ScaNN
+    tree scaled by :func:`block_scann_config`). Every process reads only its block's rows to
+    build, and any row through :meth:`embeddings`."""
+    meta = read_meta(path)
+    kind = meta["type"]
+    embeddings = open_index_embeddings(Path(path), meta)
+    count, dim = embeddings_shape(embeddings)
+    start, stop = process_rows(count)
+    if kind == ScannIndex.kind:
+      configs = {"scann_config": block_scann_config(ScannConfig.from_json(meta["config"]), count,
+                                                    stop - start)}
+    elif kind == ExactIndex.kind:
+      configs = {"exact_config": ExactConfig(**meta["config"])}
+    else:
+      raise ValueError(f"{path}: a {kind!r} index is not split by rows (exact or scann only)")
+
+    def build() -> Index | None:
+      logging.info("merged index: this process indexes rows [%d, %d) of %d (%s)", start, stop,
+                   count, kind)
+      return (make_index(block_rows(embeddings, start, stop), kind, progress=False, **configs)
+              if stop > start else None)
+
+    return cls(None, start, count, dim, source=embeddings, kind=kind, build=build)
+
+  def embeddings(self, ids: np.ndarray) -> np.ndarray:
+    """float32 vectors of global rows `ids` (any shape), read from `source`."""
+    if self.source is None:
+      raise ValueError("a MergedIndex built without its source holds only its block")
+    return gather_rows(self.source, ids)
 
   @classmethod
   def build(cls, embeddings: Embeddings, kind: str, **configs: Any) -> MergedIndex:
@@ -71,7 +142,7 @@ class MergedIndex:
     start, stop = process_rows(count)
     local = (make_index(block_rows(embeddings, start, stop), kind, progress=False, **configs)
              if stop > start else None)
-    return cls(local, start, count, dim)
+    return cls(local, start, count, dim, source=embeddings, kind=kind)
 
   def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The top-k of all rows: (scores (Q, k) float32, ids (Q, k) int64). Collective: every

@@ -14,10 +14,12 @@ export/ (a transformers RAG checkpoint with its tokenizers) and report.json.
 
 On several processes (rag_jax.distributed) every process runs the same steps on the global mesh,
 feeding its rows of each global batch; the exact index and passage table of in-step retrieval
-are sharded over that mesh (each process reads its rows), a host-searched index is whole on
-each process (which retrieves for its rows with its copy of the question encoder). The
-processes first compare the config, workdir and files (`run_facts`); process 0 alone holds the
-workdir lock and writes the workdir's files, orbax's saves being collective.
+are sharded over that mesh (each process reads its rows); a host-searched dense index is one
+index per process over its block of rows (rag_jax.retrieval.merged), every process searching
+the whole batch's questions and the top-k merged; a BM25 index is whole on each process (which
+retrieves for its rows). The processes first compare the config, workdir and files
+(`run_facts`); process 0 alone holds the workdir lock and writes the workdir's files, orbax's
+saves being collective.
 
 `config.retriever_kind` picks the prior p(z|x): "dense" (q(x) . d(z) over an exact or ScaNN
 index, gradients into the question encoder unless `config.frozen_groups` holds
@@ -86,6 +88,8 @@ from rag_jax.retrieval.device import DeviceRetrieval
 from rag_jax.retrieval.encode import BucketedEncoder, EncodeConfig
 from rag_jax.retrieval.exact import ExactIndex
 from rag_jax.retrieval.index import TextIndex, read_meta
+from rag_jax.retrieval.merged import MergedIndex
+from rag_jax.retrieval.scann_index import ScannIndex
 from rag_jax.retrieval.store import PassageStore
 from rag_jax.training import config_check, index_refresh, loop, optimizer
 from rag_jax.training.host_refresh import HostRefresh, encode_table, export_index
@@ -358,11 +362,15 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
   several = process_count() > 1
   index_path = Path(config.index_dir) / "index"
   # Several processes: an exact index for the step is read over the global mesh, each process
-  # its devices' rows; a host-searched one (ScaNN, BM25, config.retrieval="host") is whole on
-  # every process.
-  on_mesh = (several and read_meta(index_path)["type"] == ExactIndex.kind
-             and config.retrieval != "host")
-  index = load_index(index_path, **({"mesh": mesh} if on_mesh else {}))
+  # its devices' rows; a host-searched dense one (ScaNN, or exact with config.retrieval="host")
+  # is one index per process over its block of rows, searched collectively with the top-k
+  # merged (rag_jax.retrieval.merged); a BM25 index is whole on every process.
+  index_kind = read_meta(index_path)["type"]
+  on_mesh = several and index_kind == ExactIndex.kind and config.retrieval != "host"
+  if several and index_kind in (ExactIndex.kind, ScannIndex.kind) and not on_mesh:
+    index = MergedIndex.load(index_path)
+  else:
+    index = load_index(index_path, **({"mesh": mesh} if on_mesh else {}))
   store = PassageStore(Path(config.index_dir) / "passages")
   tables_dir = Path(config.index_dir) / "passage_tables"
   ctx_model = ctx_tokenizer = encoder_table = None
@@ -445,6 +453,9 @@ def _run(config, workdir: Path, stop_after: int | None) -> dict[str, Any] | None
 
   def train_step(state, step: int):
     rows = epoch_rows(config.seed, step, len(train), config.batch_size)  # the global batch
+    if retrieval is None and isinstance(index, MergedIndex):  # a collective search: every
+      batch, _ = feed.batch(local_copy(state.params), train, rows)  # process the whole batch
+      return step_fn(state, host_batch(batch, mesh))
     if retrieval is None:  # each process retrieves its rows only
       if host_refresh is not None:
         host_refresh.before_step(state.params[CTX_ENCODER], step)
