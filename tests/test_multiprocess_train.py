@@ -97,14 +97,17 @@ def assert_same_figures(got: list[dict], want: list[dict]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("retrieval,context_encoder,kind", [
-    ("host", False, "exact"), ("host", False, "scann"), ("device", True, "exact")])
+@pytest.mark.parametrize("retrieval,context_encoder,kind,refresh", [
+    ("host", False, "exact", "none"), ("host", False, "scann", "none"),
+    ("device", True, "exact", "none"), ("device", True, "exact", "rolling"),
+    ("device", True, "exact", "scheduled")])
 def test_host_retrieval_and_context_encoder_on_two_processes_train_as_one(
-    setup, tmp_path, retrieval, context_encoder, kind):  # noqa: F811
+    setup, tmp_path, retrieval, context_encoder, kind, refresh):  # noqa: F811
   """config.retrieval="host": each process indexes its block of rows (12 of the 24 passages),
   every one searches the whole batch and the top-k lists are merged: the passages of one index
   over all rows (ScaNN below its brute-force size is exact). config.train_context_encoder:
-  process 0 builds the encoder table, each process reads its rows."""
+  process 0 builds the encoder table, each process reads its rows; the index state of a
+  rolling or scheduled refresh is sharded over the global mesh like the index."""
   root, dirs = setup
   fields = {**config_of(root, dirs), "retrieval": retrieval}
   if kind == "scann":
@@ -113,7 +116,8 @@ def test_host_retrieval_and_context_encoder_on_two_processes_train_as_one(
     fields["index_dir"] = str(tmp_path / "kb")
   if context_encoder:
     fields.update(train_context_encoder=True, context_encoder_checkpoint=str(dirs["context"]),
-                  context_encoder_max_length=32)
+                  context_encoder_max_length=32, index_refresh=refresh, refresh_rows_per_step=2,
+                  refresh_schedule="0-6:3")
   for work, processes, devices in (("run", 2, 1), ("one", 1, 2)):
     run = launch(tmp_path / work, fields, processes, devices)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -122,6 +126,10 @@ def test_host_retrieval_and_context_encoder_on_two_processes_train_as_one(
   assert report["train_context_encoder"] == context_encoder
   assert (tmp_path / "run" / "export" / "ctx_encoder").is_dir() == context_encoder
   assert_same_figures(records(tmp_path / "run"), records(tmp_path / "one"))
+  if refresh != "none":
+    for got, want in zip(records(tmp_path / "run"), records(tmp_path / "one"), strict=True):
+      assert (got["staleness"], got["staleness_max"]) == (want["staleness"],
+                                                          want["staleness_max"])
   if retrieval == "host":  # process 0's log (process 1 logs warnings only)
     log = (tmp_path / "run" / "train.log").read_text()
     assert f"this process indexes rows [0, 12) of 24 ({kind})" in log
