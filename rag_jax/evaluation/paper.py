@@ -124,11 +124,11 @@ def paper_runs(config: ml_collections.ConfigDict, workdir: str | os.PathLike) ->
     raise InputError(f"config.model_type={config.model_type!r}; expected one of "
                      "rag_sequence, rag_token")
   row = ev[config.model_type]
-  checkpoint = checkpoint_of(config, workdir)
-  index_dir = ev.index_dir or own_index(checkpoint) or config.index_dir
-  if not index_dir:
+  if not (ev.index_dir or config.index_dir):
     raise InputError("config.index_dir (or config.eval.index_dir) is empty; point it at a "
                      "directory written by python -m rag_jax.commands.build_index")
+  checkpoint = checkpoint_of(config, workdir)
+  index_dir = ev.index_dir or own_index(checkpoint) or config.index_dir
   generate: dict[str, Any] = {"num_beams": row.num_beams, "max_length": ev.max_length}
   if config.model_type == "rag_sequence":
     generate["decoding"] = row.decoding
