@@ -3,13 +3,12 @@ one fake CPU device each, gloo) against one process of two devices, on a tiny wo
 
 Process 1 is killed in RAG-Sequence's step 3 (its checkpoint of step 2 saved): the launcher
 names it in one line; the rerun skips the recorded phases and resumes RAG-Sequence from the
-checkpoint. Then every phase's metrics.jsonl equals the one-process run's bit for bit (the
-steps run on the same 2-device global mesh, and the passages are encoded on one device per
-process), and so do the report's held-out EM, recall before and after RAG training, hot-swap
-counts and every held-out answer and its passages. The passage scores of the held-out
-predictions differ by float32 rounding only: process 0 evaluates alone on its one device, the
-reference process on two (XLA blocks the question encoder's matmuls differently). Process 0
-alone writes the workdir's files and the console; process 1 logs to .logs/process-1.log.
+checkpoint. Then every phase's metrics.jsonl, the phases' results and the report (held-out EM,
+recall before and after RAG training, hot-swap counts, losses) equal the one-process run's bit
+for bit but for wall-clock figures and paths, and so do the held-out predictions files, byte for
+byte: the steps run on the same 2-device global mesh, the passages are encoded and the held-out
+questions answered on one device per process. Process 0 alone writes the workdir's files and
+the console; process 1 logs to .logs/process-1.log.
 """
 
 import json
@@ -52,21 +51,14 @@ def figures(workdir: Path, phase: str) -> list[dict]:
           for line in (workdir / phase / "metrics.jsonl").read_text().splitlines() if line]
 
 
-def predictions(workdir: Path, model: str) -> list[dict]:
-  return [json.loads(x) for x in
-          (workdir / model / "heldout_predictions.jsonl").read_text().splitlines()]
-
-
-def same_answer(record: dict) -> dict:
-  """A held-out prediction's fields that must be equal: all but the scores and their order."""
-  return {k: v for k, v in record.items()
-          if k not in ("score", "doc_scores", "passage_ids", "titles")}
-
-
-def scored(record: dict) -> dict[str, float]:
-  """{passage id: its score} of a held-out prediction (the untrained retriever's scores lie
-  within float32 rounding of each other, where the two runs may order them differently)."""
-  return dict(zip(record["passage_ids"], record["doc_scores"], strict=True))
+def without_clocks(tree, workdir: Path):
+  """A JSON tree without its wall-clock figures and machine, and `workdir` in paths as WORKDIR."""
+  if isinstance(tree, dict):
+    return {k: without_clocks(v, workdir) for k, v in tree.items()
+            if not (k.endswith(("_per_s", "seconds", "elapsed_s", "this_run")) or k == "machine")}
+  if isinstance(tree, list):
+    return [without_clocks(v, workdir) for v in tree]
+  return tree.replace(str(workdir), "WORKDIR") if isinstance(tree, str) else tree
 
 
 @pytest.mark.slow
@@ -88,18 +80,13 @@ def test_world_job_on_two_processes_equals_one_and_resumes_after_a_kill(tmp_path
   for phase in PHASE_METRICS:
     assert figures(work, phase) == figures(one, phase), phase
   assert [r["step"] for r in figures(work, "rag_sequence")] == [2, 4]
-  got, want = (json.loads((w / "report.json").read_text()) for w in (work, one))
-  assert got["retriever"]["recall_before"] == want["retriever"]["recall_before"]
-  assert got["closed_book"]["heldout_em"] == want["closed_book"]["heldout_em"]
+  for name in ("report.json", "phases.json"):
+    got, want = (without_clocks(json.loads((w / name).read_text()), w) for w in (work, one))
+    assert got == want, name
+  assert want["evaluation"]["result"]["rag_token"]["recall"]["recall@3"] > 0  # not all empty
   for model in ("rag_sequence", "rag_token"):
-    for key in ("heldout_em", "recall_after", "hot_swap", "train_loss_first", "train_loss_last",
-                "decoder"):
-      assert got[model][key] == want[model][key], (model, key)
-    for g, w in zip(predictions(work, model), predictions(one, model), strict=True):
-      assert same_answer(g) == same_answer(w)
-      assert scored(g).keys() == scored(w).keys()  # the same passages (near ties may swap)
-      assert scored(g) == pytest.approx(scored(w), rel=1e-6)
-      assert g["score"] == pytest.approx(w["score"], rel=1e-6)
+    name = f"{model}/heldout_predictions.jsonl"
+    assert (work / name).read_bytes() == (one / name).read_bytes(), name
   # Process 0 writes the workdir and the console; process 1 logs to its file.
   assert "# rag_jax default job" in run.stdout
   assert "process 1 of 2" not in (work / "train.log").read_text()
