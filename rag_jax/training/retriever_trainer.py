@@ -27,7 +27,7 @@ jit with explicit shardings, data parallel over every device of every process (t
 and XLA all-gathers the passage embeddings for the in-batch scores and all-reduces the
 gradients. On several processes (rag_jax.distributed) each process feeds its rows of every
 global batch (parallel.host_batch), orbax's saves are collective, and process 0 alone writes
-the log, the metrics and the two checkpoints.
+the log, the metrics and the two DPR checkpoints.
 """
 
 from __future__ import annotations
