@@ -8,7 +8,8 @@ recall before and after RAG training, hot-swap counts, losses) equal the one-pro
 for bit but for wall-clock figures and paths, and so do the held-out predictions files, byte for
 byte: the steps run on the same 2-device global mesh, the passages are encoded and the held-out
 questions answered on one device per process. Process 0 alone writes the workdir's files and
-the console; process 1 logs to .logs/process-1.log.
+the console; process 1 logs to .logs/process-1.log. Processes given different configs are
+refused before any work, naming the field.
 """
 
 import json
@@ -18,6 +19,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from rag_jax.commands.launch import child_env, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600
@@ -35,11 +38,15 @@ TINY = {
 PHASE_METRICS = ("retriever/train", "rag_sequence", "rag_token", "closed_book")
 
 
+def train_command(workdir: Path, **fields) -> list[str]:
+  return [sys.executable, str(ROOT / "train.py"), f"--workdir={workdir}",
+          *(f"--config.{k}={v}" for k, v in {**TINY, **fields}.items())]
+
+
 def launch(workdir: Path, processes: int, devices: int, **env) -> subprocess.CompletedProcess:
   command = [sys.executable, "-m", "rag_jax.commands.launch", f"--num_processes={processes}",
              f"--cpu_devices={devices}", f"--log_dir={workdir / '.logs'}", "--grace_s=2", "--",
-             sys.executable, str(ROOT / "train.py"), f"--workdir={workdir}",
-             *(f"--config.{k}={v}" for k, v in TINY.items())]
+             *train_command(workdir)]
   return subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env},
                         capture_output=True, text=True, timeout=TIMEOUT_S)
 
@@ -92,3 +99,21 @@ def test_world_job_on_two_processes_equals_one_and_resumes_after_a_kill(tmp_path
   assert "process 1 of 2" not in (work / "train.log").read_text()
   assert "phase evaluation" in (work / ".logs" / "process-1.log").read_text()
   assert sorted(p.name for p in (work / ".logs").iterdir()) == ["process-1.log"]
+
+
+def test_processes_given_different_world_configs_are_refused_before_work(tmp_path):
+  """Before: train.py refused the world job on several processes altogether."""
+  address, work = f"127.0.0.1:{free_port()}", tmp_path / "run"
+  procs = [subprocess.Popen(
+      [*train_command(work, **{"world.num_people": [40, 41][i]}),
+       f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
+      cwd=ROOT, env=child_env({**os.environ, "PYTHONPATH": str(ROOT)}, i, 2, address,
+                              work / ".logs", cpu_devices=1, gpus=None),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  results = [p.communicate(timeout=TIMEOUT_S) for p in procs]
+  assert [p.returncode for p in procs] == [1, 1], results
+  line = results[0][1].strip().splitlines()[-1]
+  assert line.startswith("error: process 1 was given another config than process 0 ("), line
+  assert '"num_people": 41' in line and '"num_people": 40' in line
+  assert line.endswith("every process must run one config in one workdir (nothing was written)")
+  assert sorted(p.name for p in work.iterdir()) == [".logs"]  # no config.json, lock, world
