@@ -8,9 +8,9 @@ exits 2, a bad config field 1 (rag_jax/training/config_check.py), before the wor
 The workdir is locked for the run (rag_jax/utils/lock.py). An anticipated error (a bad config
 field, a locked workdir, a bad data file, a workdir that cannot be written) prints one line
 `error: ...` (exit 2 for a usage error, 1 for any other); --traceback shows its traceback. See
-rag_jax/commands/common.py and docs/failure_modes.md. The RAG fine-tuning trainer
-(configs/rag_finetune.py) runs on several processes too (docs/distributed.md); processes 1..
-log to WORKDIR/.logs/process-<i>.log.
+rag_jax/commands/common.py and docs/failure_modes.md. The default job and the RAG fine-tuning
+trainer (configs/rag_finetune.py) run on several processes too (docs/distributed.md);
+processes 1.. log to WORKDIR/.logs/process-<i>.log.
 """
 
 import importlib
@@ -45,7 +45,7 @@ TRAINERS = {"world": _job("rag_jax.experiments.world.job"),
             "world_paper": _job("rag_jax.experiments.world.paper")}
 
 # The trainers that run on several processes (docs/distributed.md); the others refuse them.
-MULTI_PROCESS = ("rag",)
+MULTI_PROCESS = ("rag", "world")
 
 CONFIG = ConfigFile(Path(__file__).resolve().parent / "configs" / "default.py",
                     "Experiment config file (a get_config() module).")

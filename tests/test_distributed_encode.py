@@ -158,12 +158,13 @@ def test_a_single_process_command_refuses_several(tmp_path, setup):
   root, corpus, _ = setup
   command = [sys.executable, "-m", "rag_jax.commands.launch", "--num_processes=2",
              "--cpu_devices=1", f"--log_dir={tmp_path / 'logs'}", "--",
-             sys.executable, str(ROOT / "train.py"), f"--workdir={tmp_path / 'run'}"]
+             sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs' / 'reversal.py'}",
+             f"--workdir={tmp_path / 'run'}"]
   run = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                        capture_output=True, text=True, timeout=TIMEOUT_S)
   assert run.returncode == 1
   lines = run.stderr.strip().splitlines()
-  assert ("error: train.py's world job runs on one process; it was started as process 0 of 2 "
+  assert ("error: train.py's reversal job runs on one process; it was started as process 0 of 2 "
           "(docs/distributed.md lists the stages that run on several)") in lines
   assert lines[-1].startswith("error: process ") and " of 2 exited with status 1" in lines[-1]
   assert not (tmp_path / "run").exists()

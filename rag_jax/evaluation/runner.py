@@ -39,6 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
@@ -48,6 +49,7 @@ from rag_jax.distributed import check_same, file_fingerprint, is_primary, on_pri
 from rag_jax.evaluation import scoring
 from rag_jax.evaluation.loop import EvalExample, PredictFn, read_predictions, run_loop
 from rag_jax.models.rag import RagModel, architecture_of
+from rag_jax.parallel import data_mesh
 from rag_jax.retrieval.retriever import Retriever
 from rag_jax.utils.atomic import atomic_file
 from rag_jax.utils.errors import InputError
@@ -74,6 +76,8 @@ class EvalRun:
     devices alike, "exact bfloat16", "scann", "bm25"), recorded in settings.json by the first
     answering call, so that a folder begun over a ScaNN index on the host is not resumed with
     exact search on the devices.
+  devices: how many of this process's devices answer (0: all of them). With 1 (the world job's
+    rows) the figures do not depend on how many devices the process has, bit for bit.
   """
 
   name: str
@@ -93,6 +97,7 @@ class EvalRun:
   dtype: str = "float32"
   question_encoder: str = ""
   retrieval: str = "host"
+  devices: int = 0
 
   def settings(self) -> dict[str, Any]:
     """What decides the predictions (a folder holding other settings is refused)."""
@@ -178,7 +183,9 @@ def load_answerer(run: EvalRun) -> RagAnswerer:
   missing passage table, which the others then read)."""
   return primary_first(f"eval/{run.name}/answerer", lambda: RagAnswerer(
       run.checkpoint, run.index_dir, n_docs=run.n_docs, dtype=jnp.dtype(run.dtype),
-      max_question_length=run.max_question_length, retrieval=run.retrieval), AGREE_TIMEOUT_S)
+      max_question_length=run.max_question_length, retrieval=run.retrieval,
+      mesh=data_mesh(jax.local_devices()[:run.devices]) if run.devices else None),
+      AGREE_TIMEOUT_S)
 
 
 def load_retriever(run: EvalRun) -> Retriever:
@@ -430,7 +437,8 @@ def run_facts(runs: Sequence[EvalRun], workdir: Path) -> dict[str, str]:
     examples = json.dumps([dataclasses.astuple(e) for e in run.examples])
     facts[f"{run.name} settings"] = json.dumps(
         {**run.settings(), "metrics": run.metrics, "batch_size": run.batch_size,
-         "retrieval": run.retrieval, "question_encoder": run.question_encoder}, sort_keys=True)
+         "retrieval": run.retrieval, "question_encoder": run.question_encoder,
+         "devices": run.devices}, sort_keys=True)
     facts[f"{run.name} questions"] = hashlib.sha256(examples.encode()).hexdigest()[:16]
     for file in (Path(run.checkpoint) / "config.json",
                  Path(run.index_dir) / "index" / "index.json",

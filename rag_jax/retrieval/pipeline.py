@@ -34,6 +34,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
+from jax.sharding import Mesh
+
 from rag_jax.distributed import check_same, is_primary, on_primary
 from rag_jax.retrieval.backends import load_index, make_index
 from rag_jax.retrieval.calibrate import CalibrationSpec, calibrate_built_index
@@ -168,7 +170,7 @@ def build_from_corpus(corpus: str | os.PathLike, out: str | os.PathLike, *,
                       exact_config: ExactConfig | None = None,
                       calibration: CalibrationSpec | None = None,
                       dpr_embeddings: list[str] | None = None, allow_pickle: bool = False,
-                      progress: bool = True) -> Index:
+                      progress: bool = True, mesh: Mesh | None = None) -> Index:
   """Runs every stage; see the module docstring for the layout of `out`.
 
   Args:
@@ -178,6 +180,7 @@ def build_from_corpus(corpus: str | os.PathLike, out: str | os.PathLike, *,
       corpus order (requires `allow_pickle`, since unpickling runs code).
     calibration: for a ScaNN index, the recall its `leaves_to_search` is tuned to before it is
       saved (rag_jax.retrieval.calibrate); None keeps `scann_config`'s width.
+    mesh: the devices that encode (default: this process's).
   Returns:
     The built index (also saved in OUT/index).
   """
@@ -193,7 +196,8 @@ def build_from_corpus(corpus: str | os.PathLike, out: str | os.PathLike, *,
                    split_words=split_words, index_type=index_type, encode_config=encode_config,
                    compute_dtype=compute_dtype, scann_config=scann_config,
                    exact_config=exact_config, calibration=calibration,
-                   dpr_embeddings=dpr_embeddings, allow_pickle=allow_pickle, progress=progress)
+                   dpr_embeddings=dpr_embeddings, allow_pickle=allow_pickle, progress=progress,
+                   mesh=mesh)
   except BaseException:
     if fresh and not _finished_stages(work):
       shutil.rmtree(work, ignore_errors=True)  # nothing worth resuming: leave no directory
@@ -210,7 +214,7 @@ def _build(corpus: str | os.PathLike, out: Path, *, encoder: str | None, tokeniz
            encode_config: EncodeConfig | None, compute_dtype: str,
            scann_config: ScannConfig | None, exact_config: ExactConfig | None,
            calibration: CalibrationSpec | None, dpr_embeddings: list[str] | None,
-           allow_pickle: bool, progress: bool) -> Index:
+           allow_pickle: bool, progress: bool, mesh: Mesh | None) -> Index:
   """The stages, in `out` (OUT itself or its staging directory), each under the manifest."""
   owner = Ownership(out)
   with owner.stage("passages"):
@@ -222,7 +226,7 @@ def _build(corpus: str | os.PathLike, out: Path, *, encoder: str | None, tokeniz
     else:
       emb = encode_from_checkpoint(store, out / "embeddings", encoder, tokenizer,
                                    config=encode_config, compute_dtype=compute_dtype,
-                                   progress=progress)
+                                   mesh=mesh, progress=progress)
   if emb.count != len(store):
     log.warning("%d embeddings for %d passages: rows past %d are not searchable", emb.count,
                 len(store), emb.count)
@@ -259,7 +263,7 @@ def encode_corpus(corpus: str | os.PathLike, out: str | os.PathLike, *, encoder:
                   split_words: int | None = 100, encode_config: EncodeConfig | None = None,
                   compute_dtype: str = "float32", progress: bool = True,
                   lock: Callable[[Path], contextlib.AbstractContextManager] | None = None,
-                  ) -> EmbeddingStore | None:
+                  mesh: Mesh | None = None) -> EmbeddingStore | None:
   """The passage-store and embedding stages of :func:`build_from_corpus`, on every process of
   the job (rag_jax/distributed.py): process 0 builds OUT/passages while the others wait, then
   each encodes its share of OUT/embeddings (rag_jax/retrieval/encode.py). OUT is written in
@@ -268,6 +272,7 @@ def encode_corpus(corpus: str | os.PathLike, out: str | os.PathLike, *, encoder:
 
   Args:
     lock: process 0 holds lock(OUT) for the run (the command's `output_lock`).
+    mesh: this process's devices that encode (default: all of them).
   Returns:
     The complete embeddings (every process), or None if stopped early.
   """
@@ -294,4 +299,4 @@ def encode_corpus(corpus: str | os.PathLike, out: str | os.PathLike, *, encoder:
     with stage:
       return encode_from_checkpoint(store, out / "embeddings", encoder, tokenizer,
                                     config=encode_config, compute_dtype=compute_dtype,
-                                    progress=progress)
+                                    mesh=mesh, progress=progress)

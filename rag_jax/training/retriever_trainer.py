@@ -22,10 +22,12 @@ BM25 negative per question).
 
 The loop is rag_jax.training.loop.train_loop (resume, NaN stop, metrics, checkpoints), the
 optimizer rag_jax.training.optimizer.make_optimizer, as for the other trainers. The step is one
-jit with explicit shardings over a one-device mesh: the retriever is small (the world's
-0.5M-parameter BERT trains at ~10 steps/s on 2 CPU cores), and sharding its batch would need
-an all-gather of the passage embeddings, which deadlocked on 8 fake CPU devices sharing 2 cores
-(XLA CPU rendezvous timeout). Data-parallel training of a paper-size retriever is left for later.
+jit with explicit shardings, data parallel over every device of every process (the global
+"data" mesh; batch_size a multiple of the devices): each device encodes its rows of the batch,
+and XLA all-gathers the passage embeddings for the in-batch scores and all-reduces the
+gradients. On several processes (rag_jax.distributed) each process feeds its rows of every
+global batch (parallel.host_batch), orbax's saves are collective, and process 0 alone writes
+the log, the metrics and the two DPR checkpoints.
 """
 
 from __future__ import annotations
@@ -48,13 +50,16 @@ from jax.sharding import PartitionSpec as P
 
 from rag_jax import checkpoints, metrics
 from rag_jax.data.sampling import epoch_rows
+from rag_jax.distributed import barrier, is_primary, on_primary
 from rag_jax.models.bert import BertConfig, DPREncoder
-from rag_jax.parallel import data_mesh
+from rag_jax.parallel import data_mesh, host_batch, replicate
 from rag_jax.retrieval.encode import tokenize_passages
 from rag_jax.retrieval.index import TextIndex
 from rag_jax.training import loop, optimizer
 from rag_jax.training.state import TrainState, create_train_state
 from rag_jax.utils.logs import workdir_logging
+
+AGREE_TIMEOUT_S = 600  # several processes: how long each waits for process 0's files
 
 
 def default_config(**overrides: Any) -> ml_collections.ConfigDict:
@@ -186,7 +191,10 @@ def train_retriever(questions: list[str], titles: list[str], texts: list[str], t
                      f"({len(texts)}) must be aligned pairs")
   if len(questions) < config.batch_size:
     raise ValueError(f"{len(questions)} pairs < batch_size {config.batch_size}")
-  mesh = data_mesh(jax.devices()[:1])  # One device: see the module docstring.
+  mesh = data_mesh()  # every device of every process: see the module docstring
+  if config.batch_size % mesh.devices.size:
+    raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
+                     f"{mesh.devices.size} devices")
   pad = tokenizer.pad_token_id
   q_ids = _pad(tokenizer(questions, truncation=True,
                          max_length=config.max_question_length)["input_ids"], pad)  # [N, Lq]
@@ -216,8 +224,8 @@ def train_retriever(questions: list[str], titles: list[str], texts: list[str], t
   towers = (("shared", "shared") if config.shared_encoder else ("question", "context"))
   tx = optimizer.make_optimizer(config, params, frozen=lambda path: False)
   replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  state = jax.device_put(create_train_state(None, params, tx, jax.random.key_data(dropout_key)),
-                         replicated)
+  state = replicate(create_train_state(None, params, tx, jax.random.key_data(dropout_key)),
+                    mesh)
 
   def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
     key = jax.random.fold_in(jax.random.wrap_key_data(state.dropout_key), state.step)
@@ -258,23 +266,27 @@ def train_retriever(questions: list[str], titles: list[str], texts: list[str], t
     batch = {"q": question_batch(rows, index), "p": p_ids[rows], "pid": passage_ids[rows]}
     if use_negatives:
       batch.update(n=n_ids[rows], nid=n_pids[rows])
-    return step_fn(state, batch)
+    return step_fn(state, host_batch(batch, mesh))
 
+  if out is None and jax.process_count() > 1:
+    raise ValueError("train_retriever on several processes needs `out` (a directory they share)")
   with contextlib.ExitStack() as stack:
     workdir = (Path(out) / "train" if out is not None
                else Path(stack.enter_context(tempfile.TemporaryDirectory())))
     workdir.mkdir(parents=True, exist_ok=True)
-    stack.enter_context(workdir_logging(workdir))
+    if is_primary():  # several processes: process 0's log; the others log to their own
+      stack.enter_context(workdir_logging(workdir))
     state, _ = loop.train_loop(
         config, workdir, state, train_step, desc="retriever",
         summarize=lambda w: {"loss": w["loss_sum"] / w["steps"]},
         postfix=lambda r: {"loss": f"{r['loss']:.3f}"})
+    barrier("retriever/metrics", AGREE_TIMEOUT_S)  # process 0 has written metrics.jsonl
     records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines() if x]
   losses = sorted({r["step"]: r["loss"] for r in records}.items())  # The last run's, per step.
   params = jax.device_get(state.params)
   result = RetrieverResult(params[towers[0]], params[towers[1]], q_model, c_model, losses)
   if out is not None:
-    save_retriever(result, tokenizer, out)
+    on_primary("retriever/save", lambda: save_retriever(result, tokenizer, out), AGREE_TIMEOUT_S)
   return result
 
 

@@ -6,11 +6,15 @@ Data parallel over every device: the state is replicated, the global batch is sh
 mesh's "data" axis, and one jitted `train_step(state, batch) -> (state, metrics)` (state donated)
 runs on all devices; XLA inserts the gradient all-reduce. Dropout keys are
 `fold_in(base_key, step)`, so a resumed run draws the same randomness as an uninterrupted one.
-Metrics are sums with their denominators, divided on the host.
+Metrics are sums with their denominators, divided on the host. On several processes
+(rag_jax.distributed) every process runs the same steps on the global mesh, feeding its rows of
+each global batch (parallel.host_batch); process 0 alone holds the workdir lock and writes its
+files (orbax's saves are collective).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -29,14 +33,16 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from rag_jax import checkpoints
+from rag_jax.distributed import on_primary
 from rag_jax.models.bart import BartForConditionalGeneration
-from rag_jax.parallel import data_mesh
+from rag_jax.parallel import data_mesh, host_batch, replicate
 from rag_jax.training import config_check, loop, optimizer
 from rag_jax.training.state import TrainState, create_train_state
 from rag_jax.utils.lock import workdir_lock
 from rag_jax.utils.logs import workdir_logging
 
 Array = jax.Array
+AGREE_TIMEOUT_S = 600  # several processes: how long each waits for process 0's workdir steps
 
 
 def label_smoothed_nll(logits: Array, labels: Array, epsilon: float,
@@ -113,9 +119,13 @@ class Seq2SeqTask:
   tokenizer: Any = None  # Saved with the export when given.
 
 
-def evaluate(params, eval_fn, batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
+def evaluate(params, eval_fn, batches: list[dict[str, np.ndarray]], mesh=None
+             ) -> dict[str, float]:
+  """Held-out figures over `batches` (global batches, each process feeding its rows of them on
+  `mesh` when given)."""
   sums: dict[str, float] = {}
   for batch in batches:
+    batch = batch if mesh is None else host_batch(batch, mesh)
     for k, v in jax.device_get(eval_fn(params, batch)).items():
       sums[k] = sums.get(k, 0.0) + float(v)
   return {"loss_per_token": sums["nll_sum"] / sums["tokens"],
@@ -135,10 +145,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   config_check.validate(config, "seq2seq")
   workdir = Path(workdir)
-  with workdir_lock(workdir):
-    loop.check_workdir(config, workdir)
-    with workdir_logging(workdir):
-      return _run(config, workdir, stop_after, task)
+  with contextlib.ExitStack() as stack:
+    def claim() -> None:  # process 0's: the lock, config.json, train.log
+      stack.enter_context(workdir_lock(workdir))
+      loop.check_workdir(config, workdir)
+      stack.enter_context(workdir_logging(workdir))
+    on_primary("seq2seq/workdir", claim, AGREE_TIMEOUT_S)
+    return _run(config, workdir, stop_after, task)
 
 
 def _run(config: ml_collections.ConfigDict, workdir: Path, stop_after: int | None,
@@ -155,7 +168,7 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, stop_after: int | Non
                                             if k != "labels"})["params"]
   tx = optimizer.make_optimizer(config, params)
   state = create_train_state(model.apply, params, tx, jax.random.key_data(dropout_key))
-  state = jax.device_put(state, replicated)
+  state = replicate(state, mesh)
   logging.info("BART: %d parameters, %d devices", optimizer.count_params(params), n_dev)
 
   step_fn = jax.jit(functools.partial(train_step, model=model,
@@ -167,21 +180,25 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, stop_after: int | Non
 
   t0 = time.time()
   state, finished = loop.train_loop(
-      config, workdir, state, lambda state, step: step_fn(state, task.train_batch(step)),
+      config, workdir, state,
+      lambda state, step: step_fn(state, host_batch(task.train_batch(step), mesh)),
       summarize=lambda w: {"loss": w["nll_sum"] / w["tokens"],
                            "token_accuracy": w["correct"] / w["tokens"]},
-      evaluate=lambda params: evaluate(params, eval_fn, task.eval_batches()),
+      evaluate=lambda params: evaluate(params, eval_fn, task.eval_batches(), mesh),
       stop_after=stop_after,
       postfix=lambda r: {"loss": f"{r['loss']:.3f}", "acc": f"{r['token_accuracy']:.3f}"})
   if not finished:
     return None
 
-  final = evaluate(state.params, eval_fn, task.eval_batches())
-  export = checkpoints.save_pretrained(model, jax.device_get(state.params), workdir / "export",
-                                       tokenizer=task.tokenizer)
+  final = evaluate(state.params, eval_fn, task.eval_batches(), mesh)
+  params_host = jax.device_get(state.params)
   report = {"task": task.description,
             "steps": config.num_train_steps, "devices": n_dev, **final,
-            "export": str(export), "train_seconds_this_run": time.time() - t0}
-  (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+            "export": str(workdir / "export"), "train_seconds_this_run": time.time() - t0}
+
+  def write() -> None:  # process 0's
+    checkpoints.save_pretrained(model, params_host, workdir / "export", tokenizer=task.tokenizer)
+    (workdir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+  on_primary("seq2seq/export", write, AGREE_TIMEOUT_S)
   logging.info("final: %s", report)
   return report

@@ -81,7 +81,8 @@ def heldout_run(workdir: Path, name: str, cfg: Any, reference: dict[str, float] 
                 retrieval: str = "host") -> runner.EvalRun:
   """The held-out questions of the world in `workdir` answered by its workdir/`name`/export, with
   the job's decoding options, recall_ks and answering path (`retrieval`, config.rag.retrieval's
-  value): one evaluate.py row (the paper's rows replace its model_type, index, examples...)."""
+  value): one evaluate.py row (the paper's rows replace its model_type, index, examples...),
+  answered on one device (its figures then do not depend on the device count, bit for bit)."""
   world = json.loads((workdir / "world" / "world.json").read_text())
   lines = lambda f: (workdir / "world" / f).read_text().splitlines()  # noqa: E731
   examples = tuple(EvalExample(q, (a,), gold_ids=(g,)) for q, a, g in zip(
@@ -93,7 +94,7 @@ def heldout_run(workdir: Path, name: str, cfg: Any, reference: dict[str, float] 
       generate={"num_beams": cfg.num_beams, "max_length": cfg.max_answer_tokens},
       metrics=("exact_match",), batch_size=cfg.batch_size, recall_ks=tuple(cfg.recall_ks),
       reference=reference or {}, reference_label="train.py's report",
-      max_question_length=QUESTION_TOKENS, retrieval=retrieval)
+      max_question_length=QUESTION_TOKENS, retrieval=retrieval, devices=1)
 
 
 def evaluation_runs(config: Any, workdir: str | Path) -> list[runner.EvalRun]:

@@ -27,10 +27,17 @@ unless only the `eval` group differs (evaluation settings, rag_jax.training.loop
 then the trained models are kept and the evaluation phase runs again with the new settings. The
 config is validated before any phase, the fields bounded by the number of passages (rag.n_docs,
 eval.recall_ks) against the world's, computed from the config.
+
+On several processes (rag_jax.distributed, docs/distributed.md) the processes first agree on the
+config and workdir; process 0 holds the lock and writes train.log, phases.json and the report.
+world, tokenizer and evaluation run on process 0 alone (the others wait); the retriever, the
+RAG models and the closed book train data parallel over every process's devices; the index
+phase encodes the passages' shards by process, then process 0 builds the ScaNN index.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -46,6 +53,7 @@ from transformers import AutoTokenizer
 
 from rag_jax import checkpoints
 from rag_jax.data.sampling import epoch_rows
+from rag_jax.distributed import alone, check_same, is_primary, on_primary, process_count
 from rag_jax.experiments.world import evaluation as world_eval
 from rag_jax.experiments.world import report as world_report
 from rag_jax.experiments.world.data import WorldConfig, build_world, generate_world
@@ -54,10 +62,11 @@ from rag_jax.experiments.world.tokenizer import train_tokenizer, world_texts
 from rag_jax.models import presets
 from rag_jax.models.bart import BartForConditionalGeneration, shift_tokens_right
 from rag_jax.models.rag import RagConfig, RagModel
+from rag_jax.parallel import data_mesh
 from rag_jax.retrieval.backends import load_index
 from rag_jax.retrieval.corpus import read_dpr_tsv
 from rag_jax.retrieval.encode import EncodeConfig
-from rag_jax.retrieval.pipeline import build_from_corpus
+from rag_jax.retrieval.pipeline import build_from_corpus, encode_corpus
 from rag_jax.training import config_check, loop, rag_trainer, seq2seq
 from rag_jax.training.retriever_trainer import bm25_hard_negatives, default_config, train_retriever
 from rag_jax.utils.atomic import atomic_directory
@@ -67,6 +76,8 @@ from rag_jax.utils.logs import workdir_logging
 log = logging.getLogger(__name__)
 PHASES = ("world", "tokenizer", "retriever", "index", "rag_sequence", "rag_token", "closed_book",
           "evaluation")
+PRIMARY_PHASES = ("world", "tokenizer", "evaluation")  # several processes: process 0's alone
+AGREE_TIMEOUT_S = 600  # several processes: how long each waits for the others' steps
 
 
 @dataclasses.dataclass
@@ -176,14 +187,36 @@ def _bm25_negatives(job: Job, questions: list[str], passages: dict[str, tuple[st
 def phase_index(job: Job) -> dict[str, Any]:
   out = {}
   for corpus, name in (("passages.tsv", "index"), ("passages_swapped.tsv", "index_swapped")):
-    index = build_from_corpus(
-        job.world_dir / corpus, job.workdir / name,
-        encoder=str(job.workdir / "retriever" / "context_encoder"), split_words=None,
-        index_type="scann",
-        encode_config=EncodeConfig(batch_size=256, max_length=job.lengths()["passage"],
-                                   length_bucket=8))
-    out[name] = {"passages": index.count, "dim": index.dim, "kind": index.kind}
+    index = _build_index(job.world_dir / corpus, job.workdir / name,
+                         str(job.workdir / "retriever" / "context_encoder"),
+                         EncodeConfig(batch_size=256, max_length=job.lengths()["passage"],
+                                      length_bucket=8))
+    if index is not None:  # several processes: process 0's result only
+      out[name] = {"passages": index.count, "dim": index.dim, "kind": index.kind}
   return out
+
+
+def _build_index(corpus: Path, out: Path, encoder: str, encode_config: EncodeConfig):
+  """The ScaNN index of `corpus` in `out`, the passages encoded on one device per process (a
+  few thousand: the embeddings then do not depend on how many devices a process has, bit for
+  bit). Several processes: each encodes its shards of the passages (in place in `out`), then
+  process 0 alone builds the index from them, as build_index does; None on the others."""
+  mesh = data_mesh(jax.local_devices()[:1])
+
+  def build():
+    return build_from_corpus(corpus, out, encoder=encoder, split_words=None,
+                             index_type="scann", encode_config=encode_config, mesh=mesh)
+  if process_count() == 1:
+    return build()
+  encode_corpus(corpus, out, encoder=encoder, split_words=None, encode_config=encode_config,
+                mesh=mesh)
+  built = []
+
+  def index_stage() -> None:
+    with alone():
+      built.append(build())
+  on_primary(f"world/{out.name}", index_stage, AGREE_TIMEOUT_S)
+  return built[0] if built else None
 
 
 def _rag_config(job: Job, model_type: str) -> ml_collections.ConfigDict:
@@ -254,7 +287,7 @@ def train_rag_row(job: Job, model_type: str, name: str | None = None,
   """Trains one RAG model of the job into workdir/<name> (default: model_type) from rag_init,
   with config.rag's fields replaced by `overrides` (e.g. retriever_kind="bm25",
   index_dir=..., frozen_groups=("question_encoder",)): the paper experiment's rows."""
-  init_rag_checkpoint(job)
+  on_primary("world/rag_init", lambda: init_rag_checkpoint(job), AGREE_TIMEOUT_S)
   name = name or model_type
   config = _rag_config(job, model_type)
   config.update(overrides)
@@ -383,8 +416,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   config_check.check_index_size(config, "world", world_passages(config.world),
                                 "the world of config.world")
   workdir = Path(workdir)
-  with workdir_lock(workdir):
-    loop.check_workdir(config, workdir, on_evaluation_change=lambda _: forget_evaluation(workdir))
+  check_same("world/facts", {"config": config.to_json_best_effort(sort_keys=True),
+                             "workdir": str(workdir.absolute())}, AGREE_TIMEOUT_S,
+             "every process must run one config in one workdir")
+  with contextlib.ExitStack() as stack:
+    def claim() -> None:  # process 0's: the lock and config.json
+      stack.enter_context(workdir_lock(workdir))
+      loop.check_workdir(config, workdir,
+                         on_evaluation_change=lambda _: forget_evaluation(workdir))
+    on_primary("world/workdir", claim, AGREE_TIMEOUT_S)
     return _run(config, workdir, stop_after_phase)
 
 
@@ -419,15 +459,17 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, stop_after_phase: str
           "another --workdir for a new run.\n")
     print((workdir / "report.md").read_text())
     return report
-  with workdir_logging(workdir) as log_file:
-    print(f"rag_jax default job in {workdir} (logs: {log_file}, metrics: */metrics.jsonl)",
-          flush=True)
+  with (workdir_logging(workdir) if is_primary() else contextlib.nullcontext()) as log_file:
+    print(f"rag_jax default job in {workdir} (logs: {log_file or 'here'}, metrics: "
+          "*/metrics.jsonl)", flush=True)
     phases = PhaseLog(workdir)
     job = Job(config, workdir, phases)
-    if not run_phases(job, [Phase(name, PHASE_FUNCTIONS[name], PHASE_SUMMARIES[name])
+    if not run_phases(job, [Phase(name, PHASE_FUNCTIONS[name], PHASE_SUMMARIES[name],
+                                  primary=name in PRIMARY_PHASES)
                             for name in PHASES], phases, stop_after=stop_after_phase):
       return None
     report = world_report.build_report(config, phases.phases)
-    world_report.write_report(report, workdir)
+    if is_primary():
+      world_report.write_report(report, workdir)
   print("\n" + world_report.markdown(report), flush=True)
   return report

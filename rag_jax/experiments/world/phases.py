@@ -5,6 +5,11 @@ A job is a list of named phases run in order in one workdir. Each finished phase
 and wall time are recorded in workdir/phases.json, atomically, as the phase ends: a rerun skips
 the recorded phases (one console line each) and runs the others, so a job killed in the middle
 resumes at the phase it was in (which resumes from its own checkpoints or starts again).
+
+On several processes (rag_jax.distributed) every process runs the same phases in order: a phase
+runs on all of them (its work is collective), or on process 0 alone (`Phase.primary`: inside
+`distributed.alone()`, the others waiting at most PRIMARY_TIMEOUT_S); either way every process
+then holds process 0's result, which process 0 alone records.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ from typing import Any
 
 from tqdm import tqdm
 
+from rag_jax.distributed import all_gather_text, alone, is_primary, on_primary, process_count
 from rag_jax.utils.atomic import atomic_file
 from rag_jax.utils.errors import InputError
 
 log = logging.getLogger(__name__)
+PRIMARY_TIMEOUT_S = 3600  # several processes: how long the others wait for a phase of process 0
 
 
 class PhaseLog:
@@ -46,8 +53,10 @@ class PhaseLog:
     return self.phases[name]["result"]
 
   def finish(self, name: str, seconds: float, result: Any) -> None:
+    """Records a finished phase (in phases.json: process 0's; the others keep it in memory)."""
     self.phases[name] = {"seconds": round(seconds, 2), "result": result}
-    self._save()
+    if is_primary():
+      self._save()
 
   def forget(self, names: Sequence[str]) -> None:
     """Marks the phases `names` as not done (the next run runs them again)."""
@@ -68,6 +77,25 @@ class Phase:
   name: str
   run: Callable[[Any], Any]
   summary: Callable[[Any], str] | None = None
+  primary: bool = False  # several processes: process 0 runs it alone (module docstring)
+
+
+def run_phase(job: Any, phase: Phase) -> Any:
+  """phase.run(job); on several processes process 0's result on every process (module
+  docstring)."""
+  if process_count() == 1:
+    return phase.run(job)
+  made = []
+  if phase.primary:
+    def alone_run() -> None:
+      with alone():
+        made.append(phase.run(job))
+    on_primary(f"phase/{phase.name}", alone_run, PRIMARY_TIMEOUT_S)
+  else:
+    made.append(phase.run(job))
+  shared = all_gather_text(f"phase/{phase.name}/result",
+                           json.dumps(made[0]) if made else "", PRIMARY_TIMEOUT_S)[0]
+  return json.loads(shared)
 
 
 def console(line: str) -> None:
@@ -91,7 +119,7 @@ def run_phases(job: Any, phases: Sequence[Phase], phase_log: PhaseLog, label: st
       continue
     log.info("phase %s ...", phase.name)
     start = time.monotonic()
-    result = phase.run(job)
+    result = run_phase(job, phase)
     seconds = time.monotonic() - start
     phase_log.finish(phase.name, seconds, result)
     log.info("phase %s: %.1f s, %s", phase.name, seconds, result)
