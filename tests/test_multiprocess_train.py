@@ -130,9 +130,11 @@ def test_host_retrieval_and_context_encoder_on_two_processes_train_as_one(
     for got, want in zip(records(tmp_path / "run"), records(tmp_path / "one"), strict=True):
       assert (got["staleness"], got["staleness_max"]) == (want["staleness"],
                                                           want["staleness_max"])
-  if retrieval == "host":  # process 0's log (process 1 logs warnings only)
-    log = (tmp_path / "run" / "train.log").read_text()
-    assert f"this process indexes rows [0, 12) of 24 ({kind})" in log
+  if retrieval == "host":
+    logs = [(tmp_path / "run" / "train.log").read_text(),
+            (tmp_path / "run" / ".logs" / "process-1.log").read_text()]
+    assert [f"this process indexes rows [{a}, {b}) of 24 ({kind})" in log
+            for log, (a, b) in zip(logs, [(0, 12), (12, 24)], strict=True)] == [True, True]
 
 
 @pytest.mark.slow

@@ -42,6 +42,8 @@ from rag_jax.retrieval.index import (
 )
 from rag_jax.retrieval.scann_index import ScannConfig, ScannIndex
 
+log = logging.getLogger(__name__)
+
 
 def process_rows(count: int, process: int | None = None,
                  processes: int | None = None) -> tuple[int, int]:
@@ -120,7 +122,7 @@ class MergedIndex:
       raise ValueError(f"{path}: a {kind!r} index is not split by rows (exact or scann only)")
 
     def build() -> Index | None:
-      logging.info("merged index: this process indexes rows [%d, %d) of %d (%s)", start, stop,
+      log.info("merged index: this process indexes rows [%d, %d) of %d (%s)", start, stop,
                    count, kind)
       return (make_index(block_rows(embeddings, start, stop), kind, progress=False, **configs)
               if stop > start else None)

@@ -46,6 +46,8 @@ from rag_jax.utils.errors import InputNotFoundError
 REFRESHED_DIR = "refreshed_index"
 BLOCK_ROWS = 65_536  # passages tokenized and encoded per call (bounds the host's token lists)
 
+log = logging.getLogger(__name__)
+
 
 def last_refresh_before(schedule: tuple[tuple[int, int, int], ...], step: int) -> int | None:
   """The last step < `step` at which `schedule` refreshes (None: none yet)."""
@@ -157,7 +159,7 @@ class HostRefresh:
           f"step {step} resumes with it; restore the directory, or delete "
           f"{self.workdir / 'checkpoints'} and {self.workdir / REFRESHED_DIR} to train anew")
     self._swap(path)
-    logging.info("index refresh: resumed with %s", path)
+    log.info("index refresh: resumed with %s", path)
 
   def _swap(self, path: Path) -> None:
     self.feed.swap_index(load_index(path, **self._load_kwargs()))
@@ -173,7 +175,7 @@ class HostRefresh:
     path = step_dir(self.workdir, step)
     save_index_like(self.original, embeddings, path)  # renamed into place once complete
     self._swap(path)
-    logging.info("index refresh: %d passages re-encoded before step %d into %s",
+    log.info("index refresh: %d passages re-encoded before step %d into %s",
                  len(embeddings), step, path)
     self.prune(step)
 
