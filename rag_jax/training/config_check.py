@@ -254,6 +254,7 @@ WORLD_SHIFT = [
     *WORLD,
     Rule("shift.co_mentions", integer(1)),
     Rule("shift.rows", strings),
+    Rule("shift.world_a_steps", integer(0)),
     Rule("shift.ctx_learning_rate", number(0, low_open=True)),
     Rule("shift.rolling_rows_per_step", integer(1)),
     Rule("shift.refresh_schedule", text),

@@ -12,9 +12,13 @@ The world experiments' phase runner (rag_jax.experiments.world.phases) runs, in 
   retriever    DPR, in-batch negatives, on world A only
   index        both worlds' passages encoded by that context encoder (index_a/, index_b/, exact
                indexes); the retriever's held-out recall@k on each
+  rag_world_a  RAG-Sequence on world A over index_a/ (shift.world_a_steps; 0: skipped): the
+               generator learns to read passages, as the paper's rows start from a pretrained
+               BART
   row_<row>    RAG-Sequence fine-tuned on world B over index_b/ (device retrieval), one row per
-               config.shift.rows entry, all with the same steps, batch, seed and start
-               (rag_jax.experiments.world.job.train_rag_row): frozen (context encoder and index
+               config.shift.rows entry, all with the same steps, batch, seed and start (the
+               world-A model, else the fresh one; rag_jax.experiments.world.job.train_rag_row):
+               frozen (context encoder and index
                fixed), every_step (context encoder trained, the whole index re-encoded in each
                step: a rolling refresh of every row), rolling, scheduled, rerank, stale (trained,
                never refreshed)
@@ -58,6 +62,7 @@ from rag_jax.utils.logs import workdir_logging
 
 log = logging.getLogger(__name__)
 TRAINED_ROWS = ("every_step", "rolling", "scheduled", "rerank", "stale")
+WORLD_A_ROW = "rag_world_a"  # The RAG model trained on world A that the rows start from.
 
 
 # --------------------------------------------------------------------------- phases
@@ -119,11 +124,24 @@ def phase_index(job: world_job.Job) -> dict[str, Any]:
   return out
 
 
+def phase_rag_world_a(job: world_job.Job) -> dict[str, Any]:
+  """RAG-Sequence on world A over index_a/ (the context encoder frozen) for
+  shift.world_a_steps: the generator that learned to read world A's passages, from which every
+  row starts (as the paper's rows start from a pretrained BART)."""
+  workdir = job.workdir
+  return world_job.train_rag_row(
+      job, "rag_sequence", WORLD_A_ROW, index_dir=str(workdir / "index_a"),
+      data_dir=str(job.world_dir), num_train_steps=job.config.shift.world_a_steps)
+
+
 def row_overrides(job: world_job.Job, row: str) -> dict[str, Any]:
-  """config.rag fields of a row (see the module docstring): world B's data and index, and for a
-  trained context encoder its learning rate and refresh."""
+  """config.rag fields of a row (see the module docstring): world B's data and index, the start
+  (the world-A RAG model where shift.world_a_steps, else the fresh one), and for a trained
+  context encoder its learning rate and refresh."""
   shift, workdir = job.config.shift, job.workdir
   base = {"index_dir": str(workdir / "index_b"), "data_dir": str(world_b_dir(workdir))}
+  if shift.world_a_steps:
+    base["rag_checkpoint"] = str(workdir / WORLD_A_ROW / "export")
   if row == "frozen":
     return base
   rates = ml_collections.ConfigDict({**job.config.rag.group_learning_rates.to_dict(),
@@ -185,15 +203,18 @@ def _eval_phase(row: str):
   return lambda job: evaluate_shift_row(job, row)
 
 
+def _train_summary(r: dict[str, Any]) -> str:
+  return f"loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}, {r['steps_per_s']:.2f} steps/s"
+
+
 def phases(config: ml_collections.ConfigDict) -> list[Phase]:
   out = [Phase("world", phase_world), Phase("tokenizer", phase_tokenizer),
          Phase("retriever", world_job.phase_retriever),
          Phase("index", phase_index,
                lambda r: ", ".join(f"{k}: recall {v['recall']}" for k, v in r.items()))]
-  out += [Phase(f"row_{row}", _row_phase(row),
-                lambda r: f"loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}, "
-                          f"{r['steps_per_s']:.2f} steps/s")
-          for row in config.shift.rows]
+  if config.shift.world_a_steps:
+    out.append(Phase(WORLD_A_ROW, phase_rag_world_a, _train_summary))
+  out += [Phase(f"row_{row}", _row_phase(row), _train_summary) for row in config.shift.rows]
   out += [Phase(f"eval_{row}", _eval_phase(row),
                 lambda r: f"EM {r['em']:.3f}, {r['recall']}") for row in config.shift.rows]
   return out
@@ -240,6 +261,9 @@ def build_report(config: ml_collections.ConfigDict, workdir: Path, phase_log: Ph
                         "recall_world_b": index["index_b"]["recall"]},
           "steps": config.rag.num_train_steps, "batch_size": config.rag.batch_size,
           "n_docs": config.rag.n_docs, "ctx_learning_rate": config.shift.ctx_learning_rate,
+          "world_a_steps": config.shift.world_a_steps,
+          "rag_world_a": (phase_log.result(WORLD_A_ROW) if config.shift.world_a_steps
+                          else None),
           "rows": rows, "phase_seconds": seconds,
           "total_seconds": round(sum(seconds.values()), 1), "machine": machine()}
 
@@ -249,9 +273,11 @@ def markdown(r: dict[str, Any]) -> str:
   ks = list(r["retriever"]["recall_world_a"])
   k5 = "recall@5" if "recall@5" in ks else ks[-1]
   w = r["world"]
+  start = (f"the RAG model of {r['world_a_steps']} steps on world A" if r["world_a_steps"]
+           else "a fresh BART")
   lines = [f"# The shifted world: {r['passages']} world-B passages, {w['heldout_questions']} "
            f"held-out questions, {r['steps']} steps x {r['batch_size']} questions x "
-           f"{r['n_docs']} passages per row (RAG-Sequence)", "",
+           f"{r['n_docs']} passages per row (RAG-Sequence, from {start})", "",
            f"World A passage: {' / '.join(w['example_a'])}", "",
            f"World B passage: {' / '.join(w['example_b'])}", "",
            "| retriever (world-A DPR) | " + " | ".join(ks) + " |", "|---|" + "---|" * len(ks),
