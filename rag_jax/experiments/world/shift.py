@@ -292,15 +292,15 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 def rows_table(r: dict[str, Any], k: str = "recall@5") -> list[str]:
-  """The rows: EM, recall@k over the evaluation index and over index_b, speed, staleness."""
-  lines = [f"| row | context encoder | held-out EM | {k} (own index) | {k} (world-A-encoded "
-           "index) | steps/s | step time / frozen | staleness mean / max |",
-           "|---|---|---|---|---|---|---|---|"]
+  """The rows: EM, recall@k over the evaluation index and over world B as built (index_b),
+  speed, staleness."""
+  lines = [f"| row | held-out EM | {k}, own index | {k}, world B as built | steps/s | "
+           "step time / frozen | staleness mean / max |", "|---|---|---|---|---|---|---|"]
   for row in r["rows"].values():
     s = row["staleness"]
-    lines.append(f"| {row['label']} | {row['context_encoder']} | **{row['heldout_em']:.3f}** | "
-                 f"{row['recall'][k]:.3f} | {row['recall_index_b'][k]:.3f} | "
-                 f"{row['steps_per_s']:.2f} | {row['step_time_ratio']:.2f}x | "
+    lines.append(f"| {row['label']} | **{row['heldout_em']:.3f}** | {row['recall'][k]:.3f} | "
+                 f"{row['recall_index_b'][k]:.3f} | {row['steps_per_s']:.2f} | "
+                 f"{row['step_time_ratio']:.2f}x | "
                  + (f"{s['mean']:.1f} / {s['max']:.0f} |" if s else "|"))
   return lines
 
