@@ -42,7 +42,8 @@ TRAINERS = {"world": _job("rag_jax.experiments.world.job"),
             "reversal": _job("rag_jax.experiments.reversal"),
             "rag": _job("rag_jax.training.rag_trainer"),
             "paper_scale": _job("rag_jax.experiments.paper_scale"),
-            "world_paper": _job("rag_jax.experiments.world.paper")}
+            "world_paper": _job("rag_jax.experiments.world.paper"),
+            "world_shift": _job("rag_jax.experiments.world.shift")}
 
 # The trainers that run on several processes (docs/distributed.md); the others refuse them.
 MULTI_PROCESS = ("rag", "world")
@@ -76,8 +77,8 @@ def train(positional: list[str]) -> None:
   paper.validate(config)  # every field, a paper row's `eval` group too, before any phase
   with os_errors_under(_WORKDIR.value):
     report = TRAINERS[config.trainer](config, _WORKDIR.value)
-  if report and config.trainer not in ("world", "world_paper") and is_primary():  # Print
-    # their own; processes 1.. log.
+  # The world jobs print their own report; processes 1.. log.
+  if report and config.trainer not in ("world", "world_paper", "world_shift") and is_primary():
     print(summary(report, _WORKDIR.value), flush=True)
 
 

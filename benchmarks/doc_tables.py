@@ -27,6 +27,7 @@ from benchmarks.presets import DPR_PASSAGES
 from rag_jax.experiments.world.fever import markdown as fever_markdown
 from rag_jax.experiments.world.paper_report import PAPER_TABLE1_NQ, PAPER_TABLE6_NQ, WorldReport
 from rag_jax.experiments.world.paper_report import RECALL_KS as PAPER_RECALL_KS
+from rag_jax.experiments.world.shift import rows_table as shift_rows_table
 from rag_jax.utils.atomic import atomic_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -202,6 +203,18 @@ def world_paper_fever(r: dict[str, Any]) -> str:
   return "\n".join(lines).rstrip()
 
 
+def world_shift(r: dict[str, Any]) -> str:
+  """The shifted world: the world-A retriever's recall@5 on both worlds, then every row's EM,
+  recall@5 over its own index and over world B as built, speed and staleness
+  (rag_jax.experiments.world.shift's report table)."""
+  before = r["retriever"]
+  return "\n".join([
+      world_caption(r), "",
+      f"World-A retriever, held-out recall@5: {before['recall_world_a']['recall@5']:.3f} on "
+      f"world A, {before['recall_world_b']['recall@5']:.3f} on world B "
+      f"({r['passages']} passages).", "", *shift_rows_table(r)])
+
+
 def _where(r: dict[str, Any]) -> str:
   """'2026-11-28, 1 x cpu, 2 host CPUs, commit 5c328e3': when, on what, from which commit."""
   m = r["machine"]
@@ -337,6 +350,7 @@ VIEWS: dict[str, tuple[Callable[[Any], str], Path | None]] = {
     "world_paper.table6": (world_paper_table6, RESULTS / "world_paper.json"),
     "world_paper.hot_swap": (world_paper_hot_swap, RESULTS / "world_paper.json"),
     "world_paper.fever": (world_paper_fever, RESULTS / "world_paper.json"),
+    "world_shift": (world_shift, RESULTS / "world_shift.json"),
     "paper_h200_profile.refresh_plan": (refresh_plan,
                                         BENCHMARK_RESULTS / "paper_h200_profile.json"),
 }

@@ -45,7 +45,7 @@ def _rule_fields(config, trainer: str) -> set[str]:
   rules = config_check.RULES[trainer] + (paper_eval.EVAL_RULES
                                          if trainer == "rag" and "eval" in config else [])
   fields = {r.field for r in rules} | set(UNCHECKED)
-  if trainer == "world":
+  if trainer in ("world", "world_shift"):  # a world job config: the job fills these
     fields |= {f"rag.{f}" for f in (*config_check.RAG_JOB_FILLED, "group_learning_rates")}
   return fields
 

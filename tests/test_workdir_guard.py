@@ -60,7 +60,8 @@ def test_validate_names_each_bad_field_with_its_range():
   del config.trainer
   with pytest.raises(config_check.ConfigError, match=r"^config.trainer = None: must be one of "
                                                      r"\['world', 'reversal', 'rag', "
-                                                     r"'paper_scale', 'world_paper'\]"):
+                                                     r"'paper_scale', 'world_paper', "
+                                                     r"'world_shift'\]"):
     config_check.validate(config)
 
 

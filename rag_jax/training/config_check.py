@@ -248,9 +248,23 @@ PAPER_SCALE = [
     Rule("eval.rescore_positions", integer(0)),
 ]
 
+# configs/world_shift.py: a world job config (the retriever's world A) and its `shift` group
+# (world B's wording and the rows, rag_jax.experiments.world.shift).
+SHIFT_ROWS = ("frozen", "every_step", "rolling", "scheduled", "rerank", "stale")
+WORLD_SHIFT = [
+    *WORLD,
+    Rule("shift.co_mentions", integer(1)),
+    Rule("shift.rows", strings),
+    Rule("shift.world_a_steps", integer(0)),
+    Rule("shift.ctx_learning_rate", number(0, low_open=True)),
+    Rule("shift.rolling_rows_per_step", integer(1)),
+    Rule("shift.refresh_schedule", text),
+    Rule("shift.rerank_candidates", integer(2)),
+]
+
 RULES: dict[str, list[Rule]] = {"world": WORLD, "reversal": REVERSAL, "rag": RAG_TRAINER,
                                 "seq2seq": [*TRAINING], "paper_scale": PAPER_SCALE,
-                                "world_paper": WORLD_PAPER}
+                                "world_paper": WORLD_PAPER, "world_shift": WORLD_SHIFT}
 
 
 def _get(config: ml_collections.ConfigDict, field: str) -> Any:
@@ -286,6 +300,9 @@ def _relations(config: ml_collections.ConfigDict, trainer: str, prefix: str) -> 
       out.append(f"{prefix}.fever.worlds names {unknown}, not worlds of {prefix}.worlds "
                  f"({list(config.worlds)})")
     return out
+  if trainer == "world_shift":
+    out += _shift_relations(config, prefix)
+    trainer = "world"  # the rest: the world job's relations
   groups = {"world": ["rag."], "reversal": [""], "rag": [""], "seq2seq": [""],
             "paper_scale": [""]}[trainer]
   devices = jax.device_count()
@@ -318,6 +335,27 @@ def _relations(config: ml_collections.ConfigDict, trainer: str, prefix: str) -> 
   if trainer == "paper_scale":  # Its index is random, index_rows x dim: a pure config relation.
     out += index_problems(passages_needed(config, trainer), config.index_rows,
                           f"the random index ({prefix}.index_rows)", prefix)
+  return out
+
+
+def _shift_relations(config: ml_collections.ConfigDict, prefix: str) -> list[str]:
+  """The shifted-world experiment's rows against the fields they use."""
+  shift, out = config.shift, []
+  if unknown := [r for r in shift.rows if r not in SHIFT_ROWS]:
+    out.append(f"{prefix}.shift.rows names {unknown}: rows are {list(SHIFT_ROWS)}")
+  if "frozen" not in shift.rows:
+    out.append(f"{prefix}.shift.rows = {tuple(shift.rows)}: needs 'frozen' (the row every step "
+               "time is compared with)")
+  if config.rag.retrieval == "host":
+    out.append(f"{prefix}.rag.retrieval = 'host': the refreshed rows need retrieval on the "
+               "devices ('device' or 'auto')")
+  try:
+    parse_schedule(shift.refresh_schedule)
+  except ScheduleError as e:
+    out.append(f"{prefix}.shift.refresh_schedule: {e}")
+  if shift.rerank_candidates <= config.rag.n_docs:
+    out.append(f"{prefix}.shift.rerank_candidates = {shift.rerank_candidates}: must be > "
+               f"{prefix}.rag.n_docs ({config.rag.n_docs})")
   return out
 
 
@@ -359,7 +397,7 @@ def validate(config: ml_collections.ConfigDict, trainer: str | None = None,
   passed."""
   if trainer is None:
     trainer = config.get("trainer")
-    known = ["world", "reversal", "rag", "paper_scale", "world_paper"]
+    known = ["world", "reversal", "rag", "paper_scale", "world_paper", "world_shift"]
     if trainer not in known:
       raise ConfigError(f"{prefix}.trainer = {trainer!r}: must be one of {known} (the config "
                         "file sets it)")
@@ -395,8 +433,10 @@ def passages_needed(config: ml_collections.ConfigDict, trainer: str, training: b
   world's recall@k depths (eval.recall_ks: its evaluation searches max(recall_ks) passages).
   `training` / `evaluation`: only the fields that training / evaluation reads."""
   out: dict[str, int] = {}
-  if trainer == "world":
+  if trainer in ("world", "world_shift"):
     out = {"rag.n_docs": config.rag.n_docs, "eval.recall_ks": max(config.eval.recall_ks)}
+    if trainer == "world_shift" and "rerank" in config.shift.rows:
+      out["shift.rerank_candidates"] = config.shift.rerank_candidates
   elif trainer == "world_paper":
     for world in config.worlds:
       out[f"worlds.{world}.rag.n_docs"] = config.worlds[world].rag.n_docs

@@ -116,19 +116,22 @@ def _passages(path: Path) -> dict[str, tuple[str, str]]:
   return {p.id: (p.title, p.text) for p in read_dpr_tsv(path)}
 
 
-def phase_tokenizer(job: Job) -> dict[str, Any]:
+def phase_tokenizer(job: Job, more_worlds: tuple[Path, ...] = ()) -> dict[str, Any]:
   """Trains the tokenizer and measures the lengths every later phase pads to (the longest
-  question, answer and generator input of the world, with specials)."""
+  question, answer and generator input of the world, with specials). more_worlds: other world
+  directories (the shifted world's) whose passages join the training texts and the lengths."""
   cfg = job.config.tokenizer
-  tok = train_tokenizer(world_texts(job.world_dir), cfg.kind, cfg.vocab_size)
+  tok = train_tokenizer([t for d in (job.world_dir, *more_worlds) for t in world_texts(d)],
+                        cfg.kind, cfg.vocab_size)
   with atomic_directory(job.workdir / "tokenizer") as tmp:
     tok.save_pretrained(str(tmp))
   lines = lambda name: (job.world_dir / name).read_text().splitlines()  # noqa: E731
   questions = lines("train.source") + lines("val.source")
   answers = lines("train.target") + lines("val.target") + lines("val_swapped.target")
   longest = lambda texts: max(len(ids) for ids in tok(texts)["input_ids"])  # noqa: E731
-  passages = [p for name in ("passages.tsv", "passages_swapped.tsv")
-              for p in _passages(job.world_dir / name).values()]
+  passages = [p for d in (job.world_dir, *more_worlds)
+              for name in ("passages.tsv", "passages_swapped.tsv")
+              for p in _passages(d / name).values()]
   passage_part = max(len(ids) for ids in tok([f"{t} / {x} //" for t, x in passages],
                                              add_special_tokens=False)["input_ids"])
   question_part = max(len(ids) for ids in tok(questions, add_special_tokens=False)["input_ids"])
