@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from rag_jax.models import layers
 from rag_jax.models.bart import BartConfig, BartForConditionalGeneration
-from rag_jax.models.bert import BertConfig, DPREncoder
+from rag_jax.models.bert import BertConfig, DPREncoder, cls_pooler_output
 
 Array = jax.Array
 
@@ -191,8 +191,13 @@ def embed_documents(ctx_encoder: DPREncoder, ctx_params: Any, input_ids: Array,
   respect to ctx_params; an index refresh calls it on rows of the device passage table.
   """
   lead, length = input_ids.shape[:-1], input_ids.shape[-1]
-  out = ctx_encoder.apply({"params": ctx_params},
-                          input_ids.reshape(-1, length),  # [..., Lc] -> [R, Lc]
-                          attention_mask.reshape(-1, length), deterministic=deterministic,
-                          rngs=rngs)
-  return out.pooler_output.reshape(*lead, -1)  # [R, D] -> [..., D]
+  ids = input_ids.reshape(-1, length)  # [..., Lc] -> [R, Lc]
+  mask = attention_mask.reshape(-1, length)
+  cfg = ctx_encoder.config
+  if deterministic or cfg.hidden_dropout_prob == cfg.attention_probs_dropout_prob == 0:
+    # No dropout: the last layer for the [CLS] row alone (its other rows feed nothing).
+    pooled = cls_pooler_output(ctx_encoder, ctx_params, ids, mask)
+  else:
+    pooled = ctx_encoder.apply({"params": ctx_params}, ids, mask, deterministic=False,
+                               rngs=rngs).pooler_output
+  return pooled.reshape(*lead, -1)  # [R, D] -> [..., D]

@@ -61,7 +61,7 @@ from rag_jax.distributed import (
   process_count,
   process_index,
 )
-from rag_jax.models import bert, layers
+from rag_jax.models import bert
 from rag_jax.parallel import local_data_mesh
 from rag_jax.retrieval.embeddings import (
   EmbeddingFormatError,
@@ -191,45 +191,9 @@ def plan_batches(lengths: list[int] | np.ndarray, config: EncodeConfig,
 
 
 def pooled_output(model, params, ids: jax.Array, mask: jax.Array) -> jax.Array:
-  """DPREncoder's pooler_output (B, D) float32, with zero token types, computing the last layer
-  for the [CLS] row alone.
-
-  The embedding is the last layer's [CLS] state, and after its attention every sub-layer is
-  row-wise: the last layer needs keys and values of every token but query, attention output,
-  feed-forward and norms of one row (of a 12-layer BERT-base, 7 % of the forward's matmul
-  FLOPs are left out). Built from the model's own modules (rag_jax/models/bert.py) on its
-  parameter tree; the same values as ``model.apply(...).pooler_output``.
-  """
-  cfg = model.config
-  kw = dict(dtype=model.dtype, param_dtype=model.param_dtype)
-  p = params["bert_model"]
-  h = bert.BertEmbeddings(cfg, **kw).apply({"params": p["embeddings"]}, ids,
-                                           jnp.zeros_like(ids), True)
-  keys = layers.padding_mask(mask)
-  last = cfg.num_hidden_layers - 1
-  for i in range(last):
-    h = bert.BertLayer(cfg, **kw).apply({"params": p["encoder"][f"layer_{i}"]}, h, keys, True)
-  top = p["encoder"][f"layer_{last}"]
-
-  def proj(name: str, x: jax.Array) -> jax.Array:
-    dense = layers.dense(cfg.hidden_size, cfg.initializer_range, model.dtype, model.param_dtype,
-                         None)
-    return layers.split_heads(dense.apply({"params": top["attention"]["self"][name]}, x),
-                              cfg.num_attention_heads)
-
-  cls = h[:, :1]  # (B, 1, H)
-  att = layers.DotProductAttention(cfg.attention_probs_dropout_prob, model.dtype).apply(
-      {}, proj("query", cls), proj("key", h), proj("value", h), keys,
-      (cfg.hidden_size // cfg.num_attention_heads)**-0.5, True)
-  a = bert.BertSublayerOutput(cfg, **kw).apply({"params": top["attention"]["output"]},
-                                               layers.merge_heads(att), cls, True)
-  x = bert.Intermediate(cfg, **kw).apply({"params": top["intermediate"]}, a)
-  pooled = bert.BertSublayerOutput(cfg, **kw).apply({"params": top["output"]}, x, a, True)[:, 0]
-  if cfg.projection_dim > 0:
-    pooled = layers.dense(cfg.projection_dim, cfg.initializer_range, model.dtype,
-                          model.param_dtype, None).apply({"params": params["encode_proj"]},
-                                                         pooled)
-  return layers.at_least_f32(pooled).astype(jnp.float32)
+  """DPREncoder's pooler_output (B, D) float32, with zero token types, the last layer computed
+  for the [CLS] row alone (rag_jax.models.bert.cls_pooler_output)."""
+  return bert.cls_pooler_output(model, params, ids, mask).astype(jnp.float32)
 
 
 def make_encode_fn(model, mesh: Mesh, axis: str = "data") -> Callable:
