@@ -91,3 +91,27 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.max_answer_tokens = 8  # Decoder length limit (with the start and end tokens).
   config.eval.recall_ks = (1, 5, 20)  # recall@k of the question encoder (each k <= passages).
   return config
+
+
+def shrink_to_tiny(world: ml_collections.ConfigDict, num_people: int) -> None:
+  """A world job's config (this file's shape) made tiny in place: a small world, 1-layer models
+  of width 32, a few steps. The experiments' wiring checks (`:tiny` configs) start from it."""
+  world.world.num_people = num_people  # Invented people.
+  world.world.num_cities = 6  # Birthplace values.
+  world.world.num_companies = 5  # Employer values.
+  world.world.num_years = 10  # Birth years.
+  world.world.num_meetings = 10  # Distractor passages.
+  for part, width in ((world.retriever, "hidden_size"), (world.generator, "d_model")):
+    part[width] = 32  # Model width (both DPR encoders; BART).
+    part.layers = 1  # Layers (fewer ops to compile).
+    part.heads = 2  # Attention heads.
+    part.ffn_dim = 64  # Feed-forward width.
+  world.retriever.batch_size = 16  # DPR pairs per step.
+  world.retriever.num_train_steps = 10  # DPR steps.
+  world.retriever.warmup_steps = 2  # DPR warm-up.
+  world.rag.batch_size = 8  # Questions per RAG step.
+  world.rag.n_docs = 3  # Passages per question.
+  world.rag.num_train_steps = 4  # RAG steps per row.
+  world.rag.warmup_steps = 1  # RAG warm-up.
+  world.rag.checkpoint_every = 4  # One checkpoint, at the end.
+  world.rag.log_every = 2  # Metric lines.

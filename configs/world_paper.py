@@ -69,25 +69,7 @@ def _tiny(config: ml_collections.ConfigDict) -> None:
   """One tiny default world, a few steps per phase: every table of the report, no finding."""
   del config.worlds["hard"]
   world = config.worlds.default
-  world.world.num_people = 40  # Invented people.
-  world.world.num_cities = 6  # Birthplace values.
-  world.world.num_companies = 5  # Employer values.
-  world.world.num_years = 10  # Birth years.
-  world.world.num_meetings = 10  # Distractor passages.
-  for part, width in ((world.retriever, "hidden_size"), (world.generator, "d_model")):
-    part[width] = 32  # Model width (both DPR encoders; BART).
-    part.layers = 1  # Layers (fewer ops to compile).
-    part.heads = 2  # Attention heads.
-    part.ffn_dim = 64  # Feed-forward width.
-  world.retriever.batch_size = 16  # DPR pairs per step.
-  world.retriever.num_train_steps = 10  # DPR steps.
-  world.retriever.warmup_steps = 2  # DPR warm-up.
-  world.rag.batch_size = 8  # Questions (claims) per RAG step.
-  world.rag.n_docs = 3  # Passages per question.
-  world.rag.num_train_steps = 4  # RAG / closed-book steps per row.
-  world.rag.warmup_steps = 1  # RAG warm-up.
-  world.rag.checkpoint_every = 4  # One checkpoint, at the end.
-  world.rag.log_every = 2  # Metric lines.
+  default.shrink_to_tiny(world, num_people=40)
   world.eval.batch_size = 40  # Questions per decoding batch.
   config.paper.docs = (1, 3)  # Figure 3 sweep.
   config.paper.sweep_questions = 10  # Its questions.

@@ -61,25 +61,7 @@ def get_config(size: str | None = None) -> ml_collections.ConfigDict:
 
 def _tiny(config: ml_collections.ConfigDict) -> None:
   """A tiny world and models, a few steps per row: every row and the report, no finding."""
-  config.world.num_people = 30  # Invented people.
-  config.world.num_cities = 6  # Birthplace values.
-  config.world.num_companies = 5  # Employer values.
-  config.world.num_years = 10  # Birth years.
-  config.world.num_meetings = 10  # Distractor passages.
-  for part, width in ((config.retriever, "hidden_size"), (config.generator, "d_model")):
-    part[width] = 32  # Model width (both DPR encoders; BART).
-    part.layers = 1  # Layers (fewer ops to compile).
-    part.heads = 2  # Attention heads.
-    part.ffn_dim = 64  # Feed-forward width.
-  config.retriever.batch_size = 16  # DPR pairs per step.
-  config.retriever.num_train_steps = 10  # DPR steps.
-  config.retriever.warmup_steps = 2  # DPR warm-up.
-  config.rag.batch_size = 8  # Questions per RAG step.
-  config.rag.n_docs = 3  # Passages per question.
-  config.rag.num_train_steps = 4  # RAG steps per row.
-  config.rag.warmup_steps = 1  # RAG warm-up.
-  config.rag.checkpoint_every = 4  # One checkpoint, at the end.
-  config.rag.log_every = 2  # Metric lines.
+  default.shrink_to_tiny(config, num_people=30)
   config.eval.batch_size = 30  # Questions per decoding batch.
   config.eval.recall_ks = (1, 5)  # recall@k depths.
   config.shift.co_mentions = 2  # Names beside the subject.

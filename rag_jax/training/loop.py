@@ -20,10 +20,12 @@ import ml_collections
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from rag_jax.distributed import is_primary, process_index
+from rag_jax.distributed import is_primary, on_primary, process_index
 from rag_jax.utils.atomic import atomic_file
 from rag_jax.utils.errors import UserError
 from rag_jax.utils.faults import kill_point
+from rag_jax.utils.lock import workdir_lock
+from rag_jax.utils.logs import workdir_logging
 
 
 class WorkdirConfigError(UserError, ValueError):
@@ -75,6 +77,25 @@ def config_differences(previous: dict[str, Any], current: dict[str, Any],
   return [f"{k}: {json.dumps(old.get(k, absent))} in the workdir, {json.dumps(new.get(k, absent))}"
           " now" for k in sorted(set(old) | set(new))
           if old.get(k, absent) != new.get(k, absent) and keep(k)]
+
+
+@contextlib.contextmanager
+def claimed_workdir(config: ml_collections.ConfigDict, workdir: Path, key: str,
+                    timeout_s: float, *, log_file: bool = True,
+                    on_evaluation_change: Callable[[list[str]], None] | None = None
+                    ) -> Iterator[None]:
+  """The run's hold on its workdir: process 0 takes the lock (rag_jax.utils.lock), records or
+  checks the config (check_workdir) and, with log_file, sends the library's logs to
+  workdir/train.log; the other processes wait for it (distributed.on_primary under `key`), and
+  a refusal there ends them too. Released on exit."""
+  with contextlib.ExitStack() as stack:
+    def claim() -> None:  # process 0's
+      stack.enter_context(workdir_lock(workdir))
+      check_workdir(config, workdir, on_evaluation_change=on_evaluation_change)
+      if log_file:
+        stack.enter_context(workdir_logging(workdir))
+    on_primary(key, claim, timeout_s)
+    yield
 
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: Path,

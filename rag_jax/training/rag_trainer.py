@@ -48,7 +48,6 @@ checkpoint) is allowed and logged.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -97,8 +96,6 @@ from rag_jax.training.rag_step import make_eval_step, make_train_step, without_c
 from rag_jax.training.retrieval_feed import RetrievalFeed
 from rag_jax.training.state import create_train_state
 from rag_jax.utils.errors import InputNotFoundError
-from rag_jax.utils.lock import workdir_lock
-from rag_jax.utils.logs import workdir_logging
 
 log = logging.getLogger(__name__)
 AGREE_TIMEOUT_S = 600  # processes wait this long for each other's facts, workdir and export
@@ -242,12 +239,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   workdir = Path(workdir)
   check_same("rag/facts", run_facts(config, workdir), AGREE_TIMEOUT_S,
              "every process must train one config on the same files")
-  with contextlib.ExitStack() as stack:
-    def claim() -> None:  # process 0's: the lock, config.json, train.log
-      stack.enter_context(workdir_lock(workdir))
-      loop.check_workdir(config, workdir)
-      stack.enter_context(workdir_logging(workdir))
-    on_primary("rag/workdir", claim, AGREE_TIMEOUT_S)
+  with loop.claimed_workdir(config, workdir, "rag/workdir", AGREE_TIMEOUT_S):
     return _run(config, workdir, stop_after)
 
 

@@ -14,7 +14,6 @@ files (orbax's saves are collective).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -38,8 +37,6 @@ from rag_jax.models.bart import BartForConditionalGeneration
 from rag_jax.parallel import data_mesh, host_batch, replicate
 from rag_jax.training import config_check, loop, optimizer
 from rag_jax.training.state import TrainState, create_train_state
-from rag_jax.utils.lock import workdir_lock
-from rag_jax.utils.logs import workdir_logging
 
 Array = jax.Array
 AGREE_TIMEOUT_S = 600  # several processes: how long each waits for process 0's workdir steps
@@ -145,12 +142,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   config_check.validate(config, "seq2seq")
   workdir = Path(workdir)
-  with contextlib.ExitStack() as stack:
-    def claim() -> None:  # process 0's: the lock, config.json, train.log
-      stack.enter_context(workdir_lock(workdir))
-      loop.check_workdir(config, workdir)
-      stack.enter_context(workdir_logging(workdir))
-    on_primary("seq2seq/workdir", claim, AGREE_TIMEOUT_S)
+  with loop.claimed_workdir(config, workdir, "seq2seq/workdir", AGREE_TIMEOUT_S):
     return _run(config, workdir, stop_after, task)
 
 

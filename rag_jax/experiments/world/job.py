@@ -70,7 +70,6 @@ from rag_jax.retrieval.pipeline import build_from_corpus, encode_corpus
 from rag_jax.training import config_check, loop, rag_trainer, seq2seq
 from rag_jax.training.retriever_trainer import bm25_hard_negatives, default_config, train_retriever
 from rag_jax.utils.atomic import atomic_directory
-from rag_jax.utils.lock import workdir_lock
 from rag_jax.utils.logs import workdir_logging
 
 log = logging.getLogger(__name__)
@@ -422,12 +421,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   check_same("world/facts", {"config": config.to_json_best_effort(sort_keys=True),
                              "workdir": str(workdir.absolute())}, AGREE_TIMEOUT_S,
              "every process must run one config in one workdir")
-  with contextlib.ExitStack() as stack:
-    def claim() -> None:  # process 0's: the lock and config.json
-      stack.enter_context(workdir_lock(workdir))
-      loop.check_workdir(config, workdir,
-                         on_evaluation_change=lambda _: forget_evaluation(workdir))
-    on_primary("world/workdir", claim, AGREE_TIMEOUT_S)
+  with loop.claimed_workdir(config, workdir, "world/workdir", AGREE_TIMEOUT_S, log_file=False,
+                            on_evaluation_change=lambda _: forget_evaluation(workdir)):
     return _run(config, workdir, stop_after_phase)
 
 
