@@ -38,6 +38,7 @@ from rag_jax.retrieval.backends import load_index
 from rag_jax.retrieval.encode import BucketedEncoder, EncodeConfig
 from rag_jax.retrieval.exact import ExactIndex
 from rag_jax.retrieval.index import read_meta, save_embeddings_into
+from rag_jax.retrieval.refresh import refresh_due
 from rag_jax.retrieval.scann_index import ScannConfig, ScannIndex
 from rag_jax.training.retrieval_feed import RetrievalFeed
 from rag_jax.utils.atomic import atomic_directory
@@ -144,8 +145,7 @@ class HostRefresh:
     if not self.started:
       self.started = True
       self._resume(step)
-    if any(start <= step < end and (step - start) % every == 0
-           for start, end, every in self.schedule):
+    if refresh_due(self.schedule, step):
       self.refresh(ctx_params, step)
 
   def _resume(self, step: int) -> None:

@@ -157,7 +157,9 @@ def row_overrides(job: world_job.Job, row: str) -> dict[str, Any]:
       "rerank": {"index_refresh": "rerank", "rerank_candidates": shift.rerank_candidates},
       "stale": {"index_refresh": "none"},
   }[row]
-  return {**base, "train_context_encoder": True, "group_learning_rates": rates, **refresh}
+  # export_index off: the evaluation re-encodes world B itself (evaluate_shift_row).
+  return {**base, "train_context_encoder": True, "export_index": False,
+          "group_learning_rates": rates, **refresh}
 
 
 def _row_phase(row: str):
