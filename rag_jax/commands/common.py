@@ -27,6 +27,7 @@ import contextlib
 import errno
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -412,8 +413,10 @@ def ask(questions: list[str], handle: Callable[[list[str]], str], stdin: TextIO,
   the others (`shared_batches`), so every process calls `handle` on the same batches in the same
   order, and its end of input ends every process's loop."""
   skipped: list[int] = []
+  several = process_count() > 1
   for batch in shared_batches(read_batches(questions, stdin, stdout, skipped)):
-    text = handle(batch)
+    with native_stdout_to_stderr() if several else contextlib.nullcontext():
+      text = handle(batch)
     if is_primary():
       print(text, file=stdout, flush=True)
     else:
@@ -424,6 +427,22 @@ def ask(questions: list[str], handle: Callable[[list[str]], str], stdin: TextIO,
     raise InputError(f"stdin: {len(skipped)} line(s) not valid {encoding} text skipped (line(s) "
                      f"{lines}); every other line was answered")
   return 0
+
+
+@contextlib.contextmanager
+def native_stdout_to_stderr() -> Iterator[None]:
+  """Inside the block, file descriptor 1 (the C++ runtime's stdout) is stderr's: gloo prints
+  `[Gloo] Rank 0 is connected to 1 peer ranks...` there when a collective first connects, which
+  would mix with the results a command prints to stdout."""
+  sys.stdout.flush()
+  saved = os.dup(1)
+  os.dup2(2, 1)
+  try:
+    yield
+  finally:
+    sys.stdout.flush()
+    os.dup2(saved, 1)
+    os.close(saved)
 
 
 def read_batches(questions: list[str], stdin: TextIO, stdout: TextIO,
