@@ -73,9 +73,11 @@ def test_search_on_two_processes_prints_what_one_process_prints(kb, tmp_path):
   assert search.main([*args, *QUESTIONS], stdout=one) == 0
 
   # The independent reference: numpy brute force over the saved embeddings, ties to the
-  # smaller row.
+  # smaller row. Elementwise in float64, not a BLAS matmul, whose blocking can give two equal
+  # rows different scores.
   retriever = Retriever.load(kb / "kb", kb / "qry")
-  scores = retriever.embed(*retriever.tokenize(QUESTIONS)) @ emb.T  # [Q, N]
+  queries = retriever.embed(*retriever.tokenize(QUESTIONS)).astype(np.float64)
+  scores = (queries[:, None, :] * emb[None, :, :]).sum(-1)  # [Q, N]
   printed = [[int(r) for r in re.findall(r"row (\d+)\)$", block, re.M)]
              for block in one.getvalue().split("Q: ")[1:]]
   assert printed == np.argsort(-scores, axis=1, kind="stable").tolist()
@@ -83,9 +85,12 @@ def test_search_on_two_processes_prints_what_one_process_prints(kb, tmp_path):
 
   argv = _launch(tmp_path / "argv", ["rag_jax.commands.search", *args, *QUESTIONS])
   assert argv == one.getvalue()
-  stdin = _launch(tmp_path / "stdin", ["rag_jax.commands.search", *args],
-                  stdin="\n".join([QUESTIONS[0], "", *QUESTIONS[1:]]) + "\n")
-  assert stdin == one.getvalue()
+  lines = "\n".join([QUESTIONS[0], "", *QUESTIONS[1:]]) + "\n"  # a batch per line
+  one_by_line = io.StringIO()
+  assert search.main(args, stdin=io.StringIO(lines), stdout=one_by_line) == 0
+  stdin = _launch(tmp_path / "stdin", ["rag_jax.commands.search", *args], stdin=lines)
+  assert stdin == one_by_line.getvalue()
+  assert re.findall(r"row (\d+)\)$", stdin, re.M) == re.findall(r"row (\d+)\)$", argv, re.M)
   log = (tmp_path / "stdin" / "logs" / "process-1.log").read_text()
   assert "this process indexes rows [6, 11) of 11 (exact)" in log
   assert "Q: " not in log  # only process 0 prints the results
@@ -96,10 +101,11 @@ def test_answer_on_two_processes_prints_what_one_process_prints(tmp_path_factory
                                       ta.QUESTIONS, ta.N_DOCS, ta.MAX_COMBINED)
   args = ["--checkpoint", str(models["token"][1]), "--index_dir", str(root / "kb"),
           "--num_beams", "2", "--max_length", "8"]
+  lines = "\n".join(ta.QUESTIONS) + "\n"
   one = io.StringIO()
-  assert answer.main([*args, *ta.QUESTIONS], stdout=one) == 0
+  assert answer.main(args, stdin=io.StringIO(lines), stdout=one) == 0
   assert one.getvalue().count("A: ") == len(ta.QUESTIONS)
-  got = _launch(tmp_path, ["rag_jax.commands.answer", *args], stdin="\n".join(ta.QUESTIONS))
+  got = _launch(tmp_path, ["rag_jax.commands.answer", *args], stdin=lines)
   assert got == one.getvalue()
   assert "this process indexes rows [4, 8) of 8 (exact)" in (
       tmp_path / "logs" / "process-1.log").read_text()
