@@ -121,3 +121,42 @@ def test_tune_index_refuses_several_processes_saying_why(tmp_path):
   assert run.returncode == 1
   assert ("error: rag_jax.commands.tune_index runs on one process (tuning measures one index on "
           "one machine; " in run.stderr)
+
+
+SHARED = """
+import sys, time
+from rag_jax import distributed
+from rag_jax.commands.common import shared_batches
+distributed.initialize()
+distributed.WAIT_SLICE_S = 0.5  # process 1 waits out several slices for each batch
+
+def read():  # process 0's input: slow, then broken
+  for batch in (["a", "b"], ["c"]):
+    time.sleep(2)
+    yield batch
+  raise OSError(5, "Input/output error", "<stdin>")
+
+got = []
+try:
+  for batch in shared_batches(read()):
+    got.append(batch)
+finally:
+  print("process", distributed.process_index(), "got", got, flush=True)
+  if distributed.is_primary():
+    time.sleep(3)  # process 1 logs its error before the launcher stops it
+"""
+
+
+def test_shared_batches_wait_for_process_0_and_stop_with_its_error(tmp_path):
+  run = subprocess.run(
+      [sys.executable, "-m", "rag_jax.commands.launch", "--num_processes=2", "--cpu_devices=1",
+       f"--log_dir={tmp_path}", "--grace_s=30", "--", sys.executable, "-c", SHARED],
+      cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+      timeout=120)
+  assert run.returncode == 1
+  assert "process 0 got [['a', 'b'], ['c']]" in run.stdout
+  assert "OSError: [Errno 5] Input/output error: '<stdin>'" in run.stderr
+  log = (tmp_path / "process-1.log").read_text()
+  assert "process 1 got [['a', 'b'], ['c']]" in log
+  assert ("DistributedError: process 0 stopped reading questions, so process 1 of 2 stops: "
+          "error: <stdin>: Input/output error (errno 5)") in log
