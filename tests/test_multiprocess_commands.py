@@ -1,7 +1,9 @@
 """The search and answer commands on 2 processes (1 fake CPU device each, gloo) against the same
 command on one process over the same exact index: process 0 prints the same text (ids, scores,
 order, ties included), with the questions on argv and on stdin; the ids also equal a numpy
-brute-force top-k over the saved embeddings; process 1's log names its block of rows."""
+brute-force top-k over the saved embeddings; process 1's log names its block of rows. Process 1
+waits for each of process 0's batches however long it takes, and stops with process 0's input
+error; tune_index refuses several processes, saying why."""
 
 import io
 import os
