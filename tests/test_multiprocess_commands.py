@@ -161,4 +161,4 @@ def test_shared_batches_wait_for_process_0_and_stop_with_its_error(tmp_path):
   log = (tmp_path / "process-1.log").read_text()
   assert "process 1 got [['a', 'b'], ['c']]" in log
   assert ("DistributedError: process 0 stopped reading questions, so process 1 of 2 stops: "
-          "error: <stdin>: Input/output error (errno 5)") in log
+          "<stdin>: Input/output error (errno 5)") in log

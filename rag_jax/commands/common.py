@@ -492,7 +492,8 @@ def shared_batches(batches: Iterator[list[str]]) -> Iterator[list[str]]:
       except StopIteration:
         message = {"end": True}
       except Exception as e:
-        primary_value("ask/batch", json.dumps({"error": error_line(e)}), None)
+        primary_value("ask/batch", json.dumps({"error": error_line(e).removeprefix("error: ")}),
+                      None)
         raise
     message = json.loads(primary_value("ask/batch", json.dumps(message), None))
     if "error" in message:
