@@ -167,6 +167,8 @@ class RagAnswerer:
       bf16 on accelerators, float32 on CPU) and memory budget (rag_jax.retrieval.device.setup).
     tables_dir: where the passage table is loaded from or built once (default
       index_dir/passage_tables, shared with the trainer).
+    merged: on several processes, one exact or ScaNN index per process over its block of rows,
+      every answer a collective call (Retriever.over_directory); host retrieval only.
     index_kwargs: passed to `load_index` (e.g. mesh= for an exact index).
   """
 
@@ -175,7 +177,11 @@ class RagAnswerer:
                max_question_length: int = 128, retrieval: str = "host",
                mesh: Mesh | None = None, device_index_dtype: str = "auto",
                device_index_memory_fraction: float = 0.5,
-               tables_dir: str | os.PathLike | None = None, **index_kwargs: Any):
+               tables_dir: str | os.PathLike | None = None, merged: bool = False,
+               **index_kwargs: Any):
+    if merged and retrieval != "host" and jax.process_count() > 1:
+      raise ValueError(f"retrieval={retrieval!r} with merged=True: a merged index is searched "
+                       "on the host (retrieval='host')")
     if n_docs is not None:
       check_within_index("n_docs", n_docs, index_dir)
     else:
@@ -199,7 +205,7 @@ class RagAnswerer:
                       "this question encoder)", own, index_dir)
     self.retriever = Retriever.over_directory(index_dir, self.model, self.params,
                                               tokenizers.question_encoder, max_question_length,
-                                              **index_kwargs)
+                                              merged=merged, **index_kwargs)
     self.format = contexts.ContextFormat.from_rag_config(self.model.config)
     # The token-id assembly of device retrieval (its tokenizer and format checks apply there).
     self.assembler = (None if retrieval == "host"

@@ -18,9 +18,9 @@ jax bounds every wait (``initialization_timeout``, and a process that stops send
 is declared dead after ``heartbeat_timeout_seconds``, which aborts the others).
 
 Once started, only process 0 writes shared files and the console (:func:`is_primary`); the
-others' stdout and stderr go to ``<log_dir>/process-<i>.log``. :func:`all_gather_text` and
-:func:`barrier` use the coordination service's key-value store (bounded waits, no device
-collective), so host-side agreement checks need no compiled program.
+others' stdout and stderr go to ``<log_dir>/process-<i>.log``. :func:`all_gather_text`,
+:func:`primary_value` and :func:`barrier` use the coordination service's key-value store
+(bounded waits, no device collective), so host-side agreement checks need no compiled program.
 
 jax is imported inside the functions that use it: the scripts import this module with their flags
 and load jax (seconds) only once the flags are parsed.
@@ -263,6 +263,29 @@ def all_gather_text(name: str, value: str, timeout_s: float) -> list[str]:
   client.key_value_set(f"{key}/{process_index()}", value)
   return [client.blocking_key_value_get(f"{key}/{p}", int(timeout_s * 1000))
           for p in range(process_count())]
+
+
+WAIT_SLICE_S = 10  # primary_value without a timeout waits in slices of this many seconds
+
+
+def primary_value(name: str, value: str, timeout_s: float | None) -> str:
+  """Process 0's `value` on every process (the others' `value` is ignored; one process: its
+  own). Every process makes the same calls in the same order. timeout_s None: the others wait as
+  long as process 0 takes (a person typing its input); a dead process 0 still ends the wait,
+  once jax's heartbeat timeout declares it dead."""
+  if process_count() == 1:
+    return value
+  client, key = _client(), _key(name)
+  if is_primary():
+    client.key_value_set(f"{key}/0", value)
+    return value
+  while True:
+    wait_s = WAIT_SLICE_S if timeout_s is None else timeout_s
+    try:
+      return client.blocking_key_value_get(f"{key}/0", int(wait_s * 1000))
+    except Exception as e:  # jaxlib's XlaRuntimeError; DEADLINE_EXCEEDED: keep waiting
+      if timeout_s is not None or "DEADLINE_EXCEEDED" not in str(e):
+        raise
 
 
 def barrier(name: str, timeout_s: float) -> None:

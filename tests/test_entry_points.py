@@ -189,7 +189,7 @@ class StubRetriever:
   """Retriever.load's stand-in: one passage with control characters in every field."""
 
   @classmethod
-  def load(cls, *args):
+  def load(cls, *args, **kwargs):
     return cls()
 
   def check(self, batch):

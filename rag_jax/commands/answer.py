@@ -6,6 +6,13 @@ r"""Questions -> answers with the passages they came from (RAG end to end).
 The checkpoint's kind decides the decoder (RagTokenForGeneration: RAG-Token;
 RagSequenceForGeneration: RAG-Sequence thorough, or fast with --decoding=fast); see
 rag_jax/answer.py.
+
+On several processes, retrieval is the search command's (one block of an exact or ScaNN index
+per process, each search collective, process 0 reading the questions and sending each batch to
+the others), and every process then generates on the same inputs, the merged passages, while
+process 0 alone prints: decoding is deterministic, so this is what one process prints over an
+exact index, with no second exchange (the others would only wait for the next batch anyway).
+Processes 1.. log to RAG_JAX_LOG_DIR (the launcher's --log_dir), else ./launch_logs.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from absl import flags
 
 from rag_jax.answer import Answer, RagAnswerer, check_within_index, format_answer
 from rag_jax.commands.common import (
+  LAUNCH_LOG_DIR,
   ask,
   define_common_flags,
   parse_flags,
@@ -82,10 +90,10 @@ def check_flags() -> None:
 
 
 def _answer(questions: list[str], stdin, stdout) -> int:
-  start_processes(FLAGS, "rag_jax.commands.answer")
+  start_processes(FLAGS, "rag_jax.commands.answer", LAUNCH_LOG_DIR)
   check_flags()
   answerer = RagAnswerer(FLAGS.checkpoint, FLAGS.index_dir, n_docs=FLAGS.n_docs,
-                         dtype=jnp.dtype(FLAGS.dtype))
+                         dtype=jnp.dtype(FLAGS.dtype), merged=True)
   options = dict(num_beams=FLAGS.num_beams, max_length=FLAGS.max_length,
                  num_return_sequences=FLAGS.num_return_sequences, decoding=FLAGS.decoding)
 

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -41,6 +43,8 @@ from rag_jax.distributed import (
   describe,
   initialize,
   is_primary,
+  primary_value,
+  process_count,
 )
 from rag_jax.retrieval.encode import EncodeConfig
 from rag_jax.utils.errors import InputError, UsageError, UserError
@@ -48,6 +52,9 @@ from rag_jax.utils.logs import FORMAT
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+# Where processes 1.. of a command that reads no output directory (search, answer) log, under the
+# working directory, unless RAG_JAX_LOG_DIR (the launcher's --log_dir, same default) says.
+LAUNCH_LOG_DIR = "launch_logs"
 
 
 def int_list(values: list[str], flag: str) -> tuple[int, ...] | None:
@@ -109,20 +116,23 @@ def encode_config(flag_values: flags.FlagValues) -> EncodeConfig:
 
 
 def start_processes(flag_values: flags.FlagValues, program: str,
-                    log_dir: str | Path | None = None) -> int:
+                    log_dir: str | Path | None = None, why_one: str = "") -> int:
   """Joins the multi-process job the flags or the environment describe (rag_jax/distributed.py;
   nothing on one process) and returns the number of processes.
 
   log_dir: for a program that runs on several processes, where the processes other than 0
-  write their output. None: the program runs on one process, and refuses several in one line
-  (before writing anything)."""
+  write their output (RAG_JAX_LOG_DIR, the launcher's --log_dir, wins). None: the program runs
+  on one process, and refuses several in one line (before writing anything), saying `why_one`
+  where given."""
   count = initialize(flag_values["coordinator_address"].value,
                      flag_values["num_processes"].value, flag_values["process_id"].value,
                      distributed=flag_values["distributed"].value,
                      timeout_s=flag_values["distributed_timeout"].value, log_dir=log_dir)
   if count > 1 and log_dir is None:
-    raise DistributedError(f"{program} runs on one process; it was started as {describe()} "
-                           "(docs/distributed.md lists the stages that run on several)")
+    why = f" ({why_one})" if why_one else ""
+    raise DistributedError(f"{program} runs on one process{why}; it was started as "
+                           f"{describe()} (docs/distributed.md lists the stages that run on "
+                           "several)")
   if count > 1 and not is_primary():  # stderr is its log file: rag_jax's INFO records too
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(FORMAT))
@@ -396,21 +406,62 @@ def ask(questions: list[str], handle: Callable[[list[str]], str], stdin: TextIO,
   Each stdin line is decoded on its own (from stdin's bytes where it has them, as sys.stdin
   does): a line that is not text in stdin's encoding is skipped with a warning naming it, the
   others are still answered, and at the end an InputError names every skipped line, so that
-  the exit status says not every line was answered."""
+  the exit status says not every line was answered.
+
+  On several processes (a search over one index block per process: every call of `handle` is
+  collective), process 0 alone reads the questions and prints; each batch it reads is sent to
+  the others (`shared_batches`), so every process calls `handle` on the same batches in the same
+  order, and its end of input ends every process's loop."""
+  skipped: list[int] = []
+  several = process_count() > 1
+  for batch in shared_batches(read_batches(questions, stdin, stdout, skipped)):
+    with native_stdout_to_stderr() if several else contextlib.nullcontext():
+      text = handle(batch)
+    if is_primary():
+      print(text, file=stdout, flush=True)
+    else:
+      logging.getLogger(__name__).info("asked %d question(s)", len(batch))
+  if skipped:
+    lines = ", ".join(map(str, skipped[:10])) + (", ..." if len(skipped) > 10 else "")
+    encoding = getattr(stdin, "encoding", None) or "utf-8"
+    raise InputError(f"stdin: {len(skipped)} line(s) not valid {encoding} text skipped (line(s) "
+                     f"{lines}); every other line was answered")
+  return 0
+
+
+@contextlib.contextmanager
+def native_stdout_to_stderr() -> Iterator[None]:
+  """Inside the block, file descriptor 1 (the C++ runtime's stdout) is stderr's: gloo prints
+  `[Gloo] Rank 0 is connected to 1 peer ranks...` there when a collective first connects, which
+  would mix with the results a command prints to stdout."""
+  sys.stdout.flush()
+  saved = os.dup(1)
+  os.dup2(2, 1)
+  try:
+    yield
+  finally:
+    sys.stdout.flush()
+    os.dup2(saved, 1)
+    os.close(saved)
+
+
+def read_batches(questions: list[str], stdin: TextIO, stdout: TextIO,
+                 skipped: list[int]) -> Iterator[list[str]]:
+  """`questions` as one batch if any, else each non-empty stdin line as a batch of one (`ask`);
+  the numbers of the lines that are not text are appended to `skipped`."""
   if questions:
-    print(handle(questions), file=stdout, flush=True)
-    return 0
+    yield questions
+    return
   interactive = stdin.isatty()
   buffer = getattr(stdin, "buffer", None)
   encoding = getattr(stdin, "encoding", None) or "utf-8"
-  skipped = []
   number = 0
   while True:
     if interactive:
       print("question> ", end="", file=stdout, flush=True)
     raw = buffer.readline() if buffer is not None else stdin.readline()
     if not raw:
-      break
+      return
     number += 1
     try:
       line = raw.decode(encoding, getattr(stdin, "errors", None) or "strict") if isinstance(
@@ -422,9 +473,32 @@ def ask(questions: list[str], handle: Callable[[list[str]], str], stdin: TextIO,
           encoding, e.reason, e.start)
       continue
     if line.strip():
-      print(handle([line.strip()]), file=stdout, flush=True)
-  if skipped:
-    lines = ", ".join(map(str, skipped[:10])) + (", ..." if len(skipped) > 10 else "")
-    raise InputError(f"stdin: {len(skipped)} line(s) not valid {encoding} text skipped (line(s) "
-                     f"{lines}); every other line was answered")
-  return 0
+      yield [line.strip()]
+
+
+def shared_batches(batches: Iterator[list[str]]) -> Iterator[list[str]]:
+  """Process 0's `batches` on every process, in its order (one process: `batches` as they are).
+  Only process 0 iterates `batches`; the others wait for each of its batches as long as it takes
+  (interactive input). Process 0's end of input ends every process's loop; an error reading it
+  is raised on process 0 and, quoted, on the others (DistributedError)."""
+  if process_count() == 1:
+    yield from batches
+    return
+  while True:
+    message: dict[str, Any] = {}
+    if is_primary():
+      try:
+        message = {"batch": next(batches)}
+      except StopIteration:
+        message = {"end": True}
+      except Exception as e:
+        primary_value("ask/batch", json.dumps({"error": error_line(e).removeprefix("error: ")}),
+                      None)
+        raise
+    message = json.loads(primary_value("ask/batch", json.dumps(message), None))
+    if "error" in message:
+      raise DistributedError(f"process 0 stopped reading questions, so {describe()} stops: "
+                             f"{message['error']}")
+    if "end" in message:
+      return
+    yield message["batch"]

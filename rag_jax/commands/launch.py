@@ -9,8 +9,8 @@ start the command itself: docs/distributed.md). Each process gets RAG_JAX_COORDI
 (127.0.0.1 and a free port), RAG_JAX_NUM_PROCESSES, RAG_JAX_PROCESS_ID and RAG_JAX_LOG_DIR, and
 its devices: --cpu_devices=K gives each K fake CPU devices (XLA_FLAGS
 --xla_force_host_platform_device_count, gloo collectives), --gpus_per_process=G each its own G
-GPUs (CUDA_VISIBLE_DEVICES). Process 0 writes to this console; process i > 0 to
-LOG_DIR/process-<i>.log.
+GPUs (CUDA_VISIBLE_DEVICES). Process 0 reads this console's stdin and writes to this console;
+process i > 0 reads nothing (as srun's default) and writes to LOG_DIR/process-<i>.log.
 
 The job ends with the first process that fails: the others are stopped, and one line names it,
 `error: process 1 of 2 was killed by SIGKILL (log: ...)`, exit 1; exit 0 when every process
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from absl import flags
 
-from rag_jax.commands.common import error_line, parse_flags, run_command
+from rag_jax.commands.common import LAUNCH_LOG_DIR, error_line, parse_flags, run_command
 from rag_jax.distributed import ENV_COORDINATOR, ENV_LOG_DIR, ENV_NUM_PROCESSES, ENV_PROCESS_ID
 from rag_jax.utils.errors import UsageError, UserError
 
@@ -41,7 +41,7 @@ flags.DEFINE_integer("cpu_devices", None, "Fake CPU devices per process (CPU onl
                      "collectives).", lower_bound=1, **_F)
 flags.DEFINE_integer("gpus_per_process", None, "GPUs per process (CUDA_VISIBLE_DEVICES).",
                      lower_bound=1, **_F)
-flags.DEFINE_string("log_dir", "launch_logs", "Where processes 1.. write their output.", **_F)
+flags.DEFINE_string("log_dir", LAUNCH_LOG_DIR, "Where processes 1.. write their output.", **_F)
 flags.DEFINE_integer("port", 0, "Coordinator port on 127.0.0.1 (0: a free one).", lower_bound=0,
                      **_F)
 flags.DEFINE_float("grace_s", 10.0, "After a failure, seconds the others get to stop after "
@@ -110,7 +110,7 @@ def stop(procs: list[subprocess.Popen], grace_s: float) -> None:
 
 
 def launch(command: Sequence[str], num_processes: int, *, cpu_devices: int | None = None,
-           gpus_per_process: int | None = None, log_dir: str | os.PathLike = "launch_logs",
+           gpus_per_process: int | None = None, log_dir: str | os.PathLike = LAUNCH_LOG_DIR,
            port: int = 0, grace_s: float = 10.0) -> None:
   """Runs `command` as `num_processes` processes (module docstring); raises ProcessFailed
   naming the first that fails, after stopping the others."""
@@ -125,7 +125,8 @@ def launch(command: Sequence[str], num_processes: int, *, cpu_devices: int | Non
       path = log_dir / f"process-{i}.log"
       out = None if i == 0 else open(path, "ab")  # noqa: SIM115 (closed below)
       logs.append(path)
-      procs.append(subprocess.Popen(list(command), env=env, stdout=out,
+      procs.append(subprocess.Popen(list(command), env=env, stdout=out,  # stdin: process 0's
+                                    stdin=None if i == 0 else subprocess.DEVNULL,
                                     stderr=None if out is None else subprocess.STDOUT))
       if out is not None:
         out.close()

@@ -2,6 +2,13 @@ r"""Type questions, get the top passages with titles and scores.
 
   python -m rag_jax.commands.search --dir=wiki_index --question_encoder=dpr-question_encoder \
       [--k=5] "who wrote hamlet" "..."          # or questions on stdin, one per line
+
+On several processes (an index too big for one host; docs/distributed.md), each process indexes
+its block of an exact or ScaNN index's rows (rag_jax/retrieval/merged.py) and every search is
+collective: process 0 reads the questions (argv, or its stdin) and sends each batch to the
+others, every process searches its block, the top-k lists are merged, and process 0 alone
+prints; over an exact index, what one process prints. Processes 1.. log to RAG_JAX_LOG_DIR (the
+launcher's --log_dir), else ./launch_logs: the index directory may be read-only.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from absl import flags
 
 from rag_jax.answer import check_within_index
 from rag_jax.commands.common import (
+  LAUNCH_LOG_DIR,
   ask,
   define_common_flags,
   parse_flags,
@@ -60,9 +68,9 @@ def main(argv: Sequence[str] | None = None, stdin=None, stdout=None) -> int:
 
 
 def _search(questions: list[str], stdin, stdout) -> int:
-  start_processes(FLAGS, "rag_jax.commands.search")
+  start_processes(FLAGS, "rag_jax.commands.search", LAUNCH_LOG_DIR)
   check_within_index("--k", FLAGS.k, FLAGS.dir)
-  retriever = Retriever.load(FLAGS.dir, FLAGS.question_encoder, FLAGS.tokenizer)
+  retriever = Retriever.load(FLAGS.dir, FLAGS.question_encoder, FLAGS.tokenizer, merged=True)
 
   def search(batch: list[str]) -> str:
     for line in retriever.check(batch).unknown_warnings():

@@ -94,7 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _tune() -> int:
-  start_processes(FLAGS, "rag_jax.commands.tune_index")
+  start_processes(FLAGS, "rag_jax.commands.tune_index", why_one=(
+      "tuning measures one index on one machine; a process's block index takes the tuned "
+      "settings, its tree scaled to the block"))
   reorders = int_list(FLAGS.reorders, "--reorders")  # a typo refused before any slow work
   questions = read_questions(FLAGS.questions)
   retriever = Retriever.load(FLAGS.dir, FLAGS.question_encoder, FLAGS.tokenizer)

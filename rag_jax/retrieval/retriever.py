@@ -29,7 +29,10 @@ from rag_jax import checkpoints
 from rag_jax.models.bert import DPREncoder
 from rag_jax.models.rag import RagModel
 from rag_jax.retrieval.backends import load_index
-from rag_jax.retrieval.index import Index, IndexDimensionError, IndexFileError, TextIndex
+from rag_jax.retrieval.exact import ExactIndex
+from rag_jax.retrieval.index import Index, IndexDimensionError, IndexFileError, TextIndex, read_meta
+from rag_jax.retrieval.merged import MergedIndex
+from rag_jax.retrieval.scann_index import ScannIndex
 from rag_jax.retrieval.store import PassageStore
 from rag_jax.utils.errors import UserError, check_finite
 
@@ -146,7 +149,8 @@ class Retriever:
   """A question encoder (embedding function + parameters + tokenizer) over an index and store.
 
   Args:
-    index: a built or loaded index whose rows are the store's rows.
+    index: a built or loaded index whose rows are the store's rows (or a MergedIndex: every
+      search collective).
     store: the passages.
     tokenizer: the question encoder's tokenizer.
     embed: q(x) as made by :func:`question_embedder`.
@@ -156,8 +160,9 @@ class Retriever:
       position past the table would embed as NaN and poison every score of the batch.
   """
 
-  def __init__(self, index: Index, store: PassageStore, tokenizer: Any, embed: EmbedFn,
-               params: Any = None, max_length: int | None = 128, positions: int | None = None):
+  def __init__(self, index: Index | MergedIndex, store: PassageStore, tokenizer: Any,
+               embed: EmbedFn, params: Any = None, max_length: int | None = 128,
+               positions: int | None = None):
     self.index, self.store, self.tokenizer = index, store, tokenizer
     self.embed_fn, self.params = embed, params
     if max_length is None and positions is None:
@@ -171,26 +176,36 @@ class Retriever:
   @classmethod
   def load(cls, directory: str | os.PathLike, question_encoder: str | os.PathLike,
            tokenizer: str | os.PathLike | None = None, max_length: int = 128,
-           **index_kwargs: Any) -> Retriever:
+           merged: bool = False, **index_kwargs: Any) -> Retriever:
     """A DPRQuestionEncoder directory over an index directory written by build_index
-    (passages/ and index/). `index_kwargs` go to load_index (e.g. mesh= for exact)."""
+    (passages/ and index/). `merged` and `index_kwargs`: see :meth:`over_directory`."""
     model, params = checkpoints.load_pretrained(question_encoder)
     tok = checkpoints.load_tokenizer(tokenizer or question_encoder)
-    return cls.over_directory(directory, model, params, tok, max_length, **index_kwargs)
+    return cls.over_directory(directory, model, params, tok, max_length, merged=merged,
+                              **index_kwargs)
 
   @classmethod
   def over_directory(cls, directory: str | os.PathLike, model: DPREncoder | RagModel,
-                     params: Any, tokenizer: Any, max_length: int = 128,
+                     params: Any, tokenizer: Any, max_length: int = 128, merged: bool = False,
                      **index_kwargs: Any) -> Retriever:
     """`model`'s question encoder over directory/index and directory/passages; refuses an
     index whose vectors have another dimension than the encoder's. max_length: question token
-    budget (more than the encoder's positions: its positions)."""
+    budget (more than the encoder's positions: its positions). `index_kwargs` go to load_index
+    (e.g. mesh= for exact).
+
+    merged: on several processes, an exact or ScaNN index is one index per process over its
+    block of rows (MergedIndex.load; every search is then collective: every process searches
+    the same questions); on one process, or for a BM25 index, the saved index as it is."""
     directory = Path(directory)
     if not (directory / "passages" / "store.json").exists():
       raise IndexFileError(
           f"{directory}: not an index directory (no passages/store.json; python -m "
           "rag_jax.commands.build_index writes passages/ and index/)")
-    index = load_index(directory / "index", **index_kwargs)
+    if merged and jax.process_count() > 1 and read_meta(directory / "index")["type"] in (
+        ExactIndex.kind, ScannIndex.kind):
+      index = MergedIndex.load(directory / "index")
+    else:
+      index = load_index(directory / "index", **index_kwargs)
     encoder_config = model.config.question_encoder if isinstance(model, RagModel) else model.config
     dim = encoder_config.embedding_dim
     if not isinstance(index, TextIndex) and index.dim != dim:
