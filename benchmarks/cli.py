@@ -155,9 +155,9 @@ def several_process_problem(workloads: Sequence[str], given: dict[str, object],
     problems.append("--isolate=yes")
   if not problems:
     return None
-  return (f"{', '.join(problems)} run(s) on one process only; on several processes benchmark.py "
-          f"runs --workloads={','.join(MULTIPROCESS_WORKLOADS)} (or a part), in-process, without "
-          "peers, ScaNN or faiss")
+  return (f"on several processes benchmark.py runs --workloads="
+          f"{','.join(MULTIPROCESS_WORKLOADS)} (or a part), in-process, without peers, ScaNN or "
+          f"faiss; not {', '.join(problems)} (one process only)")
 
 
 def global_batch_problem(preset: Preset, workloads: Sequence[str], devices: int) -> str | None:
