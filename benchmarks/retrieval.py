@@ -12,7 +12,8 @@ pass reads every vector once).
 
 On several processes: the exact search alone (no ScaNN, no peers), its index sharded over every
 device of every process (`ExactIndex.build(..., mesh=data_mesh())`, each process holding its
-devices' rows), every process searching the same queries; recall against numpy's truth.
+devices' rows), every process searching the same queries; recall against numpy's truth; the
+host-data rows (`--index_rows` to change).
 """
 
 from __future__ import annotations
@@ -277,7 +278,9 @@ def run(preset: Preset, repeats: int, peer: bool, profile_calls: int = 0,
   """Device data for an accelerator's full-size index, else host data; on several processes
   the exact search over the global mesh alone (see the docstring)."""
   if multiprocess.fields():
-    return host_data(preset, repeats, False, host_options.get("rows"), scann_specs=(),
+    # The host-data size (numpy's truth is computed on every process), not the device one.
+    return host_data(preset, repeats, False,
+                     host_options.get("rows") or preset.retrieval_rows(False), scann_specs=(),
                      faiss_ef=(), mesh=data_mesh())
   if timing.on_accelerator() and preset.retrieval_rows(True) > 1_000_000:
     return device_data(preset, repeats, peer, profile_calls)
