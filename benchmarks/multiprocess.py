@@ -2,10 +2,10 @@
 on every process together, and what each process measured gathered to all (the coordination
 service's key-value store, rag_jax/distributed.py; on one process all of it is a no-op).
 
-A workload spanning the global mesh (the train step, the fixed encoding batch, the sharded exact
-index) lines the processes up by its collectives; one whose processes work apart (the mixed
-encoding corpus) ends each timed call at a barrier, so that every process's median is the
-slowest share's wall time and global work / that time is the job's rate.
+A workload with collectives (the train step, the sharded exact index) lines the processes up by
+them; one whose processes work apart (the encoding batch and corpus) ends each timed call at a
+barrier, so that every process's median is the slowest share's wall time and global work / that
+time is the job's rate. The ceilings a rate is compared with are the processes' summed.
 """
 
 from __future__ import annotations
@@ -55,3 +55,15 @@ def fields(rows: int | None = None) -> dict[str, Any]:
   if rows is not None:
     out["rows_per_process"] = rows // process_count()
   return out
+
+
+def summed_ceilings(ceilings: dict[str, Any]) -> dict[str, Any]:
+  """The job's ceilings: on several processes, each rate summed over the processes (each
+  measured its own device at the same time, as the workloads run) and every process's own
+  under `per_process`; on one process `ceilings` unchanged."""
+  each = gathered("benchmark/ceilings", ceilings)
+  if len(each) == 1:
+    return ceilings
+  total = {k: sum(c[k] for c in each) if isinstance(v, float) else v
+           for k, v in ceilings.items()}
+  return {**total, "per_process": each}

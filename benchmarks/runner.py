@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import presets, timing
+from benchmarks import multiprocess, presets, timing
 from benchmarks.cli import GROUPS
 from rag_jax.distributed import is_primary
 from rag_jax.utils import host_memory
@@ -58,7 +58,7 @@ def run_group(group: str, options: dict[str, Any],
       out["torch_matmul_flops"] = timing.torch_matmul_peak(dtype, size)
     if dtype != "float32":
       out["jax_matmul_flops_float32"] = timing.jax_matmul_peak(models.jnp_dtype("float32"), size)
-    return out
+    return multiprocess.summed_ceilings(out)
   if group in ("train", "generate"):
     rows: list[dict[str, Any]] = []
     if group == "train":

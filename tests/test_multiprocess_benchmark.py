@@ -45,6 +45,10 @@ def test_two_processes_split_the_work_and_agree_with_one_process(tmp_path):
   assert report["errors"] == []
   assert (report["machine"]["processes"], report["machine"]["devices_per_process"]) == (2, 1)
   assert report["options"]["peers"] is False and report["options"]["processes"] == 2
+  # The job's ceilings: both processes' matmul rates, measured side by side, summed.
+  each = report["ceilings"]["per_process"]
+  assert report["ceilings"]["jax_matmul_flops"] == sum(c["jax_matmul_flops"] for c in each)
+  assert len(each) == 2
   rows = report["results"]
   assert [r["workload"] for r in rows] == ["train", "retrieval", "encode", "encode"]
   assert all(r["processes"] == 2 for r in rows)
