@@ -19,10 +19,12 @@ Several processes (docs/distributed.md; e.g. `python -m rag_jax.commands.launch
 step data parallel over the global mesh (the preset's batch is the global batch, each process
 feeding its rows), the fixed encoding batch likewise, the mixed corpus split into one block per
 process (each encodes its own), the exact search over an index sharded on the global mesh. Every
-process makes the same timed calls, which end together; a figure is global work / wall time.
-Peers, ScaNN and faiss are off; generate, --max_batch, --profile, --isolate=yes and a peer or
-ScaNN flag given are refused before any work. Process 0 prints and writes the JSON; process i
-logs to <workdir>/.logs/process-<i>.log.
+process makes the same timed calls, which end together; a figure is global work / wall time,
+against the processes' ceilings summed. Peers, ScaNN and faiss are off; generate, --max_batch,
+--profile, --isolate=yes, a peer or ScaNN flag given and a batch the global devices do not divide
+are refused before any work. Process 0 prints and writes the JSON (`machine.processes`,
+`devices_per_process`); process i logs to <workdir>/.logs/process-<i>.log (the launcher's
+--log_dir under the launcher).
 """
 
 import logging
