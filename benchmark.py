@@ -20,11 +20,11 @@ step data parallel over the global mesh (the preset's batch is the global batch,
 feeding its rows), the fixed encoding batch likewise, the mixed corpus split into one block per
 process (each encodes its own), the exact search over an index sharded on the global mesh. Every
 process makes the same timed calls, which end together; a figure is global work / wall time,
-against the processes' ceilings summed. Peers, ScaNN and faiss are off; generate, --max_batch,
---profile, --isolate=yes, a peer or ScaNN flag given and a batch the global devices do not divide
-are refused before any work. Process 0 prints and writes the JSON (`machine.processes`,
-`devices_per_process`); process i logs to <workdir>/.logs/process-<i>.log (the launcher's
---log_dir under the launcher).
+against the processes' ceilings summed. Peers, ScaNN and faiss are off, and without
+--workloads so is generate; generate, --max_batch, --profile, --isolate=yes, a peer or ScaNN
+flag given and a batch the global devices do not divide are refused before any work. Process 0
+prints and writes the JSON (`machine.processes`, `devices_per_process`); process i logs to
+<workdir>/.logs/process-<i>.log (the launcher's --log_dir under the launcher).
 """
 
 import logging
@@ -127,13 +127,14 @@ def benchmark(positional: list[str]) -> None:
     import jax  # here: jax and torch load in seconds, after the flags
 
     from benchmarks import runner
+    workloads = _workloads(count > 1)
     if count > 1:  # the same checks (a cluster jax detected), and the batches' split
       _check_several_processes(jax.device_count())
       options.update(peers=False, isolate="no", processes=count)
       if is_primary():
         logs = os.environ.get(ENV_LOG_DIR) or Path(options["workdir"]) / ".logs"
-        print(f"{count} processes: peers, ScaNN and faiss off; processes 1.. log to {logs}",
-              flush=True)
+        print(f"{count} processes: workloads {','.join(workloads)}; peers, ScaNN and faiss "
+              f"off; processes 1.. log to {logs}", flush=True)
     Path(options["workdir"]).mkdir(parents=True, exist_ok=True)
     # Library INFO lines go to the workdir's log; the console keeps warnings, phases and results.
     # (Process i > 0: its log file, which its stderr already is.)
@@ -148,7 +149,7 @@ def benchmark(positional: list[str]) -> None:
                                 lambda rows: runner.write_json(runner.partial_path(out), rows))
       runner.write_json(out, result)
       return
-    groups = ["ceilings", *_WORKLOADS.value]
+    groups = ["ceilings", *workloads]
     if _MAX_BATCH.value:
       groups += ["max_batch_jax", "max_batch_torch"]
     report = runner.run(options, groups, " ".join(["python", *sys.argv]))
@@ -166,14 +167,22 @@ def _expects_several_processes() -> bool:
   return found is not None and found.num_processes != 1
 
 
+def _workloads(several: bool) -> list[str]:
+  """--workloads; on several processes without the flag, those of its default that run there."""
+  if several and not _WORKLOADS.present:
+    return [w for w in _WORKLOADS.value if w in cli.MULTIPROCESS_WORKLOADS]
+  return _WORKLOADS.value
+
+
 def _check_several_processes(devices: int | None = None) -> None:
   """Refuses (UsageError: exit 2, one line) what has no several-process form, and with the
   global device count known, batches that do not split over it."""
   given = {name: flags.FLAGS[name].value for name in cli.ONE_PROCESS_FLAGS
            if flags.FLAGS[name].present}
-  problem = cli.several_process_problem(_WORKLOADS.value, given, _ISOLATE.value)
+  workloads = _workloads(True)
+  problem = cli.several_process_problem(workloads, given, _ISOLATE.value)
   if problem is None and devices is not None:
-    problem = cli.global_batch_problem(presets.get(_PRESET.value), _WORKLOADS.value, devices)
+    problem = cli.global_batch_problem(presets.get(_PRESET.value), workloads, devices)
   if problem:
     raise UsageError(problem)
 

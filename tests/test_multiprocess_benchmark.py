@@ -32,13 +32,12 @@ def _launch(tmp_path: Path, devices: int, *args: str) -> subprocess.CompletedPro
 
 @pytest.mark.slow
 def test_two_processes_split_the_work_and_agree_with_one_process(tmp_path):
-  run = _launch(tmp_path, 1, *TINY, "--workloads=train,retrieval,encode",
-                f"--workdir={tmp_path / 'two'}")
+  run = _launch(tmp_path, 1, *TINY, f"--workdir={tmp_path / 'two'}")  # default workloads
   assert run.returncode == 0, run.stdout + run.stderr[-3000:]
   # Process 0 prints the table and writes the JSON; process 1 only its log.
   assert run.stdout.count("rag_jax/s") == 1 and run.stdout.count("JSON: ") == 1
-  assert run.stdout.startswith(f"2 processes: peers, ScaNN and faiss off; processes 1.. log to "
-                               f"{tmp_path / 'logs'}\n")
+  assert run.stdout.startswith(f"2 processes: workloads train,retrieval,encode; peers, ScaNN "
+                               f"and faiss off; processes 1.. log to {tmp_path / 'logs'}\n")
   log1 = (tmp_path / "logs" / "process-1.log").read_text()
   assert "rag_jax/s" not in log1 and "JSON: " not in log1
   report = json.loads((tmp_path / "two" / "tiny.json").read_text())
