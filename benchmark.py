@@ -13,6 +13,18 @@ explains every field and records the measured figures.
 
 Every flag is checked before any group runs (benchmarks/cli.py): a bad one prints one line
 `error: ...` and exits 2; a workdir that cannot be written exits 1 (rag_jax/commands/common.py).
+
+Several processes (docs/distributed.md; e.g. `python -m rag_jax.commands.launch
+--num_processes=2 --cpu_devices=1 -- python benchmark.py --workloads=train,encode`): the train
+step data parallel over the global mesh (the preset's batch is the global batch, each process
+feeding its rows), the fixed encoding batch likewise, the mixed corpus split into one block per
+process (each encodes its own), the exact search over an index sharded on the global mesh. Every
+process makes the same timed calls, which end together; a figure is global work / wall time,
+against the processes' ceilings summed. Peers, ScaNN and faiss are off, and without
+--workloads so is generate; generate, --max_batch, --profile, --isolate=yes, a peer or ScaNN
+flag given and a batch the global devices do not divide are refused before any work. Process 0
+prints and writes the JSON (`machine.processes`, `devices_per_process`); process i logs to
+<workdir>/.logs/process-<i>.log (the launcher's --log_dir under the launcher).
 """
 
 import logging
@@ -26,12 +38,13 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 from absl import flags  # noqa: E402
 
-from benchmarks import cli  # noqa: E402
+from benchmarks import cli, presets  # noqa: E402
 from rag_jax.commands.common import (  # noqa: E402
   define_common_flags,
   run_main,
   start_processes,
 )
+from rag_jax.distributed import ENV_LOG_DIR, is_primary, settings  # noqa: E402
 from rag_jax.utils.errors import UsageError, os_errors_under  # noqa: E402
 from rag_jax.utils.host_memory import configure_host_allocator  # noqa: E402
 from rag_jax.utils.logs import LogFile  # noqa: E402
@@ -99,8 +112,8 @@ def benchmark(positional: list[str]) -> None:
   if positional:
     raise UsageError(f"unexpected arguments {positional}; every setting is a flag")
   configure_host_allocator()  # As train.py does; before jax starts its CPU client.
-  start_processes(flags.FLAGS, "benchmark.py")
-  from benchmarks import runner  # here: it loads jax and torch (seconds), after the flags
+  if _expects_several_processes():  # refused before joining where the flags say so
+    _check_several_processes()
   options = {"preset": _PRESET.value, "dtype": _DTYPE.value, "repeats": _REPEATS.value,
              "warmup": _WARMUP.value, "n_docs": [int(n) for n in _N_DOCS.value],
              "peers": _PEERS.value, "workdir": _WORKDIR.value,
@@ -110,9 +123,23 @@ def benchmark(positional: list[str]) -> None:
              "profile": _PROFILE.value, "train_kinds": _TRAIN_KINDS.value,
              "attention": _ATTENTION.value, "rescore": _RESCORE.value}
   with os_errors_under(options["workdir"]):
+    count = start_processes(flags.FLAGS, "benchmark.py", Path(options["workdir"]) / ".logs")
+    import jax  # here: jax and torch load in seconds, after the flags
+
+    from benchmarks import runner
+    workloads = _workloads(count > 1)
+    if count > 1:  # the same checks (a cluster jax detected), and the batches' split
+      _check_several_processes(jax.device_count())
+      options.update(peers=False, isolate="no", processes=count)
+      if is_primary():
+        logs = os.environ.get(ENV_LOG_DIR) or Path(options["workdir"]) / ".logs"
+        print(f"{count} processes: workloads {','.join(workloads)}; peers, ScaNN and faiss "
+              f"off; processes 1.. log to {logs}", flush=True)
     Path(options["workdir"]).mkdir(parents=True, exist_ok=True)
     # Library INFO lines go to the workdir's log; the console keeps warnings, phases and results.
-    handler = LogFile(Path(options["workdir"]) / "benchmark.log")
+    # (Process i > 0: its log file, which its stderr already is.)
+    handler = (LogFile(Path(options["workdir"]) / "benchmark.log") if is_primary()
+               else logging.StreamHandler(sys.stderr))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     logging.getLogger().addHandler(handler)
     logging.getLogger().setLevel(logging.INFO)
@@ -122,12 +149,42 @@ def benchmark(positional: list[str]) -> None:
                                 lambda rows: runner.write_json(runner.partial_path(out), rows))
       runner.write_json(out, result)
       return
-    groups = ["ceilings", *_WORKLOADS.value]
+    groups = ["ceilings", *workloads]
     if _MAX_BATCH.value:
       groups += ["max_batch_jax", "max_batch_torch"]
     report = runner.run(options, groups, " ".join(["python", *sys.argv]))
-    print(runner.table(report))
-    print(f"JSON: {Path(options['workdir']) / (options['preset'] + '.json')}")
+    if is_primary():
+      print(runner.table(report))
+      print(f"JSON: {Path(options['workdir']) / (options['preset'] + '.json')}")
+
+
+def _expects_several_processes() -> bool:
+  """Whether the flags or the environment start this process as one of several (a cluster jax
+  detects may name its count only once joined: checked again then)."""
+  v = flags.FLAGS
+  found = settings(v.coordinator_address, v.num_processes, v.process_id, v.distributed,
+                   v.distributed_timeout)
+  return found is not None and found.num_processes != 1
+
+
+def _workloads(several: bool) -> list[str]:
+  """--workloads; on several processes without the flag, those of its default that run there."""
+  if several and not _WORKLOADS.present:
+    return [w for w in _WORKLOADS.value if w in cli.MULTIPROCESS_WORKLOADS]
+  return _WORKLOADS.value
+
+
+def _check_several_processes(devices: int | None = None) -> None:
+  """Refuses (UsageError: exit 2, one line) what has no several-process form, and with the
+  global device count known, batches that do not split over it."""
+  given = {name: flags.FLAGS[name].value for name in cli.ONE_PROCESS_FLAGS
+           if flags.FLAGS[name].present}
+  workloads = _workloads(True)
+  problem = cli.several_process_problem(workloads, given, _ISOLATE.value)
+  if problem is None and devices is not None:
+    problem = cli.global_batch_problem(presets.get(_PRESET.value), workloads, devices)
+  if problem:
+    raise UsageError(problem)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

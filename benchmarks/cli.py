@@ -24,6 +24,11 @@ SCANN_SPECS = ("2:0.03,recall=0.95",)
 FAISS_EF = (128, 256, 512)
 # benchmarks/runner.py starts a group only with more than this many seconds of the budget left.
 MIN_GROUP_START_S = 5.0
+# What runs on several processes (benchmarks/multiprocess.py): these workloads, no peers, no
+# ScaNN or faiss (the retrieval workload times the exact search over the global mesh).
+MULTIPROCESS_WORKLOADS = ("train", "retrieval", "encode")
+# Flags that have no several-process form when given (their defaults are adjusted instead).
+ONE_PROCESS_FLAGS = ("peers", "scann", "faiss_ef", "hnsw_m", "max_batch", "profile")
 
 
 def _unique_choices(values: Sequence[str], choices: Sequence[str], empty_ok: bool = False) -> bool:
@@ -135,3 +140,34 @@ def check_rescore(specs: Sequence[str]) -> bool:
     except ValueError as e:
       raise flags.ValidationError(str(e)) from None
   return True
+
+
+def several_process_problem(workloads: Sequence[str], given: dict[str, object],
+                            isolate: str) -> str | None:
+  """Why a run on several processes cannot be made, or None: a workload outside
+  MULTIPROCESS_WORKLOADS, a flag of ONE_PROCESS_FLAGS set on the command line (`given`: flag ->
+  value, only those given; --peers=false and --profile=0 are what several processes run
+  anyway), or --isolate=yes (one child process per group is one process)."""
+  problems = [w for w in workloads if w not in MULTIPROCESS_WORKLOADS]
+  problems += [f"--{name}" for name, value in given.items()
+               if name in ONE_PROCESS_FLAGS and value not in (False, 0)]
+  if isolate == "yes":
+    problems.append("--isolate=yes")
+  if not problems:
+    return None
+  return (f"on several processes benchmark.py runs --workloads="
+          f"{','.join(MULTIPROCESS_WORKLOADS)} (or a part), in-process, without peers, ScaNN or "
+          f"faiss; not {', '.join(problems)} (one process only)")
+
+
+def global_batch_problem(preset: Preset, workloads: Sequence[str], devices: int) -> str | None:
+  """Why the workloads' global batches cannot be split over `devices` (every device of every
+  process holds the same number of rows), or None."""
+  batches = {"train": ("batch", preset.batch), "encode": ("encode_batch", preset.encode_batch)}
+  bad = [f"{name} {size}" for w, (name, size) in batches.items()
+         if w in workloads and size % devices]
+  if not bad:
+    return None
+  return (f"the {preset.name} preset's {' and '.join(bad)} cannot be split over {devices} "
+          "devices (each process feeds the same number of rows to each of its devices); use "
+          "a device count that divides it")

@@ -9,6 +9,11 @@ device (21M x 768 = 32 GB at the paper preset), rag_jax's exact search (the pure
 function the training step can call) swept over chunk sizes and matmul modes, against torch's
 chunked matmul + top-k on the same device, as a fraction of the measured copy bandwidth (one
 pass reads every vector once).
+
+On several processes: the exact search alone (no ScaNN, no peers), its index sharded over every
+device of every process (`ExactIndex.build(..., mesh=data_mesh())`, each process holding its
+devices' rows), every process searching the same queries; recall against numpy's truth; the
+host-data rows (`--index_rows` to change).
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from benchmarks import flops, profile, timing
+from benchmarks import flops, multiprocess, profile, timing
 from benchmarks.cli import FAISS_EF, SCANN_SPECS
 from benchmarks.presets import Preset
 from rag_jax.metrics import id_recall_at_k
@@ -62,7 +68,7 @@ def _recalls(ids: np.ndarray, truth: np.ndarray) -> dict[str, float]:
 
 def host_data(preset: Preset, repeats: int, peer: bool, rows: int | None = None,
               scann_specs: tuple[str, ...] = SCANN_SPECS, faiss_ef: tuple[int, ...] = FAISS_EF,
-              hnsw_m: int = 128) -> list[dict[str, Any]]:
+              hnsw_m: int = 128, mesh: Mesh | None = None) -> list[dict[str, Any]]:
   """Exact (JAX) and ScaNN against faiss HNSW on clustered vectors in host memory.
 
   scann_specs: "leaves_per_sqrt_n:width[,width...]", e.g. "2:0.03,0.05" = 2 sqrt(n) leaves,
@@ -71,6 +77,7 @@ def host_data(preset: Preset, repeats: int, peer: bool, rows: int | None = None,
   on a second, held-out sample of queries (`ScannIndex.calibrate`; the timed queries never take
   part).
   faiss_ef: HNSW efSearch values timed on one graph of `hnsw_m` links per node.
+  mesh: where the exact index lives (default: this process's devices).
   """
   from rag_jax.retrieval.scann_index import ScannConfig, ScannIndex
   n = rows or preset.retrieval_rows(timing.on_accelerator())
@@ -82,9 +89,10 @@ def host_data(preset: Preset, repeats: int, peer: bool, rows: int | None = None,
   shape = {"rows": n, "dim": dim, "queries": len(q), "k": k}
   results = []
 
-  index = ExactIndex.build(x, ExactConfig(query_batch_size=min(256, len(q))))
+  index = ExactIndex.build(x, ExactConfig(query_batch_size=min(256, len(q))), mesh)
   t, ids = _qps(lambda qq: index.search(qq, k)[1], q, repeats)
   results.append({"workload": "retrieval", "case": "exact (jax) vs numpy", **shape,
+                  **multiprocess.fields(),
                   "unit": "queries", "items": len(q), "flops_hand": flops.retrieval(len(q), n, dim),
                   "bytes_per_pass": x.nbytes,
                   "rag_jax": {**t, **_recalls(ids, truth)},
@@ -267,7 +275,13 @@ def _torch_exact(n: int, dim: int, queries: dict[int, np.ndarray], batches, repe
 
 def run(preset: Preset, repeats: int, peer: bool, profile_calls: int = 0,
         **host_options: Any) -> list[dict[str, Any]]:
-  """Device data for an accelerator's full-size index, else host data (see the docstring)."""
+  """Device data for an accelerator's full-size index, else host data; on several processes
+  the exact search over the global mesh alone (see the docstring)."""
+  if multiprocess.fields():
+    # The host-data size (numpy's truth is computed on every process), not the device one.
+    return host_data(preset, repeats, False,
+                     host_options.get("rows") or preset.retrieval_rows(False), scann_specs=(),
+                     faiss_ef=(), mesh=data_mesh())
   if timing.on_accelerator() and preset.retrieval_rows(True) > 1_000_000:
     return device_data(preset, repeats, peer, profile_calls)
   return host_data(preset, repeats, peer, **host_options)

@@ -23,8 +23,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks import presets, timing
+from benchmarks import multiprocess, presets, timing
 from benchmarks.cli import GROUPS
+from rag_jax.distributed import is_primary
 from rag_jax.utils import host_memory
 from rag_jax.utils.atomic import atomic_file
 
@@ -57,7 +58,7 @@ def run_group(group: str, options: dict[str, Any],
       out["torch_matmul_flops"] = timing.torch_matmul_peak(dtype, size)
     if dtype != "float32":
       out["jax_matmul_flops_float32"] = timing.jax_matmul_peak(models.jnp_dtype("float32"), size)
-    return out
+    return multiprocess.summed_ceilings(out)
   if group in ("train", "generate"):
     rows: list[dict[str, Any]] = []
     if group == "train":
@@ -232,7 +233,9 @@ def isolates(options: dict[str, Any], on_accelerator: bool) -> bool:
 
 def run(options: dict[str, Any], groups: list[str], command: str) -> dict[str, Any]:
   """Runs `groups` in order within options['time_budget_s']; writes <workdir>/<preset>.json
-  after each group (so a stopped run keeps what finished)."""
+  after each group (so a stopped run keeps what finished). On several processes every process
+  runs every group and process 0 alone writes the file (its measurements: every timed call
+  ends on all processes together)."""
   workdir = Path(options["workdir"])
   workdir.mkdir(parents=True, exist_ok=True)
   isolate = isolates(options, timing.on_accelerator())
@@ -243,8 +246,9 @@ def run(options: dict[str, Any], groups: list[str], command: str) -> dict[str, A
             "shape": presets.get(options["preset"]).__dict__, "ceilings": None,
             "results": [], "errors": [], "seconds": {}}
   path = workdir / f"{options['preset']}.json"
-  # From the start this run's file, never an earlier run's (see _train_row).
-  write_json(path, report)
+  writes = is_primary()
+  if writes:  # From the start this run's file, never an earlier run's (see _train_row).
+    write_json(path, report)
   start = time.monotonic()
   for group in groups:
     left = options["time_budget_s"] - (time.monotonic() - start)
@@ -271,7 +275,8 @@ def run(options: dict[str, Any], groups: list[str], command: str) -> dict[str, A
     else:
       report["results"].extend(result)
     derive(report)
-    write_json(path, report)
+    if writes:
+      write_json(path, report)
     print(f"[{time.monotonic() - start:7.1f} s] {group} done in {report['seconds'][group]:.1f} s",
           flush=True)
   return report

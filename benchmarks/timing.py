@@ -91,8 +91,9 @@ def host_peak_mb() -> float:
 
 
 def jax_device_memory() -> dict[str, float]:
-  """jax's allocator statistics of device 0 in GiB ({} on CPU, which keeps none)."""
-  stats = jax.devices()[0].memory_stats() or {}
+  """jax's allocator statistics of this process's first device in GiB ({} on CPU, which keeps
+  none)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
   keys = ("bytes_in_use", "peak_bytes_in_use", "bytes_limit")
   return {k.replace("bytes", "gib"): stats[k] / 2**30 for k in keys if k in stats}
 
@@ -215,6 +216,7 @@ def machine() -> dict[str, Any]:
   out = {"jax": jax.__version__, "flax": flax.__version__,
          "transformers": transformers.__version__, "backend": jax.default_backend(),
          "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+         "processes": jax.process_count(), "devices_per_process": jax.local_device_count(),
          "host": platform.platform(), "cpu_count": os.cpu_count(),
          "python": platform.python_version(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
          # A persistent compilation cache turns a repeated compile into a load: compile_s

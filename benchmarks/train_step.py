@@ -7,6 +7,9 @@ backward, global-norm clipping, AdamW, dropout on (train mode). rag_jax runs
 transformers runs RagSequenceForGeneration / RagTokenForGeneration as its RAG fine-tuning example
 does, under bf16 autocast where rag_jax computes in bf16. The peer runs first and releases its
 memory, so each side has the device to itself.
+
+On several processes the step runs data parallel over the global mesh: the preset's batch is the
+global batch, every process builds it whole (seeded) and feeds its rows (`host_batch`).
 """
 
 from __future__ import annotations
@@ -21,11 +24,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from benchmarks import flops, models, profile, timing
+from benchmarks import flops, models, multiprocess, profile, timing
 from benchmarks.presets import Preset
 from rag_jax import losses
 from rag_jax.models.rag import MODEL_TYPES, architecture_of
-from rag_jax.parallel import data_mesh, global_batch, replicate
+from rag_jax.parallel import data_mesh, host_batch, replicate
 from rag_jax.training import optimizer
 from rag_jax.training.rag_step import make_train_step
 from rag_jax.training.state import create_train_state
@@ -90,7 +93,7 @@ def jax_side(model, params, batch: dict[str, np.ndarray], kind: str, repeats: in
                                        jax.random.key_data(jax.random.key(0))), mesh)
   del params
   step = make_train_step(model, mesh, loss_fn)
-  device_batch = global_batch(batch, mesh)
+  device_batch = host_batch(batch, mesh)  # each process its rows of the global batch
   start = time.perf_counter()
   compiled = step.lower(state, device_batch).compile()
   compile_s = time.perf_counter() - start
@@ -148,7 +151,7 @@ def run_case(preset: Preset, kind: str, n_docs: int, dtype: str, repeats: int, w
         "workload": "train", "case": models.case_label(f"{kind} n_docs={n_docs}", attention),
         "kind": kind, "attention": attention, "n_docs": n_docs, "batch": preset.batch,
         "dtype": dtype, "unit": "questions", "items": preset.batch, "flops_hand": hand,
-        "rag_jax": ours,
+        **multiprocess.fields(preset.batch), "rag_jax": ours,
         "peer": theirs and {"name": f"transformers {architecture_of(kind)} + torch AdamW",
                             **theirs}}
 
