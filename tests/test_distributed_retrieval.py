@@ -1,8 +1,8 @@
-"""Retrieval on two processes (2 fake CPU devices each, gloo) against one process: the exact
-index over the global mesh (each process holds only its rows; ids and scores equal numpy brute
-force, ties included), one exact or ScaNN index per process with the top-k merged (equal where
-the search is exact), and retrieval inside the jitted train step (the same rows; the losses of 3
-steps with each process feeding half the batch)."""
+"""Retrieval on 2 processes x 2 fake CPU devices (the index also on 4 x 1; gloo) against one
+process: the exact index over the global mesh (each process holds only its rows; ids and scores
+equal numpy brute force, ties included), one exact or ScaNN index per process with the top-k
+merged (equal where the search is exact), and retrieval inside the jitted train step (the same
+rows; the losses of 3 steps with each process feeding half the batch)."""
 
 import os
 import subprocess
@@ -32,7 +32,7 @@ import numpy as np
 rng = np.random.default_rng(0)
 emb = rng.integers(-3, 4, (203, 16)).astype(np.float32)
 emb[150] = emb[7]
-emb[102] = emb[101]  # a tie across the two processes' blocks (rows 0-101 and 102-202)
+emb[102] = emb[101]  # a tie across blocks (2 processes: rows 0-101, 102-202; 4: 51-101, 102-152)
 queries = rng.integers(-3, 4, (9, 16)).astype(np.float32)
 queries[1] = emb[7]
 queries[2] = emb[101]
@@ -71,17 +71,22 @@ print("rows", jax.process_index(), rows[0], rows[-1], len(rows), flush=True)
 
 
 @pytest.mark.slow
-def test_exact_index_over_two_processes_equals_one_process(tmp_path):
+@pytest.mark.parametrize("processes,devices", [(2, 2), (4, 1)])
+def test_exact_index_over_several_processes_equals_one_process(tmp_path, processes, devices):
   out = tmp_path / "result.npz"
   run = subprocess.run(
-      [sys.executable, "-m", "rag_jax.commands.launch", "--num_processes=2", "--cpu_devices=2",
-       f"--log_dir={tmp_path}", "--", sys.executable, "-c", WORKER, str(out)],
+      [sys.executable, "-m", "rag_jax.commands.launch", f"--num_processes={processes}",
+       f"--cpu_devices={devices}", f"--log_dir={tmp_path}", "--", sys.executable, "-c", WORKER,
+       str(out)],
       cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
       timeout=240)
   assert run.returncode == 0, run.stdout + run.stderr
-  # 203 rows padded to 4 devices x 64: process 0 holds rows 0-127, process 1 rows 128-255.
-  assert "rows 0 0 127 128" in run.stdout
-  assert "rows 1 128 255 128" in (tmp_path / "process-1.log").read_text()
+  # 203 rows padded to 4 devices x 64: process p holds rows [p * per, (p + 1) * per) only.
+  per = 256 // processes
+  assert f"rows 0 0 {per - 1} {per}" in run.stdout
+  for p in range(1, processes):
+    assert (f"rows {p} {p * per} {(p + 1) * per - 1} {per}"
+            in (tmp_path / f"process-{p}.log").read_text())
   namespace: dict = {}
   exec(DATA, namespace)  # noqa: S102 (the same inputs as the processes)
   emb, queries = namespace["emb"], namespace["queries"]
