@@ -339,6 +339,28 @@ def encode_mixed(r: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def encode_split(_: Any = None) -> str:
+  """The mixed corpus encoded by one process and by two (each its block): a check that the
+  work is split, with the embeddings' sum of absolute values as the check that it is the same
+  work."""
+  runs = [_bench(f"world_cpu_encode_{n}") for n in ("1x1", "2x1")]
+  m = runs[1]["machine"]
+  launch = (f"python -m rag_jax.commands.launch --num_processes={m['processes']} "
+            f"--cpu_devices={m['devices_per_process']} --")
+  same = runs[1].get("commit") == runs[0].get("commit")
+  lines = [f"`{runs[0]['command']}` ({_where(runs[0])}), and under `{launch}`"
+           f"{'' if same else ' (commit ' + str(runs[1].get('commit')) + ')'}:", "",
+           "| processes x devices | rows per process | passages/s | sum of abs(embeddings) |",
+           "|---|---|---:|---:|"]
+  for r in runs:
+    row = next(x for x in r["results"] if x["workload"] == "encode" and "embedding_abs_sum" in x)
+    shares = row.get("rows_per_process", [row["passages"]])
+    lines.append(f"| {r['machine']['processes']} x {r['machine']['devices_per_process']} | "
+                 f"{', '.join(map(str, shares))} | {row['rag_jax']['items_per_s']:,.0f} | "
+                 f"{row['embedding_abs_sum']:.4f} |")
+  return "\n".join(lines)
+
+
 # Marker name -> (renderer, its JSON source; None: the renderer reads its own).
 VIEWS: dict[str, tuple[Callable[[Any], str], Path | None]] = {
     "world_default.summary": (world_summary, RESULTS / "world_default.json"),
@@ -347,6 +369,7 @@ VIEWS: dict[str, tuple[Callable[[Any], str], Path | None]] = {
     "base_cpu_retrieval.calibration": (calibration, BENCHMARK_RESULTS / "base_cpu_retrieval.json"),
     "world_hard": (world_hard, None),
     "base_cpu_encode.mixed": (encode_mixed, BENCHMARK_RESULTS / "base_cpu_encode.json"),
+    "encode_split": (encode_split, None),
     "world_paper.table6": (world_paper_table6, RESULTS / "world_paper.json"),
     "world_paper.hot_swap": (world_paper_hot_swap, RESULTS / "world_paper.json"),
     "world_paper.fever": (world_paper_fever, RESULTS / "world_paper.json"),
