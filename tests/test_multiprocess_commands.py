@@ -98,6 +98,7 @@ def test_search_on_two_processes_prints_what_one_process_prints(kb, tmp_path):
   assert "Q: " not in log  # only process 0 prints the results
 
 
+@pytest.mark.slow
 def test_answer_on_two_processes_prints_what_one_process_prints(tmp_path_factory, tmp_path):
   root, *_, models = pref.build_world(tmp_path_factory.mktemp("mp_answer"), ta.TITLES, ta.TEXTS,
                                       ta.QUESTIONS, ta.N_DOCS, ta.MAX_COMBINED)
